@@ -1,0 +1,217 @@
+"""Offline throughput: nano-vLLM's bench workload on our engine and on HF transformers, in one invocation.
+
+    python benchmarks/throughput.py --preset cpu          # SmolLM2-135M (embedded GGUF), 64 prompts
+    python benchmarks/throughput.py --preset nano-vllm    # Qwen3-0.6B shape, random weights, 256 prompts
+
+The method is in /work/shared/DESIGN.md, "How we measure". The output is meant to be pasted into docs/benchmarks.md.
+"""
+import argparse
+import gc
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from random import randint, seed
+
+import torch
+
+PRESETS = {  # (num_prompts, input_len, output_len)
+    "cpu": (64, 512, 256),
+    "nano-vllm": (256, 1024, 1024),
+}
+TEMPERATURE = 0.6
+
+
+def make_workload(n: int, input_len: int, output_len: int) -> tuple[list[list[int]], list[int]]:
+    """nano-vLLM's bench.py, call for call (same seed, same randint order), so the workloads match."""
+    seed(0)
+    prompts = [[randint(0, 10000) for _ in range(randint(100, input_len))] for _ in range(n)]
+    max_tokens = [randint(100, output_len) for _ in range(n)]
+    return prompts, max_tokens
+
+
+def random_qwen3(folder: str) -> str:
+    """Qwen3-0.6B's architecture with random weights, plus a placeholder tokenizer: nothing is downloaded."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+    config = Qwen3Config(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                         head_dim=128, intermediate_size=3072, vocab_size=151936, max_position_embeddings=40960,
+                         tie_word_embeddings=True, rope_theta=1000000)
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    # the engine detokenizes what it generates, so every one of the 151936 ids needs a token
+    vocab = {f"t{i}": i for i in range(config.vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0").save_pretrained(folder)
+    return folder
+
+
+def matmul_roof(dtype: torch.dtype, device: str, m: int, k: int, n: int, seconds: float = 1.0) -> float:
+    """GFLOP/s of one model-shaped matmul (tokens x hidden @ hidden x intermediate), repeated for ~`seconds`."""
+    a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(3):  # warm-up: thread pool, kernels, caches
+        torch.matmul(a, b)
+    iters, start = 0, time.perf_counter()
+    sync()
+    while time.perf_counter() - start < seconds:
+        for _ in range(10):  # batches of 10 keep the clock and sync out of the measurement
+            torch.matmul(a, b)
+        iters += 10
+        sync()
+    return 2 * m * n * k * iters / (time.perf_counter() - start) / 1e9
+
+
+def run_engine(model: str | None, dtype: str, max_model_len: int, prompts: list[list[int]],
+               max_tokens: list[int]) -> tuple[int, float, int]:
+    """(output tokens, seconds, parameters) for our engine; only generate() is timed."""
+    from nanovllm import LLM, SamplingParams
+    llm = LLM(model, dtype=dtype, max_model_len=max_model_len)
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
+    params = [SamplingParams(temperature=TEMPERATURE, ignore_eos=True, max_tokens=m) for m in max_tokens]
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    n_params = sum(p.numel() for p in llm.engine.runner.model.parameters())  # tied weights count once
+    del llm
+    return sum(len(o.outputs[0].token_ids) for o in outputs), seconds, n_params
+
+
+def load_hf(model: str, dtype: torch.dtype, device: str):
+    from transformers import AutoModelForCausalLM
+    if model.endswith(".gguf"):  # transformers dequantizes the GGUF to `dtype`
+        hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(model), gguf_file=os.path.basename(model),
+                                                  dtype=dtype)
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+    cfg = hf.generation_config
+    # the workload is ignore_eos, pure temperature sampling: drop EOS and HF's default top_k=50
+    cfg.eos_token_id, cfg.pad_token_id = None, 0
+    cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p = True, TEMPERATURE, 0, 1.0
+    return hf.to(device).eval()
+
+
+@torch.inference_mode()
+def hf_generate(hf, batch: list[list[int]], max_new_tokens: int, device: str) -> None:
+    width = max(len(p) for p in batch)  # left padding: every row's last prompt token sits in the same column
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+    hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens)
+
+
+def run_hf(model: str, dtype: torch.dtype, device: str, prompts: list[list[int]], max_tokens: list[int],
+           batch_size: int) -> tuple[int, float]:
+    """(useful output tokens, seconds). Batches of similar length waste less on padding; each batch runs to its
+    longest max_tokens, but only each prompt's own max_tokens count, since that is what the workload asks for."""
+    hf = load_hf(model, dtype, device)
+    hf_generate(hf, [[1, 2, 3]], 4, device)  # warm-up
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        hf_generate(hf, [prompts[i] for i in idx], max(max_tokens[i] for i in idx), device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return sum(max_tokens), time.perf_counter() - start
+
+
+def machine() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if torch.cuda.is_available():
+        name += f", GPU {torch.cuda.get_device_name()}"
+    return f"{name} ({os.cpu_count()} CPUs), torch threads {torch.get_num_threads()}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--model", help="HF folder or .gguf file (default: the preset's model)")
+    ap.add_argument("--num-prompts", type=int)
+    ap.add_argument("--input-len", type=int, help="longest prompt, >= 100")
+    ap.add_argument("--output-len", type=int, help="largest max_tokens, >= 100")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    ap.add_argument("--hf-batch-size", type=int, default=16)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--json", metavar="PATH", help="also write the results here")
+    args = ap.parse_args()
+    n, lin, lout = PRESETS[args.preset]
+    n, lin, lout = args.num_prompts or n, args.input_len or lin, args.output_len or lout
+    if lin < 100 or lout < 100:
+        ap.error("--input-len and --output-len must be >= 100 (lengths are drawn from [100, L])")
+
+    from nanovllm.config import EngineConfig
+    from nanovllm.loader import default_model_path
+    probe = EngineConfig(dtype=args.dtype)  # "auto" resolves exactly as the engine will resolve it
+    dtype, device = probe.torch_dtype(None), probe.device
+    dtype_name = str(dtype).removeprefix("torch.")
+
+    tmp = tempfile.TemporaryDirectory(prefix="nanovllm-bench-")
+    model = args.model or (default_model_path() if args.preset == "cpu" else random_qwen3(tmp.name))
+    prompts, max_tokens = make_workload(n, lin, lout)
+    prompt_tokens = sum(map(len, prompts))
+
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    print(f"command: {command}")
+    print(f"date:    {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print(f"machine: {machine()}")
+    print(f"torch {torch.__version__}, dtype {dtype_name}, device {device}")
+    print(f"model:   {model if args.model or args.preset == 'cpu' else 'Qwen3-0.6B shape, random weights'}")
+    print(f"workload: {n} prompts, {prompt_tokens} prompt tokens (100-{lin} each), {sum(max_tokens)} output tokens "
+          f"(100-{lout} each), ignore_eos, temperature {TEMPERATURE}, seed 0")
+
+    from transformers import AutoConfig
+    cfg_dir, gguf = (os.path.dirname(model), os.path.basename(model)) if model.endswith(".gguf") else (model, None)
+    hf_cfg = AutoConfig.from_pretrained(cfg_dir, gguf_file=gguf)
+    # roof shape: a prefill-sized token block through the MLP's up projection, the model's typical big matmul
+    roof = matmul_roof(dtype, device, 256 if device == "cpu" else 4096, hf_cfg.hidden_size, hf_cfg.intermediate_size)
+    print(f"roof:    {roof:.1f} GFLOP/s (matmul {256 if device == 'cpu' else 4096}x{hf_cfg.hidden_size} @ "
+          f"{hf_cfg.hidden_size}x{hf_cfg.intermediate_size}, {dtype_name})\n")
+
+    results = []
+    out_tokens, seconds, n_params = run_engine(model, args.dtype, lin + lout, prompts, max_tokens)
+    if out_tokens != sum(max_tokens):
+        print(f"warning: the engine returned {out_tokens} tokens, the workload asks for {sum(max_tokens)}")
+    results.append({"engine": "nanovllm", "output_tokens": out_tokens, "seconds": seconds})
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    if not args.skip_hf:
+        out_tokens, seconds = run_hf(model, dtype, device, prompts, max_tokens, args.hf_batch_size)
+        results.append({"engine": f"HF transformers (batch {args.hf_batch_size})", "output_tokens": out_tokens,
+                        "seconds": seconds})
+
+    hf_tps = results[-1]["output_tokens"] / results[-1]["seconds"] if not args.skip_hf else None
+    print(f"{'engine':<28} {'out tokens':>10} {'wall s':>9} {'out tok/s':>10} {'vs HF':>7} {'MFU':>7}")
+    for r in results:
+        r["tok_per_s"] = r["output_tokens"] / r["seconds"]
+        # MFU counts the useful tokens only: prompts once, plus the outputs the workload asked for
+        r["mfu"] = 2 * n_params * (prompt_tokens + r["output_tokens"]) / r["seconds"] / (roof * 1e9)
+        r["vs_hf"] = r["tok_per_s"] / hf_tps if hf_tps else None
+        ratio = f"{r['vs_hf']:.2f}x" if hf_tps else "-"
+        print(f"{r['engine']:<28} {r['output_tokens']:>10} {r['seconds']:>9.1f} {r['tok_per_s']:>10.1f} "
+              f"{ratio:>7} {r['mfu']:>7.1%}")
+    print(f"\n({n_params / 1e6:.1f}M parameters; MFU = 2 x parameters x (prompt + output tokens) / time / roof)")
+
+    if args.json:
+        report = {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "machine": machine(), "torch": torch.__version__, "dtype": dtype_name, "device": device,
+                  "model": model if args.model or args.preset == "cpu" else "random Qwen3-0.6B",
+                  "preset": args.preset, "num_prompts": n, "input_len": lin, "output_len": lout,
+                  "prompt_tokens": prompt_tokens, "n_params": n_params, "roof_gflops": roof, "results": results}
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class EngineConfig:
+    """Engine knobs, validated once. Fields left None are derived from the model at load time."""
+    model: str | None = None              # HF folder or .gguf file; None = the embedded SmolLM2
+    tokenizer: str | None = None          # defaults to the model's own
+    dtype: str = "auto"                   # auto | float32 | bfloat16 | float16
+    device: str = "auto"                  # auto | cpu | cuda
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048    # per-step token budget; longer prompts are chunked
+    max_model_len: int | None = None      # default: the model's max_position_embeddings
+    block_size: int = 16
+    kv_cache_gib: float = 4.0             # KV pool size (CPU; GPU sizing comes with the GPU path)
+    num_kv_blocks: int | None = None      # exact pool size, overrides kv_cache_gib (tests, tuning)
+    enable_prefix_caching: bool = True
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = True
+    seed: int = 0
+    num_threads: int | None = None        # CPU threads for torch; default: torch's choice
+
+    def __post_init__(self) -> None:
+        positive = ["max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"EngineConfig.{name} must be an integer >= 1, got {value!r}")
+        for name in ["max_model_len", "num_kv_blocks", "num_threads"]:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"EngineConfig.{name} must be None or an integer >= 1, got {value!r}")
+        if self.kv_cache_gib <= 0:
+            raise ValueError(f"EngineConfig.kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"EngineConfig.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"EngineConfig.device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size > 1 is not supported yet (tracked in its own issue)")
+
+    def torch_dtype(self, model_dtype: torch.dtype | None) -> torch.dtype:
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        if self.device == "cuda":
+            return torch.bfloat16
+        # bf16 on CPU only where the hardware has native bf16 dot products; emulated bf16 is slower than fp32.
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -1,0 +1,108 @@
+from array import array
+from collections import OrderedDict
+
+import xxhash
+
+from nanovllm.engine.sequence import Sequence
+
+
+def block_key(parent: int, tokens: list[int]) -> int:
+    """Chained key of a full block: it names the block's tokens and everything before them."""
+    return xxhash.xxh3_64_intdigest(array("Q", [parent, *tokens]).tobytes())
+
+
+class BlockManager:
+    """Owns the paged KV pool's bookkeeping: which blocks each sequence holds, ref counts, the prefix cache.
+
+    Free blocks keep their key until they are handed out again, so a later request with the same prefix
+    revives them. The free list is an LRU: blocks without a key sit at its front and go first.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.keys: list[int | None] = [None] * num_blocks
+        self.tokens: list[tuple[int, ...] | None] = [None] * num_blocks  # rules out key collisions
+        self.cached: dict[int, int] = {}                                  # key -> block id
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.prefix_query_tokens = 0
+        self.prefix_hit_tokens = 0
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def match_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks for the longest run of full prompt blocks; the last token is never served from cache."""
+        if not self.enable_prefix_caching:
+            return []
+        hits, parent, bs = [], 0, self.block_size
+        for i in range((seq.num_tokens - 1) // bs):
+            chunk = seq.token_ids[i * bs:(i + 1) * bs]
+            parent = block_key(parent, chunk)
+            block = self.cached.get(parent)
+            if block is None or self.tokens[block] != tuple(chunk):
+                break
+            hits.append(block)
+        return hits
+
+    def can_allocate(self, seq: Sequence, hits: list[int], num_new_tokens: int) -> bool:
+        held = len(seq.block_table) + len(hits)
+        needed = self.blocks_for(seq.num_computed + len(hits) * self.block_size + num_new_tokens) - held
+        revived = sum(1 for b in hits if self.ref_counts[b] == 0)  # these leave the free list too
+        return max(needed, 0) + revived <= self.num_free
+
+    def allocate(self, seq: Sequence, hits: list[int], num_new_tokens: int) -> None:
+        """Give `seq` the cache hits and enough fresh blocks for `num_new_tokens` more tokens."""
+        if not seq.block_table:
+            self.prefix_query_tokens += seq.num_tokens
+            self.prefix_hit_tokens += len(hits) * self.block_size
+            seq.num_cached_tokens = len(hits) * self.block_size
+        for block in hits:
+            if self.ref_counts[block] == 0:
+                del self.free[block]
+            self.ref_counts[block] += 1
+            seq.block_table.append(block)
+        seq.num_computed += len(hits) * self.block_size
+        for _ in range(self.blocks_for(seq.num_computed + num_new_tokens) - len(seq.block_table)):
+            block, _ = self.free.popitem(last=False)
+            if self.keys[block] is not None:
+                if self.cached.get(self.keys[block]) == block:
+                    del self.cached[self.keys[block]]
+                self.keys[block] = self.tokens[block] = None
+            self.ref_counts[block] = 1
+            seq.block_table.append(block)
+
+    def cache_full_blocks(self, seq: Sequence, prev_computed: int) -> None:
+        """Key the blocks that became full and computed in the last step, so later requests can share them."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        for i in range(prev_computed // bs, seq.num_computed // bs):
+            block = seq.block_table[i]
+            if self.keys[block] is not None:  # a cache hit: already keyed
+                continue
+            parent = self.keys[seq.block_table[i - 1]] if i > 0 else 0
+            chunk = seq.token_ids[i * bs:(i + 1) * bs]
+            self.keys[block], self.tokens[block] = block_key(parent, chunk), tuple(chunk)
+            self.cached.setdefault(self.keys[block], block)
+
+    def free_blocks(self, seq: Sequence) -> None:
+        # Tail blocks are freed first so that an LRU eviction takes a prefix's end before its start.
+        for block in reversed(seq.block_table):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free[block] = None
+                if self.keys[block] is None:
+                    self.free.move_to_end(block, last=False)
+        seq.block_table = []
+
+    def check_all_free(self) -> None:
+        """Invariant for tests: no block is held once no sequence is alive."""
+        held = [b for b, r in enumerate(self.ref_counts) if r != 0]
+        if held or self.num_free != self.num_blocks:
+            raise AssertionError(f"blocks still held: {held[:10]}, free {self.num_free}/{self.num_blocks}")

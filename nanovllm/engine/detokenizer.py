@@ -1,0 +1,38 @@
+class IncrementalDetokenizer:
+    """Turns a growing list of output ids into text, a piece at a time, and finds stop strings.
+
+    Each new token is decoded together with a few tokens before it and only the difference is taken,
+    so that tokenizers which drop a leading space or need several byte tokens for one character
+    (the replacement character shows that it is not complete yet) give the same text as one full decode.
+    """
+
+    def __init__(self, tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True,
+                 stop: list[str] | None = None, include_stop: bool = False):
+        self.tokenizer, self.skip = tokenizer, skip_special_tokens
+        self.ids = list(prompt_ids[-6:])  # context so the first output token decodes as in the middle of text
+        self.prefix_offset, self.read_offset = 0, len(self.ids)
+        self.stop, self.include_stop = stop or [], include_stop
+        self.text = ""
+
+    def add(self, token_id: int, find_stop: bool = True) -> str | None:
+        """Append one token; returns the stop string it completed, if any (then `text` is cut there)."""
+        self.ids.append(token_id)
+        if self.tokenizer is None:
+            return None
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self.skip)
+        before = decode(self.ids[self.prefix_offset:self.read_offset])
+        after = decode(self.ids[self.prefix_offset:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return None
+        new = after[len(before):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0) + 1)
+        self.text += new
+        if not find_stop:
+            return None
+        found = [(at, s) for s in self.stop if (at := self.text.find(s, start)) != -1]
+        if not found:
+            return None
+        at, s = min(found)
+        self.text = self.text[:at + len(s)] if self.include_stop else self.text[:at]
+        return s

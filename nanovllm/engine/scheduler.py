@@ -1,0 +1,88 @@
+from collections import deque
+from dataclasses import dataclass
+
+from nanovllm.config import EngineConfig
+from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]
+    num_new_tokens: list[int]  # tokens of each sequence computed this step (1 for a decode, a chunk for a prefill)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+
+class Scheduler:
+    """Continuous batching under one token budget per step: running sequences first (decodes and unfinished
+    prefill chunks), then new ones, in one mixed batch. When blocks run out, the most recently admitted
+    sequence is preempted by recompute: its blocks are freed and it goes back to the front of the queue."""
+
+    def __init__(self, config: EngineConfig, block_manager: BlockManager):
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        bm, budget = self.block_manager, self.max_num_batched_tokens
+        batch = ScheduledBatch([], [])
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            while not bm.can_allocate(seq, [], n):
+                victim = self.running.pop()
+                self.preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                bm.allocate(seq, [], n)
+                batch.seqs.append(seq)
+                batch.num_new_tokens.append(n)
+                budget -= n
+                i += 1
+        # New sequences only when nothing had to be preempted: admitting them would just evict others again.
+        while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            hits = bm.match_prefix(seq) if not seq.block_table else []
+            n = min(seq.num_tokens - seq.num_computed - len(hits) * bm.block_size, budget)
+            if not bm.can_allocate(seq, hits, n):
+                break
+            self.waiting.popleft()
+            bm.allocate(seq, hits, n)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(n)
+            budget -= n
+        return batch
+
+    def preempt(self, seq: Sequence) -> None:
+        self.num_preemptions += 1
+        self.block_manager.free_blocks(seq)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        """Take a sequence out of the schedule for good (stopped, length, aborted) and free its blocks now."""
+        seq.status, seq.finish_reason, seq.stop_reason = Status.FINISHED, reason, stop_reason
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free_blocks(seq)

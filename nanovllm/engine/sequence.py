@@ -1,0 +1,45 @@
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+import torch
+
+from nanovllm.sampling_params import SamplingParams
+
+
+class Status(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One completion's state. Tokens 0..num_computed-1 have their K/V in the cache."""
+    seq_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    status: Status = Status.WAITING
+    num_computed: int = 0
+    num_cached_tokens: int = 0           # prompt tokens served by the prefix cache at admission
+    block_table: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    generator: torch.Generator | None = None
+    arrival: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def finished(self) -> bool:
+        return self.status == Status.FINISHED

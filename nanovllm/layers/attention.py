@@ -1,0 +1,68 @@
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each sequence's queries sit in the flat batch and where its keys sit in the paged cache.
+
+    Built once per step by the model runner and read by every attention layer, whatever the backend.
+    """
+    query_start: torch.Tensor     # [B+1] offsets of each sequence's query tokens in the flat batch
+    context_lens: torch.Tensor    # [B] tokens in the cache once this step's tokens are written
+    block_tables: torch.Tensor    # [B, max_blocks] block ids, padded with 0
+    slot_mapping: torch.Tensor    # [T] cache slot (block * block_size + offset) of each new token
+    query_lens_cpu: list[int]
+    context_lens_cpu: list[int]
+    decode_rows: torch.Tensor     # [Bd] sequences with a single query token, batched together
+    decode_tokens: torch.Tensor   # [Bd] their positions in the flat batch
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write this step's K/V ([T, Hkv, D]) into the paged caches ([num_blocks, block_size, Hkv, D])."""
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+
+
+def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Paged attention with torch ops (the CPU path and the reference for GPU kernels).
+
+    Single-token queries (decodes) run as one batched SDPA over their gathered blocks; query chunks
+    (prefills, possibly after a cached prefix) run one sequence at a time, causal within the chunk.
+    """
+    store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    out = torch.empty_like(q)
+    block_size = k_cache.shape[1]
+    if len(meta.decode_rows):
+        lens = meta.context_lens[meta.decode_rows]
+        width = -(-max(meta.context_lens_cpu[i] for i in meta.decode_rows.tolist()) // block_size)
+        tables = meta.block_tables[meta.decode_rows, :width]
+        keys = k_cache[tables].flatten(1, 2).transpose(1, 2)     # [Bd, Hkv, L, D]
+        values = v_cache[tables].flatten(1, 2).transpose(1, 2)
+        mask = torch.arange(keys.shape[2], device=q.device)[None, :] < lens[:, None]
+        queries = q[meta.decode_tokens].unsqueeze(2)              # [Bd, H, 1, D]
+        o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask[:, None, None, :],
+                                           scale=scale, enable_gqa=True)
+        out[meta.decode_tokens] = o.squeeze(2)
+    starts = meta.query_start.tolist()
+    for i, (qlen, ctx) in enumerate(zip(meta.query_lens_cpu, meta.context_lens_cpu)):
+        if qlen == 1:
+            continue
+        s, e = starts[i], starts[i + 1]
+        if ctx == qlen:  # no cached prefix: this chunk's own K/V are the whole context
+            keys, values, mask, causal = k[s:e], v[s:e], None, True
+        else:
+            blocks = meta.block_tables[i, :-(-ctx // block_size)]
+            keys = k_cache[blocks].flatten(0, 1)[:ctx]
+            values = v_cache[blocks].flatten(0, 1)[:ctx]
+            # query j sits at position ctx - qlen + j and sees keys 0..that position
+            mask = torch.ones(qlen, ctx, dtype=torch.bool, device=q.device).tril(ctx - qlen)
+            causal = False
+        o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+                                           attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
+        out[s:e] = o.transpose(0, 1)
+    return out

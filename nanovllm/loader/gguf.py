@@ -1,0 +1,57 @@
+import functools
+from collections.abc import Iterator
+
+import gguf
+import numpy as np
+import torch
+
+# GGUF tensor name (after "blk.N.") -> HF name (after "model.layers.N.")
+LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+@functools.lru_cache(maxsize=2)  # the config check and the weight loading read the same file
+def open_gguf(path: str) -> gguf.GGUFReader:
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises anything from ValueError to struct errors on a bad file
+        raise ValueError(f"cannot read GGUF file {path}: {e}") from None
+
+
+def hf_name(gguf_name: str) -> str:
+    base, _, kind = gguf_name.rpartition(".")
+    if base.startswith("blk."):
+        _, layer, part = base.split(".", 2)
+        if part not in LAYER_NAMES:
+            raise ValueError(f"GGUF tensor {gguf_name!r} is not supported")
+        return f"model.layers.{layer}.{LAYER_NAMES[part]}.{kind}"
+    if base not in GLOBAL_NAMES:
+        raise ValueError(f"GGUF tensor {gguf_name!r} is not supported")
+    return f"{GLOBAL_NAMES[base]}.{kind}"
+
+
+def unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
+    """llama.cpp stores Llama q/k rows interleaved per head for its rope; put them back in HF's half-split order."""
+    return w.reshape(num_heads, w.shape[0] // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_weights(reader: gguf.GGUFReader, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
+    """Dequantized tensors with HF names."""
+    permuted = hf_config.model_type in ("llama", "mistral")
+    for t in reader.tensors:
+        name = hf_name(t.name)
+        try:
+            w = gguf.dequantize(t.data, t.tensor_type)
+        except Exception as e:
+            raise ValueError(f"cannot dequantize GGUF tensor {t.name} ({t.tensor_type.name}): {e}") from None
+        w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims fastest-first
+        if permuted and name.endswith("q_proj.weight"):
+            w = unpermute(w, hf_config.num_attention_heads)
+        elif permuted and name.endswith("k_proj.weight"):
+            w = unpermute(w, hf_config.num_key_value_heads)
+        yield name, torch.from_numpy(w if w.flags.writeable and w.flags.c_contiguous else w.copy())

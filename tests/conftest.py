@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny random-weight models saved like HF checkpoints, their HF references, and the
+invariant that every engine ends each test with all KV blocks free."""
+import os
+import weakref
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait on a hub
+
+import pytest
+import torch
+
+from nanovllm.engine.llm_engine import LLMEngine
+
+ENGINES: "weakref.WeakSet[LLMEngine]" = weakref.WeakSet()
+_init = LLMEngine.__init__
+
+
+def _tracked_init(self, *args, **kwargs):
+    _init(self, *args, **kwargs)
+    ENGINES.add(self)
+
+
+LLMEngine.__init__ = _tracked_init
+
+
+@pytest.fixture(autouse=True)
+def all_blocks_free_after_test():
+    yield
+    for engine in list(ENGINES):
+        assert not engine.has_unfinished(), "an engine still has unfinished requests after the test"
+        assert not engine.requests
+        engine.block_manager.check_all_free()
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges (256 byte tokens + specials): real HF tokenizer behaviour,
+    made here without any download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<s>": 0, "</s>": 1, **{ch: i + 2 for i, ch in enumerate(sorted(alphabet))}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    return fast
+
+
+VOCAB = 258
+
+
+def tiny_config(arch: str, **overrides):
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  bos_token_id=0, eos_token_id=1, initializer_range=0.2)
+    if arch == "llama":
+        cfg = LlamaConfig(**common, tie_word_embeddings=False,
+                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 128})
+    elif arch == "qwen2":
+        cfg = Qwen2Config(**common, tie_word_embeddings=True)
+    elif arch == "qwen3":
+        cfg = Qwen3Config(**common, head_dim=32, tie_word_embeddings=False)
+    else:
+        raise ValueError(arch)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def save_tiny_model(arch: str, path: str, **overrides) -> str:
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), dtype=torch.float32)
+    model.save_pretrained(path, safe_serialization=True)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2", "qwen3"])
+def tiny_model(request, tmp_path_factory) -> str:
+    return save_tiny_model(request.param, str(tmp_path_factory.mktemp(request.param)))
+
+
+def hf_greedy(path: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """HF transformers' own greedy generation, one prompt at a time (no padding effects), EOS ignored."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    outs = []
+    with torch.no_grad():
+        for ids in prompts:
+            out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=0)
+            outs.append(out[0, len(ids):].tolist())
+    return outs
+
+
+def random_prompts(n: int, lo: int, hi: int, seed: int = 0, prefix: list[int] | None = None) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    return [(prefix or []) + torch.randint(2, VOCAB, (L,), generator=g).tolist() for L in lens]

