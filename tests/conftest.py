@@ -51,7 +51,7 @@ VOCAB = 258
 
 
 def tiny_config(arch: str, **overrides):
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   bos_token_id=0, eos_token_id=1, initializer_range=0.2)
@@ -59,6 +59,8 @@ def tiny_config(arch: str, **overrides):
         cfg = LlamaConfig(**common, tie_word_embeddings=False,
                           rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 128})
+    elif arch == "mistral":
+        cfg = MistralConfig(**common, tie_word_embeddings=False, sliding_window=None)
     elif arch == "qwen2":
         cfg = Qwen2Config(**common, tie_word_embeddings=True)
     elif arch == "qwen3":
@@ -70,16 +72,16 @@ def tiny_config(arch: str, **overrides):
     return cfg
 
 
-def save_tiny_model(arch: str, path: str, **overrides) -> str:
+def save_tiny_model(arch: str, path: str, max_shard_size: str | None = None, **overrides) -> str:
     from transformers import AutoModelForCausalLM
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), dtype=torch.float32)
-    model.save_pretrained(path, safe_serialization=True)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     byte_tokenizer().save_pretrained(path)
     return path
 
 
-@pytest.fixture(scope="session", params=["llama", "qwen2", "qwen3"])
+@pytest.fixture(scope="session", params=["llama", "mistral", "qwen2", "qwen3"])
 def tiny_model(request, tmp_path_factory) -> str:
     return save_tiny_model(request.param, str(tmp_path_factory.mktemp(request.param)))
 

@@ -1,7 +1,7 @@
 """The correctness bar: greedy fp32 token ids equal HF transformers' for every model and engine feature."""
 import pytest
 
-from conftest import hf_greedy, random_prompts
+from conftest import hf_greedy, random_prompts, save_tiny_model
 from nanovllm import LLM, SamplingParams
 
 MAX_NEW = 24
@@ -56,3 +56,10 @@ def test_text_prompts_match_token_prompts(tiny_model):
     by_text = ours(llm, texts)
     assert by_text == ours(llm, ids)
     assert by_text == hf_greedy(tiny_model, ids, MAX_NEW)
+
+
+def test_sharded_checkpoint(tmp_path):
+    path = save_tiny_model("qwen2", str(tmp_path), max_shard_size="40KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 2
+    prompts = random_prompts(3, 5, 30, seed=6)
+    assert ours(LLM(path, dtype="float32"), prompts) == hf_greedy(path, prompts, MAX_NEW)
