@@ -156,7 +156,11 @@ def main() -> None:
     dtype_name = str(dtype).removeprefix("torch.")
 
     tmp = tempfile.TemporaryDirectory(prefix="nanovllm-bench-")
-    model = args.model or (default_model_path() if args.preset == "cpu" else random_qwen3(tmp.name))
+    if args.model:
+        model = os.path.abspath(args.model)
+    else:
+        model = default_model_path() if args.preset == "cpu" else random_qwen3(tmp.name)
+    label = model if args.model or args.preset == "cpu" else "Qwen3-0.6B shape, random weights"
     prompts, max_tokens = make_workload(n, lin, lout)
     prompt_tokens = sum(map(len, prompts))
 
@@ -165,7 +169,7 @@ def main() -> None:
     print(f"date:    {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"machine: {machine()}")
     print(f"torch {torch.__version__}, dtype {dtype_name}, device {device}")
-    print(f"model:   {model if args.model or args.preset == 'cpu' else 'Qwen3-0.6B shape, random weights'}")
+    print(f"model:   {label}")
     print(f"workload: {n} prompts, {prompt_tokens} prompt tokens (100-{lin} each), {sum(max_tokens)} output tokens "
           f"(100-{lout} each), ignore_eos, temperature {TEMPERATURE}, seed 0")
 
@@ -173,9 +177,9 @@ def main() -> None:
     cfg_dir, gguf = (os.path.dirname(model), os.path.basename(model)) if model.endswith(".gguf") else (model, None)
     hf_cfg = AutoConfig.from_pretrained(cfg_dir, gguf_file=gguf)
     # roof shape: a prefill-sized token block through the MLP's up projection, the model's typical big matmul
-    roof = matmul_roof(dtype, device, 256 if device == "cpu" else 4096, hf_cfg.hidden_size, hf_cfg.intermediate_size)
-    print(f"roof:    {roof:.1f} GFLOP/s (matmul {256 if device == 'cpu' else 4096}x{hf_cfg.hidden_size} @ "
-          f"{hf_cfg.hidden_size}x{hf_cfg.intermediate_size}, {dtype_name})\n")
+    m, k, n_ = 256 if device == "cpu" else 4096, hf_cfg.hidden_size, hf_cfg.intermediate_size  # GPUs need more rows
+    roof = matmul_roof(dtype, device, m, k, n_)
+    print(f"roof:    {roof:.1f} GFLOP/s (matmul {m}x{k} @ {k}x{n_}, {dtype_name})\n")
 
     results = []
     out_tokens, seconds, n_params = run_engine(model, args.dtype, lin + lout, prompts, max_tokens)
@@ -205,7 +209,7 @@ def main() -> None:
     if args.json:
         report = {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "machine": machine(), "torch": torch.__version__, "dtype": dtype_name, "device": device,
-                  "model": model if args.model or args.preset == "cpu" else "random Qwen3-0.6B",
+                  "model": label,
                   "preset": args.preset, "num_prompts": n, "input_len": lin, "output_len": lout,
                   "prompt_tokens": prompt_tokens, "n_params": n_params, "roof_gflops": roof, "results": results}
         with open(args.json, "w") as f:
