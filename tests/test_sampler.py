@@ -98,3 +98,17 @@ def test_banned_tokens_never_sampled():
     b = batch(1, temperature=0.0)
     b.banned = [(0, 0)]
     assert sample(logits, b).item() != 0
+
+
+def test_zero_probability_tokens_never_drawn_even_at_the_edges():
+    logits = torch.tensor([[0.0, NEG, 0.0, NEG]]).repeat(4, 1)
+    b = batch(4)
+    for u in (0.0, 0.4999999, 0.5, 0.9999999):
+        torch.manual_seed(0)
+        orig = torch.rand
+        try:
+            torch.rand = lambda *a, **k: torch.full((4, 1), u)
+            out = sample(logits, b)
+        finally:
+            torch.rand = orig
+        assert set(out.tolist()) <= {0, 2}

@@ -40,14 +40,16 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     if len(meta.decode_rows):
         lens = meta.context_lens[meta.decode_rows]
         width = -(-max(meta.context_lens_cpu[i] for i in meta.decode_rows.tolist()) // block_size)
-        tables = meta.block_tables[meta.decode_rows, :width]
-        keys = k_cache[tables].flatten(1, 2).transpose(1, 2)     # [Bd, Hkv, L, D]
-        values = v_cache[tables].flatten(1, 2).transpose(1, 2)
+        tables = meta.block_tables[meta.decode_rows, :width].flatten()
+        shape = (len(meta.decode_rows), width * block_size, *k_cache.shape[2:])
+        # index_select on the block dim: about 3x faster on CPU than advanced indexing
+        keys = k_cache.index_select(0, tables).view(shape).transpose(1, 2)     # [Bd, Hkv, L, D]
+        values = v_cache.index_select(0, tables).view(shape).transpose(1, 2)
         mask = torch.arange(keys.shape[2], device=q.device)[None, :] < lens[:, None]
-        queries = q[meta.decode_tokens].unsqueeze(2)              # [Bd, H, 1, D]
-        o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask[:, None, None, :],
-                                           scale=scale, enable_gqa=True)
-        out[meta.decode_tokens] = o.squeeze(2)
+        # GQA without expanding K/V: the query heads sharing a KV head act as that head's query rows
+        queries = q[meta.decode_tokens].view(len(lens), keys.shape[1], -1, q.shape[-1])  # [Bd, Hkv, G, D]
+        o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask[:, None, None, :], scale=scale)
+        out[meta.decode_tokens] = o.flatten(1, 2)
     starts = meta.query_start.tolist()
     for i, (qlen, ctx) in enumerate(zip(meta.query_lens_cpu, meta.context_lens_cpu)):
         if qlen == 1:
@@ -57,8 +59,8 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             keys, values, mask, causal = k[s:e], v[s:e], None, True
         else:
             blocks = meta.block_tables[i, :-(-ctx // block_size)]
-            keys = k_cache[blocks].flatten(0, 1)[:ctx]
-            values = v_cache[blocks].flatten(0, 1)[:ctx]
+            keys = k_cache.index_select(0, blocks).flatten(0, 1)[:ctx]
+            values = v_cache.index_select(0, blocks).flatten(0, 1)[:ctx]
             # query j sits at position ctx - qlen + j and sees keys 0..that position
             mask = torch.ones(qlen, ctx, dtype=torch.bool, device=q.device).tril(ctx - qlen)
             causal = False
