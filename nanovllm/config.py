@@ -18,7 +18,6 @@ class EngineConfig:
     num_kv_blocks: int | None = None      # exact pool size, overrides kv_cache_gib (tests, tuning)
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
-    enforce_eager: bool = True
     seed: int = 0
     num_threads: int | None = None        # CPU threads for torch; default: torch's choice
 
@@ -43,7 +42,7 @@ class EngineConfig:
         if self.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not supported yet (tracked in its own issue)")
 
-    def torch_dtype(self, model_dtype: torch.dtype | None) -> torch.dtype:
+    def torch_dtype(self) -> torch.dtype:
         if self.dtype != "auto":
             return DTYPES[self.dtype]
         if self.device == "cuda":

@@ -7,7 +7,6 @@ import pytest
 
 from conftest import random_prompts, save_tiny_model
 from nanovllm import LLM, SamplingParams
-from nanovllm.sampling_params import SamplingParams as SP
 
 
 @pytest.fixture(scope="module")

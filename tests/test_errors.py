@@ -1,6 +1,5 @@
 """Bad input: a specific error that names the problem and the limit, and nothing else lost."""
 import json
-import os
 import subprocess
 import sys
 

@@ -1,5 +1,4 @@
 import itertools
-import time
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +9,7 @@ from nanovllm.engine.detokenizer import IncrementalDetokenizer
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
-from nanovllm.loader import default_model_path, load_hf_config, load_model, load_tokenizer
+from nanovllm.loader import default_model_path, load_hf_config, load_model
 from nanovllm.outputs import CompletionOutput, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 
@@ -43,11 +42,11 @@ class LLMEngine:
             config.max_model_len = model_max
         elif config.max_model_len > model_max:
             raise ValueError(f"max_model_len={config.max_model_len} is longer than the model allows ({model_max})")
-        self.dtype = config.torch_dtype(None)
-        loaded = load_model(path, self.dtype, config.device, config.max_model_len, hf_config)
+        self.dtype = config.torch_dtype()
+        loaded = load_model(path, self.dtype, config.device, config.max_model_len, hf_config, config.tokenizer)
         self.model_path, self.hf_config, self.eos_token_ids = path, hf_config, loaded.eos_token_ids
-        self.tokenizer = load_tokenizer(path, config.tokenizer) if config.tokenizer else loaded.tokenizer
-        self.runner = ModelRunner(config, loaded.model, hf_config, self.dtype, self.eos_token_ids)
+        self.tokenizer = loaded.tokenizer
+        self.runner = ModelRunner(config, loaded.model, self.dtype, self.eos_token_ids)
         capacity = self.runner.num_blocks * config.block_size
         if config.max_model_len > capacity:
             if config.num_kv_blocks is None and config.max_model_len == model_max:

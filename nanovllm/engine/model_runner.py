@@ -23,8 +23,7 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
 class ModelRunner:
     """Turns a scheduled batch into flat tensors, runs the model over the paged KV cache and samples."""
 
-    def __init__(self, config: EngineConfig, model: torch.nn.Module, hf_config, dtype: torch.dtype,
-                 eos_token_ids: set[int]):
+    def __init__(self, config: EngineConfig, model: torch.nn.Module, dtype: torch.dtype, eos_token_ids: set[int]):
         self.model, self.device, self.block_size = model, torch.device(config.device), config.block_size
         self.eos_token_ids = sorted(eos_token_ids)
         attn = model.model.layers[0].self_attn

@@ -53,7 +53,8 @@ def load_hf_config(path: str):
     return cfg
 
 
-def load_model(path: str, dtype: torch.dtype, device: str, max_positions: int, hf_config=None) -> LoadedModel:
+def load_model(path: str, dtype: torch.dtype, device: str, max_positions: int, hf_config=None,
+               tokenizer_path: str | None = None) -> LoadedModel:
     cfg = hf_config or load_hf_config(path)
     is_gguf = path.endswith(".gguf")
     with torch.device("meta"):
@@ -76,7 +77,7 @@ def load_model(path: str, dtype: torch.dtype, device: str, max_positions: int, h
     model.to(dtype)
     model.rotary.build()  # tables stay fp32
     model.eval()
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path, tokenizer_path)
     return LoadedModel(cfg, model, tokenizer, eos_ids(path, cfg, tokenizer))
 
 
