@@ -71,6 +71,21 @@ def test_eos_and_min_tokens(model_path, tmp_path):
     assert ignored.token_ids == full and ignored.finish_reason == "length"
 
 
+def test_generation_config_eos_ids(model_path, tmp_path):
+    """Llama 3 lists several EOS ids in generation_config.json: each of them stops generation."""
+    full = greedy(LLM(model_path, dtype="float32"), "Hello", max_tokens=20, ignore_eos=True).token_ids
+    copy = str(tmp_path / "gen")
+    shutil.copytree(model_path, copy)
+    json.dump({"eos_token_id": [1, full[3]]}, open(os.path.join(copy, "generation_config.json"), "w"))
+    out = greedy(LLM(copy, dtype="float32"), "Hello", max_tokens=20)
+    assert out.token_ids == full[:full.index(full[3]) + 1] and out.finish_reason == "stop"
+
+
+def test_bfloat16_runs(model_path):
+    out = greedy(LLM(model_path, dtype="bfloat16"), "Hello", max_tokens=12, ignore_eos=True)
+    assert len(out.token_ids) == 12 and all(0 <= t < 258 for t in out.token_ids)
+
+
 def test_seed_reproducible_whatever_shares_the_batch(llm):
     p = SamplingParams(temperature=1.0, seed=42, max_tokens=16, ignore_eos=True)
     alone = llm.generate(["Hello"], p, use_tqdm=False)[0].outputs[0].token_ids

@@ -31,6 +31,9 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Paged attention with torch ops (the CPU path and the reference for GPU kernels).
 
+    The backend interface: q [T, H, D] and this step's k, v [T, Hkv, D] in, attention output [T, H, D] out;
+    the backend also stores k, v into the paged caches at meta.slot_mapping.
+
     Single-token queries (decodes) run as one batched SDPA over their gathered blocks; query chunks
     (prefills, possibly after a cached prefix) run one sequence at a time, causal within the chunk.
     """

@@ -22,6 +22,7 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.scale = head_dim ** -0.5
         self.k_cache = self.v_cache = torch.empty(0)  # set by the model runner
+        self.backend = torch_attention  # the model runner may swap in another with the same signature
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -31,7 +32,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q), self.rotary(positions, k)
-        o = torch_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        o = self.backend(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return self.o_proj(o.flatten(1))
 
 
