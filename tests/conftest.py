@@ -1,9 +1,12 @@
 """Shared fixtures: tiny random-weight models saved like HF checkpoints, their HF references, and the
 invariant that every engine ends each test with all KV blocks free."""
 import os
+import tempfile
 import weakref
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait on a hub
+# converted GGUF metadata goes to a fresh folder: tests neither read nor leave anything in ~/.cache
+os.environ["NANOVLLM_CACHE"] = tempfile.mkdtemp(prefix="nanovllm-test-cache-")
 
 import pytest
 import torch

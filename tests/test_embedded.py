@@ -49,3 +49,25 @@ def test_gguf_logits_match_transformers(llm):
     # Logits here span about +-30; 1e-3 absolute is ~1e-4 relative to their spread.
     assert (got - expected).abs().max().item() < 1e-3
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_converted_gguf_metadata_equals_direct_conversion(llm, tmp_path, monkeypatch):
+    """The cached config and tokenizer are what transformers converts from the file itself."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from nanovllm.loader import gguf_converted
+    monkeypatch.setenv("NANOVLLM_CACHE", str(tmp_path))
+    path = default_model_path()
+    folder = gguf_converted(path)
+    assert folder.startswith(str(tmp_path)) and gguf_converted(path) == folder  # second call: the cache
+    where, name = os.path.dirname(path), os.path.basename(path)
+    direct_tok = AutoTokenizer.from_pretrained(where, gguf_file=name)
+    cached_tok = AutoTokenizer.from_pretrained(folder)
+    text = "Hello, wörld! 日本 <|im_start|>user\n  tabs\tand   spaces"
+    assert cached_tok(text).input_ids == direct_tok(text).input_ids
+    messages = [{"role": "user", "content": "Hi"}]
+    assert cached_tok.apply_chat_template(messages, tokenize=False) == direct_tok.apply_chat_template(messages, tokenize=False)
+    direct_cfg, cached_cfg = AutoConfig.from_pretrained(where, gguf_file=name), AutoConfig.from_pretrained(folder)
+    for field in ["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+                  "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings", "eos_token_id"]:
+        assert getattr(cached_cfg, field) == getattr(direct_cfg, field)

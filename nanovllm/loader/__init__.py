@@ -1,9 +1,13 @@
 """Model loading: an HF folder of safetensors or a GGUF file -> our model, HF tokenizer and config."""
 import importlib.util
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 
 import torch
+import transformers
+import xxhash
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from nanovllm.models.llama import MODELS
@@ -28,18 +32,48 @@ class LoadedModel:
     eos_token_ids: set[int]
 
 
+def gguf_converted(path: str) -> str:
+    """A folder with config.json and the tokenizer that transformers converts from a GGUF file.
+
+    Converting parses the whole file twice (~12 s for SmolLM2); loading the saved copy takes well under a
+    second, so it is kept in ~/.cache/nanovllm (or $NANOVLLM_CACHE), keyed by the file and transformers'
+    version. Where that cannot be written, a temporary folder serves this process."""
+    from nanovllm.loader.gguf import open_gguf
+    st = os.stat(path)
+    key = xxhash.xxh64_hexdigest(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}".encode())
+    root = os.environ.get("NANOVLLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nanovllm")
+    folder = os.path.join(root, "gguf", key)
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    open_gguf(path)  # a clear error for a corrupt file before transformers parses it its own way
+    where, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    cfg = AutoConfig.from_pretrained(where, gguf_file=name)
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM"}.get(cfg.model_type)
+    cfg.architectures = [arch or cfg.model_type]
+    tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
+    try:
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        staging = tempfile.mkdtemp(dir=os.path.dirname(folder))
+    except OSError:
+        folder = staging = tempfile.mkdtemp(prefix="nanovllm-gguf-")
+    tokenizer.save_pretrained(staging)
+    cfg.save_pretrained(staging)  # last: config.json marks a complete folder
+    if staging != folder:
+        try:
+            os.rename(staging, folder)
+        except OSError:  # another process got there first: use theirs
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
 def load_hf_config(path: str):
     """The transformers config of a folder or GGUF file, with specific errors for what is missing or unsupported."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"model path {path!r} does not exist")
     try:
         if path.endswith(".gguf"):
-            from nanovllm.loader.gguf import open_gguf
-            open_gguf(path)  # a clear error for a corrupt file before transformers parses it its own way
-            cfg = AutoConfig.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
-            arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                    "qwen3": "Qwen3ForCausalLM"}.get(cfg.model_type)
-            cfg.architectures = [arch or cfg.model_type]
+            cfg = AutoConfig.from_pretrained(gguf_converted(path))
         elif not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError(f"{path!r} is neither a .gguf file nor a folder with a config.json")
         else:
@@ -84,9 +118,7 @@ def load_model(path: str, dtype: torch.dtype, device: str, max_positions: int, h
 def load_tokenizer(path: str, tokenizer_path: str | None = None):
     if tokenizer_path:
         return AutoTokenizer.from_pretrained(tokenizer_path)
-    if path.endswith(".gguf"):
-        return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(gguf_converted(path) if path.endswith(".gguf") else path)
 
 
 def eos_ids(path: str, cfg, tokenizer) -> set[int]:
