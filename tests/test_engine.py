@@ -130,3 +130,23 @@ def test_streamed_text_equals_full_decode_with_multibyte(llm):
     for prompt in ["héllo wörld ", "日本語", "emoji 🙂 "]:
         out = greedy(llm, prompt, max_tokens=24, ignore_eos=True)
         assert out.text == tok.decode(out.token_ids, skip_special_tokens=True).removesuffix("\ufffd")
+
+
+def test_failure_mid_generate_leaves_engine_clean(llm, monkeypatch):
+    """An error (or Ctrl-C) inside generate aborts that batch's requests: no blocks stay held, and the next
+    generate works."""
+    real_run, calls = llm.engine.runner.run, []
+
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return real_run(*args)
+
+    monkeypatch.setattr(llm.engine.runner, "run", flaky)
+    with pytest.raises(RuntimeError, match="boom"):
+        llm.generate(["Hello", "World"], SamplingParams(max_tokens=10, ignore_eos=True), use_tqdm=False)
+    assert not llm.engine.has_unfinished()
+    llm.engine.block_manager.check_all_free()
+    out = llm.generate(["Hello"], SamplingParams(max_tokens=5, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 5
