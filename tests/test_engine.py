@@ -150,3 +150,40 @@ def test_failure_mid_generate_leaves_engine_clean(llm, monkeypatch):
     llm.engine.block_manager.check_all_free()
     out = llm.generate(["Hello"], SamplingParams(max_tokens=5, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 5
+
+
+def test_stop_token_text_is_left_out_unless_asked(llm):
+    tok = llm.get_tokenizer()
+    full = greedy(llm, "Hello", max_tokens=20, ignore_eos=True)
+    target = full.token_ids[4]
+    out = greedy(llm, "Hello", max_tokens=20, ignore_eos=True, stop_token_ids=[target])
+    assert out.text == tok.decode(out.token_ids[:-1]).removesuffix("\ufffd")
+    kept = greedy(llm, "Hello", max_tokens=20, ignore_eos=True, stop_token_ids=[target],
+                  include_stop_str_in_output=True)
+    assert kept.text == tok.decode(kept.token_ids).removesuffix("\ufffd")
+
+
+def test_stop_strings_ignore_text_made_before_min_tokens():
+    from conftest import byte_tokenizer
+    from nanovllm.engine.detokenizer import IncrementalDetokenizer
+    tok = byte_tokenizer()
+    nine = tok("9").input_ids[0]
+    results = []
+    for stops in (["99"], ["99", "~~~~~~~~~~"]):
+        d = IncrementalDetokenizer(tok, [], stop=stops)
+        for i in range(8):
+            if found := d.add(nine, find_stop=i >= 3):
+                break
+        results.append((i, d.text, found))
+    # the first three 9s were made before a stop was allowed: "99" first ends at the fifth
+    assert results[0] == results[1] == (4, "999", "99")
+
+
+def test_prefix_stats_count_first_admission_only(model_path):
+    prompts = random_prompts(6, 20, 40, seed=5)
+    llm = LLM(model_path, dtype="float32", block_size=8, num_kv_blocks=12, max_model_len=96)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    stats = llm.engine.stats()
+    assert stats["preemptions"] > 0
+    assert stats["prefix_cache_queries"] == sum(map(len, prompts))
+    assert all(0 <= o.num_cached_tokens < len(o.prompt_token_ids) for o in outs)

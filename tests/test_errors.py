@@ -146,3 +146,15 @@ def test_cli_errors_are_one_line(args, message):
     assert "Traceback" not in r.stderr
     lines = [line for line in r.stderr.splitlines() if line.startswith("nanovllm: error:")]
     assert len(lines) == 1 and message in lines[0]
+
+
+def test_stop_token_ids_outside_vocab(llm):
+    with pytest.raises(ValueError, match=r"stop_token_ids \[100000\] are outside the vocabulary \[0, 258\)"):
+        llm.generate(["a"], SamplingParams(min_tokens=2, stop_token_ids=[100000]), use_tqdm=False)
+
+
+def test_max_model_len_given_is_checked_not_shrunk(model_path):
+    with pytest.raises(ValueError, match="max_model_len=512 does not fit the KV pool of 80 tokens"):
+        LLM(model_path, num_kv_blocks=5, max_model_len=512)
+    derived = LLM(model_path, num_kv_blocks=5)  # not given: the model's 512 shrinks to the pool
+    assert derived.engine.config.max_model_len == 80

@@ -112,3 +112,11 @@ def test_zero_probability_tokens_never_drawn_even_at_the_edges():
         finally:
             torch.rand = orig
         assert set(out.tolist()) <= {0, 2}
+
+
+def test_top_k_keeps_the_same_set_whatever_shares_the_batch():
+    """Ties at the k-th value stay; a neighbour row with top_p < 1 must not change that."""
+    logits = torch.tensor([[2.0, 2.0, 2.0, 0.0, -1.0]])
+    alone = kept(logits, batch(1, top_k=2))
+    mixed = kept(logits.repeat(2, 1), batch(2, top_k=[2, -1], top_p=[1.0, 0.5]))
+    assert alone == [{0, 1, 2}] and mixed[0] == alone[0]

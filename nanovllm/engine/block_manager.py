@@ -58,7 +58,7 @@ class BlockManager:
 
     def allocate(self, seq: Sequence, hits: list[int], num_new_tokens: int) -> None:
         """Give `seq` the cache hits and enough fresh blocks for `num_new_tokens` more tokens."""
-        if not seq.block_table:
+        if seq.num_cached_tokens < 0:  # first admission only: a preempted sequence's recompute is no query
             self.prefix_query_tokens += seq.num_tokens
             self.prefix_hit_tokens += len(hits) * self.block_size
             seq.num_cached_tokens = len(hits) * self.block_size

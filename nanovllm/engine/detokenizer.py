@@ -13,6 +13,7 @@ class IncrementalDetokenizer:
         self.prefix_offset, self.read_offset = 0, len(self.ids)
         self.stop, self.include_stop = stop or [], include_stop
         self.text = ""
+        self.search_from = 0  # text before this (made before min_tokens allowed a stop) is not searched
 
     def add(self, token_id: int, find_stop: bool = True) -> str | None:
         """Append one token; returns the stop string it completed, if any (then `text` is cut there)."""
@@ -24,13 +25,15 @@ class IncrementalDetokenizer:
         after = decode(self.ids[self.prefix_offset:])
         if len(after) <= len(before) or after.endswith("\ufffd"):
             return None
-        new = after[len(before):]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0) + 1)
-        self.text += new
+        old_len = len(self.text)
+        self.text += after[len(before):]
         if not find_stop:
+            self.search_from = len(self.text)
             return None
-        found = [(at, s) for s in self.stop if (at := self.text.find(s, start)) != -1]
+        # a stop string can only end in the new text: start each search just far enough back
+        found = [(at, s) for s in self.stop
+                 if (at := self.text.find(s, max(self.search_from, old_len - len(s) + 1))) != -1]
         if not found:
             return None
         at, s = min(found)

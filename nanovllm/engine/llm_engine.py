@@ -38,7 +38,8 @@ class LLMEngine:
         window = getattr(hf_config, "sliding_window", None)
         if window and getattr(hf_config, "use_sliding_window", True):
             model_max = min(model_max, window)  # no sliding-window attention: stay inside one window
-        if config.max_model_len is None:
+        derived_len = config.max_model_len is None
+        if derived_len:
             config.max_model_len = model_max
         elif config.max_model_len > model_max:
             raise ValueError(f"max_model_len={config.max_model_len} is longer than the model allows ({model_max})")
@@ -49,8 +50,8 @@ class LLMEngine:
         self.runner = ModelRunner(config, loaded.model, self.dtype, self.eos_token_ids)
         capacity = self.runner.num_blocks * config.block_size
         if config.max_model_len > capacity:
-            if config.num_kv_blocks is None and config.max_model_len == model_max:
-                config.max_model_len = capacity  # derived, not asked for: shrink it to what the pool holds
+            if derived_len:  # not asked for: shrink it to what the pool holds
+                config.max_model_len = capacity
             else:
                 raise ValueError(f"max_model_len={config.max_model_len} does not fit the KV pool of {capacity} "
                                  f"tokens ({self.runner.num_blocks} blocks of {config.block_size})")
@@ -92,6 +93,9 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self.tokenize(prompt)
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
         seqs, detoks = [], []
         for i in range(params.n):
             seq = Sequence(f"{request_id}/{i}", list(ids), len(ids), params, arrival=next(self._arrivals))
@@ -151,14 +155,13 @@ class LLMEngine:
     def check_stop(self, seq: Sequence, detok: IncrementalDetokenizer, token: int) -> None:
         p = seq.params
         may_stop = seq.num_output_tokens >= p.min_tokens
+        if may_stop and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)):
+            if p.include_stop_str_in_output:  # as vLLM: a stop token's own text is left out unless asked for
+                detok.add(token, find_stop=False)
+            return self.scheduler.finish(seq, "stop", token if token in p.stop_token_ids else None)
         stop_str = detok.add(token, may_stop)
-        if may_stop:
-            if not p.ignore_eos and token in self.eos_token_ids:
-                return self.scheduler.finish(seq, "stop")
-            if token in p.stop_token_ids:
-                return self.scheduler.finish(seq, "stop", token)
-            if stop_str is not None:
-                return self.scheduler.finish(seq, "stop", stop_str)
+        if stop_str is not None:
+            return self.scheduler.finish(seq, "stop", stop_str)
         if seq.num_output_tokens == p.max_tokens or seq.num_tokens >= self.config.max_model_len:
             self.scheduler.finish(seq, "length")
 
@@ -166,7 +169,7 @@ class LLMEngine:
         outs = [CompletionOutput(i, d.text, s.output_token_ids, s.finish_reason, s.stop_reason)
                 for i, (s, d) in enumerate(zip(request.seqs, request.detoks))]
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outs,
-                             all(s.finished for s in request.seqs), request.seqs[0].num_cached_tokens)
+                             all(s.finished for s in request.seqs), max(request.seqs[0].num_cached_tokens, 0))
 
     def stats(self) -> dict:
         bm = self.block_manager

@@ -21,7 +21,7 @@ class Sequence:
     params: SamplingParams
     status: Status = Status.WAITING
     num_computed: int = 0
-    num_cached_tokens: int = 0           # prompt tokens served by the prefix cache at admission
+    num_cached_tokens: int = -1          # prompt tokens served by the prefix cache at first admission; -1 before
     block_table: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None

@@ -36,22 +36,20 @@ def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
 
 
 def apply_top_k_top_p_min_p(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
-    """Mask (to -inf) every token outside each row's top-k, top-p nucleus and min-p floor."""
-    vocab = logits.shape[-1]
-    k = torch.where(b.top_k > 0, b.top_k, vocab).clamp(max=vocab)
+    """Mask (to -inf) every token outside each row's top-k, top-p nucleus and min-p floor.
+
+    Each filter depends on its own row only, so a row keeps the same tokens whatever shares its batch."""
+    if bool((b.top_k > 0).any()):  # a threshold at the k-th largest value (ties with it stay), no full sort
+        k = torch.where(b.top_k > 0, b.top_k, logits.shape[-1]).clamp(max=logits.shape[-1])
+        top = logits.topk(int(k.max()), dim=-1).values
+        logits = logits.masked_fill(logits < top.gather(-1, (k - 1)[:, None]), float("-inf"))
     if bool((b.top_p < 1).any()):  # the nucleus needs the full order: a sort (slow over a large vocab)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        ranks = torch.arange(vocab, device=logits.device)[None, :]
-        sorted_logits = sorted_logits.masked_fill(ranks >= k[:, None], float("-inf"))
         probs = sorted_logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs
         # keep the smallest prefix whose mass reaches top_p: a token goes once the mass before it does
         drop = (mass_before >= b.top_p[:, None]) & (b.top_p < 1)[:, None]
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-    elif bool((b.top_k > 0).any()):  # top-k alone: a threshold at the k-th largest value, no full sort
-        top = logits.topk(int(k.max()), dim=-1).values
-        logits = logits.masked_fill(logits < top.gather(-1, (k - 1)[:, None]), float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     if bool((b.min_p > 0).any()):
         probs = logits.softmax(dim=-1)
         logits = logits.masked_fill(probs < b.min_p[:, None] * probs.max(dim=-1, keepdim=True).values,
