@@ -5,7 +5,7 @@ from nanovllm.sampling_params import SamplingParams
 
 
 def seq(tokens: list[int], name: str = "s") -> Sequence:
-    return Sequence(name, list(tokens), len(tokens), SamplingParams())
+    return Sequence(name, 0, list(tokens), len(tokens), SamplingParams())
 
 
 def admit(bm: BlockManager, s: Sequence) -> list[int]:

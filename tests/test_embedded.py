@@ -25,7 +25,7 @@ def test_capital_of_france(llm):
 
 def our_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
     engine = llm.engine
-    seq = Sequence("logits", list(ids), len(ids), SamplingParams())
+    seq = Sequence("logits", 0, list(ids), len(ids), SamplingParams())
     engine.block_manager.allocate(seq, [], len(ids))
     try:
         input_ids, positions, meta = engine.runner.prepare(ScheduledBatch([seq], [len(ids)]))

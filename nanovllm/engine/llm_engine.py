@@ -1,4 +1,3 @@
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -60,7 +59,6 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.vocab_size = hf_config.vocab_size
         self.last_step = (0, 0)  # (prefill tokens, decode tokens) of the last step, for progress reports
-        self._arrivals = itertools.count()
 
     # ---- requests -------------------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
@@ -98,7 +96,7 @@ class LLMEngine:
             raise ValueError(f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
         seqs, detoks = [], []
         for i in range(params.n):
-            seq = Sequence(f"{request_id}/{i}", list(ids), len(ids), params, arrival=next(self._arrivals))
+            seq = Sequence(request_id, i, list(ids), len(ids), params)
             if params.seed is not None:
                 seq.generator = torch.Generator(self.config.device).manual_seed(params.seed + i)
             seqs.append(seq)
@@ -141,10 +139,9 @@ class LLMEngine:
         changed: dict[str, Request] = {}
         for row, token in zip(sample_rows, tokens):
             seq = batch.seqs[row]
-            request = self.requests[seq.seq_id.rpartition("/")[0]]
-            index = int(seq.seq_id.rpartition("/")[2])
+            request = self.requests[seq.request_id]
             seq.token_ids.append(token)
-            self.check_stop(seq, request.detoks[index], token)
+            self.check_stop(seq, request.detoks[seq.index], token)
             changed[request.request_id] = request
         outputs = [self.output(r) for r in changed.values()]
         for out in outputs:

@@ -58,8 +58,9 @@ class ModelRunner:
         meta = AttentionMetadata(
             query_start=as_tensor(query_start), context_lens=as_tensor(context_lens),
             block_tables=as_tensor(tables), slot_mapping=as_tensor(slots),
-            query_lens_cpu=list(batch.num_new_tokens), context_lens_cpu=context_lens,
-            decode_rows=as_tensor(decode_rows), decode_tokens=as_tensor([query_start[i] for i in decode_rows]))
+            query_start_cpu=query_start, context_lens_cpu=context_lens,
+            decode_rows=as_tensor(decode_rows), decode_tokens=as_tensor([query_start[i] for i in decode_rows]),
+            decode_max_context=max((context_lens[i] for i in decode_rows), default=0))
         return as_tensor(input_ids), as_tensor(positions), meta
 
     def sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:

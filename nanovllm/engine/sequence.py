@@ -14,8 +14,10 @@ class Status(Enum):
 
 @dataclass(eq=False)
 class Sequence:
-    """One completion's state. Tokens 0..num_computed-1 have their K/V in the cache."""
-    seq_id: str
+    """One completion's state (a request with n > 1 has n of them). Tokens 0..num_computed-1 have their
+    K/V in the cache."""
+    request_id: str
+    index: int
     token_ids: list[int]
     num_prompt_tokens: int
     params: SamplingParams
@@ -26,7 +28,6 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     generator: torch.Generator | None = None
-    arrival: int = 0
 
     @property
     def num_tokens(self) -> int:

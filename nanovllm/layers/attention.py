@@ -14,10 +14,11 @@ class AttentionMetadata:
     context_lens: torch.Tensor    # [B] tokens in the cache once this step's tokens are written
     block_tables: torch.Tensor    # [B, max_blocks] block ids, padded with 0
     slot_mapping: torch.Tensor    # [T] cache slot (block * block_size + offset) of each new token
-    query_lens_cpu: list[int]
+    query_start_cpu: list[int]    # the same on the host: per-sequence loops must not sync with the device
     context_lens_cpu: list[int]
     decode_rows: torch.Tensor     # [Bd] sequences with a single query token, batched together
     decode_tokens: torch.Tensor   # [Bd] their positions in the flat batch
+    decode_max_context: int       # longest context among them
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -42,7 +43,7 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     block_size = k_cache.shape[1]
     if len(meta.decode_rows):
         lens = meta.context_lens[meta.decode_rows]
-        width = -(-max(meta.context_lens_cpu[i] for i in meta.decode_rows.tolist()) // block_size)
+        width = -(-meta.decode_max_context // block_size)
         tables = meta.block_tables[meta.decode_rows, :width].flatten()
         shape = (len(meta.decode_rows), width * block_size, *k_cache.shape[2:])
         # index_select on the block dim: about 3x faster on CPU than advanced indexing
@@ -53,11 +54,12 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         queries = q[meta.decode_tokens].view(len(lens), keys.shape[1], -1, q.shape[-1])  # [Bd, Hkv, G, D]
         o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask[:, None, None, :], scale=scale)
         out[meta.decode_tokens] = o.flatten(1, 2)
-    starts = meta.query_start.tolist()
-    for i, (qlen, ctx) in enumerate(zip(meta.query_lens_cpu, meta.context_lens_cpu)):
+    starts = meta.query_start_cpu
+    for i, ctx in enumerate(meta.context_lens_cpu):
+        s, e = starts[i], starts[i + 1]
+        qlen = e - s
         if qlen == 1:
             continue
-        s, e = starts[i], starts[i + 1]
         if ctx == qlen:  # no cached prefix: this chunk's own K/V are the whole context
             keys, values, mask, causal = k[s:e], v[s:e], None, True
         else:
