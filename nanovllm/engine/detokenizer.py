@@ -18,8 +18,6 @@ class IncrementalDetokenizer:
     def add(self, token_id: int, find_stop: bool = True) -> str | None:
         """Append one token; returns the stop string it completed, if any (then `text` is cut there)."""
         self.ids.append(token_id)
-        if self.tokenizer is None:
-            return None
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self.skip)
         before = decode(self.ids[self.prefix_offset:self.read_offset])
         after = decode(self.ids[self.prefix_offset:])

@@ -70,8 +70,6 @@ class LLMEngine:
             else:
                 raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
         if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this engine has no tokenizer: give prompts as token ids")
             text, ids = prompt, self.tokenizer(prompt).input_ids
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             text, ids = None, list(prompt)

@@ -94,7 +94,6 @@ def load_model(path: str, dtype: torch.dtype, device: str, max_positions: int, h
     with torch.device("meta"):
         model = MODELS[cfg.architectures[0]](cfg, max_positions)
     model = model.to_empty(device=device)  # no random init: every weight comes from the checkpoint
-    model.rotary.build()
     if model.tie_word_embeddings:  # to_empty gave the two their own storage
         model.lm_head.weight = model.model.embed_tokens.weight
     params = dict(model.named_parameters())
@@ -109,7 +108,7 @@ def load_model(path: str, dtype: torch.dtype, device: str, max_positions: int, h
     if missing:
         raise ValueError(f"checkpoint {path!r} lacks weights: {', '.join(sorted(missing)[:8])}")
     model.to(dtype)
-    model.rotary.build()  # tables stay fp32
+    model.rotary.build()  # after to_empty and the cast: the cos/sin tables are computed here, in fp32
     model.eval()
     tokenizer = load_tokenizer(path, tokenizer_path)
     return LoadedModel(cfg, model, tokenizer, eos_ids(path, cfg, tokenizer))
