@@ -1,12 +1,12 @@
 import itertools
 import time
-from collections.abc import Sequence as Seq
+from collections.abc import Iterator, Sequence as Seq
 
 from tqdm.auto import tqdm
 
 from nanovllm.config import EngineConfig
-from nanovllm.engine.llm_engine import LLMEngine, Prompt
-from nanovllm.outputs import RequestOutput
+from nanovllm.engine.llm_engine import LLMEngine, Prompt, chat_token_ids
+from nanovllm.outputs import DeltaTracker, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -54,12 +54,30 @@ class LLM:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             chat_template: str | None = None, **kwargs) -> list[int]:
-        if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("this model has no chat template: pass chat_template=... or use generate()")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                  chat_template=chat_template, tokenize=False, **kwargs)
-        # the template already holds the special tokens (BOS etc.)
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        return chat_token_ids(self.tokenizer, messages, add_generation_prompt, chat_template, **kwargs)
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Generate for one prompt, yielding deltas as tokens come: each RequestOutput holds, per completion,
+        only the new text and token ids (text that could still turn into a stop string is held back).
+        Joined, the deltas equal what generate() returns. Leaving the loop early aborts the request."""
+        request = self.engine.make_request(str(next(self._ids)), prompt, sampling_params or SamplingParams())
+        self.engine.add(request)
+        delta = DeltaTracker()
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id == request.request_id:
+                        self._raise_if_failed(out)
+                        yield delta(out)
+                        if out.finished:
+                            return
+        finally:
+            self.engine.abort(request.request_id)
+
+    @staticmethod
+    def _raise_if_failed(out: RequestOutput) -> None:
+        if out.error:
+            raise RuntimeError(f"request {out.request_id} failed: {out.error}")
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
@@ -69,6 +87,7 @@ class LLM:
         try:
             while len(done) < len(request_ids):
                 for out in self.engine.step():
+                    self._raise_if_failed(out)
                     if out.finished:
                         done[out.request_id] = out
                         bar.update(1)

@@ -23,3 +23,25 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    error: str | None = None  # why handling this request failed (it is finished, its outputs aborted)
+
+
+class DeltaTracker:
+    """Turns one request's cumulative outputs into deltas: per completion, the text and token ids that are new
+    since the last call, and its finish reason once. Completions with nothing new are left out."""
+
+    def __init__(self):
+        self.sent: dict[int, tuple[int, int, bool]] = {}  # index -> (chars, tokens, finished) already sent
+
+    def __call__(self, out: RequestOutput) -> RequestOutput:
+        deltas = []
+        for c in out.outputs:
+            chars, tokens, done = self.sent.get(c.index, (0, 0, False))
+            finished = c.finish_reason is not None
+            if done or (len(c.text) == chars and len(c.token_ids) == tokens and not finished):
+                continue
+            self.sent[c.index] = (len(c.text), len(c.token_ids), finished)
+            deltas.append(CompletionOutput(c.index, c.text[chars:], c.token_ids[tokens:], c.finish_reason,
+                                           c.stop_reason))
+        return RequestOutput(out.request_id, out.prompt, out.prompt_token_ids, deltas, out.finished,
+                             out.num_cached_tokens, out.error)

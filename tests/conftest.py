@@ -34,6 +34,13 @@ def all_blocks_free_after_test():
         engine.block_manager.check_all_free()
 
 
+@pytest.fixture(scope="session")
+def embedded_llm():
+    """The embedded SmolLM2-135M-Instruct in fp32, loaded once for every test that needs it."""
+    from nanovllm import LLM
+    return LLM(dtype="float32")
+
+
 def byte_tokenizer():
     """A byte-level BPE tokenizer with no merges (256 byte tokens + specials): real HF tokenizer behaviour,
     made here without any download."""

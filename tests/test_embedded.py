@@ -11,9 +11,9 @@ from nanovllm.engine.sequence import Sequence
 from nanovllm.loader import default_model_path
 
 
-@pytest.fixture(scope="module")
-def llm() -> LLM:
-    return LLM(dtype="float32")
+@pytest.fixture
+def llm(embedded_llm) -> LLM:
+    return embedded_llm
 
 
 def test_capital_of_france(llm):

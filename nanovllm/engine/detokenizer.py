@@ -15,6 +15,12 @@ class IncrementalDetokenizer:
         self.text = ""
         self.search_from = 0  # text before this (made before min_tokens allowed a stop) is not searched
 
+    def stable_text(self) -> str:
+        """The text a stream may show before the end: a tail that could still become a stop string (and then be
+        cut) is held back."""
+        hold = max((len(s) for s in self.stop), default=1) - 1
+        return self.text[:max(len(self.text) - hold, 0)]
+
     def add(self, token_id: int, find_stop: bool = True) -> str | None:
         """Append one token; returns the stop string it completed, if any (then `text` is cut there)."""
         self.ids.append(token_id)

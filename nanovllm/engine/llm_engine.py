@@ -15,6 +15,16 @@ from nanovllm.sampling_params import SamplingParams
 Prompt = str | list[int] | dict
 
 
+def chat_token_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                   chat_template: str | None = None, **kwargs) -> list[int]:
+    """A conversation rendered with the model's chat template (or the one given), as token ids."""
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model has no chat template: pass chat_template=... or use generate()")
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                         chat_template=chat_template, tokenize=False, **kwargs)
+    return tokenizer(text, add_special_tokens=False).input_ids  # the template already holds BOS etc.
+
+
 @dataclass
 class Request:
     request_id: str
@@ -22,6 +32,7 @@ class Request:
     prompt_token_ids: list[int]
     seqs: list[Sequence]
     detoks: list[IncrementalDetokenizer]
+    error: str | None = None  # set when handling this request failed; it is finished then
 
 
 class LLMEngine:
@@ -62,9 +73,11 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        """A string, a list of token ids, or {"prompt_token_ids": [...], "prompt": optional text}."""
+        text = None
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                prompt = list(prompt["prompt_token_ids"])
+                text, prompt = prompt.get("prompt"), list(prompt["prompt_token_ids"])
             elif "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:
@@ -72,7 +85,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer(prompt).input_ids
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            text, ids = None, list(prompt)
+            ids = list(prompt)
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
                 raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
@@ -138,9 +151,17 @@ class LLMEngine:
         for row, token in zip(sample_rows, tokens):
             seq = batch.seqs[row]
             request = self.requests[seq.request_id]
-            seq.token_ids.append(token)
-            self.check_stop(seq, request.detoks[seq.index], token)
             changed[request.request_id] = request
+            if request.error:
+                continue
+            seq.token_ids.append(token)
+            try:
+                self.check_stop(seq, request.detoks[seq.index], token)
+            except Exception as e:  # e.g. a token the tokenizer cannot decode: fail this request, not the batch
+                request.error = f"{type(e).__name__}: {e}"
+                for other in request.seqs:
+                    if not other.finished:
+                        self.scheduler.finish(other, "abort")
         outputs = [self.output(r) for r in changed.values()]
         for out in outputs:
             if out.finished:
@@ -161,10 +182,11 @@ class LLMEngine:
             self.scheduler.finish(seq, "length")
 
     def output(self, request: Request) -> RequestOutput:
-        outs = [CompletionOutput(i, d.text, s.output_token_ids, s.finish_reason, s.stop_reason)
-                for i, (s, d) in enumerate(zip(request.seqs, request.detoks))]
+        outs = [CompletionOutput(i, d.text if s.finished else d.stable_text(), s.output_token_ids, s.finish_reason,
+                                 s.stop_reason) for i, (s, d) in enumerate(zip(request.seqs, request.detoks))]
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outs,
-                             all(s.finished for s in request.seqs), max(request.seqs[0].num_cached_tokens, 0))
+                             all(s.finished for s in request.seqs), max(request.seqs[0].num_cached_tokens, 0),
+                             request.error)
 
     def stats(self) -> dict:
         bm = self.block_manager

@@ -1,5 +1,6 @@
-"""`nanovllm generate ...`: one CLI; errors are one line on stderr, not a traceback."""
+"""`nanovllm generate | chat | serve`: one CLI; errors are one line on stderr, not a traceback."""
 import argparse
+import os
 import sys
 
 
@@ -35,9 +36,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def generate(args: argparse.Namespace) -> None:
-    from nanovllm import LLM, SamplingParams
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop)
+    from nanovllm import LLM
+    params = sampling_params(args)
     llm = LLM(args.model, **engine_kwargs(args))
     use_chat = not args.raw and getattr(llm.tokenizer, "chat_template", None)
     if use_chat:
@@ -50,7 +50,58 @@ def generate(args: argparse.Namespace) -> None:
         print(out.outputs[0].text.strip() if use_chat else prompt + out.outputs[0].text)
 
 
-def main(argv: list[str] | None = None) -> None:
+def sampling_params(args: argparse.Namespace):
+    from nanovllm import SamplingParams
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop)
+
+
+def chat(args: argparse.Namespace) -> None:
+    """A conversation on the terminal: each reply is printed token by token as it is generated."""
+    from nanovllm import LLM
+    params = sampling_params(args)
+    llm = LLM(args.model, **engine_kwargs(args))
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    turns = iter(args.messages) if args.messages else None
+    while True:
+        if turns is not None:
+            user = next(turns, None)
+        else:
+            try:
+                user = input("> ") if interactive else sys.stdin.readline() or None
+            except EOFError:
+                user = None
+        if user is None:
+            break
+        if not user.strip():
+            continue
+        messages.append({"role": "user", "content": user.rstrip("\n")})
+        reply = ""
+        for delta in llm.stream({"prompt_token_ids": llm.apply_chat_template(messages)}, params):
+            piece = delta.outputs[0].text if delta.outputs else ""
+            print(piece, end="", flush=True)
+            reply += piece
+        print()
+        messages.append({"role": "assistant", "content": reply})
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from nanovllm.config import EngineConfig
+    from nanovllm.engine.async_engine import AsyncEngine
+    from nanovllm.engine.llm_engine import LLMEngine
+    from nanovllm.entrypoints.server import build_app
+    model = args.model_pos or args.model
+    engine = AsyncEngine(LLMEngine(EngineConfig(model=model, **engine_kwargs(args))))
+    name = args.served_model_name or model or "SmolLM2-135M-Instruct"
+    app = build_app(engine, name, args.api_key or os.environ.get("NANOVLLM_API_KEY"))
+    print(f"nanovllm: serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=2)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanovllm", description="A small, fast LLM inference engine.")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text for one or more prompts")
@@ -59,7 +110,28 @@ def main(argv: list[str] | None = None) -> None:
     add_engine_args(gen)
     add_sampling_args(gen)
     gen.set_defaults(func=generate)
-    args = parser.parse_args(argv)
+
+    ch = sub.add_parser("chat", help="chat on the terminal; replies stream as they are generated")
+    ch.add_argument("messages", nargs="*", help="user turns to send in order (default: read lines from stdin)")
+    ch.add_argument("--system", default=None, help="a system message")
+    add_engine_args(ch)
+    add_sampling_args(ch)
+    ch.set_defaults(func=chat, max_tokens=512)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server")
+    sv.add_argument("model_pos", nargs="?", metavar="MODEL", help="same as --model")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (or $NANOVLLM_API_KEY)")
+    sv.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL)")
+    sv.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    add_engine_args(sv)
+    sv.set_defaults(func=serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, OSError) as e:

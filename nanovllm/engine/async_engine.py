@@ -1,0 +1,170 @@
+"""The engine for many clients: one background thread owns the LLMEngine and runs its step loop; asyncio callers
+hand it work through a queue and get each request's outputs through their own asyncio queue.
+
+Only the loop thread touches the engine (scheduler, blocks, the tokenizer used for detokenizing); callers
+tokenize with their own copy of the tokenizer. New requests join the running batch at the next step."""
+import asyncio
+import copy
+import itertools
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from nanovllm.engine.llm_engine import LLMEngine, Prompt, Request
+from nanovllm.outputs import RequestOutput
+from nanovllm.sampling_params import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has stopped: no request can be served any more."""
+
+
+@dataclass
+class Stream:
+    """One request's way back to its caller, and the times its metrics need."""
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    arrival: float
+    last_token: float | None = None
+    num_tokens: int = 0
+    num_prompt_tokens: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening
+            pass
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.tokenizer = copy.deepcopy(engine.tokenizer)  # the callers' own: tokenizers are not shared across threads
+        self.metrics = None  # the server's: on_request(stream), on_token(stream, n, gap, first), on_finish(stream)
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # (fn, fail): fail(error) if the loop dies first
+        self.streams: dict[str, Stream] = {}  # loop thread only
+        self.error: BaseException | None = None
+        self.stats = engine.stats()  # a snapshot, refreshed by the loop thread
+        self._ids = itertools.count()
+        self.thread = threading.Thread(target=self._loop, name="nanovllm-engine", daemon=True)
+        self.thread.start()
+
+    # ---- the caller's side (asyncio) ------------------------------------------------------------------
+    @property
+    def dead(self) -> bool:
+        return self.error is not None
+
+    def check_alive(self) -> None:
+        if self.error is not None:
+            raise self._dead_error()
+
+    def _dead_error(self) -> EngineDeadError:
+        return EngineDeadError(f"the engine loop has stopped: {type(self.error).__name__}: {self.error}")
+
+    def make_request(self, prompt: Prompt, params: SamplingParams | None = None,
+                     request_id: str | None = None) -> Request:
+        """Validate and tokenize (with the callers' tokenizer) without queueing: raises ValueError on bad input."""
+        self.check_alive()
+        if isinstance(prompt, str):
+            prompt = {"prompt": prompt, "prompt_token_ids": self.tokenizer(prompt).input_ids}
+        return self.engine.make_request(request_id or f"req-{next(self._ids)}", prompt, params or SamplingParams())
+
+    async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
+        """Queue a request (from make_request) and yield its cumulative outputs as they change, the last one
+        finished. Leaving the iteration early (or being cancelled) aborts the request and frees its blocks."""
+        stream = Stream(asyncio.Queue(), asyncio.get_running_loop(), time.perf_counter(),
+                        num_prompt_tokens=len(request.prompt_token_ids))
+        self._submit(lambda: self._add(request, stream), stream.put)
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                while not stream.queue.empty() and isinstance(item, RequestOutput) and not item.finished:
+                    item = stream.queue.get_nowait()  # a slow reader skips to the newest (outputs are cumulative)
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        if self.error is None:
+            self._submit(lambda: self._abort(request_id))
+
+    def _submit(self, fn: Callable[[], None], fail: Callable[[BaseException], None] | None = None) -> None:
+        """Queue fn for the loop thread; if the loop has died (or dies before running it), fail(error) instead."""
+        self.check_alive()
+        self.inbox.put((fn, fail))
+        if self.error is not None:  # died between the check and the put: nobody else will drain it
+            self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        dead = self._dead_error()
+        while not self.inbox.empty():
+            _, fail = self.inbox.get_nowait()
+            if fail:
+                fail(dead)
+
+    # ---- the loop thread ------------------------------------------------------------------------------
+    def _add(self, request: Request, stream: Stream) -> None:
+        try:
+            self.engine.add(request)
+        except Exception as e:
+            return stream.put(e)
+        self.streams[request.request_id] = stream
+        if self.metrics:
+            self.metrics.on_request(stream)
+
+    def _abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        stream = self.streams.pop(request_id, None)
+        if stream and self.metrics:
+            stream.reasons = ["abort"]
+            self.metrics.on_finish(stream)
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                if not self.engine.has_unfinished():
+                    self.inbox.get()[0]()  # idle: sleep until there is work
+                while not self.inbox.empty():
+                    self.inbox.get_nowait()[0]()
+                if self.engine.has_unfinished():
+                    self._dispatch(self.engine.step())
+                self.stats = self.engine.stats()
+        except BaseException as e:  # the engine's state is unknown now: fail everything, refuse what comes
+            self.error = e
+            dead = self._dead_error()
+            for stream in self.streams.values():
+                stream.put(dead)
+            self.streams.clear()
+            self._fail_pending()
+            if not isinstance(e, Exception):
+                raise
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        now = time.perf_counter()
+        for out in outputs:
+            stream = self.streams.get(out.request_id)
+            if stream is None:
+                continue
+            if self.metrics:
+                new = sum(len(c.token_ids) for c in out.outputs) - stream.num_tokens
+                if new > 0:
+                    self.metrics.on_token(stream, new, now - (stream.last_token or stream.arrival),
+                                          first=stream.last_token is None)
+                    stream.num_tokens, stream.last_token = stream.num_tokens + new, now
+            if out.error:
+                stream.put(RuntimeError(f"request {out.request_id} failed: {out.error}"))
+            else:
+                stream.put(out)
+            if out.finished:
+                del self.streams[out.request_id]
+                if self.metrics:
+                    stream.reasons = ["error"] if out.error else [c.finish_reason for c in out.outputs]
+                    self.metrics.on_finish(stream)

@@ -1,0 +1,348 @@
+"""`nanovllm serve`: the OpenAI HTTP API (completions, chat completions, streaming) over the async engine.
+
+Every request is checked before it reaches the engine, so a bad one is answered 400 without touching the
+batch in flight; errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}."""
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException
+
+from nanovllm.engine.async_engine import AsyncEngine, EngineDeadError
+from nanovllm.engine.llm_engine import Request as EngineRequest, chat_token_ids
+from nanovllm.entrypoints.metrics import ServerMetrics
+from nanovllm.outputs import DeltaTracker, RequestOutput
+from nanovllm.sampling_params import SamplingParams
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               405: "invalid_request_error", 500: "internal_error", 503: "service_unavailable"}
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"), "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status)
+
+
+# ---- request bodies (unknown fields are ignored, as vLLM does) -------------------------------------------
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # vLLM's extras (the OpenAI client sends them through extra_body)
+    top_k: int | None = None
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = None
+
+
+class ChatRequest(SamplingFields):
+    messages: list[dict]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    chat_template: str | None = None
+    add_generation_prompt: bool = True
+
+
+# ---- the app ---------------------------------------------------------------------------------------------
+def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="nanovllm", docs_url=None, redoc_url=None)
+    metrics = engine.metrics = ServerMetrics(lambda: engine.stats)
+    max_len = engine.engine.config.max_model_len
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return error_response(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                                      code="invalid_api_key")
+        return await call_next(request)
+
+    @app.exception_handler(APIError)
+    async def api_error(_, e: APIError):
+        return error_response(e.status, e.message, e.param, e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        if first.get("type") == "json_invalid":
+            return error_response(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}")
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        field = loc[0] if loc else None  # deeper parts name pydantic's union members, not the user's fields
+        got = f" (got {first['input']!r})" if "input" in first and field else ""
+        return error_response(400, f"{field or 'body'}: {first.get('msg', 'invalid')}{got}", param=field)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_, e: HTTPException):
+        message = f"no such path: {_.url.path}" if e.status_code == 404 else str(e.detail)
+        return error_response(e.status_code, message)
+
+    @app.exception_handler(EngineDeadError)
+    async def engine_dead(_, e: EngineDeadError):
+        return error_response(503, str(e))
+
+    @app.get("/health")
+    async def health():
+        if engine.dead:
+            return error_response(503, f"the engine loop has stopped: {engine.error!r}")
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def get_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "nanovllm", "max_model_len": max_len}]}
+
+    @app.post("/tokenize")
+    async def tokenize(body: dict):
+        if "messages" in body:
+            ids = render_chat(engine, body["messages"], body.get("add_generation_prompt", True))
+        elif isinstance(body.get("prompt"), str):
+            ids = engine.tokenizer(body["prompt"], add_special_tokens=body.get("add_special_tokens", True)).input_ids
+        else:
+            raise APIError(400, "send 'prompt' (a string) or 'messages'", param="prompt")
+        return {"tokens": ids, "count": len(ids), "max_model_len": max_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: dict):
+        ids = body.get("tokens")
+        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+            raise APIError(400, "'tokens' must be a list of token ids", param="tokens")
+        bad = [t for t in ids if not 0 <= t < engine.engine.vocab_size]
+        if bad:
+            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {engine.engine.vocab_size})",
+                           param="tokens")
+        return {"prompt": engine.tokenizer.decode(ids)}
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise APIError(400, f"the model {name!r} is not served here; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        check_model(body.model)
+        if body.echo:
+            raise APIError(400, "echo is not supported", param="echo")
+        if body.logprobs is not None:
+            raise APIError(400, "logprobs are not supported by this engine yet", param="logprobs")
+        prompts = body.prompt
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        items = []
+        for p in prompts:
+            ids = engine.tokenizer(p).input_ids if isinstance(p, str) else list(p)
+            items.append(({"prompt": p if isinstance(p, str) else None, "prompt_token_ids": ids}, len(ids)))
+        requests = make_requests(engine, body, items, default_max=16, max_len=max_len)
+        return await respond(engine, body, requests, model_name, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest):
+        check_model(body.model)
+        if body.logprobs:
+            raise APIError(400, "logprobs are not supported by this engine yet", param="logprobs")
+        ids = render_chat(engine, body.messages, body.add_generation_prompt, body.chat_template)
+        if body.max_completion_tokens is not None:
+            body.max_tokens = body.max_completion_tokens
+        requests = make_requests(engine, body, [({"prompt_token_ids": ids}, len(ids))], default_max=None,
+                                 max_len=max_len)
+        return await respond(engine, body, requests, model_name, chat=True)
+
+    return app
+
+
+def render_chat(engine: AsyncEngine, messages: list, add_generation_prompt: bool = True,
+                chat_template: str | None = None) -> list[int]:
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list", param="messages")
+    flat = []
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m:
+            raise APIError(400, "every message needs a 'role'", param="messages")
+        content = m.get("content") or ""
+        if isinstance(content, list):  # OpenAI content parts: only text ones here
+            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        flat.append({**m, "content": content})
+    try:
+        return chat_token_ids(engine.tokenizer, flat, add_generation_prompt, chat_template)
+    except Exception as e:  # a template that rejects the conversation (roles out of order, ...)
+        raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from None
+
+
+def make_requests(engine: AsyncEngine, body: SamplingFields, items: list[tuple[dict, int]], default_max: int | None,
+                  max_len: int) -> list[EngineRequest]:
+    """Check every prompt and its token budget, then build the engine requests (nothing is queued yet)."""
+    requests, base = [], uuid.uuid4().hex
+    for i, (prompt, n_prompt) in enumerate(items):
+        if n_prompt >= max_len:
+            raise APIError(400, f"the prompt has {n_prompt} tokens, but this model's maximum context length is "
+                                f"{max_len} tokens (max_model_len), and at least one must be left to generate",
+                           param="prompt" if len(items) > 1 or "prompt" in prompt else "messages",
+                           code="context_length_exceeded")
+        room = max_len - n_prompt
+        if body.max_tokens is not None and body.max_tokens > room:
+            raise APIError(400, f"max_tokens={body.max_tokens} cannot fit: the prompt has {n_prompt} tokens and "
+                                f"max_model_len is {max_len}, so at most {room} tokens can be generated",
+                           param="max_tokens", code="context_length_exceeded")
+        max_tokens = body.max_tokens if body.max_tokens is not None else min(default_max or room, room)
+        try:
+            params = SamplingParams(
+                n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k or -1, min_p=body.min_p,
+                presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                repetition_penalty=body.repetition_penalty, seed=body.seed, max_tokens=max_tokens,
+                min_tokens=body.min_tokens, stop=body.stop, stop_token_ids=body.stop_token_ids,
+                ignore_eos=body.ignore_eos, include_stop_str_in_output=body.include_stop_str_in_output,
+                skip_special_tokens=body.skip_special_tokens)
+            requests.append(engine.make_request(prompt, params, f"{base}-{i}"))
+        except ValueError as e:
+            raise APIError(400, str(e), param=_param_of(str(e))) from None
+    return requests
+
+
+def _param_of(message: str) -> str | None:
+    if message.startswith("SamplingParams."):
+        return message.split(".", 1)[1].split(" ", 1)[0]
+    return None
+
+
+async def merged(engine: AsyncEngine, requests: list[EngineRequest]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """The outputs of several requests as they come, tagged with the request's position. Closing this
+    (a client that went away) cancels the readers, and each reader's exit aborts its request."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def read(i: int, request: EngineRequest) -> None:
+        try:
+            async for out in engine.generate(request):
+                queue.put_nowait((i, out))
+            queue.put_nowait((i, None))
+        except Exception as e:
+            queue.put_nowait((i, e))
+
+    tasks = [asyncio.create_task(read(i, r)) for i, r in enumerate(requests)]
+    try:
+        left = len(tasks)
+        while left:
+            i, item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def respond(engine: AsyncEngine, body: SamplingFields, requests: list[EngineRequest], model: str, chat: bool):
+    n, created = body.n, int(time.time())
+    rid = ("chatcmpl-" if chat else "cmpl-") + requests[0].request_id.split("-")[0]
+    obj = "chat.completion" if chat else "text_completion"
+
+    def usage(outs: dict[int, RequestOutput]) -> dict:
+        prompt = sum(len(r.prompt_token_ids) for r in requests)
+        completion = sum(len(c.token_ids) for o in outs.values() for c in o.outputs)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    if not body.stream:
+        final: dict[int, RequestOutput] = {}
+        try:
+            async for i, out in merged(engine, requests):
+                final[i] = out
+        except EngineDeadError:
+            raise
+        except RuntimeError as e:
+            raise APIError(500, str(e)) from None
+        choices = []
+        for i in range(len(requests)):
+            for c in final[i].outputs:
+                choice = {"index": i * n + c.index, "logprobs": None, "finish_reason": c.finish_reason,
+                          "stop_reason": c.stop_reason}
+                choice.update({"message": {"role": "assistant", "content": c.text}} if chat else {"text": c.text})
+                choices.append(choice)
+        return {"id": rid, "object": obj, "created": created, "model": model, "choices": choices,
+                "usage": usage(final)}
+
+    chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def sse(choices: list[dict], **extra) -> str:
+        chunk = {"id": rid, "object": chunk_obj, "created": created, "model": model, "choices": choices, **extra}
+        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+    async def events() -> AsyncIterator[str]:
+        trackers = [DeltaTracker() for _ in requests]
+        final: dict[int, RequestOutput] = {}
+        if chat:
+            yield sse([{"index": i * n + j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                        "finish_reason": None} for i in range(len(requests)) for j in range(n)])
+        try:
+            async for i, out in merged(engine, requests):
+                final[i] = out
+                choices = []
+                for c in trackers[i](out).outputs:
+                    choice = {"index": i * n + c.index, "logprobs": None, "finish_reason": c.finish_reason}
+                    if c.finish_reason is not None:
+                        choice["stop_reason"] = c.stop_reason
+                    if chat:
+                        choice["delta"] = {"content": c.text} if c.text else {}
+                    else:
+                        choice["text"] = c.text
+                    choices.append(choice)
+                if choices:
+                    yield sse(choices)
+        except Exception as e:  # the headers are sent: the error goes in the stream
+            status = 503 if isinstance(e, EngineDeadError) else 500
+            yield f"data: {json.dumps(error_body(status, str(e)))}\n\n"
+        else:
+            if include_usage:
+                yield sse([], usage=usage(final))
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
