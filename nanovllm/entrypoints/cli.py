@@ -91,10 +91,9 @@ def serve(args: argparse.Namespace) -> None:
 
     from nanovllm.config import EngineConfig
     from nanovllm.engine.async_engine import AsyncEngine
-    from nanovllm.engine.llm_engine import LLMEngine
     from nanovllm.entrypoints.server import build_app
     model = args.model_pos or args.model
-    engine = AsyncEngine(LLMEngine(EngineConfig(model=model, **engine_kwargs(args))))
+    engine = AsyncEngine(EngineConfig(model=model, **engine_kwargs(args)))
     name = args.served_model_name or model or "SmolLM2-135M-Instruct"
     app = build_app(engine, name, args.api_key or os.environ.get("NANOVLLM_API_KEY"))
     print(f"nanovllm: serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
