@@ -202,6 +202,17 @@ def test_disconnect_aborts_and_frees_blocks(server, aclient, embedded_llm):
     assert after["nanovllm:num_requests_running"] == 0 and after["nanovllm:num_requests_waiting"] == 0
     assert after["nanovllm:kv_cache_usage_perc"] == 0  # every block is back in the free pool
 
+    # a non-streaming client that gives up is not waited for either
+    impatient = openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=1.5)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.completions.create(model="SmolLM2-135M-Instruct", prompt="Once upon a time", max_tokens=900,
+                                     extra_body={"ignore_eos": True})
+    aborted = 'nanovllm:request_success_total{finished_reason="abort"}'
+    deadline = time.time() + 10
+    while metrics(server)[aborted] < 2 or metrics(server)["nanovllm:kv_cache_usage_perc"] > 0:
+        assert time.time() < deadline, "the abandoned non-streaming request was not aborted"
+        time.sleep(0.1)
+
 
 def test_bad_inputs_get_errors_and_do_not_disturb_a_stream(server, aclient, embedded_llm):
     v1 = server + "/v1"

@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -90,14 +90,12 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
     metrics = engine.metrics = ServerMetrics(lambda: engine.stats)
     max_len = engine.engine.config.max_model_len
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error_response(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
-                                      code="invalid_api_key")
-        return await call_next(request)
+    async def check_key(request: Request) -> None:  # a dependency, not middleware: that would hide disconnects
+        given = request.headers.get("authorization", "")
+        if api_key and not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):
@@ -132,7 +130,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
     async def get_metrics():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
                                             "owned_by": "nanovllm", "max_model_len": max_len}]}
@@ -163,8 +161,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
             raise APIError(400, f"the model {name!r} is not served here; this server serves {model_name!r}",
                            param="model", code="model_not_found")
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    @v1.post("/completions")
+    async def completions(body: CompletionRequest, raw: Request):
         check_model(body.model)
         if body.echo:
             raise APIError(400, "echo is not supported", param="echo")
@@ -180,10 +178,10 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
             ids = engine.tokenizer(p).input_ids if isinstance(p, str) else list(p)
             items.append(({"prompt": p if isinstance(p, str) else None, "prompt_token_ids": ids}, len(ids)))
         requests = make_requests(engine, body, items, default_max=16, max_len=max_len)
-        return await respond(engine, body, requests, model_name, chat=False)
+        return await respond(engine, body, requests, model_name, raw, chat=False)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest):
+    @v1.post("/chat/completions")
+    async def chat_completions(body: ChatRequest, raw: Request):
         check_model(body.model)
         if body.logprobs:
             raise APIError(400, "logprobs are not supported by this engine yet", param="logprobs")
@@ -192,8 +190,9 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
             body.max_tokens = body.max_completion_tokens
         requests = make_requests(engine, body, [({"prompt_token_ids": ids}, len(ids))], default_max=None,
                                  max_len=max_len)
-        return await respond(engine, body, requests, model_name, chat=True)
+        return await respond(engine, body, requests, model_name, raw, chat=True)
 
+    app.include_router(v1)
     return app
 
 
@@ -280,7 +279,8 @@ async def merged(engine: AsyncEngine, requests: list[EngineRequest]) -> AsyncIte
             t.cancel()
 
 
-async def respond(engine: AsyncEngine, body: SamplingFields, requests: list[EngineRequest], model: str, chat: bool):
+async def respond(engine: AsyncEngine, body: SamplingFields, requests: list[EngineRequest], model: str,
+                  raw: Request, chat: bool):
     n, created = body.n, int(time.time())
     rid = ("chatcmpl-" if chat else "cmpl-") + requests[0].request_id.split("-")[0]
     obj = "chat.completion" if chat else "text_completion"
@@ -291,10 +291,16 @@ async def respond(engine: AsyncEngine, body: SamplingFields, requests: list[Engi
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     if not body.stream:
-        final: dict[int, RequestOutput] = {}
+        async def collect() -> dict[int, RequestOutput]:
+            return {i: out async for i, out in merged(engine, requests)}  # the last output of each wins
+        task = asyncio.create_task(collect())
+        while not task.done():  # a client that hangs up is not waited for: its requests are aborted
+            await asyncio.wait({task}, timeout=0.5)
+            if not task.done() and await raw.is_disconnected():
+                task.cancel()
+                return Response(status_code=499)
         try:
-            async for i, out in merged(engine, requests):
-                final[i] = out
+            final = task.result()
         except EngineDeadError:
             raise
         except RuntimeError as e:
