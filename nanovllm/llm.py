@@ -59,7 +59,11 @@ class LLM:
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Generate for one prompt, yielding deltas as tokens come: each RequestOutput holds, per completion,
         only the new text and token ids (text that could still turn into a stop string is held back).
-        Joined, the deltas equal what generate() returns. Leaving the loop early aborts the request."""
+        Joined, the deltas equal what generate() returns. Leaving the loop early aborts the request. One stream
+        at a time (the iterator drives the engine itself)."""
+        if self.engine.has_unfinished():  # each stream steps the engine: a second one would eat the first's outputs
+            raise RuntimeError("LLM.stream runs one request at a time and another is still in flight; for "
+                               "concurrent streams use the AsyncEngine (nanovllm.engine.async_engine) or the server")
         request = self.engine.make_request(str(next(self._ids)), prompt, sampling_params or SamplingParams())
         self.engine.add(request)
         delta = DeltaTracker()

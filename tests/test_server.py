@@ -228,6 +228,7 @@ def test_bad_inputs_get_errors_and_do_not_disturb_a_stream(server, aclient, embe
         (dict(body={"prompt": long_prompt}), 400, "prompt"),
         (dict(body={"prompt": "hi", "max_tokens": MAX_LEN}), 400, "max_tokens"),
         (dict(body={"prompt": [10**9]}), 400, None),
+        (dict(body={"prompt": "hi", "n": 10**6}), 400, None),
         (dict(body={"prompt": "hi"}, key="wrong"), 401, None),
         (dict(body={"prompt": "hi"}, key=None), 401, None),
     ]
@@ -239,12 +240,14 @@ def test_bad_inputs_get_errors_and_do_not_disturb_a_stream(server, aclient, embe
         for kw, _, _ in cases:
             results.append(await asyncio.to_thread(http, v1 + "/completions", **kw))
         results.append(await asyncio.to_thread(http, v1 + "/chat/completions", {"messages": "nope"}))
+        results.append(await asyncio.to_thread(http, v1 + "/chat/completions",
+                                               {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}))
         results.append(await asyncio.to_thread(http, server + "/nowhere", {}))
         text = "".join([c.choices[0].text async for c in stream])
         return results, text
 
     results, text = asyncio.run(main())
-    expected = [(status, param) for _, status, param in cases] + [(400, "messages"), (404, None)]
+    expected = [(status, param) for _, status, param in cases] + [(400, "messages"), (400, "messages"), (404, None)]
     for (status, body), (want, param) in zip(results, expected):
         assert status == want, body
         assert set(body["error"]) == {"message", "type", "param", "code"}, body
@@ -253,9 +256,11 @@ def test_bad_inputs_get_errors_and_do_not_disturb_a_stream(server, aclient, embe
     long_error = results[7][1]["error"]["message"]
     assert f"{MAX_LEN}" in long_error and "prompt has" in long_error  # names both lengths
     assert text == embedded_llm.generate("The history of Rome", greedy(48), use_tqdm=False)[0].outputs[0].text
-    # and the server keeps serving
-    status, body = http(v1 + "/completions", {"prompt": "hi", "max_tokens": 2})
+    # and the server keeps serving; nulls mean defaults, and a top_k beyond the vocabulary is no limit
+    status, body = http(v1 + "/completions", {"prompt": "hi", "max_tokens": 2, "temperature": None, "n": None,
+                                              "top_k": 2**63})
     assert status == 200 and body["usage"]["completion_tokens"] == 2
+    assert urllib.request.urlopen(server + "/health").status == 200
 
 
 def test_tokenize_detokenize_and_metrics(server, embedded_llm):

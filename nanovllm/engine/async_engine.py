@@ -76,6 +76,8 @@ class AsyncEngine:
                      request_id: str | None = None) -> Request:
         """Validate and tokenize (with the callers' tokenizer) without queueing: raises ValueError on bad input."""
         self.check_alive()
+        if isinstance(prompt, dict) and "prompt_token_ids" not in prompt and isinstance(prompt.get("prompt"), str):
+            prompt = prompt["prompt"]
         if isinstance(prompt, str):
             prompt = {"prompt": prompt, "prompt_token_ids": self.tokenizer(prompt).input_ids}
         return self.engine.make_request(request_id or f"req-{next(self._ids)}", prompt, params or SamplingParams())
@@ -113,8 +115,11 @@ class AsyncEngine:
 
     def _fail_pending(self) -> None:
         dead = self._dead_error()
-        while not self.inbox.empty():
-            _, fail = self.inbox.get_nowait()
+        while True:  # both threads may drain at once
+            try:
+                _, fail = self.inbox.get_nowait()
+            except queue.Empty:
+                return
             if fail:
                 fail(dead)
 

@@ -101,6 +101,8 @@ class LLMEngine:
         """Validate and tokenize without touching the engine: a batch can check every prompt before it starts."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n={params.n} is more than max_num_seqs={self.config.max_num_seqs} sequences")
         text, ids = self.tokenize(prompt)
         bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad:
@@ -109,7 +111,7 @@ class LLMEngine:
         for i in range(params.n):
             seq = Sequence(request_id, i, list(ids), len(ids), params)
             if params.seed is not None:
-                seq.generator = torch.Generator(self.config.device).manual_seed(params.seed + i)
+                seq.generator = torch.Generator(self.config.device).manual_seed((params.seed + i) % 2**64)
             seqs.append(seq)
             detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop,
                                                  params.include_stop_str_in_output))

@@ -8,12 +8,13 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 from starlette.exceptions import HTTPException
 
 from nanovllm.engine.async_engine import AsyncEngine, EngineDeadError
@@ -48,6 +49,11 @@ class StreamOptions(BaseModel):
 
 class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def nulls_mean_defaults(cls, data):  # clients send "temperature": null for "not set"
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
     model: str | None = None
     max_tokens: int | None = None
     temperature: float = 1.0
@@ -119,6 +125,10 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
     @app.exception_handler(EngineDeadError)
     async def engine_dead(_, e: EngineDeadError):
         return error_response(503, str(e))
+
+    @app.exception_handler(Exception)
+    async def internal(_, e: Exception):
+        return error_response(500, f"internal error: {type(e).__name__}: {e}")
 
     @app.get("/health")
     async def health():
@@ -206,7 +216,12 @@ def render_chat(engine: AsyncEngine, messages: list, add_generation_prompt: bool
             raise APIError(400, "every message needs a 'role'", param="messages")
         content = m.get("content") or ""
         if isinstance(content, list):  # OpenAI content parts: only text ones here
-            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+            texts = [part.get("text", "") for part in content if isinstance(part, dict)]
+            if not all(isinstance(t, str) for t in texts):
+                raise APIError(400, "a content part's 'text' must be a string", param="messages")
+            content = "".join(texts)
+        if not isinstance(content, str):
+            raise APIError(400, "a message's content must be a string or a list of text parts", param="messages")
         flat.append({**m, "content": content})
     try:
         return chat_token_ids(engine.tokenizer, flat, add_generation_prompt, chat_template)
@@ -251,28 +266,33 @@ def _param_of(message: str) -> str | None:
 
 
 async def merged(engine: AsyncEngine, requests: list[EngineRequest]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """The outputs of several requests as they come, tagged with the request's position. Closing this
-    (a client that went away) cancels the readers, and each reader's exit aborts its request."""
-    queue: asyncio.Queue = asyncio.Queue()
+    """The outputs of several requests as they come, tagged with the request's position. Outputs are
+    cumulative, so only the newest of each is kept for a slow reader. Closing this (a client that went away)
+    cancels the readers, and each reader's exit aborts its request."""
+    newest: dict[int, RequestOutput | Exception] = {}
+    ready = asyncio.Event()
 
     async def read(i: int, request: EngineRequest) -> None:
         try:
             async for out in engine.generate(request):
-                queue.put_nowait((i, out))
-            queue.put_nowait((i, None))
+                newest[i] = out
+                ready.set()
         except Exception as e:
-            queue.put_nowait((i, e))
+            newest[i] = e
+            ready.set()
 
     tasks = [asyncio.create_task(read(i, r)) for i, r in enumerate(requests)]
     try:
         left = len(tasks)
         while left:
-            i, item = await queue.get()
-            if item is None:
-                left -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
+            await ready.wait()
+            ready.clear()
+            items = list(newest.items())
+            newest.clear()
+            for i, item in items:
+                if isinstance(item, Exception):
+                    raise item
+                left -= item.finished
                 yield i, item
     finally:
         for t in tasks:
@@ -292,7 +312,8 @@ async def respond(engine: AsyncEngine, body: SamplingFields, requests: list[Engi
 
     if not body.stream:
         async def collect() -> dict[int, RequestOutput]:
-            return {i: out async for i, out in merged(engine, requests)}  # the last output of each wins
+            async with aclosing(merged(engine, requests)) as outs:
+                return {i: out async for i, out in outs}  # the last output of each wins
         task = asyncio.create_task(collect())
         while not task.done():  # a client that hangs up is not waited for: its requests are aborted
             await asyncio.wait({task}, timeout=0.5)
@@ -322,6 +343,21 @@ async def respond(engine: AsyncEngine, body: SamplingFields, requests: list[Engi
         chunk = {"id": rid, "object": chunk_obj, "created": created, "model": model, "choices": choices, **extra}
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
+    def delta_choices(i: int, out: RequestOutput, tracker: DeltaTracker) -> list[dict]:
+        choices = []
+        for c in tracker(out).outputs:
+            if not c.text and c.finish_reason is None:  # tokens that show no text yet: nothing to send
+                continue
+            choice = {"index": i * n + c.index, "logprobs": None, "finish_reason": c.finish_reason}
+            if c.finish_reason is not None:
+                choice["stop_reason"] = c.stop_reason
+            if chat:
+                choice["delta"] = {"content": c.text} if c.text else {}
+            else:
+                choice["text"] = c.text
+            choices.append(choice)
+        return choices
+
     async def events() -> AsyncIterator[str]:
         trackers = [DeltaTracker() for _ in requests]
         final: dict[int, RequestOutput] = {}
@@ -329,20 +365,11 @@ async def respond(engine: AsyncEngine, body: SamplingFields, requests: list[Engi
             yield sse([{"index": i * n + j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                         "finish_reason": None} for i in range(len(requests)) for j in range(n)])
         try:
-            async for i, out in merged(engine, requests):
-                final[i] = out
-                choices = []
-                for c in trackers[i](out).outputs:
-                    choice = {"index": i * n + c.index, "logprobs": None, "finish_reason": c.finish_reason}
-                    if c.finish_reason is not None:
-                        choice["stop_reason"] = c.stop_reason
-                    if chat:
-                        choice["delta"] = {"content": c.text} if c.text else {}
-                    else:
-                        choice["text"] = c.text
-                    choices.append(choice)
-                if choices:
-                    yield sse(choices)
+            async with aclosing(merged(engine, requests)) as outs:
+                async for i, out in outs:
+                    final[i] = out
+                    if choices := delta_choices(i, out, trackers[i]):
+                        yield sse(choices)
         except Exception as e:  # the headers are sent: the error goes in the stream
             status = 503 if isinstance(e, EngineDeadError) else 500
             yield f"data: {json.dumps(error_body(status, str(e)))}\n\n"
