@@ -39,8 +39,6 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.device must be auto, cpu or cuda, got {self.device!r}")
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not supported yet (tracked in its own issue)")
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype != "auto":

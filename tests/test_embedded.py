@@ -28,7 +28,7 @@ def our_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
     seq = Sequence("logits", 0, list(ids), len(ids), SamplingParams())
     engine.block_manager.allocate(seq, [], len(ids))
     try:
-        input_ids, positions, meta = engine.runner.prepare(ScheduledBatch([seq], [len(ids)]))
+        input_ids, positions, meta, _ = engine.runner.prepare(ScheduledBatch([seq], [len(ids)]))
         with torch.inference_mode():
             model = engine.runner.model
             return model.compute_logits(model(input_ids, positions, meta)).float()

@@ -1,3 +1,4 @@
+import os
 from dataclasses import dataclass
 
 import torch
@@ -8,6 +9,7 @@ from nanovllm.engine.detokenizer import IncrementalDetokenizer
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.workers import Workers, check_tensor_parallel
 from nanovllm.loader import default_model_path, load_hf_config, load_model
 from nanovllm.outputs import CompletionOutput, RequestOutput
 from nanovllm.sampling_params import SamplingParams
@@ -40,10 +42,15 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig):
         self.config = config
+        path = config.model = config.model or default_model_path()
+        hf_config = load_hf_config(path)
+        tp = config.tensor_parallel_size
+        if tp > 1:
+            check_tensor_parallel(config, hf_config)
+            if config.device == "cpu" and config.num_threads is None:  # one share of the cores per process
+                config.num_threads = max(1, (os.cpu_count() or 1) // tp)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        path = config.model or default_model_path()
-        hf_config = load_hf_config(path)
         model_max = getattr(hf_config, "max_position_embeddings", None) or 4096
         window = getattr(hf_config, "sliding_window", None)
         if window and getattr(hf_config, "use_sliding_window", True):
@@ -54,10 +61,18 @@ class LLMEngine:
         elif config.max_model_len > model_max:
             raise ValueError(f"max_model_len={config.max_model_len} is longer than the model allows ({model_max})")
         self.dtype = config.torch_dtype()
-        loaded = load_model(path, self.dtype, config.device, config.max_model_len, hf_config, config.tokenizer)
+        workers = Workers(config) if tp > 1 else None  # they load their shares while this process loads its own
+        try:
+            loaded = load_model(path, self.dtype, config.device, config.max_model_len, hf_config, config.tokenizer)
+            self.runner = ModelRunner(config, loaded.model, self.dtype, loaded.eos_token_ids, workers)
+            if workers:
+                torch.distributed.barrier()  # every worker has loaded
+        except Exception as e:
+            if workers:
+                raise workers.failure(e) from e
+            raise
         self.model_path, self.hf_config, self.eos_token_ids = path, hf_config, loaded.eos_token_ids
         self.tokenizer = loaded.tokenizer
-        self.runner = ModelRunner(config, loaded.model, self.dtype, self.eos_token_ids)
         capacity = self.runner.num_blocks * config.block_size
         if config.max_model_len > capacity:
             if derived_len:  # not asked for: shrink it to what the pool holds
@@ -189,6 +204,10 @@ class LLMEngine:
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outs,
                              all(s.finished for s in request.seqs), max(request.seqs[0].num_cached_tokens, 0),
                              request.error)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done when the engine is garbage-collected)."""
+        self.runner.shutdown()
 
     def stats(self) -> dict:
         bm = self.block_manager

@@ -23,7 +23,9 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
 class ModelRunner:
     """Turns a scheduled batch into flat tensors, runs the model over the paged KV cache and samples."""
 
-    def __init__(self, config: EngineConfig, model: torch.nn.Module, dtype: torch.dtype, eos_token_ids: set[int]):
+    def __init__(self, config: EngineConfig, model: torch.nn.Module, dtype: torch.dtype, eos_token_ids: set[int],
+                 workers=None):
+        self.workers, self.failed = workers, False  # rank 0 of a tensor-parallel engine drives the workers
         self.model, self.device, self.block_size = model, torch.device(config.device), config.block_size
         self.eos_token_ids = sorted(eos_token_ids)
         attn = model.model.layers[0].self_attn
@@ -41,7 +43,11 @@ class ModelRunner:
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def pack(self, batch: ScheduledBatch, sample_rows: list[int]) -> np.ndarray:
+        """A step's inputs as one int64 array: what tensor-parallel workers receive, and what every rank
+        (rank 0 included) builds its tensors from. Layout: [T, B, W, D, S, decode_max_context], then input ids,
+        positions, slots (T each), query starts (B+1), context lengths (B), block tables (B*W), decode rows and
+        their token indices (D each), the rows whose logits are sampled (S)."""
         input_ids, positions, slots, query_start, context_lens = [], [], [], [0], []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start, end = seq.num_computed, seq.num_computed + n
@@ -52,22 +58,42 @@ class ModelRunner:
             query_start.append(query_start[-1] + n)
             context_lens.append(end)
         width = max(len(seq.block_table) for seq in batch.seqs)
-        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in batch.seqs]
+        tables = [b for seq in batch.seqs for b in seq.block_table + [0] * (width - len(seq.block_table))]
         decode_rows = [i for i, n in enumerate(batch.num_new_tokens) if n == 1]
-        as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)
+        decode_max = max((context_lens[i] for i in decode_rows), default=0)
+        last = [query_start[i + 1] - 1 for i in sample_rows]
+        header = [len(input_ids), len(batch.seqs), width, len(decode_rows), len(last), decode_max]
+        return np.array(header + input_ids + positions + slots + query_start + context_lens + tables + decode_rows
+                        + [query_start[i] for i in decode_rows] + last, dtype=np.int64)
+
+    def unpack(self, packed: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        T, B, W, D, S, decode_max = packed[:6].tolist()
+        sizes = [T, T, T, B + 1, B, B * W, D, D, S]
+        host = np.split(packed[6:], np.cumsum(sizes)[:-1])
+        dev = torch.from_numpy(packed[6:].copy()).to(self.device).split(sizes)
+        input_ids, positions, slots, query_start, context_lens, tables, decode_rows, decode_tokens, last = dev
         meta = AttentionMetadata(
-            query_start=as_tensor(query_start), context_lens=as_tensor(context_lens),
-            block_tables=as_tensor(tables), slot_mapping=as_tensor(slots),
-            query_start_cpu=query_start, context_lens_cpu=context_lens,
-            decode_rows=as_tensor(decode_rows), decode_tokens=as_tensor([query_start[i] for i in decode_rows]),
-            decode_max_context=max((context_lens[i] for i in decode_rows), default=0))
-        return as_tensor(input_ids), as_tensor(positions), meta
+            query_start=query_start, context_lens=context_lens, block_tables=tables.view(B, W), slot_mapping=slots,
+            query_start_cpu=host[3].tolist(), context_lens_cpu=host[4].tolist(),
+            decode_rows=decode_rows, decode_tokens=decode_tokens, decode_max_context=decode_max)
+        return input_ids, positions, meta, last
+
+    def prepare(self, batch: ScheduledBatch, sample_rows: list[int] = ()):
+        return self.unpack(self.pack(batch, list(sample_rows)))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                last: torch.Tensor) -> torch.Tensor | None:
+        """The model over one step; the logits of the `last` rows (on rank 0; None elsewhere or if no rows)."""
+        with torch.inference_mode():
+            hidden = self.model(input_ids, positions, meta)
+            return self.model.compute_logits(hidden[last]) if last.numel() else None
 
     def sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         ps = [s.params for s in seqs]
+        vocab = self.model.vocab_size  # a larger top_k is no limit (and may not fit in an int64)
         f = lambda xs: torch.tensor(xs, dtype=torch.float32, device=self.device)
         b = SamplingBatch(temperature=f([p.temperature for p in ps]),
-                          top_k=torch.tensor([p.top_k for p in ps], device=self.device),
+                          top_k=torch.tensor([min(p.top_k, vocab) for p in ps], device=self.device),
                           top_p=f([p.top_p for p in ps]), min_p=f([p.min_p for p in ps]),
                           generators=[s.generator for s in seqs])
         if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in ps):
@@ -81,15 +107,30 @@ class ModelRunner:
                     for t in (*self.eos_token_ids, *s.params.stop_token_ids)]
         return b
 
-    @torch.inference_mode()
     def run(self, batch: ScheduledBatch, sample_rows: list[int]) -> list[int]:
         """Forward the batch; sample a next token for the sequences at `sample_rows` (those whose whole
         context is now computed), from the logits of their last scheduled token."""
-        input_ids, positions, meta = self.prepare(batch)
-        hidden = self.model(input_ids, positions, meta)
+        if self.workers is None:
+            logits = self.forward(*self.prepare(batch, sample_rows))
+        else:
+            if self.failed:
+                raise RuntimeError("tensor parallelism failed earlier; this engine cannot continue")
+            try:
+                packed = self.pack(batch, sample_rows)
+                self.workers.send(packed)
+                logits = self.forward(*self.unpack(packed))
+            except BaseException as e:  # the ranks are out of step now (Ctrl-C included): stop them all
+                self.failed = True
+                if isinstance(e, Exception):
+                    raise self.workers.failure(e) from e
+                self.workers.kill()
+                raise
         if not sample_rows:
             return []
-        last = meta.query_start[1:][torch.tensor(sample_rows, device=self.device)] - 1
-        logits = self.model.compute_logits(hidden[last])
-        seqs = [batch.seqs[i] for i in sample_rows]
-        return sample(logits, self.sampling_batch(seqs), self.generator).tolist()
+        with torch.inference_mode():
+            seqs = [batch.seqs[i] for i in sample_rows]
+            return sample(logits, self.sampling_batch(seqs), self.generator).tolist()
+
+    def shutdown(self) -> None:
+        if self.workers is not None:
+            self.workers.shutdown()

@@ -15,13 +15,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-gib", type=float, default=4.0)
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--num-threads", type=int, default=None)
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over this many processes (GPUs on CUDA)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                 kv_cache_gib=args.kv_cache_gib, enable_prefix_caching=not args.no_prefix_caching,
-                num_threads=args.num_threads)
+                num_threads=args.num_threads, tensor_parallel_size=args.tensor_parallel_size)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

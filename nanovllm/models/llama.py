@@ -2,18 +2,22 @@
 
     h = x + Attn(RMSNorm(x));  out = h + MLP(RMSNorm(h));  MLP(x) = W_down(silu(W_gate x) * W_up x)
 q/k/v and gate/up are fused into one matmul each; the loader fills the fused weights by slices.
+Under tensor parallelism each rank builds the same model with its share of the heads, of the intermediate size
+and of the vocabulary (layers/parallel.py); o_proj and down_proj outputs are all-reduced.
 """
 import torch
 from torch import nn
 
 from nanovllm.layers.attention import AttentionMetadata, torch_attention
 from nanovllm.layers.basics import RMSNorm, Rotary, silu_and_mul
+from nanovllm.layers.parallel import all_reduce, embed, gather_logits, shard, tp_size, vocab_range
 
 
 class Attention(nn.Module):
     def __init__(self, cfg, head_dim: int, rotary: Rotary, qkv_bias: bool, qk_norm: bool):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, head_dim
+        tp = tp_size()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads // tp, cfg.num_key_value_heads // tp, head_dim
         self.q_size, self.kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
@@ -33,17 +37,18 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q), self.rotary(positions, k)
         o = self.backend(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
-        return self.o_proj(o.flatten(1))
+        return all_reduce(self.o_proj(o.flatten(1)))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        size = cfg.intermediate_size // tp_size()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * size, bias=False)
+        self.down_proj = nn.Linear(size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return all_reduce(self.down_proj(silu_and_mul(self.gate_up_proj(x))))
 
 
 class DecoderLayer(nn.Module):
@@ -62,13 +67,14 @@ class DecoderLayer(nn.Module):
 class Model(nn.Module):
     def __init__(self, cfg, head_dim: int, rotary: Rotary, qkv_bias: bool, qk_norm: bool):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.vocab_size = cfg.vocab_size
+        self.embed_tokens = nn.Embedding(vocab_range(cfg.vocab_size)[1], cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, head_dim, rotary, qkv_bias, qk_norm)
                                     for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x = embed(input_ids, self.embed_tokens.weight, self.vocab_size)
         for layer in self.layers:
             x = layer(positions, x, meta)
         return self.norm(x)
@@ -87,36 +93,52 @@ class LlamaForCausalLM(nn.Module):
         qkv_bias = self.qkv_bias or bool(getattr(cfg, "attention_bias", False))
         self.model = Model(cfg, head_dim, self.rotary, qkv_bias, self.qk_norm)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.vocab_size = cfg.vocab_size
+        self.lm_head = nn.Linear(cfg.hidden_size, vocab_range(cfg.vocab_size)[1], bias=False)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         a = self.model.layers[0].self_attn
-        self.shard_sizes = {"qkv_proj": [a.q_size, a.kv_size, a.kv_size],
-                            "gate_up_proj": [cfg.intermediate_size] * 2}
+        self.shard_sizes = {"qkv_proj": [a.q_size, a.kv_size, a.kv_size],  # this rank's rows of each
+                            "gate_up_proj": [self.model.layers[0].mlp.down_proj.in_features] * 2}
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The logits over the whole vocabulary on rank 0 (None on the other ranks)."""
+        return gather_logits(self.lm_head(hidden), self.vocab_size)
 
-    def load_weight(self, name: str, tensor: torch.Tensor, params: dict[str, nn.Parameter]) -> str | None:
-        """Copy one checkpoint tensor into its (possibly fused) parameter; returns the name it filled."""
+    def load_weight(self, name: str, tensor, params: dict[str, nn.Parameter]) -> str | None:
+        """Copy this rank's part of one checkpoint tensor (a tensor, or a lazy safetensors slice) into its
+        (possibly fused) parameter; returns the name it filled."""
         if "rotary_emb" in name or (self.tie_word_embeddings and name == "lm_head.weight"):
             return None
-        for hf_name, (fused, shard) in self.packed.items():
-            if f".{hf_name}." in name:
-                target = name.replace(hf_name, fused)
-                sizes = self.shard_sizes[fused]
-                params[target].data[sum(sizes[:shard]):sum(sizes[:shard + 1])].copy_(tensor)
-                return f"{target}#{shard}"
-        if name not in params:
-            raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-        if params[name].shape != tensor.shape:
-            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
-                             f"the model expects {tuple(params[name].shape)}")
-        params[name].data.copy_(tensor)
-        return name
+        try:
+            for hf_name, (fused, i) in self.packed.items():
+                if f".{hf_name}." in name:
+                    target, sizes = name.replace(hf_name, fused), self.shard_sizes[fused]
+                    part = shard(tensor, 0, sizes[i])
+                    dst = params[target].data[sum(sizes[:i]):sum(sizes[:i + 1])]
+                    check_shape(part, dst)
+                    dst.copy_(part)
+                    return f"{target}#{i}"
+            if name not in params:
+                raise ValueError(f"has no place in {type(self).__name__}")
+            param = params[name].data
+            dim = next((d for key, d in SPLIT_DIMS.items() if f"{key}." in name), None)
+            if dim is None:
+                part = tensor[:]
+            elif "embed_tokens" in name or "lm_head" in name:  # a vocab range: the last one may be padding
+                part = shard(tensor, dim, param.shape[dim], full=self.vocab_size)
+                param.zero_()
+                param = param.narrow(dim, 0, part.shape[dim])
+            else:
+                part = shard(tensor, dim, param.shape[dim])
+            check_shape(part, param)
+            param.copy_(part)
+            return name
+        except ValueError as e:
+            raise ValueError(f"checkpoint tensor {name!r}: {e}") from None
 
     def expected_weights(self) -> set[str]:
         names = set()
@@ -127,6 +149,14 @@ class LlamaForCausalLM(nn.Module):
             else:
                 names.add(name)
         return names
+
+
+SPLIT_DIMS = {"o_proj": 1, "down_proj": 1, "embed_tokens": 0, "lm_head": 0}  # qkv, gate/up: packed, dim 0
+
+
+def check_shape(part: torch.Tensor, param: torch.Tensor) -> None:
+    if part.shape != param.shape:
+        raise ValueError(f"this rank's part has shape {tuple(part.shape)}, the model expects {tuple(param.shape)}")
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
