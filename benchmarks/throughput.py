@@ -2,6 +2,9 @@
 
     python benchmarks/throughput.py --preset cpu          # SmolLM2-135M (embedded GGUF), 64 prompts
     python benchmarks/throughput.py --preset nano-vllm    # Qwen3-0.6B shape, random weights, 256 prompts
+    python benchmarks/throughput.py --preset cpu-tp --tensor-parallel-size 1 2 --skip-hf
+                                                          # SmolLM2-135M shape with 8 heads (TP=2 splits
+                                                          # them), random weights: tensor-parallel overhead
 
 The method is in /work/shared/DESIGN.md, "How we measure". The output is meant to be pasted into docs/benchmarks.md.
 """
@@ -21,6 +24,7 @@ import torch
 
 PRESETS = {  # (num_prompts, input_len, output_len)
     "cpu": (64, 512, 256),
+    "cpu-tp": (64, 512, 256),
     "nano-vllm": (256, 1024, 1024),
 }
 TEMPERATURE = 0.6
@@ -34,15 +38,21 @@ def make_workload(n: int, input_len: int, output_len: int) -> tuple[list[list[in
     return prompts, max_tokens
 
 
-def random_qwen3(folder: str) -> str:
-    """Qwen3-0.6B's architecture with random weights, plus a placeholder tokenizer: nothing is downloaded."""
+def random_model(folder: str, preset: str) -> str:
+    """A model with random weights, plus a placeholder tokenizer: nothing is downloaded. nano-vllm: Qwen3-0.6B's
+    architecture; cpu-tp: SmolLM2-135M's sizes but 8 heads / 4 KV heads (its 9 / 3 do not split in two)."""
     from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
-    config = Qwen3Config(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                         head_dim=128, intermediate_size=3072, vocab_size=151936, max_position_embeddings=40960,
-                         tie_word_embeddings=True, rope_theta=1000000)
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen3Config
+    if preset == "nano-vllm":
+        config = Qwen3Config(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                             head_dim=128, intermediate_size=3072, vocab_size=151936, max_position_embeddings=40960,
+                             tie_word_embeddings=True, rope_theta=1000000)
+    else:
+        config = LlamaConfig(hidden_size=576, num_hidden_layers=30, num_attention_heads=8, num_key_value_heads=4,
+                             intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192,
+                             tie_word_embeddings=True, rope_theta=100000)
     torch.manual_seed(0)
-    Qwen3ForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
     # the engine detokenizes what it generates, so every one of the 151936 ids needs a token
     vocab = {f"t{i}": i for i in range(config.vocab_size)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
@@ -67,18 +77,31 @@ def matmul_roof(dtype: torch.dtype, device: str, m: int, k: int, n: int, seconds
 
 
 def run_engine(model: str | None, dtype: str, max_model_len: int, prompts: list[list[int]],
-               max_tokens: list[int]) -> tuple[int, float, int]:
-    """(output tokens, seconds, parameters) for our engine; only generate() is timed."""
+               max_tokens: list[int], tp: int) -> tuple[int, float, int]:
+    """(output tokens, seconds, engine steps) for our engine; only generate() is timed."""
     from nanovllm import LLM, SamplingParams
-    llm = LLM(model, dtype=dtype, max_model_len=max_model_len)
-    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
-    params = [SamplingParams(temperature=TEMPERATURE, ignore_eos=True, max_tokens=m) for m in max_tokens]
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    seconds = time.perf_counter() - start
-    n_params = sum(p.numel() for p in llm.engine.runner.model.parameters())  # tied weights count once
-    del llm
-    return sum(len(o.outputs[0].token_ids) for o in outputs), seconds, n_params
+    with LLM(model, dtype=dtype, max_model_len=max_model_len, tensor_parallel_size=tp) as llm:
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
+        params = [SamplingParams(temperature=TEMPERATURE, ignore_eos=True, max_tokens=m) for m in max_tokens]
+        steps, step = [0], llm.engine.step
+
+        def counted_step():
+            steps[0] += 1
+            return step()
+        llm.engine.step = counted_step
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+    return sum(len(o.outputs[0].token_ids) for o in outputs), seconds, steps[0]
+
+
+def count_parameters(model: str) -> int:
+    """The whole model's parameters (tied weights once), whatever the tensor-parallel split."""
+    from nanovllm.loader import load_hf_config
+    from nanovllm.models.llama import MODELS
+    cfg = load_hf_config(model)
+    with torch.device("meta"):
+        return sum(p.numel() for p in MODELS[cfg.architectures[0]](cfg, 16).parameters())
 
 
 def load_hf(model: str, dtype: torch.dtype, device: str):
@@ -142,6 +165,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     ap.add_argument("--hf-batch-size", type=int, default=16)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--tensor-parallel-size", type=int, nargs="+", default=[1], metavar="TP",
+                    help="run our engine once per size given (e.g. 1 2)")
     ap.add_argument("--json", metavar="PATH", help="also write the results here")
     args = ap.parse_args()
     n, lin, lout = PRESETS[args.preset]
@@ -159,8 +184,10 @@ def main() -> None:
     if args.model:
         model = os.path.abspath(args.model)
     else:
-        model = default_model_path() if args.preset == "cpu" else random_qwen3(tmp.name)
-    label = model if args.model or args.preset == "cpu" else "Qwen3-0.6B shape, random weights"
+        model = default_model_path() if args.preset == "cpu" else random_model(tmp.name, args.preset)
+    label = model if args.model or args.preset == "cpu" else {
+        "nano-vllm": "Qwen3-0.6B shape, random weights",
+        "cpu-tp": "SmolLM2-135M shape with 8 heads / 4 KV heads, random weights"}[args.preset]
     prompts, max_tokens = make_workload(n, lin, lout)
     prompt_tokens = sum(map(len, prompts))
 
@@ -181,12 +208,15 @@ def main() -> None:
     roof = matmul_roof(dtype, device, m, k, n_)
     print(f"roof:    {roof:.1f} GFLOP/s (matmul {m}x{k} @ {k}x{n_}, {dtype_name})\n")
 
-    results = []
-    out_tokens, seconds, n_params = run_engine(model, args.dtype, lin + lout, prompts, max_tokens)
-    if out_tokens != sum(max_tokens):
-        print(f"warning: the engine returned {out_tokens} tokens, the workload asks for {sum(max_tokens)}")
-    results.append({"engine": "nanovllm", "output_tokens": out_tokens, "seconds": seconds})
-    gc.collect()
+    results, n_params = [], count_parameters(model)
+    for tp in args.tensor_parallel_size:
+        out_tokens, seconds, steps = run_engine(model, args.dtype, lin + lout, prompts, max_tokens, tp)
+        if out_tokens != sum(max_tokens):
+            print(f"warning: the engine returned {out_tokens} tokens, the workload asks for {sum(max_tokens)}")
+        results.append({"engine": "nanovllm" + (f" TP={tp}" if len(args.tensor_parallel_size) > 1 or tp > 1
+                                                else ""),
+                        "output_tokens": out_tokens, "seconds": seconds, "steps": steps})
+        gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
     if not args.skip_hf:
@@ -195,15 +225,17 @@ def main() -> None:
                         "seconds": seconds})
 
     hf_tps = results[-1]["output_tokens"] / results[-1]["seconds"] if not args.skip_hf else None
-    print(f"{'engine':<28} {'out tokens':>10} {'wall s':>9} {'out tok/s':>10} {'vs HF':>7} {'MFU':>7}")
+    print(f"{'engine':<28} {'out tokens':>10} {'wall s':>9} {'out tok/s':>10} {'vs HF':>7} {'MFU':>7} "
+          f"{'ms/step':>8}")
     for r in results:
         r["tok_per_s"] = r["output_tokens"] / r["seconds"]
         # MFU counts the useful tokens only: prompts once, plus the outputs the workload asked for
         r["mfu"] = 2 * n_params * (prompt_tokens + r["output_tokens"]) / r["seconds"] / (roof * 1e9)
         r["vs_hf"] = r["tok_per_s"] / hf_tps if hf_tps else None
         ratio = f"{r['vs_hf']:.2f}x" if hf_tps else "-"
+        per_step = f"{r['seconds'] / r['steps'] * 1000:.1f}" if "steps" in r else "-"
         print(f"{r['engine']:<28} {r['output_tokens']:>10} {r['seconds']:>9.1f} {r['tok_per_s']:>10.1f} "
-              f"{ratio:>7} {r['mfu']:>7.1%}")
+              f"{ratio:>7} {r['mfu']:>7.1%} {per_step:>8}")
     print(f"\n({n_params / 1e6:.1f}M parameters; MFU = 2 x parameters x (prompt + output tokens) / time / roof)")
 
     if args.json:

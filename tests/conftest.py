@@ -35,6 +35,43 @@ def all_blocks_free_after_test():
 
 
 @pytest.fixture(scope="session")
+def model_path(tmp_path_factory) -> str:
+    """A tiny random Llama (llama3 rope scaling) saved like an HF checkpoint, with the byte tokenizer."""
+    return save_tiny_model("llama", str(tmp_path_factory.mktemp("llama")))
+
+
+@pytest.fixture(scope="module")
+def llm(model_path):
+    from nanovllm import LLM
+    return LLM(model_path, dtype="float32")
+
+
+def start_server(args: list[str], env: dict | None = None, timeout: float = 180):
+    """`nanovllm serve ARGS` on a free port of 127.0.0.1, once /health answers: (process, base url)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "nanovllm.entrypoints.cli", "serve", "--port", str(port), *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + timeout
+    while True:
+        try:
+            if urllib.request.urlopen(url + "/health", timeout=1).status == 200:
+                return proc, url
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"the server did not start:\n{proc.stdout.read()}")
+        time.sleep(0.3)
+
+
+@pytest.fixture(scope="session")
 def embedded_llm():
     """The embedded SmolLM2-135M-Instruct in fp32, loaded once for every test that needs it."""
     from nanovllm import LLM

@@ -5,18 +5,8 @@ import shutil
 
 import pytest
 
-from conftest import random_prompts, save_tiny_model
+from conftest import random_prompts
 from nanovllm import LLM, SamplingParams
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> str:
-    return save_tiny_model("llama", str(tmp_path_factory.mktemp("llama")))
-
-
-@pytest.fixture(scope="module")
-def llm(model_path) -> LLM:
-    return LLM(model_path, dtype="float32")
 
 
 def greedy(llm, prompt, **kw):

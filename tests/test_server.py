@@ -3,9 +3,7 @@ its greedy outputs equal offline LLM.generate, streamed or not, for one client o
 import asyncio
 import json
 import os
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -13,37 +11,17 @@ import urllib.request
 import openai
 import pytest
 
+from conftest import start_server
 from nanovllm import SamplingParams
 
 KEY = "test-key"
 MAX_LEN = 1024
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
-    port = free_port()
-    env = {**os.environ, "NANOVLLM_API_KEY": KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "nanovllm.entrypoints.cli", "serve", "--port", str(port),
-                             "--dtype", "float32", "--max-model-len", str(MAX_LEN), "--kv-cache-gib", "0.5"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        try:
-            if urllib.request.urlopen(url + "/health", timeout=1).status == 200:
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"the server did not start:\n{proc.stdout.read()}")
-        time.sleep(0.3)
+    proc, url = start_server(["--dtype", "float32", "--max-model-len", str(MAX_LEN), "--kv-cache-gib", "0.5"],
+                             env={**os.environ, "NANOVLLM_API_KEY": KEY})
     yield url
     proc.terminate()
     try:

@@ -10,19 +10,8 @@ import urllib.request
 
 import pytest
 
-from conftest import save_tiny_model
-from nanovllm import LLM, SamplingParams
+from nanovllm import SamplingParams
 from nanovllm.engine.async_engine import AsyncEngine, EngineDeadError
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> str:
-    return save_tiny_model("llama", str(tmp_path_factory.mktemp("llama")))
-
-
-@pytest.fixture(scope="module")
-def llm(model_path) -> LLM:
-    return LLM(model_path, dtype="float32")
 
 
 def test_stream_deltas_join_to_generate(llm):

@@ -5,22 +5,15 @@ import json
 import multiprocessing
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 
 import pytest
 
-from conftest import random_prompts, save_tiny_model
+from conftest import random_prompts, save_tiny_model, start_server
 from nanovllm import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory) -> str:
-    return save_tiny_model("llama", str(tmp_path_factory.mktemp("llama")))
 
 
 def gone(pid: int) -> bool:
@@ -55,8 +48,8 @@ def test_tp2_equals_tp1_with_prefix_cache_chunks_and_preemption(arch, tmp_path):
     assert_no_children(pids)
 
 
-def test_killed_worker_makes_generate_raise_and_leaves_no_process(llama):
-    llm = LLM(llama, dtype="float32", tensor_parallel_size=2)
+def test_killed_worker_makes_generate_raise_and_leaves_no_process(model_path):
+    llm = LLM(model_path, dtype="float32", tensor_parallel_size=2)
     pids = llm.engine.runner.workers.pids
     os.kill(pids[0], signal.SIGKILL)
     start = time.time()
@@ -68,8 +61,8 @@ def test_killed_worker_makes_generate_raise_and_leaves_no_process(llama):
         llm.generate(random_prompts(1, 5, 20), GREEDY, use_tqdm=False)
 
 
-def test_failing_worker_error_reaches_the_main_process(llama):
-    llm = LLM(llama, dtype="float32", tensor_parallel_size=2)
+def test_failing_worker_error_reaches_the_main_process(model_path):
+    llm = LLM(model_path, dtype="float32", tensor_parallel_size=2)
     pids = llm.engine.runner.workers.pids
     llm.engine.runner.workers.conns[0].send_bytes(b"not a step")  # the worker cannot unpack this and fails
     start = time.time()
@@ -79,8 +72,8 @@ def test_failing_worker_error_reaches_the_main_process(llama):
     assert_no_children(pids)
 
 
-def test_interrupt_mid_step_stops_the_workers(llama, monkeypatch):
-    llm = LLM(llama, dtype="float32", tensor_parallel_size=2)
+def test_interrupt_mid_step_stops_the_workers(model_path, monkeypatch):
+    llm = LLM(model_path, dtype="float32", tensor_parallel_size=2)
     pids = llm.engine.runner.workers.pids
 
     def interrupted(*args):
@@ -92,13 +85,13 @@ def test_interrupt_mid_step_stops_the_workers(llama, monkeypatch):
     assert_no_children(pids)
 
 
-def test_engines_one_after_another_and_garbage_collection(llama):
+def test_engines_one_after_another_and_garbage_collection(model_path):
     prompts = random_prompts(3, 5, 30, seed=3)
-    with LLM(llama, dtype="float32", tensor_parallel_size=2) as llm:
+    with LLM(model_path, dtype="float32", tensor_parallel_size=2) as llm:
         first = llm.generate(prompts, GREEDY, use_tqdm=False)
         pids = llm.engine.runner.workers.pids
     assert_no_children(pids)
-    llm = LLM(llama, dtype="float32", tensor_parallel_size=2)  # the port and the process group are free again
+    llm = LLM(model_path, dtype="float32", tensor_parallel_size=2)  # the port and the process group are free again
     second = llm.generate(prompts, GREEDY, use_tqdm=False)
     pids = llm.engine.runner.workers.pids
     del llm
@@ -107,38 +100,24 @@ def test_engines_one_after_another_and_garbage_collection(llama):
     assert [o.outputs[0].token_ids for o in first] == [o.outputs[0].token_ids for o in second]
 
 
-def test_clear_errors(llama, tmp_path):
+def test_clear_errors(model_path, tmp_path):
     with pytest.raises(ValueError, match=r"tensor_parallel_size=\d+ needs a CPU core per process"):
-        LLM(llama, tensor_parallel_size=(os.cpu_count() or 1) + 1)
+        LLM(model_path, tensor_parallel_size=(os.cpu_count() or 1) + 1)
     one_kv_head = save_tiny_model("llama", str(tmp_path / "mqa"), num_key_value_heads=1)
     with pytest.raises(ValueError, match="num_key_value_heads=1 is not divisible by tensor_parallel_size=2"):
         LLM(one_kv_head, tensor_parallel_size=2)
     assert not multiprocessing.active_children()
 
 
-def test_serve_with_tp2(llama):
-    from test_server import free_port
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "nanovllm.entrypoints.cli", "serve", llama, "--port", str(port),
-                             "--dtype", "float32", "--tensor-parallel-size", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def test_serve_with_tp2(model_path):
+    proc, url = start_server([model_path, "--dtype", "float32", "--tensor-parallel-size", "2"])
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            try:
-                if urllib.request.urlopen(url + "/health", timeout=1).status == 200:
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() else "slow"
-            time.sleep(0.3)
         prompt = random_prompts(1, 10, 10, seed=4)[0]
         req = urllib.request.Request(url + "/v1/completions", headers={"Content-Type": "application/json"},
                                      data=json.dumps({"prompt": prompt, "max_tokens": 12, "temperature": 0,
                                                       "ignore_eos": True}).encode())
         text = json.load(urllib.request.urlopen(req, timeout=60))["choices"][0]["text"]
-        expected = LLM(llama, dtype="float32").generate([prompt], SamplingParams(temperature=0, max_tokens=12,
+        expected = LLM(model_path, dtype="float32").generate([prompt], SamplingParams(temperature=0, max_tokens=12,
                                                                                   ignore_eos=True),
                                                         use_tqdm=False)[0].outputs[0].text
         assert text == expected
