@@ -72,10 +72,14 @@ class ModelRunner:
         host = np.split(packed[6:], np.cumsum(sizes)[:-1])
         dev = torch.from_numpy(packed[6:].copy()).to(self.device).split(sizes)
         input_ids, positions, slots, query_start, context_lens, tables, decode_rows, decode_tokens, last = dev
+        query_lens = np.diff(host[3])
+        prefill_rows = np.flatnonzero(query_lens > 1)
         meta = AttentionMetadata(
             query_start=query_start, context_lens=context_lens, block_tables=tables.view(B, W), slot_mapping=slots,
             query_start_cpu=host[3].tolist(), context_lens_cpu=host[4].tolist(),
-            decode_rows=decode_rows, decode_tokens=decode_tokens, decode_max_context=decode_max)
+            decode_rows=decode_rows, decode_tokens=decode_tokens, decode_max_context=decode_max,
+            prefill_rows=torch.from_numpy(prefill_rows).to(self.device),
+            prefill_max_query=int(query_lens.max(initial=0)) if len(prefill_rows) else 0)
         return input_ids, positions, meta, last
 
     def prepare(self, batch: ScheduledBatch, sample_rows: list[int] = ()):

@@ -19,6 +19,8 @@ class AttentionMetadata:
     decode_rows: torch.Tensor     # [Bd] sequences with a single query token, batched together
     decode_tokens: torch.Tensor   # [Bd] their positions in the flat batch
     decode_max_context: int       # longest context among them
+    prefill_rows: torch.Tensor    # [Bp] sequences with several query tokens (prefill chunks)
+    prefill_max_query: int        # longest query chunk among them
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
