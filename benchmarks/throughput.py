@@ -77,22 +77,43 @@ def matmul_roof(dtype: torch.dtype, device: str, m: int, k: int, n: int, seconds
 
 
 def run_engine(model: str | None, dtype: str, max_model_len: int, prompts: list[list[int]],
-               max_tokens: list[int], tp: int) -> tuple[int, float, int]:
-    """(output tokens, seconds, engine steps) for our engine; only generate() is timed."""
+               max_tokens: list[int], tp: int) -> tuple[int, float, int, list[tuple[float, int, int]]]:
+    """(output tokens, seconds, engine steps, decode-only steps as (seconds, sequences, context tokens)) for our
+    engine; only generate() is timed."""
     from nanovllm import LLM, SamplingParams
     with LLM(model, dtype=dtype, max_model_len=max_model_len, tensor_parallel_size=tp) as llm:
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
         params = [SamplingParams(temperature=TEMPERATURE, ignore_eos=True, max_tokens=m) for m in max_tokens]
-        steps, step = [0], llm.engine.step
+        steps, step, decodes, sched = [0], llm.engine.step, [], llm.engine.scheduler
 
         def counted_step():
             steps[0] += 1
-            return step()
+            decode_only = not sched.waiting and all(s.num_computed == s.num_tokens - 1 for s in sched.running)
+            context = sum(s.num_tokens for s in sched.running)
+            t = time.perf_counter()
+            out = step()  # returns after sampling, which waits for the device
+            if decode_only and llm.engine.last_step[0] == 0:
+                decodes.append((time.perf_counter() - t, len(sched.running), context))
+            return out
         llm.engine.step = counted_step
         start = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - start
-    return sum(len(o.outputs[0].token_ids) for o in outputs), seconds, steps[0]
+    return sum(len(o.outputs[0].token_ids) for o in outputs), seconds, steps[0], decodes
+
+
+def copy_bandwidth(device: str, mib: int = 512) -> float:
+    """GB/s of a large device-to-device copy (bytes read + written): what a decode step's reads can reach."""
+    x = torch.empty(mib * 2**20, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    y.copy_(x)
+    sync()
+    start, n = time.perf_counter(), 10
+    for _ in range(n):
+        y.copy_(x)
+    sync()
+    return 2 * x.numel() * n / (time.perf_counter() - start) / 1e9
 
 
 def count_parameters(model: str) -> int:
@@ -209,13 +230,25 @@ def main() -> None:
     print(f"roof:    {roof:.1f} GFLOP/s (matmul {m}x{k} @ {k}x{n_}, {dtype_name})\n")
 
     results, n_params = [], count_parameters(model)
+    bandwidth = copy_bandwidth(device)
+    kv_bytes_per_token = (2 * hf_cfg.num_hidden_layers * (getattr(hf_cfg, "num_key_value_heads", None)
+                                                         or hf_cfg.num_attention_heads)
+                          * (getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads)
+                          * dtype.itemsize)
+    print(f"copy:    {bandwidth:.1f} GB/s (device-to-device copy, read + write)")
     for tp in args.tensor_parallel_size:
-        out_tokens, seconds, steps = run_engine(model, args.dtype, lin + lout, prompts, max_tokens, tp)
+        out_tokens, seconds, steps, decodes = run_engine(model, args.dtype, lin + lout, prompts, max_tokens, tp)
         if out_tokens != sum(max_tokens):
             print(f"warning: the engine returned {out_tokens} tokens, the workload asks for {sum(max_tokens)}")
-        results.append({"engine": "nanovllm" + (f" TP={tp}" if len(args.tensor_parallel_size) > 1 or tp > 1
-                                                else ""),
-                        "output_tokens": out_tokens, "seconds": seconds, "steps": steps})
+        r = {"engine": "nanovllm" + (f" TP={tp}" if len(args.tensor_parallel_size) > 1 or tp > 1 else ""),
+             "output_tokens": out_tokens, "seconds": seconds, "steps": steps}
+        if decodes:
+            # the floor of a decode step: every weight and every cached K/V byte read once, at copy bandwidth
+            t, seqs, ctx = (sum(x) / len(decodes) for x in zip(*decodes))
+            floor = (n_params * dtype.itemsize + ctx * kv_bytes_per_token) / (bandwidth * 1e9)
+            r.update(decode_steps=len(decodes), decode_step_ms=t * 1000, decode_seqs=seqs,
+                     decode_floor_ms=floor * 1000)
+        results.append(r)
         gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -237,6 +270,11 @@ def main() -> None:
         print(f"{r['engine']:<28} {r['output_tokens']:>10} {r['seconds']:>9.1f} {r['tok_per_s']:>10.1f} "
               f"{ratio:>7} {r['mfu']:>7.1%} {per_step:>8}")
     print(f"\n({n_params / 1e6:.1f}M parameters; MFU = 2 x parameters x (prompt + output tokens) / time / roof)")
+    for r in results:
+        if "decode_steps" in r:
+            print(f"{r['engine']}: {r['decode_steps']} decode-only steps, mean {r['decode_step_ms']:.1f} ms at "
+                  f"{r['decode_seqs']:.0f} sequences; floor (weights + KV read once at copy bandwidth) "
+                  f"{r['decode_floor_ms']:.1f} ms = {r['decode_floor_ms'] / r['decode_step_ms']:.0%} of the step")
 
     if args.json:
         report = {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -14,12 +14,15 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048    # per-step token budget; longer prompts are chunked
     max_model_len: int | None = None      # default: the model's max_position_embeddings
     block_size: int = 16
-    kv_cache_gib: float = 4.0             # KV pool size (CPU; GPU sizing comes with the GPU path)
+    kv_cache_gib: float = 4.0             # KV pool size on CPU (per process)
+    gpu_memory_utilization: float = 0.9   # on CUDA: the KV pool takes what is left of this share of the GPU
+                                          # after the weights and a profiled forward of the largest step
     num_kv_blocks: int | None = None      # exact pool size, overrides kv_cache_gib (tests, tuning)
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
     seed: int = 0
     num_threads: int | None = None        # CPU threads for torch; default: torch's choice
+    enforce_eager: bool = False           # on CUDA: no CUDA graphs for decode steps
 
     def __post_init__(self) -> None:
         positive = ["max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"]
@@ -31,6 +34,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"EngineConfig.{name} must be None or an integer >= 1, got {value!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"EngineConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_gib <= 0:
             raise ValueError(f"EngineConfig.kv_cache_gib must be > 0, got {self.kv_cache_gib}")
         if self.dtype not in DTYPES:

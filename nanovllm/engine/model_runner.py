@@ -27,11 +27,22 @@ class ModelRunner:
                  workers=None):
         self.workers, self.failed = workers, False  # rank 0 of a tensor-parallel engine drives the workers
         self.model, self.device, self.block_size = model, torch.device(config.device), config.block_size
-        self.eos_token_ids = sorted(eos_token_ids)
+        self.dtype, self.eos_token_ids, self.graphs = dtype, sorted(eos_token_ids), None
+        cuda = self.device.type == "cuda"
+        if cuda:  # our Triton kernels; the torch backend stays the CPU path and the reference
+            from nanovllm.kernels.attention import triton_attention
+            for layer in model.model.layers:
+                layer.self_attn.backend = triton_attention
         attn = model.model.layers[0].self_attn
         layers = len(model.model.layers)
         bytes_per_block = 2 * layers * config.block_size * attn.num_kv_heads * attn.head_dim * dtype.itemsize
-        self.num_blocks = config.num_kv_blocks or int(config.kv_cache_gib * 2**30 // bytes_per_block)
+        if config.num_kv_blocks:
+            self.num_blocks = config.num_kv_blocks
+        elif cuda:
+            from nanovllm.engine.gpu import kv_blocks_from_memory
+            self.num_blocks = kv_blocks_from_memory(self, config, bytes_per_block)
+        else:
+            self.num_blocks = int(config.kv_cache_gib * 2**30 // bytes_per_block)
         if config.num_kv_blocks is None:
             # no use for more blocks than max_num_seqs full-length sequences could hold
             self.num_blocks = min(self.num_blocks, config.max_num_seqs * -(-config.max_model_len // self.block_size))
@@ -42,6 +53,9 @@ class ModelRunner:
         for i, layer in enumerate(model.model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
+        if cuda and not config.enforce_eager:
+            from nanovllm.engine.gpu import DecodeGraphs
+            self.graphs = DecodeGraphs(self, config)
 
     def pack(self, batch: ScheduledBatch, sample_rows: list[int]) -> np.ndarray:
         """A step's inputs as one int64 array: what tensor-parallel workers receive, and what every rank
@@ -87,7 +101,14 @@ class ModelRunner:
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 last: torch.Tensor) -> torch.Tensor | None:
-        """The model over one step; the logits of the `last` rows (on rank 0; None elsewhere or if no rows)."""
+        """The model over one step; the logits of the `last` rows (on rank 0; None elsewhere or if no rows).
+        Decode-only steps replay a CUDA graph where there is one (every rank decides alike: same inputs)."""
+        if self.graphs is not None and self.graphs.covers(input_ids, meta, last):
+            return self.graphs.run(input_ids, positions, meta)
+        return self.eager_forward(input_ids, positions, meta, last)
+
+    def eager_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                      last: torch.Tensor) -> torch.Tensor | None:
         with torch.inference_mode():
             hidden = self.model(input_ids, positions, meta)
             return self.model.compute_logits(hidden[last]) if last.numel() else None
