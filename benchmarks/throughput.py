@@ -164,6 +164,57 @@ def run_hf(model: str, dtype: torch.dtype, device: str, prompts: list[list[int]]
     return sum(max_tokens), time.perf_counter() - start
 
 
+VLLM_SCRIPT = r"""
+import json, sys, time
+args = json.load(open(sys.argv[1]))
+from vllm import LLM, SamplingParams
+start = time.perf_counter()
+llm = LLM(model=args["model"], dtype=args["dtype"], max_model_len=args["max_model_len"], seed=0)
+startup = time.perf_counter() - start
+llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+params = [SamplingParams(temperature=args["temperature"], ignore_eos=True, max_tokens=m) for m in args["max_tokens"]]
+start = time.perf_counter()
+outs = llm.generate([{"prompt_token_ids": p} for p in args["prompts"]], params, use_tqdm=False)
+seconds = time.perf_counter() - start
+print("RESULT " + json.dumps({"output_tokens": sum(len(o.outputs[0].token_ids) for o in outs),
+                              "seconds": seconds, "startup": startup}))
+"""
+
+
+def hf_folder(model: str, folder: str) -> str:
+    """vLLM reads HF folders: a GGUF is dequantized by transformers and saved as safetensors once."""
+    if not model.endswith(".gguf"):
+        return model
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(model), gguf_file=os.path.basename(model),
+                                                  dtype=torch.float32)
+        hf.hf_quantizer = None  # transformers refuses to save a GGUF-loaded model otherwise
+        if hasattr(hf.config, "quantization_config"):
+            del hf.config.quantization_config
+        hf.save_pretrained(folder)
+        from nanovllm.loader import gguf_converted
+        AutoTokenizer.from_pretrained(gguf_converted(model)).save_pretrained(folder)
+    return folder
+
+
+def run_vllm(python: str, model: str, dtype: str, max_model_len: int, prompts: list[list[int]],
+             max_tokens: list[int]) -> tuple[int, float, float]:
+    """(output tokens, seconds, start-up seconds) of vLLM's offline LLM, run by `python` (its own venv)."""
+    import subprocess
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"model": model, "dtype": dtype, "max_model_len": max_model_len, "prompts": prompts,
+                   "max_tokens": max_tokens, "temperature": TEMPERATURE}, f)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}"}
+    proc = subprocess.run([python, "-c", VLLM_SCRIPT, f.name], capture_output=True, text=True, env=env)
+    os.unlink(f.name)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        sys.exit(f"vLLM failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    r = json.loads(line[7:])
+    return r["output_tokens"], r["seconds"], r["startup"]
+
+
 def machine() -> str:
     name = platform.processor() or platform.machine()
     try:
@@ -186,6 +237,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     ap.add_argument("--hf-batch-size", type=int, default=16)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--vllm-python", metavar="PATH",
+                    help="run vLLM as a peer with this interpreter (its own venv; see docs/benchmarks.md)")
     ap.add_argument("--tensor-parallel-size", type=int, nargs="+", default=[1], metavar="TP",
                     help="run our engine once per size given (e.g. 1 2)")
     ap.add_argument("--json", metavar="PATH", help="also write the results here")
@@ -252,25 +305,37 @@ def main() -> None:
         gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
+    if args.vllm_python:
+        folder = hf_folder(model, os.path.join(tmp.name, "hf-export"))
+        out_tokens, seconds, startup = run_vllm(args.vllm_python, folder, dtype_name, lin + lout, prompts,
+                                                max_tokens)
+        results.append({"engine": "vLLM-CPU", "output_tokens": out_tokens, "seconds": seconds,
+                        "startup_s": startup})
     if not args.skip_hf:
         out_tokens, seconds = run_hf(model, dtype, device, prompts, max_tokens, args.hf_batch_size)
         results.append({"engine": f"HF transformers (batch {args.hf_batch_size})", "output_tokens": out_tokens,
                         "seconds": seconds})
 
-    hf_tps = results[-1]["output_tokens"] / results[-1]["seconds"] if not args.skip_hf else None
-    print(f"{'engine':<28} {'out tokens':>10} {'wall s':>9} {'out tok/s':>10} {'vs HF':>7} {'MFU':>7} "
-          f"{'ms/step':>8}")
     for r in results:
         r["tok_per_s"] = r["output_tokens"] / r["seconds"]
+    hf_tps = results[-1]["tok_per_s"] if not args.skip_hf else None
+    vllm_tps = next((r["tok_per_s"] for r in results if r["engine"] == "vLLM-CPU"), None)
+    print(f"{'engine':<28} {'out tokens':>10} {'wall s':>9} {'out tok/s':>10} {'vs HF':>7} {'vs vLLM':>8} "
+          f"{'MFU':>7} {'ms/step':>8}")
+    for r in results:
+        r["vs_vllm"] = r["tok_per_s"] / vllm_tps if vllm_tps else None
         # MFU counts the useful tokens only: prompts once, plus the outputs the workload asked for
         r["mfu"] = 2 * n_params * (prompt_tokens + r["output_tokens"]) / r["seconds"] / (roof * 1e9)
         r["vs_hf"] = r["tok_per_s"] / hf_tps if hf_tps else None
         ratio = f"{r['vs_hf']:.2f}x" if hf_tps else "-"
         per_step = f"{r['seconds'] / r['steps'] * 1000:.1f}" if "steps" in r else "-"
+        vs_vllm = f"{r['vs_vllm']:.2f}x" if vllm_tps else "-"
         print(f"{r['engine']:<28} {r['output_tokens']:>10} {r['seconds']:>9.1f} {r['tok_per_s']:>10.1f} "
-              f"{ratio:>7} {r['mfu']:>7.1%} {per_step:>8}")
+              f"{ratio:>7} {vs_vllm:>8} {r['mfu']:>7.1%} {per_step:>8}")
     print(f"\n({n_params / 1e6:.1f}M parameters; MFU = 2 x parameters x (prompt + output tokens) / time / roof)")
     for r in results:
+        if "startup_s" in r:
+            print(f"{r['engine']}: LLM(...) start-up {r['startup_s']:.1f} s")
         if "decode_steps" in r:
             print(f"{r['engine']}: {r['decode_steps']} decode-only steps, mean {r['decode_step_ms']:.1f} ms at "
                   f"{r['decode_seqs']:.0f} sequences; floor (weights + KV read once at copy bandwidth) "

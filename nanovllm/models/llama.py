@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from nanovllm.layers.attention import AttentionMetadata, torch_attention
-from nanovllm.layers.basics import RMSNorm, Rotary, silu_and_mul
+from nanovllm.layers.basics import Linear, RMSNorm, Rotary, silu_and_mul
 from nanovllm.layers.parallel import all_reduce, embed, gather_logits, shard, tp_size, vocab_range
 
 
@@ -19,8 +19,8 @@ class Attention(nn.Module):
         tp = tp_size()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads // tp, cfg.num_key_value_heads // tp, head_dim
         self.q_size, self.kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.rotary = rotary
@@ -44,8 +44,8 @@ class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         size = cfg.intermediate_size // tp_size()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * size, bias=False)
-        self.down_proj = nn.Linear(size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * size, bias=False)
+        self.down_proj = Linear(size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return all_reduce(self.down_proj(silu_and_mul(self.gate_up_proj(x))))
@@ -94,7 +94,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = Model(cfg, head_dim, self.rotary, qkv_bias, self.qk_norm)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         self.vocab_size = cfg.vocab_size
-        self.lm_head = nn.Linear(cfg.hidden_size, vocab_range(cfg.vocab_size)[1], bias=False)
+        self.lm_head = Linear(cfg.hidden_size, vocab_range(cfg.vocab_size)[1], bias=False)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         a = self.model.layers[0].self_attn
