@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.layers.attention import AttentionMetadata
 
 ENGINES: "weakref.WeakSet[LLMEngine]" = weakref.WeakSet()
 _init = LLMEngine.__init__
@@ -151,3 +152,27 @@ def random_prompts(n: int, lo: int, hi: int, seed: int = 0, prefix: list[int] | 
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
     return [(prefix or []) + torch.randint(2, VOCAB, (L,), generator=g).tolist() for L in lens]
+
+
+def make_step(seqs: list[tuple[int, int]], block_size: int, num_blocks: int, gen: torch.Generator,
+              device: str = "cpu"):
+    """seqs: (context length after this step, query tokens this step) per sequence. Random block tables (no
+    block shared), slots for the new tokens, and the metadata the model runner would build."""
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, slots, query_start, lens = [], [], [0], []
+    for ctx, qlen in seqs:
+        n = -(-ctx // block_size)
+        table, perm = perm[:n], perm[n:]
+        tables.append(table)
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(ctx - qlen, ctx)]
+        query_start.append(query_start[-1] + qlen)
+        lens.append(ctx)
+    width = max(map(len, tables))
+    decode = [i for i, (_, q) in enumerate(seqs) if q == 1]
+    prefill = [i for i, (_, q) in enumerate(seqs) if q > 1]
+    t = lambda x: torch.tensor(x, dtype=torch.long, device=device)
+    return AttentionMetadata(
+        query_start=t(query_start), context_lens=t(lens), block_tables=t([b + [0] * (width - len(b)) for b in tables]),
+        slot_mapping=t(slots), query_start_cpu=query_start, context_lens_cpu=lens, decode_rows=t(decode),
+        decode_tokens=t([query_start[i] for i in decode]), decode_max_context=max([lens[i] for i in decode] or [0]),
+        prefill_rows=t(prefill), prefill_max_query=max([seqs[i][1] for i in prefill] or [0]))

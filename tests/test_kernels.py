@@ -11,31 +11,13 @@ pytest.importorskip("triton")
 
 from nanovllm.kernels.attention import triton_attention  # noqa: E402
 from nanovllm.layers.attention import AttentionMetadata, torch_attention  # noqa: E402
+from conftest import make_step as _make_step  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def make_step(seqs: list[tuple[int, int]], block_size: int, num_blocks: int, gen: torch.Generator):
-    """seqs: (context length after this step, query tokens this step) per sequence. Random block tables (no
-    block shared), slots for the new tokens, and the metadata the model runner would build."""
-    perm = torch.randperm(num_blocks, generator=gen).tolist()
-    tables, slots, query_start, lens = [], [], [0], []
-    for ctx, qlen in seqs:
-        n = -(-ctx // block_size)
-        table, perm = perm[:n], perm[n:]
-        tables.append(table)
-        slots += [table[p // block_size] * block_size + p % block_size for p in range(ctx - qlen, ctx)]
-        query_start.append(query_start[-1] + qlen)
-        lens.append(ctx)
-    width = max(map(len, tables))
-    decode = [i for i, (_, q) in enumerate(seqs) if q == 1]
-    prefill = [i for i, (_, q) in enumerate(seqs) if q > 1]
-    t = lambda x: torch.tensor(x, dtype=torch.long, device=DEVICE)
-    return AttentionMetadata(
-        query_start=t(query_start), context_lens=t(lens), block_tables=t([b + [0] * (width - len(b)) for b in tables]),
-        slot_mapping=t(slots), query_start_cpu=query_start, context_lens_cpu=lens, decode_rows=t(decode),
-        decode_tokens=t([query_start[i] for i in decode]), decode_max_context=max([lens[i] for i in decode] or [0]),
-        prefill_rows=t(prefill), prefill_max_query=max([seqs[i][1] for i in prefill] or [0]))
+def make_step(seqs, block_size, num_blocks, gen):
+    return _make_step(seqs, block_size, num_blocks, gen, DEVICE)
 
 
 CASES = [  # block size, heads, kv heads, head dim, sequences (context, query tokens)

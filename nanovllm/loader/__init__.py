@@ -1,5 +1,6 @@
 """Model loading: an HF folder of safetensors or a GGUF file -> our model, HF tokenizer and config."""
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -10,9 +11,11 @@ import transformers
 import xxhash
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
+from nanovllm.layers.basics import pack_for_cpu
 from nanovllm.models.llama import MODELS
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TENSOR_INDEX = "gguf_tensors.json"  # in the converted folder: each tensor's type, shape and place in the file
 
 
 def default_model_path() -> str:
@@ -33,19 +36,21 @@ class LoadedModel:
 
 
 def gguf_converted(path: str) -> str:
-    """A folder with config.json and the tokenizer that transformers converts from a GGUF file.
+    """A folder with config.json and the tokenizer that transformers converts from a GGUF file, and where the
+    file's tensors lie (TENSOR_INDEX).
 
-    Converting parses the whole file twice (~12 s for SmolLM2); loading the saved copy takes well under a
+    Converting parses the whole file three times (~12 s for SmolLM2); loading the saved copy takes well under a
     second, so it is kept in ~/.cache/nanovllm (or $NANOVLLM_CACHE), keyed by the file and transformers'
     version. Where that cannot be written, a temporary folder serves this process."""
-    from nanovllm.loader.gguf import open_gguf
+    from nanovllm.loader.gguf import open_gguf, tensor_index
     st = os.stat(path)
-    key = xxhash.xxh64_hexdigest(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}".encode())
+    key = xxhash.xxh64_hexdigest(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}|"
+                                 "tensors".encode())
     root = os.environ.get("NANOVLLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nanovllm")
     folder = os.path.join(root, "gguf", key)
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder
-    open_gguf(path)  # a clear error for a corrupt file before transformers parses it its own way
+    index = tensor_index(open_gguf(path))  # also a clear error for a corrupt file before transformers parses it
     where, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
     cfg = AutoConfig.from_pretrained(where, gguf_file=name)
     arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -58,6 +63,8 @@ def gguf_converted(path: str) -> str:
     except OSError:
         folder = staging = tempfile.mkdtemp(prefix="nanovllm-gguf-")
     tokenizer.save_pretrained(staging)
+    with open(os.path.join(staging, TENSOR_INDEX), "w") as f:
+        json.dump(index, f)
     cfg.save_pretrained(staging)  # last: config.json marks a complete folder
     if staging != folder:
         try:
@@ -98,8 +105,9 @@ def load_model(path: str, dtype: torch.dtype, device: str, max_positions: int, h
         model.lm_head.weight = model.model.embed_tokens.weight
     params = dict(model.named_parameters())
     if is_gguf:
-        from nanovllm.loader.gguf import gguf_weights, open_gguf
-        weights = gguf_weights(open_gguf(path), cfg)
+        from nanovllm.loader.gguf import gguf_weights
+        with open(os.path.join(gguf_converted(path), TENSOR_INDEX)) as f:
+            weights = gguf_weights(path, json.load(f), cfg, torch.get_num_threads())
     else:
         from nanovllm.loader.safetensors import safetensors_weights
         weights = safetensors_weights(path)
@@ -110,6 +118,8 @@ def load_model(path: str, dtype: torch.dtype, device: str, max_positions: int, h
     model.to(dtype)
     model.rotary.build()  # after to_empty and the cast: the cos/sin tables are computed here, in fp32
     model.eval()
+    if device == "cpu" and dtype == torch.bfloat16:
+        pack_for_cpu(model)
     tokenizer = load_tokenizer(path, tokenizer_path)
     return LoadedModel(cfg, model, tokenizer, eos_ids(path, cfg, tokenizer))
 

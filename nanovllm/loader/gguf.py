@@ -1,5 +1,6 @@
 import functools
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import gguf
 import numpy as np
@@ -40,18 +41,30 @@ def unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, w.shape[0] // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_weights(reader: gguf.GGUFReader, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
-    """Dequantized tensors with HF names."""
+def tensor_index(reader: gguf.GGUFReader) -> list[dict]:
+    """Where each tensor lies in the file: saved with the converted config, so that later loads need not parse
+    the file's metadata again (GGUFReader takes seconds over a tokenizer's ~100k strings)."""
+    return [{"name": t.name, "type": int(t.tensor_type), "shape": [int(d) for d in reversed(t.shape)],
+             "offset": int(t.data_offset), "nbytes": int(t.n_bytes)} for t in reader.tensors]
+
+
+def gguf_weights(path: str, index: list[dict], hf_config, threads: int = 1) -> Iterator[tuple[str, torch.Tensor]]:
+    """Dequantized tensors with HF names, read from a memory map; `threads` tensors are dequantized at once
+    (numpy releases the GIL in its array loops)."""
     permuted = hf_config.model_type in ("llama", "mistral")
-    for t in reader.tensors:
-        name = hf_name(t.name)
+    data = np.memmap(path, np.uint8, mode="r")
+
+    def load(t: dict) -> tuple[str, torch.Tensor]:
+        name, qtype = hf_name(t["name"]), gguf.GGMLQuantizationType(t["type"])
         try:
-            w = gguf.dequantize(t.data, t.tensor_type)
+            w = gguf.dequantize(data[t["offset"]:t["offset"] + t["nbytes"]], qtype).reshape(t["shape"])
         except Exception as e:
-            raise ValueError(f"cannot dequantize GGUF tensor {t.name} ({t.tensor_type.name}): {e}") from None
-        w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims fastest-first
+            raise ValueError(f"cannot dequantize GGUF tensor {t['name']} ({qtype.name}): {e}") from None
         if permuted and name.endswith("q_proj.weight"):
             w = unpermute(w, hf_config.num_attention_heads)
         elif permuted and name.endswith("k_proj.weight"):
             w = unpermute(w, hf_config.num_key_value_heads)
-        yield name, torch.from_numpy(w if w.flags.writeable and w.flags.c_contiguous else w.copy())
+        return name, torch.from_numpy(w if w.flags.writeable and w.flags.c_contiguous else w.copy())
+
+    with ThreadPoolExecutor(threads) as pool:
+        yield from pool.map(load, index)
