@@ -3,6 +3,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nanovllm.kernels import cpu as cpu_kernel
+
 
 @dataclass
 class AttentionMetadata:
@@ -26,6 +28,8 @@ class AttentionMetadata:
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Write this step's K/V ([T, Hkv, D]) into the paged caches ([num_blocks, block_size, Hkv, D])."""
+    if cpu_kernel.store_kv(k, v, k_cache, v_cache, slot_mapping):
+        return
     k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
 
@@ -37,13 +41,17 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     The backend interface: q [T, H, D] and this step's k, v [T, Hkv, D] in, attention output [T, H, D] out;
     the backend also stores k, v into the paged caches at meta.slot_mapping.
 
-    Single-token queries (decodes) run as one batched SDPA over their gathered blocks; query chunks
-    (prefills, possibly after a cached prefix) run one sequence at a time, causal within the chunk.
+    Single-token queries (decodes) run through our C kernel on CPU (kernels/cpu_attention.c: it reads the
+    blocks in place; docs/benchmarks.md has its speed-up over a gather and SDPA), else as one batched SDPA over
+    their gathered blocks; query chunks (prefills, possibly after a cached prefix) run one sequence at a time,
+    causal within the chunk.
     """
     store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     out = torch.empty_like(q)
     block_size = k_cache.shape[1]
-    if len(meta.decode_rows):
+    if len(meta.decode_rows) and cpu_kernel.available(q, k_cache):
+        cpu_kernel.decode_attention(q, out, k_cache, v_cache, meta, scale)
+    elif len(meta.decode_rows):
         lens = meta.context_lens[meta.decode_rows]
         width = -(-meta.decode_max_context // block_size)
         tables = meta.block_tables[meta.decode_rows, :width].flatten()
@@ -71,7 +79,9 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             # query j sits at position ctx - qlen + j and sees keys 0..that position
             mask = torch.ones(qlen, ctx, dtype=torch.bool, device=q.device).tril(ctx - qlen)
             causal = False
-        o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
-                                           attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
-        out[s:e] = o.transpose(0, 1)
+        # 4-D inputs: with 3-D ones torch on CPU takes its math path instead of flash attention, 2-3.5x slower
+        o = F.scaled_dot_product_attention(q[None, s:e].transpose(1, 2), keys[None].transpose(1, 2),
+                                           values[None].transpose(1, 2), attn_mask=mask, is_causal=causal,
+                                           scale=scale, enable_gqa=True)
+        out[s:e] = o[0].transpose(0, 1)
     return out

@@ -1,0 +1,125 @@
+"""Our C decode-attention kernel for CPU (cpu_attention.c), compiled with gcc on first use and loaded with ctypes.
+
+Plain C and ctypes instead of a torch C++ extension: it builds in about a second (no torch headers) and
+needs nothing but gcc. The OpenMP runtime it links is the one torch already loaded (same soname), so the
+kernel shares torch's thread pool. Without gcc the engine keeps the torch path (a warning says so).
+"""
+import ctypes
+import functools
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+
+import torch
+import xxhash
+
+SOURCE = os.path.join(os.path.dirname(__file__), "cpu_attention.c")
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+
+
+def cache_dir() -> str:
+    root = os.environ.get("NANOVLLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nanovllm")
+    return os.path.join(root, "kernels")
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, built once per source, flags and CPU (-march=native), or None without a compiler."""
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    cpu = platform.processor() + open("/proc/cpuinfo").read().split("flags", 1)[-1].split("\n", 1)[0] \
+        if os.path.exists("/proc/cpuinfo") else platform.processor()
+    key = xxhash.xxh64_hexdigest(source + " ".join(FLAGS).encode() + cpu.encode())
+    path = os.path.join(cache_dir(), f"cpu_attention-{key}.so")
+    if not os.path.exists(path):
+        try:
+            os.makedirs(cache_dir(), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
+            os.close(fd)
+            subprocess.run(["gcc", *FLAGS, SOURCE, "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
+            os.replace(tmp, path)  # atomic: processes building at once each install a whole file
+        except (OSError, subprocess.CalledProcessError) as e:
+            detail = getattr(e, "stderr", "") or e
+            warnings.warn(f"nanovllm: cannot build the CPU attention kernel ({detail}); using torch attention")
+            return None
+    lib = ctypes.CDLL(path)
+    lib.decode_attention.restype = ctypes.c_int
+    lib.decode_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 4
+                                     + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int, ctypes.c_int])
+    lib.store_kv.restype = None
+    lib.store_kv.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
+    lib.rms_norm_bf16.restype = lib.silu_and_mul_bf16.restype = None
+    lib.rms_norm_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
+    lib.silu_and_mul_bf16.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    return lib
+
+
+MAX_GROUP, MAX_BLOCK, MAX_HEAD_DIM = 16, 64, 256  # the kernel's fixed-size scratch (cpu_attention.c)
+
+
+def decode_attention(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     meta, scale: float) -> None:
+    """Attention of the single-token queries (meta.decode_rows, at meta.decode_tokens of q [T, H, D]) over their
+    sequences' cached keys/values ([num_blocks, block_size, Hkv, D]), written into the same rows of `out`.
+    q, out and the caches share one dtype, fp32 or bf16; the metadata's int64 tensors are read in place."""
+    _, block_size, kv_heads, head_dim = k_cache.shape
+    tables = meta.block_tables
+    rc = library().decode_attention(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.stride(0),
+        meta.context_lens.data_ptr(), meta.decode_rows.data_ptr(), meta.decode_tokens.data_ptr(), out.data_ptr(),
+        len(meta.decode_rows), q.shape[1], kv_heads, head_dim, block_size, scale, k_cache.dtype == torch.bfloat16,
+        torch.get_num_threads())
+    if rc:
+        raise ValueError(f"CPU decode attention supports at most {MAX_GROUP} query heads per KV head, blocks of at "
+                         f"most {MAX_BLOCK} tokens and head dims that are multiples of 16 up to {MAX_HEAD_DIM}; got "
+                         f"{q.shape[1] // kv_heads}, {block_size} and {head_dim}")
+
+
+def available(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether the kernel serves this layer: CPU tensors of one dtype (fp32 or bf16), contiguous, within its
+    limits (head dims in vectors of 16: every common model), and a compiler was found."""
+    _, block_size, kv_heads, head_dim = k_cache.shape
+    return (q.device.type == "cpu" and q.dtype == k_cache.dtype and q.dtype in (torch.float32, torch.bfloat16)
+            and q.is_contiguous() and k_cache.is_contiguous() and q.shape[1] // kv_heads <= MAX_GROUP
+            and block_size <= MAX_BLOCK and head_dim % 16 == 0 and head_dim <= MAX_HEAD_DIM
+            and library() is not None)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> bool:
+    """Write this step's K/V ([T, Hkv, D], rows may be strided views of the QKV output) into the caches at
+    their slots; False (nothing written) where the kernel does not apply: the caller then uses torch."""
+    row = k_cache.shape[2] * k_cache.shape[3]
+    if not (k.device.type == "cpu" and k.dtype == v.dtype == k_cache.dtype and k.dtype in (torch.float32, torch.bfloat16)
+            and all(x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] for x in (k, v))
+            and k_cache.is_contiguous() and v_cache.is_contiguous() and slot_mapping.dtype == torch.int64
+            and slot_mapping.is_contiguous() and library() is not None):
+        return False
+    e = k.element_size()
+    library().store_kv(k.data_ptr(), v.data_ptr(), k.stride(0) * e, v.stride(0) * e, k_cache.data_ptr(),
+                       v_cache.data_ptr(), slot_mapping.data_ptr(), len(slot_mapping), row * e)
+    return True
+
+
+def fused_bf16(*tensors: torch.Tensor) -> bool:
+    """Whether the fused elementwise kernels serve these: contiguous bf16 CPU tensors (fp32 stays on torch,
+    bit for bit what HF computes)."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.is_contiguous() for t in tensors)
+            and library() is not None)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm of bf16 rows [..., dim] in one pass (torch takes six ops and two fp32 copies)."""
+    out = torch.empty_like(x)
+    library().rms_norm_bf16(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1],
+                            eps, torch.get_num_threads())
+    return out
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    out = x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
+    library().silu_and_mul_bf16(x.data_ptr(), out.data_ptr(), out.numel() // out.shape[-1], out.shape[-1],
+                                torch.get_num_threads())
+    return out

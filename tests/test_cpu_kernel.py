@@ -1,0 +1,135 @@
+"""Our C decode-attention kernel (nanovllm/kernels/cpu_attention.c) against torch's SDPA over gathered blocks."""
+import warnings
+
+import pytest
+import torch
+
+from conftest import make_step
+from nanovllm.kernels import cpu as cpu_kernel
+from nanovllm.layers import attention
+
+pytestmark = pytest.mark.skipif(cpu_kernel.library() is None, reason="no C compiler here")
+
+
+def torch_reference(q, k_cache, v_cache, meta, scale, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(cpu_kernel, "available", lambda q, cache: False)
+        # this step's K/V are already in the cache: storing them again changes nothing
+        k, v = (c.flatten(0, 1)[meta.slot_mapping].clone() for c in (k_cache, v_cache))
+        return attention.torch_attention(q, k, v, k_cache, v_cache, meta, scale)
+
+
+@pytest.mark.parametrize("block_size,heads,kv_heads,head_dim,lens", [
+    (16, 9, 3, 64, [1, 15, 16, 17, 300, 731]),      # SmolLM2's heads, contexts across block edges
+    (16, 8, 8, 128, [5, 64, 200]),                   # no GQA, head dim 128
+    (8, 4, 1, 32, [3, 41, 90]),                      # MQA, a head dim without a specialised path
+    (32, 6, 2, 48, [33, 7]),                         # head dim not a power of 2, big blocks
+    (4, 4, 2, 16, [1, 2, 23]),                       # small blocks
+    (64, 16, 1, 256, [130, 64]),                     # the limits: 16 heads per KV head, blocks of 64, dim 256
+])
+def test_decode_kernel_matches_sdpa(block_size, heads, kv_heads, head_dim, lens, monkeypatch):
+    gen = torch.Generator().manual_seed(sum(lens) + head_dim)
+    num_blocks = sum(-(-n // block_size) for n in lens) + 3
+    meta = make_step([(n, 1) for n in lens], block_size, num_blocks, gen)
+    q = torch.randn(len(lens), heads, head_dim, generator=gen)
+    k_cache, v_cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=gen)
+    expected = torch_reference(q, k_cache, v_cache, meta, head_dim ** -0.5, monkeypatch)
+    got = torch.full_like(q, float("nan"))
+    cpu_kernel.decode_attention(q, got, k_cache, v_cache, meta, head_dim ** -0.5)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_kernel_mixed_batch(monkeypatch):
+    """Decode rows among prefill chunks: the kernel reads and writes only their tokens, through the metadata."""
+    gen = torch.Generator().manual_seed(7)
+    seqs = [(40, 1), (30, 12), (77, 1), (5, 5), (1, 1)]
+    meta = make_step(seqs, 16, 20, gen)
+    q = torch.randn(sum(n for _, n in seqs), 6, 32, generator=gen)
+    k_cache, v_cache = torch.randn(2, 20, 16, 2, 32, generator=gen)
+    expected = torch_reference(q, k_cache, v_cache, meta, 0.2, monkeypatch)
+    got = torch.full_like(q, float("nan"))
+    cpu_kernel.decode_attention(q, got, k_cache, v_cache, meta, 0.2)
+    decoded = meta.decode_tokens
+    torch.testing.assert_close(got[decoded], expected[decoded], rtol=1e-5, atol=1e-5)
+    others = torch.ones(len(q), dtype=torch.bool)
+    others[decoded] = False
+    assert got[others].isnan().all()  # prefill tokens untouched
+
+
+def test_decode_kernel_bf16_cache(monkeypatch):
+    """A bf16 cache is read as bf16 (widened exactly to fp32 in the kernel): equal to fp32 math on the same values."""
+    gen = torch.Generator().manual_seed(3)
+    lens = [40, 129]
+    meta = make_step([(n, 1) for n in lens], 16, 16, gen)
+    q = torch.randn(2, 6, 64, generator=gen).bfloat16()
+    k_cache, v_cache = torch.randn(2, 16, 16, 2, 64, generator=gen).bfloat16()
+    got = torch.empty_like(q)
+    cpu_kernel.decode_attention(q, got, k_cache, v_cache, meta, 0.125)
+    assert got.dtype == torch.bfloat16
+    expected = torch_reference(q.float(), k_cache.float(), v_cache.float(), meta, 0.125, monkeypatch)
+    torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_without_compiler_the_torch_path_serves(tmp_path, monkeypatch):
+    """No gcc: a warning names the problem and attention falls back to torch (the engine still runs)."""
+    monkeypatch.setenv("NANOVLLM_CACHE", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no gcc on it
+    with pytest.warns(UserWarning, match="cannot build the CPU attention kernel"):
+        assert cpu_kernel.library.__wrapped__() is None
+
+
+def test_engine_uses_the_kernel_and_matches_torch_path(llm, monkeypatch):
+    """The whole engine gives the same greedy tokens with the kernel and with the torch path, and the kernel
+    is what decode steps call."""
+    from conftest import random_prompts
+    from nanovllm import SamplingParams
+    prompts = random_prompts(4, 5, 60, seed=4)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    calls = []
+    real = cpu_kernel.decode_attention
+    monkeypatch.setattr(cpu_kernel, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert calls
+    monkeypatch.setattr(cpu_kernel, "available", lambda q, cache: False)
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert got == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kv_matches_index_copy(dtype):
+    """K/V rows as strided views of a fused QKV output land in the same slots as torch's index_copy_ puts them."""
+    gen = torch.Generator().manual_seed(5)
+    qkv = torch.randn(7, 3 * 2 * 16, generator=gen).to(dtype)
+    k, v = (x.view(7, 2, 16) for x in qkv[:, 32:].split([32, 32], dim=-1))
+    slots = torch.randperm(40, generator=gen)[:7]
+    caches = torch.zeros(2, 5, 8, 2, 16, dtype=dtype)
+    assert cpu_kernel.store_kv(k, v, caches[0], caches[1], slots)
+    expected = torch.zeros_like(caches)
+    expected[0].view(-1, 2, 16).index_copy_(0, slots, k)
+    expected[1].view(-1, 2, 16).index_copy_(0, slots, v)
+    assert torch.equal(caches, expected)
+    assert not cpu_kernel.store_kv(k.half(), v.half(), caches[0].half(), caches[1].half(), slots)  # torch's job
+
+
+def test_fused_bf16_elementwise_match_torch():
+    """RMSNorm and SiLU-and-mul in bf16: the C kernels round where torch's ops round, so they agree with torch's
+    bf16 ops to the last bit, but for an odd 1-ulp difference from the order of a sum or libm's exp."""
+    from nanovllm.layers.basics import RMSNorm
+    gen = torch.Generator().manual_seed(11)
+    x = (torch.randn(37, 576, generator=gen) * 3).bfloat16()
+    norm = RMSNorm(576, 1e-5)
+    norm.weight.data = torch.randn(576, generator=gen).bfloat16()
+    assert cpu_kernel.fused_bf16(x, norm.weight)
+    xf = x.float()
+    expected = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).bfloat16()
+    got = cpu_kernel.rms_norm(x, norm.weight, 1e-5)
+    assert torch.equal(norm(x), got)
+    assert (got != expected).float().mean() < 0.01
+    torch.testing.assert_close(got, expected, rtol=1e-2, atol=0)
+    gate_up = (torch.randn(37, 2 * 96, generator=gen) * 4).bfloat16()
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    got = cpu_kernel.silu_and_mul(gate_up)
+    assert (got != expected).float().mean() < 0.01
+    torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)
+    assert not cpu_kernel.fused_bf16(x.float())  # fp32 stays on torch's ops
