@@ -107,7 +107,7 @@ def test_zero_probability_tokens_never_drawn_even_at_the_edges():
         torch.manual_seed(0)
         orig = torch.rand
         try:
-            torch.rand = lambda *a, **k: torch.full((4, 1), u)
+            torch.rand = lambda *a, **k: torch.full((4,), u)  # the one uniform number per row
             out = sample(logits, b)
         finally:
             torch.rand = orig

@@ -45,6 +45,21 @@ def generate(args: argparse.Namespace) -> None:
     params = sampling_params(args)
     llm = LLM(args.model, **engine_kwargs(args))
     use_chat = not args.raw and getattr(llm.tokenizer, "chat_template", None)
+    if len(args.prompts) == 1:  # one prompt streams: the first token shows as soon as it is sampled
+        prompt = args.prompts[0]
+        if use_chat:
+            prompt = {"prompt_token_ids": llm.apply_chat_template([{"role": "user", "content": prompt}])}
+        else:
+            print(prompt, end="", flush=True)
+        started = not use_chat  # the chat reply's leading whitespace is dropped, as in the batch output
+        for delta in llm.stream(prompt, params):
+            piece = delta.outputs[0].text
+            if not started:
+                piece = piece.lstrip()
+                started = bool(piece)
+            print(piece, end="", flush=True)
+        print()
+        return
     if use_chat:
         outs = llm.chat([[{"role": "user", "content": p}] for p in args.prompts], params, use_tqdm=False)
     else:

@@ -2,6 +2,8 @@ import torch
 from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from nanovllm.kernels import cpu as cpu_kernel
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -10,27 +12,49 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_kernel.fused_bf16(x, self.weight):
+            return cpu_kernel.rms_norm(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
 
 class Linear(nn.Linear):
-    """nn.Linear; on CPU with 2-32 rows (small decode steps) computed as (W @ x.T).T, which MKL runs faster
-    there: a 4-sequence SmolLM2 decode step 120 -> 63 ms, 16 sequences 146 -> 120 ms; at 1 row even, at 64
-    slower (docs/benchmarks.md)."""
-    ROWS = range(2, 33)
+    """nn.Linear with two CPU fast paths, both measured in docs/benchmarks.md:
+    - bf16 with oneDNN: the weight packed once into oneDNN's blocked layout (`pack_for_cpu`), which runs decode
+      matmuls 1.7-2.5x faster than F.linear (the LM head at 44 rows: 4.0 -> 1.6 ms) with the same results;
+    - otherwise, with 2-96 rows (decode steps), (W @ x.T).T, which MKL runs faster there: a 4-sequence fp32
+      SmolLM2 decode step 120 -> 63 ms; at 1 row even, from 128 rows slower."""
+    ROWS = range(2, 97)
+    packed: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         if x.device.type != "cpu" or x.dim() != 2 or x.shape[0] not in self.ROWS:
             return nn.functional.linear(x, self.weight, self.bias)
         y = (self.weight @ x.t()).t().contiguous()
         return y if self.bias is None else y + self.bias
 
 
+def pack_for_cpu(model: nn.Module) -> None:
+    """Pack every bf16 Linear's weight for oneDNN on a CPU with native bf16. The plain weight is dropped
+    (no second copy in memory) unless another module shares it (a tied embedding)."""
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return
+    shared = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for m in model.modules():
+        if isinstance(m, Linear) and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu":
+            m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach())
+            if id(m.weight) not in shared:
+                m.weight = None
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if cpu_kernel.fused_bf16(x):
+        return cpu_kernel.silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
-    return nn.functional.silu(gate) * up
+    return nn.functional.silu(gate).mul_(up)  # in place: one [tokens, intermediate] buffer fewer
 
 
 class Rotary(nn.Module):
@@ -67,9 +91,13 @@ class Rotary(nn.Module):
         self.cos = (freqs.cos() * scaling).to(self.cos.device)
         self.sin = (freqs.sin() * scaling).to(self.sin.device)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, heads, head_dim] -> rotated, same dtype."""
-        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, head_dim / 2] of these positions in `dtype`: looked up once per step, not per layer."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+    @staticmethod
+    def apply(tables: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, head_dim] -> rotated, same dtype (the tables' dtype)."""
+        cos, sin = tables
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -14,7 +14,7 @@ from nanovllm.layers.parallel import all_reduce, embed, gather_logits, shard, tp
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg, head_dim: int, rotary: Rotary, qkv_bias: bool, qk_norm: bool):
+    def __init__(self, cfg, head_dim: int, qkv_bias: bool, qk_norm: bool):
         super().__init__()
         tp = tp_size()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads // tp, cfg.num_key_value_heads // tp, head_dim
@@ -23,19 +23,18 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, cfg.rms_norm_eps) if qk_norm else None
-        self.rotary = rotary
         self.scale = head_dim ** -0.5
         self.k_cache = self.v_cache = torch.empty(0)  # set by the model runner
         self.backend = torch_attention  # the model runner may swap in another with the same signature
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q), self.rotary(positions, k)
+        q, k = Rotary.apply(rope, q), Rotary.apply(rope, k)
         o = self.backend(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return all_reduce(self.o_proj(o.flatten(1)))
 
@@ -52,31 +51,32 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg, head_dim: int, rotary: Rotary, qkv_bias: bool, qk_norm: bool):
+    def __init__(self, cfg, head_dim: int, qkv_bias: bool, qk_norm: bool):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, head_dim, rotary, qkv_bias, qk_norm)
+        self.self_attn = Attention(cfg, head_dim, qkv_bias, qk_norm)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), meta)
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(rope, self.input_layernorm(x), meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Model(nn.Module):
     def __init__(self, cfg, head_dim: int, rotary: Rotary, qkv_bias: bool, qk_norm: bool):
         super().__init__()
-        self.vocab_size = cfg.vocab_size
+        self.vocab_size, self.rotary = cfg.vocab_size, rotary
         self.embed_tokens = nn.Embedding(vocab_range(cfg.vocab_size)[1], cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, head_dim, rotary, qkv_bias, qk_norm)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, head_dim, qkv_bias, qk_norm)
                                     for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = embed(input_ids, self.embed_tokens.weight, self.vocab_size)
+        rope = self.rotary.tables(positions, x.dtype)
         for layer in self.layers:
-            x = layer(positions, x, meta)
+            x = layer(rope, x, meta)
         return self.norm(x)
 
 
