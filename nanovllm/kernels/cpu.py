@@ -1,8 +1,9 @@
-"""Our C decode-attention kernel for CPU (cpu_attention.c), compiled with gcc on first use and loaded with ctypes.
+"""Our C kernels for CPU (cpu_attention.c: decode attention, KV store, bf16 RMSNorm and SiLU-and-mul),
+compiled with gcc on first use and loaded with ctypes.
 
 Plain C and ctypes instead of a torch C++ extension: it builds in about a second (no torch headers) and
 needs nothing but gcc. The OpenMP runtime it links is the one torch already loaded (same soname), so the
-kernel shares torch's thread pool. Without gcc the engine keeps the torch path (a warning says so).
+kernels share torch's thread pool. Without gcc the engine keeps torch ops (a warning says so).
 """
 import ctypes
 import functools
@@ -42,7 +43,7 @@ def library() -> ctypes.CDLL | None:
             os.replace(tmp, path)  # atomic: processes building at once each install a whole file
         except (OSError, subprocess.CalledProcessError) as e:
             detail = getattr(e, "stderr", "") or e
-            warnings.warn(f"nanovllm: cannot build the CPU attention kernel ({detail}); using torch attention")
+            warnings.warn(f"nanovllm: cannot build the CPU attention kernel ({detail}); using torch ops instead")
             return None
     lib = ctypes.CDLL(path)
     lib.decode_attention.restype = ctypes.c_int

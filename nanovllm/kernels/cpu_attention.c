@@ -196,26 +196,20 @@ void store_kv(const char *k, const char *v, int64_t k_stride, int64_t v_stride, 
 
 /* bf16 helpers for the elementwise kernels below: each result rounded to bf16 where torch's op would round it,
  * so they match torch's bf16 ops up to the order of a row's sum of squares. */
-INLINE float bf16_round(float x) {
+INLINE uint16_t to_bf16(float x) {  /* round to nearest even, as torch's .to(bfloat16) */
     uint32_t u;
     memcpy(&u, &x, 4);
-    u = (u + 0x7fff + ((u >> 16) & 1)) & 0xffff0000u;
-    memcpy(&x, &u, 4);
-    return x;
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
 }
 
-INLINE float bf16_load(const uint16_t *p, int64_t i) {
-    uint32_t u = (uint32_t)p[i] << 16;
+INLINE float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
     float x;
     memcpy(&x, &u, 4);
     return x;
 }
 
-INLINE uint16_t bf16_bits(float x) {
-    uint32_t u;
-    memcpy(&u, &x, 4);
-    return (uint16_t)(u >> 16);
-}
+INLINE float bf16_round(float x) { return from_bf16(to_bf16(x)); }
 
 /* HF's RMSNorm of bf16 rows: x / rms(x) in fp32, rounded to bf16, then times the weight (rounded). */
 void rms_norm_bf16(const uint16_t *x, const uint16_t *weight, uint16_t *out, int64_t rows, int64_t dim, float eps,
@@ -225,10 +219,10 @@ void rms_norm_bf16(const uint16_t *x, const uint16_t *weight, uint16_t *out, int
         const uint16_t *xr = x + r * dim;
         uint16_t *o = out + r * dim;
         float sq = 0.f;
-        for (int64_t i = 0; i < dim; i++) sq += bf16_load(xr, i) * bf16_load(xr, i);
+        for (int64_t i = 0; i < dim; i++) sq += from_bf16(xr[i]) * from_bf16(xr[i]);
         const float inv = 1.f / sqrtf(sq / dim + eps);
         for (int64_t i = 0; i < dim; i++)
-            o[i] = bf16_bits(bf16_round(bf16_load(weight, i) * bf16_round(bf16_load(xr, i) * inv)));
+            o[i] = to_bf16(from_bf16(weight[i]) * bf16_round(from_bf16(xr[i]) * inv));
     }
 }
 
@@ -239,8 +233,8 @@ void silu_and_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_t d
         const uint16_t *gate = x + r * 2 * dim, *up = gate + dim;
         uint16_t *o = out + r * dim;
         for (int64_t i = 0; i < dim; i++) {
-            const float g = bf16_load(gate, i);
-            o[i] = bf16_bits(bf16_round(bf16_round(g / (1.f + expf(-g))) * bf16_load(up, i)));
+            const float g = from_bf16(gate[i]);
+            o[i] = to_bf16(bf16_round(g / (1.f + expf(-g))) * from_bf16(up[i]));
         }
     }
 }
