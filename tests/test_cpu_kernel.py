@@ -25,7 +25,9 @@ def torch_reference(q, k_cache, v_cache, meta, scale, monkeypatch):
     (8, 4, 1, 32, [3, 41, 90]),                      # MQA, a head dim without a specialised path
     (32, 6, 2, 48, [33, 7]),                         # head dim not a power of 2, big blocks
     (4, 4, 2, 16, [1, 2, 23]),                       # small blocks
-    (64, 16, 1, 256, [130, 64]),                     # the limits: 16 heads per KV head, blocks of 64, dim 256
+    (64, 16, 1, 256, [130, 64]),                     # 16 heads per KV head, head dim 256 (the limit)
+    (128, 12, 4, 64, [300, 129, 2]),                 # big blocks (vLLM's CPU default), chunks across blocks
+    (16, 64, 1, 32, [200]),                          # 64 heads per KV head (the limit), one sequence
 ])
 def test_decode_kernel_matches_sdpa(block_size, heads, kv_heads, head_dim, lens, monkeypatch):
     gen = torch.Generator().manual_seed(sum(lens) + head_dim)
@@ -36,6 +38,21 @@ def test_decode_kernel_matches_sdpa(block_size, heads, kv_heads, head_dim, lens,
     expected = torch_reference(q, k_cache, v_cache, meta, head_dim ** -0.5, monkeypatch)
     got = torch.full_like(q, float("nan"))
     cpu_kernel.decode_attention(q, got, k_cache, v_cache, meta, head_dim ** -0.5)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_kernel_reads_strided_queries(monkeypatch):
+    """Queries as a view of the fused QKV output (rows wider than the query heads) give the same result."""
+    gen = torch.Generator().manual_seed(9)
+    lens = [70, 3, 33] * 4  # 12 sequences: enough to give each thread whole sequences
+    meta = make_step([(n, 1) for n in lens], 16, 40, gen)
+    qkv = torch.randn(len(lens), (6 + 2 * 2) * 32, generator=gen)
+    q = qkv[:, :6 * 32].view(len(lens), 6, 32)
+    k_cache, v_cache = torch.randn(2, 40, 16, 2, 32, generator=gen)
+    expected = torch_reference(q.contiguous(), k_cache, v_cache, meta, 0.3, monkeypatch)
+    got = torch.empty(q.shape)
+    assert cpu_kernel.available(q, k_cache)
+    cpu_kernel.decode_attention(q, got, k_cache, v_cache, meta, 0.3)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -133,3 +150,21 @@ def test_fused_bf16_elementwise_match_torch():
     assert (got != expected).float().mean() < 0.01
     torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)
     assert not cpu_kernel.fused_bf16(x.float())  # fp32 stays on torch's ops
+
+
+def test_rope_in_place_matches_rotary():
+    """bf16 query and key heads rotated in place inside the QKV output: bit for bit what Rotary.apply gives."""
+    from types import SimpleNamespace
+    from nanovllm.layers.basics import Rotary
+    gen = torch.Generator().manual_seed(13)
+    rotary = Rotary(SimpleNamespace(rope_theta=10000.0, rope_scaling=None), 64, 512)
+    positions = torch.randint(0, 512, (70,), generator=gen)
+    tables = rotary.tables(positions, torch.bfloat16)
+    qkv = (torch.randn(70, (9 + 2 * 3) * 64, generator=gen) * 2).bfloat16()
+    q, k = (x.unflatten(-1, (-1, 64)) for x in qkv[:, :12 * 64].split([9 * 64, 3 * 64], -1))
+    expected = Rotary.apply(tables, q), Rotary.apply(tables, k)
+    v = qkv[:, 12 * 64:].clone()
+    assert cpu_kernel.rope_in_place(qkv[:, :12 * 64], tables, 64)
+    assert torch.equal(q, expected[0]) and torch.equal(k, expected[1])
+    assert torch.equal(qkv[:, 12 * 64:], v)  # values untouched
+    assert not cpu_kernel.rope_in_place(qkv.float(), rotary.tables(positions, torch.float32), 64)  # fp32: torch

@@ -47,44 +47,47 @@ def library() -> ctypes.CDLL | None:
             return None
     lib = ctypes.CDLL(path)
     lib.decode_attention.restype = ctypes.c_int
-    lib.decode_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 4
-                                     + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int, ctypes.c_int])
+    lib.decode_attention.argtypes = ([ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64]
+                                     + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
+                                     + [ctypes.c_float, ctypes.c_int, ctypes.c_int])
     lib.store_kv.restype = None
     lib.store_kv.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
     lib.rms_norm_bf16.restype = lib.silu_and_mul_bf16.restype = None
     lib.rms_norm_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
     lib.silu_and_mul_bf16.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    lib.rope_bf16.restype = None
+    lib.rope_bf16.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
     return lib
 
 
-MAX_GROUP, MAX_BLOCK, MAX_HEAD_DIM = 16, 64, 256  # the kernel's fixed-size scratch (cpu_attention.c)
+MAX_GROUP, MAX_HEAD_DIM = 64, 256  # the kernel's fixed-size scratch (cpu_attention.c)
 
 
 def decode_attention(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      meta, scale: float) -> None:
     """Attention of the single-token queries (meta.decode_rows, at meta.decode_tokens of q [T, H, D]) over their
-    sequences' cached keys/values ([num_blocks, block_size, Hkv, D]), written into the same rows of `out`.
-    q, out and the caches share one dtype, fp32 or bf16; the metadata's int64 tensors are read in place."""
+    sequences' cached keys/values ([num_blocks, block_size, Hkv, D]), written into the same rows of `out`
+    ([T, H, D], contiguous). q's rows may be strided (a view of the QKV output). q, out and the caches share one
+    dtype, fp32 or bf16; the metadata's int64 tensors are read in place."""
     _, block_size, kv_heads, head_dim = k_cache.shape
     tables = meta.block_tables
     rc = library().decode_attention(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.stride(0),
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.stride(0),
         meta.context_lens.data_ptr(), meta.decode_rows.data_ptr(), meta.decode_tokens.data_ptr(), out.data_ptr(),
         len(meta.decode_rows), q.shape[1], kv_heads, head_dim, block_size, scale, k_cache.dtype == torch.bfloat16,
         torch.get_num_threads())
     if rc:
-        raise ValueError(f"CPU decode attention supports at most {MAX_GROUP} query heads per KV head, blocks of at "
-                         f"most {MAX_BLOCK} tokens and head dims that are multiples of 16 up to {MAX_HEAD_DIM}; got "
-                         f"{q.shape[1] // kv_heads}, {block_size} and {head_dim}")
+        raise ValueError(f"CPU decode attention supports at most {MAX_GROUP} query heads per KV head and head dims "
+                         f"that are multiples of 16 up to {MAX_HEAD_DIM}; got {q.shape[1] // kv_heads} and {head_dim}")
 
 
 def available(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether the kernel serves this layer: CPU tensors of one dtype (fp32 or bf16), contiguous, within its
     limits (head dims in vectors of 16: every common model), and a compiler was found."""
-    _, block_size, kv_heads, head_dim = k_cache.shape
+    _, _, kv_heads, head_dim = k_cache.shape
     return (q.device.type == "cpu" and q.dtype == k_cache.dtype and q.dtype in (torch.float32, torch.bfloat16)
-            and q.is_contiguous() and k_cache.is_contiguous() and q.shape[1] // kv_heads <= MAX_GROUP
-            and block_size <= MAX_BLOCK and head_dim % 16 == 0 and head_dim <= MAX_HEAD_DIM
+            and q.stride(2) == 1 and q.stride(1) == head_dim and k_cache.is_contiguous()
+            and q.shape[1] // kv_heads <= MAX_GROUP and head_dim % 16 == 0 and head_dim <= MAX_HEAD_DIM
             and library() is not None)
 
 
@@ -124,3 +127,14 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     library().silu_and_mul_bf16(x.data_ptr(), out.data_ptr(), out.numel() // out.shape[-1], out.shape[-1],
                                 torch.get_num_threads())
     return out
+
+
+def rope_in_place(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor], head_dim: int) -> bool:
+    """Rotate the heads of bf16 rows x [T, heads * head_dim] (a view of the QKV output: query and key heads) in
+    place with the step's cos/sin tables ([T, 1, head_dim / 2]); False (nothing done) where it does not apply."""
+    cos, sin = tables
+    if not (fused_bf16(cos, sin) and x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.stride(-1) == 1):
+        return False
+    library().rope_bf16(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1] // head_dim, head_dim, cos.data_ptr(),
+                        sin.data_ptr(), torch.get_num_threads())
+    return True

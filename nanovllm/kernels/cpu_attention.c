@@ -6,8 +6,6 @@
 #include <string.h>
 
 #define INLINE static inline __attribute__((always_inline))
-#define MAX_GROUP 16
-#define MAX_BLOCK 64
 #define MAX_VECTORS 16  /* head_dim <= 256 */
 
 typedef float vf __attribute__((vector_size(64)));     /* 16 floats: one AVX-512 register, two AVX2 ones */
@@ -61,21 +59,24 @@ INLINE vf reduce16(const vf *a) {
 #define NATIVE_BF16 0
 #endif
 
-INLINE vf dot_partial(const vf *restrict q, const char *restrict qraw, const char *restrict k, const int nv,
-                      const int bf16) {
+INLINE vf dot_partial(const char *restrict q, const char *restrict k, const int nv, const int bf16) {
 #if NATIVE_BF16
     if (bf16 && nv % 2 == 0) {
         __m512 acc = _mm512_setzero_ps();
         for (int c = 0; c < nv / 2; c++)
-            acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qraw + c * 64),
-                                   (__m512bh)_mm512_loadu_si512(k + c * 64));
+            acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q + c * 64), (__m512bh)_mm512_loadu_si512(k + c * 64));
         return (vf)acc;
     }
 #endif
     const int64_t elem = bf16 ? 2 : 4;
-    vf acc = q[0] * load16(k, bf16);
-    for (int c = 1; c < nv; c++) acc += q[c] * load16(k + c * 16 * elem, bf16);
+    vf acc = load16(q, bf16) * load16(k, bf16);
+    for (int c = 1; c < nv; c++) acc += load16(q + c * 16 * elem, bf16) * load16(k + c * 16 * elem, bf16);
     return acc;
+}
+
+INLINE vf max16(vf a, vf b) {
+    const vi gt = a > b;
+    return (vf)((gt & (vi)a) | (~gt & (vi)b));
 }
 
 /* exp(x) for x <= 0 (every exponent of a softmax whose max is subtracted), 16 at a time: libm's expf is
@@ -91,95 +92,189 @@ INLINE vf exp16(vf x) {
     return (vf)((vi)p + (i << 23));
 }
 
-/* One (sequence, KV head): its `group` query heads (q, o: nv vectors of 16 each) against `len` cached
- * positions, in one pass over the blocks with an online softmax (a running max and sum per head; the partial
- * output is rescaled when the max grows). Each cached key/value row is loaded once for every query head of the
- * group. Inlined with nv and the cache type as constants, so the loops over a row unroll into registers. */
-INLINE void attend(const vf *restrict q, const char *restrict qraw, float scale, const char *restrict k_cache,
-                   const char *restrict v_cache,
-                   const int64_t *restrict table, int64_t len, int64_t row_bytes, int64_t token_bytes,
-                   int64_t block_size, int64_t group, const int nv, const int bf16, vf *restrict o) {
-    const int64_t elem = bf16 ? 2 : 4;
-    float s[MAX_GROUP][MAX_BLOCK + 16] = {{0}}, m[MAX_GROUP], l[MAX_GROUP];  /* + 16: a whole last vector */
-    for (int64_t g = 0; g < group; g++) { m[g] = -INFINITY; l[g] = 0.f; }
-    for (int64_t i = 0; i < group * nv; i++) o[i] = (vf){0};
-    for (int64_t start = 0; start < len; start += block_size) {
-        const char *kb = k_cache + table[start / block_size] * block_size * token_bytes + row_bytes;
-        const char *vb = v_cache + (kb - k_cache);
-        const int64_t n = len - start < block_size ? len - start : block_size;
-        if (start + block_size < len) {  /* blocks are scattered: the hardware cannot guess the next one */
-            const int64_t next = (table[start / block_size + 1] - table[start / block_size]) * block_size * token_bytes;
-            for (int64_t t = 0; t < block_size; t++)
-                for (int64_t b = 0; b < nv * 16 * elem; b += 64) {
-                    __builtin_prefetch(kb + next + t * token_bytes + b);
-                    __builtin_prefetch(vb + next + t * token_bytes + b);
-                }
-        }
-        for (int64_t t0 = 0; t0 < n; t0 += 16)
-            for (int64_t g = 0; g < group; g++) {
-                vf part[16] = {0};
-                for (int64_t t = t0; t < n && t < t0 + 16; t++)
-                    part[t - t0] = dot_partial(q + g * nv, qraw + g * nv * 16 * elem, kb + t * token_bytes, nv, bf16);
-                const vf scores = reduce16(part) * scale;
-                memcpy(&s[g][t0], &scores, sizeof scores);
-            }
-        for (int64_t g = 0; g < group; g++) {
-            float mx = m[g];
-            for (int64_t t = 0; t < n; t++) mx = s[g][t] > mx ? s[g][t] : mx;
-            if (mx > m[g]) {
-                const float c = m[g] == -INFINITY ? 0.f : exp16((vf){0} + (m[g] - mx))[0];
-                l[g] *= c;
-                for (int i = 0; i < nv; i++) o[g * nv + i] *= c;
-                m[g] = mx;
-            }
-            for (int64_t c = 0; c < n; c += 16) {  /* lanes past n hold stale finite scores, never used */
-                vf x;
-                memcpy(&x, &s[g][c], sizeof x);
-                x = exp16(x - mx);
-                memcpy(&s[g][c], &x, sizeof x);
-            }
-            for (int64_t t = 0; t < n; t++) l[g] += s[g][t];
-        }
-        for (int64_t t = 0; t < n; t++) {
-            vf row[nv];
-            for (int c = 0; c < nv; c++) row[c] = load16(vb + t * token_bytes + c * 16 * elem, bf16);
-            for (int64_t g = 0; g < group; g++)
-                for (int c = 0; c < nv; c++) o[g * nv + c] += s[g][t] * row[c];
-        }
-    }
-    for (int64_t g = 0; g < group; g++)
-        for (int c = 0; c < nv; c++) o[g * nv + c] *= 1.f / l[g];
+/* Work arrays of one sequence's chunk, per thread: the chunk's token rows, its scores/probabilities per query
+ * head, and (bf16 with AVX512-BF16) one KV head's value rows interleaved in pairs. Each accumulator loop below
+ * has a constant trip count (nv), so the accumulators live in registers. */
+#define CHUNK 128
+#define MAX_UNIT_HEADS 64
+typedef struct {
+    const char *tok[CHUNK];
+    float s[MAX_UNIT_HEADS][CHUNK] __attribute__((aligned(64)));
+    uint32_t p[MAX_UNIT_HEADS][CHUNK / 2];             /* bf16 probability pairs (t, t + 1) */
+    uint16_t vpairs[CHUNK / 2][MAX_VECTORS * 32] __attribute__((aligned(64)));
+} Scratch;
+
+/* 16 scores q . k[t0 + j] (j < count; the lanes past count are -inf) in one vector */
+INLINE vf scores16(const char *restrict q, const char *const *restrict tok, int64_t count, int64_t off,
+                   const int nv, const int bf16) {
+    vf part[16];
+    for (int j = 0; j < 16; j++) part[j] = dot_partial(q, tok[j < count ? j : 0] + off, nv, bf16);
+    vf r = reduce16(part);
+    for (int j = 0; j < 16; j++) r[j] = j < count ? r[j] : -INFINITY;
+    return r;
 }
 
-#define ATTEND(NV, BF16) attend(qv, qb, scale, k_cache, v_cache, table, len, h * head_dim * elem, \
-                                kv_heads * head_dim * elem, block_size, group, NV, BF16, ov)
-
-/* q, out: [tokens, heads, head_dim], the cache's dtype; caches: [blocks, block_size, kv_heads, head_dim]
- * fp32 or bf16; row b of the batch is sequence rows[b] (its block table and context length) with its query
- * at token tokens[b]. Returns 0, or -1 if a size exceeds this kernel's limits (checked by the caller too). */
-int decode_attention(const void *q, const void *k_cache, const void *v_cache, const int64_t *tables,
-                     int64_t table_stride, const int64_t *lens, const int64_t *rows, const int64_t *tokens,
-                     void *out, int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim,
-                     int64_t block_size, float scale, int bf16, int num_threads) {
-    const int64_t group = heads / kv_heads, elem = bf16 ? 2 : 4;
-    if (group > MAX_GROUP || block_size > MAX_BLOCK || head_dim % 16 || head_dim > 16 * MAX_VECTORS) return -1;
-    const int nv = head_dim / 16;
-#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads)
-    for (int64_t b = 0; b < batch; b++)
-        for (int64_t h = 0; h < kv_heads; h++) {
-            vf qv[MAX_GROUP * MAX_VECTORS], ov[MAX_GROUP * MAX_VECTORS];
-            const char *qb = (const char *)q + (tokens[b] * heads + h * group) * head_dim * elem;
-            for (int64_t i = 0; i < group * nv; i++) qv[i] = load16(qb + i * 16 * elem, bf16);
-            const int64_t *table = tables + rows[b] * table_stride, len = lens[rows[b]];
-            if (nv == 4 && !bf16) ATTEND(4, 0);
-            else if (nv == 4) ATTEND(4, 1);
-            else if (nv == 8 && !bf16) ATTEND(8, 0);
-            else if (nv == 8) ATTEND(8, 1);
-            else if (!bf16) ATTEND(nv, 0);
-            else ATTEND(nv, 1);
-            char *ob = (char *)out + (qb - (const char *)q);
-            for (int64_t i = 0; i < group * nv; i++) store16(ob + i * 16 * elem, ov[i], bf16);
+#if NATIVE_BF16
+#define PAIRED_PV(bf16, nv) ((bf16) && (nv) % 2 == 0)
+/* The value sum with vdpbf16ps: two tokens per instruction, their rows interleaved once per chunk and their
+ * probabilities rounded to bf16 (as flash attention rounds P before its PV matmul): half the instructions of
+ * widening rows and FMAs. The accumulators hold dims in unpack order (vector pairs cover 32 dims), undone by
+ * unpair() at the end. */
+INLINE void interleave(Scratch *w, int64_t off, int64_t n, const int nv) {
+    for (int64_t t = 0; t < n; t += 2) {
+        if (t + 32 < n)
+            for (int c = 0; c < nv * 16 * 2; c += 64)
+                __builtin_prefetch(w->tok[t + 32] + off + c), __builtin_prefetch(w->tok[t + 33] + off + c);
+        for (int c = 0; c < nv / 2; c++) {
+            const __m512i a = _mm512_loadu_si512(w->tok[t] + off + c * 64);
+            const __m512i b = t + 1 < n ? _mm512_loadu_si512(w->tok[t + 1] + off + c * 64) : _mm512_setzero_si512();
+            _mm512_store_si512(&w->vpairs[t / 2][c * 64], _mm512_unpacklo_epi16(a, b));
+            _mm512_store_si512(&w->vpairs[t / 2][c * 64 + 32], _mm512_unpackhi_epi16(a, b));
         }
+    }
+}
+
+INLINE void pv_pairs(vf *restrict o, const Scratch *w, int64_t i, int64_t n, const int nv) {
+    vf acc[nv];
+    for (int c = 0; c < nv; c++) acc[c] = o[c];
+    for (int64_t t = 0; t < n; t += 2) {
+        const __m512bh p = (__m512bh)_mm512_set1_epi32(w->p[i][t / 2]);
+        for (int c = 0; c < nv; c++)
+            acc[c] = (vf)_mm512_dpbf16_ps((__m512)acc[c], (__m512bh)_mm512_load_si512(&w->vpairs[t / 2][c * 32]), p);
+    }
+    for (int c = 0; c < nv; c++) o[c] = acc[c];
+}
+
+INLINE void round_pairs(Scratch *w, int64_t i, int64_t n) {
+    for (int64_t t = 0; t < n; t += 32) {
+        const __m512bh p = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(&w->s[i][t + 16]), _mm512_loadu_ps(&w->s[i][t]));
+        memcpy(&w->p[i][t / 2], &p, sizeof p);
+    }
+}
+
+/* lo holds dims 0-3, 8-11, 16-19, 24-27 of 32; hi the others */
+INLINE void unpair(vf *v) {
+    const vf lo = v[0], hi = v[1];
+    v[0] = SHUF(lo, hi, 0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    v[1] = SHUF(lo, hi, 8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+}
+#else
+#define PAIRED_PV(bf16, nv) 0
+#define interleave(...)
+#define pv_pairs(...)
+#define round_pairs(...)
+#define unpair(v)
+#endif
+
+/* One sequence's attention for its KV heads [h0, h1) (group query heads each), CHUNK cached positions at a
+ * time: the chunk's scores for every query head, an online softmax update per head over the whole chunk
+ * (running max m and sum l; the partial output is rescaled when the max grows), then the value sums.
+ * Token rows are found through the chunk's pointer table, so blocks may have any size. Inlined with nv
+ * (head_dim / 16) and the cache type as constants. */
+INLINE void attend(const char *restrict q, char *restrict out, float scale, const char *restrict k_cache,
+                   const char *restrict v_cache, const int64_t *restrict table, int64_t len, int64_t block_size,
+                   int64_t token_bytes, int64_t h0, int64_t h1, int64_t group, Scratch *w, const int nv,
+                   const int bf16) {
+    const int64_t elem = bf16 ? 2 : 4, row = nv * 16 * elem, heads = (h1 - h0) * group, vbase = v_cache - k_cache;
+    float m[MAX_UNIT_HEADS], l[MAX_UNIT_HEADS];
+    vf o[MAX_UNIT_HEADS * MAX_VECTORS];
+    for (int64_t i = 0; i < heads; i++) { m[i] = -INFINITY; l[i] = 0.f; }
+    for (int64_t i = 0; i < heads * nv; i++) o[i] = (vf){0};
+    for (int64_t start = 0; start < len; start += CHUNK) {
+        const int64_t n = len - start < CHUNK ? len - start : CHUNK;
+        for (int64_t t = 0, blk = start / block_size, off = start % block_size; t < n; t++) {  /* no division per token */
+            w->tok[t] = k_cache + (table[blk] * block_size + off) * token_bytes;
+            if (++off == block_size) off = 0, blk++;
+        }
+        for (int64_t t0 = 0; t0 < n; t0 += 16) {
+            for (int64_t t = t0 + 32; t < t0 + 48 && t < n; t++)  /* rows two groups ahead: blocks are scattered */
+                for (int64_t b = h0 * row; b < h1 * row; b += 64) __builtin_prefetch(w->tok[t] + b);
+            for (int64_t i = 0; i < heads; i++) {
+                const vf x = scores16(q + (h0 * group + i) * row, w->tok + t0, n - t0, (h0 + i / group) * row, nv, bf16) * scale;
+                memcpy(&w->s[i][t0], &x, sizeof x);
+            }
+        }
+        for (int64_t t = 0; t < n && t < 32; t++)  /* the first value rows, while the softmax runs */
+            for (int64_t b = h0 * row; b < h1 * row; b += 64) __builtin_prefetch(w->tok[t] + vbase + b);
+        for (int64_t i = 0; i < heads; i++) {
+            vf mx = (vf){0} + m[i], sum = (vf){0};
+            for (int64_t c = 0; c < n; c += 16) {
+                vf x;
+                memcpy(&x, &w->s[i][c], sizeof x);
+                mx = max16(x, mx);
+            }
+            float mnew = m[i], total = 0.f;
+            for (int k = 0; k < 16; k++) mnew = mx[k] > mnew ? mx[k] : mnew;
+            for (int64_t c = 0; c < n; c += 16) {
+                vf x;
+                memcpy(&x, &w->s[i][c], sizeof x);
+                x = exp16(x - mnew);
+                sum += x;
+                memcpy(&w->s[i][c], &x, sizeof x);
+            }
+            for (int k = 0; k < 16; k++) total += sum[k];
+            const float c = m[i] == -INFINITY ? 0.f : exp16((vf){0} + (m[i] - mnew))[0];
+            l[i] = l[i] * c + total;
+            m[i] = mnew;
+            for (int k = 0; k < nv; k++) o[i * nv + k] *= c;
+            if (PAIRED_PV(bf16, nv)) round_pairs(w, i, n);
+        }
+        for (int64_t h = h0; h < h1; h++) {
+            const int64_t i0 = (h - h0) * group;
+            if (PAIRED_PV(bf16, nv)) {
+                interleave(w, vbase + h * row, n, nv);
+                for (int64_t g = 0; g < group; g++) pv_pairs(o + (i0 + g) * nv, w, i0 + g, n, nv);
+                continue;
+            }
+            for (int64_t g = 0; g < group; g++) {
+                vf acc[nv];
+                for (int c = 0; c < nv; c++) acc[c] = o[(i0 + g) * nv + c];
+                for (int64_t t = 0; t < n; t++)
+                    for (int c = 0; c < nv; c++) acc[c] += w->s[i0 + g][t] * load16(w->tok[t] + vbase + h * row + c * 16 * elem, bf16);
+                for (int c = 0; c < nv; c++) o[(i0 + g) * nv + c] = acc[c];
+            }
+        }
+    }
+    if (PAIRED_PV(bf16, nv))
+        for (int64_t i = 0; i < heads * nv; i += 2) unpair(o + i);
+    for (int64_t i = 0; i < heads; i++)
+        for (int c = 0; c < nv; c++) store16(out + (i * nv + c) * 16 * elem, o[i * nv + c] * (1.f / l[i]), bf16);
+}
+
+#define ATTEND(NV, BF16) attend(qb, ob, scale, k_cache, v_cache, table, len, block_size, token_bytes, h0, h1, \
+                                group, &scratch, NV, BF16)
+
+/* q: [tokens, q_stride] rows whose first heads * head_dim values are the queries; out: [tokens, heads,
+ * head_dim]; both the cache's dtype; caches: [blocks, block_size, kv_heads, head_dim] fp32 or bf16; row b of the
+ * batch is sequence rows[b] (its block table and context length) with its query at token tokens[b].
+ * Work units: one sequence with all its KV heads (whole token rows: contiguous reads) when there are enough
+ * sequences to keep the threads busy, else one (sequence, KV head). Returns 0, or -1 if a size exceeds this
+ * kernel's limits (checked by the caller too). */
+int decode_attention(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache,
+                     const int64_t *tables, int64_t table_stride, const int64_t *lens, const int64_t *rows,
+                     const int64_t *tokens, void *out, int64_t batch, int64_t heads, int64_t kv_heads,
+                     int64_t head_dim, int64_t block_size, float scale, int bf16, int num_threads) {
+    const int64_t group = heads / kv_heads, elem = bf16 ? 2 : 4, token_bytes = kv_heads * head_dim * elem;
+    if (group > MAX_UNIT_HEADS || head_dim % 16 || head_dim > 16 * MAX_VECTORS) return -1;
+    int64_t per_unit = batch >= 4 * num_threads ? kv_heads : 1;
+    while (per_unit * group > MAX_UNIT_HEADS) per_unit--;
+    const int64_t units_per_seq = -(-kv_heads / per_unit);
+    const int nv = head_dim / 16;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+    for (int64_t u = 0; u < batch * units_per_seq; u++) {
+        static __thread Scratch scratch;
+        const int64_t b = u / units_per_seq, h0 = u % units_per_seq * per_unit;
+        const int64_t h1 = h0 + per_unit < kv_heads ? h0 + per_unit : kv_heads;
+        const char *qb = (const char *)q + tokens[b] * q_stride * elem;
+        char *ob = (char *)out + (tokens[b] * heads + h0 * group) * head_dim * elem;
+        const int64_t *table = tables + rows[b] * table_stride, len = lens[rows[b]];
+        if (nv == 4 && !bf16) ATTEND(4, 0);
+        else if (nv == 4) ATTEND(4, 1);
+        else if (nv == 8 && !bf16) ATTEND(8, 0);
+        else if (nv == 8) ATTEND(8, 1);
+        else if (!bf16) ATTEND(nv, 0);
+        else ATTEND(nv, 1);
+    }
     return 0;
 }
 
@@ -237,4 +332,23 @@ void silu_and_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_t d
             o[i] = to_bf16(bf16_round(g / (1.f + expf(-g))) * from_bf16(up[i]));
         }
     }
+}
+
+/* Rotary embedding of bf16 heads in place (rotate-half layout): x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin,
+ * each product and sum rounded to bf16 as torch's bf16 ops round them. Rows of `heads` heads at `stride`
+ * elements apart: the query and key heads side by side in the QKV projection's output, rotated in one call. */
+void rope_bf16(uint16_t *x, int64_t stride, int64_t tokens, int64_t heads, int64_t head_dim, const uint16_t *cos,
+               const uint16_t *sin, int num_threads) {
+    const int64_t half = head_dim / 2;
+#pragma omp parallel for schedule(static) num_threads(tokens >= 64 ? num_threads : 1)
+    for (int64_t t = 0; t < tokens; t++)
+        for (int64_t h = 0; h < heads; h++) {
+            uint16_t *x1 = x + t * stride + h * head_dim, *x2 = x1 + half;
+            const uint16_t *c = cos + t * half, *s = sin + t * half;
+            for (int64_t i = 0; i < half; i++) {
+                const float a = from_bf16(x1[i]), b = from_bf16(x2[i]), ci = from_bf16(c[i]), si = from_bf16(s[i]);
+                x1[i] = to_bf16(bf16_round(a * ci) - bf16_round(b * si));
+                x2[i] = to_bf16(bf16_round(b * ci) + bf16_round(a * si));
+            }
+        }
 }

@@ -47,7 +47,7 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     causal within the chunk.
     """
     store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)  # contiguous, whatever q's strides (a view of the QKV output)
     block_size = k_cache.shape[1]
     if len(meta.decode_rows) and cpu_kernel.available(q, k_cache):
         cpu_kernel.decode_attention(q, out, k_cache, v_cache, meta, scale)

@@ -61,7 +61,8 @@ def sample(logits: torch.Tensor, b: SamplingBatch, generator: torch.Generator | 
     """logits [B, V] -> token ids [B]. Temperature 0 rows take the argmax; the others draw from their
     filtered distribution. Seeded rows draw their noise from their own generator, so their tokens do not
     depend on what else is in the batch."""
-    logits = logits.float()
+    copied = logits.dtype != torch.float32
+    logits = logits.float()  # from here on a bf16 LM head's logits are our own copy, changed in place
     if b.banned:
         rows, toks = zip(*b.banned)
         logits[list(rows), list(toks)] = float("-inf")
@@ -72,7 +73,8 @@ def sample(logits: torch.Tensor, b: SamplingBatch, generator: torch.Generator | 
         return logits.argmax(dim=-1)
     any_greedy = bool(greedy.any())
     argmax = logits.argmax(dim=-1) if any_greedy else None
-    logits = logits / torch.where(greedy, 1.0, b.temperature)[:, None]
+    scale = torch.where(greedy, 1.0, b.temperature)[:, None]
+    logits = logits.div_(scale) if copied else logits / scale
     logits = apply_top_k_top_p_min_p(logits, b)
     # unnormalized: the draw below scales its uniform number by each row's total
     weights = (logits - logits.max(dim=-1, keepdim=True).values).exp_()
@@ -93,8 +95,8 @@ def inverse_cdf(weights: torch.Tensor, u: torch.Tensor, chunk: int = 256) -> tor
     on 2 cores): the running sum of chunk totals picks the chunk, then a running sum inside that one chunk
     picks the token. A zero-weight token is never picked (searchsorted right=True skips a flat step)."""
     rows, vocab = weights.shape
-    pad = -vocab % chunk
-    chunks = torch.nn.functional.pad(weights, (0, pad)).view(rows, -1, chunk)
+    pad = -vocab % chunk  # F.pad copies even when it adds nothing: 2.4 ms per step at 44 x 49152
+    chunks = (torch.nn.functional.pad(weights, (0, pad)) if pad else weights).view(rows, -1, chunk)
     totals = chunks.sum(dim=-1)                                   # [B, vocab / chunk]
     cdf = totals.cumsum(dim=-1)
     target = u[:, None] * cdf[:, -1:]
