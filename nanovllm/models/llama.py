@@ -68,7 +68,8 @@ class Model(nn.Module):
     def __init__(self, cfg, head_dim: int, rotary: Rotary, qkv_bias: bool, qk_norm: bool):
         super().__init__()
         self.vocab_size, self.rotary = cfg.vocab_size, rotary
-        self.embed_tokens = nn.Embedding(vocab_range(cfg.vocab_size)[1], cfg.hidden_size)
+        vocab = vocab_range(cfg.vocab_size)[1]  # given a weight, nn.Embedding skips its random init (see Linear)
+        self.embed_tokens = nn.Embedding(vocab, cfg.hidden_size, _weight=torch.empty(vocab, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg, head_dim, qkv_bias, qk_norm)
                                     for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
