@@ -93,15 +93,13 @@ INLINE vf exp16(vf x) {
 }
 
 /* Work arrays of one sequence's chunk, per thread: the chunk's token rows, its scores/probabilities per query
- * head, and (bf16 with AVX512-BF16) one KV head's value rows interleaved in pairs. Each accumulator loop below
- * has a constant trip count (nv), so the accumulators live in registers. */
+ * head and (bf16 with AVX512-BF16) their probabilities in bf16 pairs. */
 #define CHUNK 128
 #define MAX_UNIT_HEADS 64
 typedef struct {
     const char *tok[CHUNK];
     float s[MAX_UNIT_HEADS][CHUNK] __attribute__((aligned(64)));
     uint32_t p[MAX_UNIT_HEADS][CHUNK / 2];             /* bf16 probability pairs (t, t + 1) */
-    uint16_t vpairs[CHUNK / 2][MAX_VECTORS * 32] __attribute__((aligned(64)));
 } Scratch;
 
 /* 16 scores q . k[t0 + j] (j < count; the lanes past count are -inf) in one vector */
@@ -116,40 +114,35 @@ INLINE vf scores16(const char *restrict q, const char *const *restrict tok, int6
 
 #if NATIVE_BF16
 #define PAIRED_PV(bf16, nv) ((bf16) && (nv) % 2 == 0)
-/* The value sum with vdpbf16ps: two tokens per instruction, their rows interleaved once per chunk and their
- * probabilities rounded to bf16 (as flash attention rounds P before its PV matmul): half the instructions of
- * widening rows and FMAs. The accumulators hold dims in unpack order (vector pairs cover 32 dims), undone by
- * unpair() at the end. */
-INLINE void interleave(Scratch *w, int64_t off, int64_t n, const int nv) {
-    for (int64_t t = 0; t < n; t += 2) {
-        if (t + 32 < n)
-            for (int c = 0; c < nv * 16 * 2; c += 64)
-                __builtin_prefetch(w->tok[t + 32] + off + c), __builtin_prefetch(w->tok[t + 33] + off + c);
-        for (int c = 0; c < nv / 2; c++) {
-            const __m512i a = _mm512_loadu_si512(w->tok[t] + off + c * 64);
-            const __m512i b = t + 1 < n ? _mm512_loadu_si512(w->tok[t + 1] + off + c * 64) : _mm512_setzero_si512();
-            _mm512_store_si512(&w->vpairs[t / 2][c * 64], _mm512_unpacklo_epi16(a, b));
-            _mm512_store_si512(&w->vpairs[t / 2][c * 64 + 32], _mm512_unpackhi_epi16(a, b));
-        }
-    }
-}
-
-INLINE void pv_pairs(vf *restrict o, const Scratch *w, int64_t i, int64_t n, const int nv) {
-    vf acc[nv];
-    for (int c = 0; c < nv; c++) acc[c] = o[c];
-    for (int64_t t = 0; t < n; t += 2) {
-        const __m512bh p = (__m512bh)_mm512_set1_epi32(w->p[i][t / 2]);
-        for (int c = 0; c < nv; c++)
-            acc[c] = (vf)_mm512_dpbf16_ps((__m512)acc[c], (__m512bh)_mm512_load_si512(&w->vpairs[t / 2][c * 32]), p);
-    }
-    for (int c = 0; c < nv; c++) o[c] = acc[c];
-}
-
 INLINE void round_pairs(Scratch *w, int64_t i, int64_t n) {
     for (int64_t t = 0; t < n; t += 32) {
         const __m512bh p = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(&w->s[i][t + 16]), _mm512_loadu_ps(&w->s[i][t]));
         memcpy(&w->p[i][t / 2], &p, sizeof p);
     }
+}
+
+
+/* The value sum with vdpbf16ps: two tokens per instruction (their rows interleaved by unpack, their
+ * probabilities rounded to bf16, as flash attention rounds P before its PV matmul): half the instructions of
+ * widening rows and FMAs. Each row pair is unpacked once for all the group's query heads. The accumulators hold
+ * dims in unpack order (vector pairs cover 32 dims), undone by unpair() at the end. */
+INLINE void pv_pairs(vf *restrict o, const Scratch *w, int64_t i0, int64_t off, int64_t n, int64_t group, const int nv) {
+    vf acc[group * nv];
+    for (int64_t i = 0; i < group * nv; i++) acc[i] = o[i];
+    for (int64_t t = 0; t < n; t += 2) {
+        if (t + 32 < n) __builtin_prefetch(w->tok[t + 32] + off), __builtin_prefetch(w->tok[t + 33] + off);
+        for (int c = 0; c < nv / 2; c++) {
+            const __m512i a = _mm512_loadu_si512(w->tok[t] + off + c * 64);
+            const __m512i b = t + 1 < n ? _mm512_loadu_si512(w->tok[t + 1] + off + c * 64) : _mm512_setzero_si512();
+            const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(a, b), hi = (__m512bh)_mm512_unpackhi_epi16(a, b);
+            for (int64_t g = 0; g < group; g++) {
+                const __m512bh p = (__m512bh)_mm512_set1_epi32(w->p[i0 + g][t / 2]);
+                acc[g * nv + 2 * c] = (vf)_mm512_dpbf16_ps((__m512)acc[g * nv + 2 * c], lo, p);
+                acc[g * nv + 2 * c + 1] = (vf)_mm512_dpbf16_ps((__m512)acc[g * nv + 2 * c + 1], hi, p);
+            }
+        }
+    }
+    for (int64_t i = 0; i < group * nv; i++) o[i] = acc[i];
 }
 
 /* lo holds dims 0-3, 8-11, 16-19, 24-27 of 32; hi the others */
@@ -160,7 +153,6 @@ INLINE void unpair(vf *v) {
 }
 #else
 #define PAIRED_PV(bf16, nv) 0
-#define interleave(...)
 #define pv_pairs(...)
 #define round_pairs(...)
 #define unpair(v)
@@ -222,8 +214,7 @@ INLINE void attend(const char *restrict q, char *restrict out, float scale, cons
         for (int64_t h = h0; h < h1; h++) {
             const int64_t i0 = (h - h0) * group;
             if (PAIRED_PV(bf16, nv)) {
-                interleave(w, vbase + h * row, n, nv);
-                for (int64_t g = 0; g < group; g++) pv_pairs(o + (i0 + g) * nv, w, i0 + g, n, nv);
+                pv_pairs(o + i0 * nv, w, i0, vbase + h * row, n, group, nv);
                 continue;
             }
             for (int64_t g = 0; g < group; g++) {
