@@ -3,7 +3,7 @@
     python benchmarks/profile_step.py                 # 44 sequences, the embedded model, dtype auto
     python benchmarks/profile_step.py --seqs 64 --ops 30 --prefill
 
---prefill profiles the prefill steps instead (2048-token steps of the same prompts).
+--prefill profiles the prefill steps of the preset's remaining prompts instead (2048-token steps).
 """
 import argparse
 import time
@@ -37,8 +37,8 @@ def main() -> None:
     context = sum(s.num_tokens for s in sched.running)
     print(f"{len(sched.running)} sequences, {context} context tokens; prefill steps (s): "
           + " ".join(f"{s:.3f}" for s in steps))
-    if args.prefill:
-        for i, p in enumerate(prompts[:args.seqs]):
+    if args.prefill:  # prompts not seen yet: no prefix-cache hits
+        for i, p in enumerate(prompts[args.seqs:]):
             engine.add_request(f"p{i}", p, params)
         with torch.profiler.profile() as prof:
             while sched.waiting:

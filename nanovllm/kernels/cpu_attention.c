@@ -178,16 +178,22 @@ INLINE void attend(const char *restrict q, char *restrict out, float scale, cons
             w->tok[t] = k_cache + (table[blk] * block_size + off) * token_bytes;
             if (++off == block_size) off = 0, blk++;
         }
+        /* Prefetches keep the reads going while the cores compute (no gain for the hardware prefetcher, which
+         * sees short runs of scattered blocks): key rows two groups ahead; the value rows of each group into L2
+         * while its scores are computed; the next chunk's first key rows before the softmax and value sums. */
         for (int64_t t0 = 0; t0 < n; t0 += 16) {
-            for (int64_t t = t0 + 32; t < t0 + 48 && t < n; t++)  /* rows two groups ahead: blocks are scattered */
+            for (int64_t t = t0 + 32; t < t0 + 48 && t < n; t++)
                 for (int64_t b = h0 * row; b < h1 * row; b += 64) __builtin_prefetch(w->tok[t] + b);
+            for (int64_t t = t0; t < t0 + 16 && t < n; t++)
+                for (int64_t b = h0 * row; b < h1 * row; b += 64) __builtin_prefetch(w->tok[t] + vbase + b, 0, 2);
             for (int64_t i = 0; i < heads; i++) {
                 const vf x = scores16(q + (h0 * group + i) * row, w->tok + t0, n - t0, (h0 + i / group) * row, nv, bf16) * scale;
                 memcpy(&w->s[i][t0], &x, sizeof x);
             }
         }
-        for (int64_t t = 0; t < n && t < 32; t++)  /* the first value rows, while the softmax runs */
-            for (int64_t b = h0 * row; b < h1 * row; b += 64) __builtin_prefetch(w->tok[t] + vbase + b);
+        for (int64_t pos = start + CHUNK; pos < start + CHUNK + 32 && pos < len; pos++)
+            for (int64_t b = h0 * row; b < h1 * row; b += 64)
+                __builtin_prefetch(k_cache + (table[pos / block_size] * block_size + pos % block_size) * token_bytes + b);
         for (int64_t i = 0; i < heads; i++) {
             vf mx = (vf){0} + m[i], sum = (vf){0};
             for (int64_t c = 0; c < n; c += 16) {
