@@ -141,6 +141,16 @@ def test_fused_bf16_elementwise_match_torch():
     expected = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).bfloat16()
     got = cpu_kernel.rms_norm(x, norm.weight, 1e-5)
     assert torch.equal(norm(x), got)
+    # with the residual stream: the add is done in the norm's pass, in place, rounded as torch's bf16 add
+    delta = torch.randn(37, 576, generator=gen).bfloat16()
+    residual = x.clone()
+    out, updated = norm(delta, residual)
+    assert updated is residual and torch.equal(residual, x + delta)
+    assert torch.equal(out, cpu_kernel.rms_norm(x + delta, norm.weight, 1e-5))
+    expected_sum = x.float() + delta.float()
+    out32, updated32 = norm.float()(delta.float(), x.float())  # fp32: torch's ops, a new residual tensor
+    assert torch.equal(updated32, expected_sum) and torch.equal(out32, norm(expected_sum))
+    norm = norm.bfloat16()
     assert (got != expected).float().mean() < 0.01
     torch.testing.assert_close(got, expected, rtol=1e-2, atol=0)
     gate_up = (torch.randn(37, 2 * 96, generator=gen) * 4).bfloat16()

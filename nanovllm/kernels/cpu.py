@@ -53,7 +53,7 @@ def library() -> ctypes.CDLL | None:
     lib.store_kv.restype = None
     lib.store_kv.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
     lib.rms_norm_bf16.restype = lib.silu_and_mul_bf16.restype = None
-    lib.rms_norm_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
+    lib.rms_norm_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
     lib.silu_and_mul_bf16.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     lib.rope_bf16.restype = None
     lib.rope_bf16.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
@@ -110,15 +110,18 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 def fused_bf16(*tensors: torch.Tensor) -> bool:
     """Whether the fused elementwise kernels serve these: contiguous bf16 CPU tensors (fp32 stays on torch,
     bit for bit what HF computes)."""
-    return (all(t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.is_contiguous() for t in tensors)
-            and library() is not None)
+    for t in tensors:  # a loop, not all(genexpr): this runs ~130 times a step
+        if t.dtype != torch.bfloat16 or not t.is_contiguous() or t.device.type != "cpu":
+            return False
+    return library() is not None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF's RMSNorm of bf16 rows [..., dim] in one pass (torch takes six ops and two fp32 copies)."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, add: torch.Tensor | None = None) -> torch.Tensor:
+    """HF's RMSNorm of bf16 rows [..., dim] in one pass (torch takes six ops and two fp32 copies). With `add`,
+    x += add in place first (the residual stream), in the same pass."""
     out = torch.empty_like(x)
-    library().rms_norm_bf16(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1],
-                            eps, torch.get_num_threads())
+    library().rms_norm_bf16(x.data_ptr(), None if add is None else add.data_ptr(), weight.data_ptr(), out.data_ptr(),
+                            x.numel() // x.shape[-1], x.shape[-1], eps, torch.get_num_threads())
     return out
 
 

@@ -303,13 +303,16 @@ INLINE float from_bf16(uint16_t h) {
 
 INLINE float bf16_round(float x) { return from_bf16(to_bf16(x)); }
 
-/* HF's RMSNorm of bf16 rows: x / rms(x) in fp32, rounded to bf16, then times the weight (rounded). */
-void rms_norm_bf16(const uint16_t *x, const uint16_t *weight, uint16_t *out, int64_t rows, int64_t dim, float eps,
-                   int num_threads) {
+/* HF's RMSNorm of bf16 rows: x / rms(x) in fp32, rounded to bf16, then times the weight (rounded). With `add`
+ * (the residual stream's update), x first becomes x + add in place, rounded as torch's bf16 add rounds it:
+ * the residual add and the next norm in one pass. */
+void rms_norm_bf16(uint16_t *x, const uint16_t *add, const uint16_t *weight, uint16_t *out, int64_t rows,
+                   int64_t dim, float eps, int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *xr = x + r * dim;
-        uint16_t *o = out + r * dim;
+        uint16_t *xr = x + r * dim, *o = out + r * dim;
+        if (add)
+            for (int64_t i = 0; i < dim; i++) xr[i] = to_bf16(from_bf16(xr[i]) + from_bf16(add[r * dim + i]));
         float sq = 0.f;
         for (int64_t i = 0; i < dim; i++) sq += from_bf16(xr[i]) * from_bf16(xr[i]);
         const float inv = 1.f / sqrtf(sq / dim + eps);

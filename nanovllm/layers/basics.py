@@ -11,7 +11,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """RMSNorm(x); or, given the residual stream, (RMSNorm(residual + x), residual + x), where on CPU in bf16
+        the residual is updated in place in the same pass as the norm."""
+        if residual is not None:
+            if cpu_kernel.fused_bf16(x, residual, self.weight):
+                return cpu_kernel.rms_norm(residual, self.weight, self.eps, add=x), residual
+            residual = residual + x
+            return self(residual), residual
         if cpu_kernel.fused_bf16(x, self.weight):
             return cpu_kernel.rms_norm(x, self.weight, self.eps)
         xf = x.float()

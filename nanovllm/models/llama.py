@@ -1,6 +1,7 @@
 """The Llama decoder and its close relatives (Mistral, Qwen2: q/k/v biases, Qwen3: per-head q/k RMSNorm).
 
     h = x + Attn(RMSNorm(x));  out = h + MLP(RMSNorm(h));  MLP(x) = W_down(silu(W_gate x) * W_up x)
+Each residual add is done by the RMSNorm after it (one pass on CPU), so a layer passes on (MLP output, residual).
 q/k/v and gate/up are fused into one matmul each; the loader fills the fused weights by slices.
 Under tensor parallelism each rank builds the same model with its share of the heads, of the intermediate size
 and of the vocabulary (layers/parallel.py); o_proj and down_proj outputs are all-reduced.
@@ -59,9 +60,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(rope, self.input_layernorm(x), meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, residual: torch.Tensor | None,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output, not yet added to the residual stream (at the first layer: the
+        embeddings, and no residual). Each add is done by the norm after it (one pass on CPU)."""
+        h, residual = self.input_layernorm(x, residual) if residual is not None else (self.input_layernorm(x), x)
+        h, residual = self.post_attention_layernorm(self.self_attn(rope, h, meta), residual)
+        return self.mlp(h), residual
 
 
 class Model(nn.Module):
@@ -77,9 +82,10 @@ class Model(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = embed(input_ids, self.embed_tokens.weight, self.vocab_size)
         rope = self.rotary.tables(positions, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(rope, x, meta)
-        return self.norm(x)
+            x, residual = layer(rope, x, residual, meta)
+        return self.norm(x, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
