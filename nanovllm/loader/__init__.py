@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import transformers
 import xxhash
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerFast
 
 from nanovllm.layers.basics import pack_for_cpu
 from nanovllm.models.llama import MODELS
@@ -80,7 +80,10 @@ def load_hf_config(path: str):
         raise FileNotFoundError(f"model path {path!r} does not exist")
     try:
         if path.endswith(".gguf"):
-            cfg = AutoConfig.from_pretrained(gguf_converted(path))
+            # our converted folder's config.json is complete: read as a plain config, without importing the
+            # model's own config class (transformers' import of it pulls torch.distributed.tensor and accelerate:
+            # ~1 s of `nanovllm generate`'s time to first token)
+            cfg = PretrainedConfig.from_json_file(os.path.join(gguf_converted(path), "config.json"))
         elif not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError(f"{path!r} is neither a .gguf file nor a folder with a config.json")
         else:
@@ -127,7 +130,16 @@ def load_model(path: str, dtype: torch.dtype, device: str, max_positions: int, h
 def load_tokenizer(path: str, tokenizer_path: str | None = None):
     if tokenizer_path:
         return AutoTokenizer.from_pretrained(tokenizer_path)
-    return AutoTokenizer.from_pretrained(gguf_converted(path) if path.endswith(".gguf") else path)
+    if not path.endswith(".gguf"):
+        return AutoTokenizer.from_pretrained(path)
+    folder = gguf_converted(path)
+    with open(os.path.join(folder, "tokenizer_config.json")) as f:
+        kind = json.load(f).get("tokenizer_class")
+    # a GGUF's vocabulary converts to a plain tokenizers-backed tokenizer: load it as that class, since
+    # AutoTokenizer would import the model's config class to look the class up (see load_hf_config)
+    if kind in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def eos_ids(path: str, cfg, tokenizer) -> set[int]:
