@@ -55,7 +55,8 @@ def library() -> ctypes.CDLL | None:
     lib.rms_norm_bf16.restype = lib.silu_and_mul_bf16.restype = None
     lib.rms_norm_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
     lib.silu_and_mul_bf16.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
-    lib.rope_bf16.restype = None
+    lib.rope_bf16.restype = lib.sample_rows.restype = None
+    lib.sample_rows.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int]
     lib.rope_bf16.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
     return lib
 
@@ -141,3 +142,18 @@ def rope_in_place(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor], he
     library().rope_bf16(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1] // head_dim, head_dim, cos.data_ptr(),
                         sin.data_ptr(), torch.get_num_threads())
     return True
+
+
+def can_sample(logits: torch.Tensor) -> bool:
+    return (logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16) and logits.dim() == 2
+            and logits.is_contiguous() and library() is not None)
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row of logits [B, V] (fp32 or bf16, CPU; see can_sample): the argmax where temperature is 0, else the
+    token where the running sum of exp(logits / temperature) passes u * total."""
+    out = torch.empty(len(logits), dtype=torch.int64)
+    temperature, u = temperature.float().contiguous(), u.float().contiguous()
+    library().sample_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], logits.dtype == torch.bfloat16,
+                          temperature.data_ptr(), u.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    return out

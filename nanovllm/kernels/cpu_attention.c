@@ -1,6 +1,7 @@
 /* Decode attention over the paged KV cache on CPU: one query token per sequence, keys and values read in
  * place through the block table (torch has to gather them into a contiguous copy first).
  * Built by nanovllm/kernels/cpu.py with gcc -O3 -march=native -ffast-math -fopenmp. */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -351,4 +352,59 @@ void rope_bf16(uint16_t *x, int64_t stride, int64_t tokens, int64_t heads, int64
                 x2[i] = to_bf16(bf16_round(b * ci) + bf16_round(a * si));
             }
         }
+}
+
+/* One token per row of fp32 or bf16 logits [rows, vocab], read in place: the argmax where temperature is 0,
+ * else a draw from softmax(logits / temperature) by the inverse CDF at u * total. For rows without top-k,
+ * top-p, min-p or penalties (the sampler checks): a pass for the max, one for the exponentials' total, and a
+ * partial one for the draw, 16 lanes at a time. */
+INLINE vf load_logits(const char *row, int64_t i, int64_t vocab, int bf16) {
+    if (i + 16 <= vocab) return load16(row + i * (bf16 ? 2 : 4), bf16);
+    vf x = (vf){0} - FLT_MAX;  /* not -inf: -ffast-math assumes finite values */
+    for (int64_t j = i; j < vocab; j++) x[j - i] = bf16 ? from_bf16(((const uint16_t *)row)[j]) : ((const float *)row)[j];
+    return x;
+}
+
+void sample_rows(const void *logits, int64_t rows, int64_t vocab, int bf16, const float *temperature, const float *u,
+                 int64_t *out, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t r = 0; r < rows; r++) {
+        const char *row = (const char *)logits + r * vocab * (bf16 ? 2 : 4);
+        vf mx = (vf){0} - FLT_MAX;
+        for (int64_t i = 0; i < vocab; i += 16) mx = max16(mx, load_logits(row, i, vocab, bf16));
+        float m = -FLT_MAX;
+        for (int k = 0; k < 16; k++) m = mx[k] > m ? mx[k] : m;
+        if (temperature[r] == 0.f) {  /* the first index holding the max, as torch's argmax */
+            out[r] = 0;
+            for (int64_t i = 0, k = 16; k == 16; i += 16) {
+                const vf x = load_logits(row, i, vocab, bf16);
+                for (k = 0; k < 16 && x[k] != m; k++) {}
+                if (k < 16) out[r] = i + k;
+            }
+            continue;
+        }
+        const float inv = 1.f / temperature[r];
+        vf sum = (vf){0};
+        for (int64_t i = 0; i < vocab; i += 16) sum += exp16((load_logits(row, i, vocab, bf16) - m) * inv);
+        float total = 0.f, run = 0.f;
+        for (int k = 0; k < 16; k++) total += sum[k];
+        const float target = u[r] * total;
+        int64_t pick = -1, last = 0;  /* last: the last token with any weight, where rounding runs past the end */
+        for (int64_t i = 0; i < vocab && pick < 0; i += 16) {
+            const vf w = exp16((load_logits(row, i, vocab, bf16) - m) * inv);
+            float chunk = 0.f;
+            for (int k = 0; k < 16; k++) chunk += w[k];
+            if (run + chunk <= target) {
+                run += chunk;
+                for (int k = 0; k < 16 && i + k < vocab; k++) last = w[k] > 0.f ? i + k : last;
+                continue;
+            }
+            for (int k = 0; k < 16 && i + k < vocab; k++) {
+                run += w[k];
+                if (w[k] > 0.f) last = i + k;
+                if (run > target) { pick = i + k; break; }
+            }
+        }
+        out[r] = pick >= 0 ? pick : last;
+    }
 }

@@ -3,6 +3,8 @@ from dataclasses import dataclass
 
 import torch
 
+from nanovllm.kernels import cpu as cpu_kernel
+
 
 @dataclass
 class SamplingBatch:
@@ -61,6 +63,10 @@ def sample(logits: torch.Tensor, b: SamplingBatch, generator: torch.Generator | 
     """logits [B, V] -> token ids [B]. Temperature 0 rows take the argmax; the others draw from their
     filtered distribution. Seeded rows draw their noise from their own generator, so their tokens do not
     depend on what else is in the batch."""
+    greedy = b.temperature == 0
+    if (b.repetition_penalty is None and not b.banned and cpu_kernel.can_sample(logits) and not bool(greedy.all())
+            and not filtered(b)):  # plain temperature sampling on CPU: one C pass per row, logits read in place
+        return cpu_kernel.sample(logits, b.temperature, uniform(b, generator, logits.device))
     copied = logits.dtype != torch.float32
     logits = logits.float()  # from here on a bf16 LM head's logits are our own copy, changed in place
     if b.banned:
@@ -68,7 +74,6 @@ def sample(logits: torch.Tensor, b: SamplingBatch, generator: torch.Generator | 
         logits[list(rows), list(toks)] = float("-inf")
     if b.repetition_penalty is not None:
         logits = apply_penalties(logits, b)
-    greedy = b.temperature == 0
     if bool(greedy.all()):
         return logits.argmax(dim=-1)
     any_greedy = bool(greedy.any())
@@ -78,14 +83,22 @@ def sample(logits: torch.Tensor, b: SamplingBatch, generator: torch.Generator | 
     logits = apply_top_k_top_p_min_p(logits, b)
     # unnormalized: the draw below scales its uniform number by each row's total
     weights = (logits - logits.max(dim=-1, keepdim=True).values).exp_()
-    # Inverse CDF: one uniform number per row (drawing noise for the whole vocabulary costs ~40x more);
-    # a seeded row draws its number from its own generator.
-    u = torch.rand(len(weights), generator=generator, device=weights.device)
+    sampled = inverse_cdf(weights, uniform(b, generator, weights.device))
+    return torch.where(greedy, argmax, sampled) if any_greedy else sampled
+
+
+def filtered(b: SamplingBatch) -> bool:
+    return bool((b.top_k > 0).any() or (b.top_p < 1).any() or (b.min_p > 0).any())
+
+
+def uniform(b: SamplingBatch, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """One uniform number per row for an inverse-CDF draw (noise for the whole vocabulary costs ~40x more);
+    a seeded row draws its number from its own generator."""
+    u = torch.rand(len(b.generators), generator=generator, device=device)
     for i, g in enumerate(b.generators):
         if g is not None:
-            u[i] = torch.rand(1, generator=g, device=weights.device)
-    sampled = inverse_cdf(weights, u)
-    return torch.where(greedy, argmax, sampled) if any_greedy else sampled
+            u[i] = torch.rand(1, generator=g, device=device)
+    return u
 
 
 def inverse_cdf(weights: torch.Tensor, u: torch.Tensor, chunk: int = 256) -> torch.Tensor:
