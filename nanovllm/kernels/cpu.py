@@ -1,5 +1,5 @@
-"""Our C kernels for CPU (cpu_attention.c: decode attention, KV store, bf16 RMSNorm and SiLU-and-mul),
-compiled with gcc on first use and loaded with ctypes.
+"""Our C kernels for CPU (cpu_attention.c: decode attention, KV store, sampling, and in bf16 rotary, RMSNorm with
+the residual add, SiLU-and-mul), compiled with gcc on first use and loaded with ctypes.
 
 Plain C and ctypes instead of a torch C++ extension: it builds in about a second (no torch headers) and
 needs nothing but gcc. The OpenMP runtime it links is the one torch already loaded (same soname), so the
