@@ -56,7 +56,8 @@ def library() -> ctypes.CDLL | None:
     lib.rms_norm_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
     lib.silu_and_mul_bf16.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     lib.rope_bf16.restype = lib.sample_rows.restype = None
-    lib.sample_rows.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int]
+    lib.sample_rows.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_int] + [ctypes.c_void_p] * 3
+                                + [ctypes.c_int])
     lib.rope_bf16.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
     return lib
 
@@ -83,8 +84,9 @@ def decode_attention(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, 
 
 
 def available(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether the kernel serves this layer: CPU tensors of one dtype (fp32 or bf16), contiguous, within its
-    limits (head dims in vectors of 16: every common model), and a compiler was found."""
+    """Whether the kernel serves this layer: CPU tensors of one dtype (fp32 or bf16), a contiguous cache, query
+    heads contiguous within each (possibly strided) row, within its limits (head dims in vectors of 16: every
+    common model), and a compiler was found."""
     _, _, kv_heads, head_dim = k_cache.shape
     return (q.device.type == "cpu" and q.dtype == k_cache.dtype and q.dtype in (torch.float32, torch.bfloat16)
             and q.stride(2) == 1 and q.stride(1) == head_dim and k_cache.is_contiguous()

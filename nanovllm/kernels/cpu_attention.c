@@ -122,7 +122,6 @@ INLINE void round_pairs(Scratch *w, int64_t i, int64_t n) {
     }
 }
 
-
 /* The value sum with vdpbf16ps: two tokens per instruction (their rows interleaved by unpack, their
  * probabilities rounded to bf16, as flash attention rounds P before its PV matmul): half the instructions of
  * widening rows and FMAs. Each row pair is unpacked once for all the group's query heads. The accumulators hold

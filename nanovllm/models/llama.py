@@ -31,11 +31,13 @@ class Attention(nn.Module):
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in qkv.split([self.q_size, self.kv_size, self.kv_size], -1))
+        sizes = [self.q_size, self.kv_size, self.kv_size]
+        q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in qkv.split(sizes, -1))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         # on CPU in bf16, q and k are rotated where they are, in one pass (rotary is ~20 small torch ops)
-        if self.q_norm is not None or not cpu_kernel.rope_in_place(qkv[:, :self.q_size + self.kv_size], rope, self.head_dim):
+        qk = qkv[:, :self.q_size + self.kv_size]
+        if self.q_norm is not None or not cpu_kernel.rope_in_place(qk, rope, self.head_dim):
             q, k = Rotary.apply(rope, q), Rotary.apply(rope, k)
         o = self.backend(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return all_reduce(self.o_proj(o.flatten(1)))
