@@ -211,3 +211,45 @@ def test_c_sampler_follows_the_distribution():
     got = cpu_kernel.sample(logits.expand(draws, -1).contiguous(), torch.full((draws,), 0.8), u)
     freq = torch.bincount(got, minlength=logits.shape[1]).float() / draws
     torch.testing.assert_close(freq, torch.softmax(logits[0] / 0.8, -1), atol=0.015, rtol=0)
+
+
+@pytest.mark.skipif(not cpu_kernel.has_amx(), reason="this CPU (or its compiler) has no AMX")
+@pytest.mark.parametrize("rows", [1, 16, 17, 44, 48, 49, 100, 128])
+@pytest.mark.parametrize("bias", [False, True])
+def test_amx_linear_matches_fp32(rows, bias):
+    """Decode-step bf16 matmuls on AMX: the fp32 sum of the exact bf16 products, rounded once to bf16."""
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 96, generator=gen).bfloat16()
+    w = (torch.randn(80, 96, generator=gen) / 10).bfloat16()  # 5 blocks of 16 outputs, 3 steps of 32 inputs
+    b = torch.randn(80, generator=gen).bfloat16() if bias else None
+    got = cpu_kernel.amx_linear(x, w, b)
+    expected = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 80)
+    torch.testing.assert_close(got.double(), expected, rtol=2 ** -8, atol=1e-6)  # within bf16's rounding
+    assert (got != expected.bfloat16()).float().mean() < 0.02  # and rounded to nearest (summation order aside)
+
+
+def test_amx_linear_declines_what_it_cannot_do():
+    x = torch.randn(4, 64).bfloat16()
+    assert cpu_kernel.amx_linear(x.float(), torch.randn(32, 64), None) is None        # fp32: torch's job
+    assert cpu_kernel.amx_linear(x, torch.randn(40, 64).bfloat16(), None) is None     # outputs not in 16s
+    assert cpu_kernel.amx_linear(x[:, :48], torch.randn(32, 48).bfloat16(), None) is None  # inputs not in 32s
+    assert cpu_kernel.amx_linear(torch.randn(200, 64).bfloat16(), torch.randn(32, 64).bfloat16(), None) is None
+
+
+def test_bf16_linear_paths_agree(monkeypatch):
+    """Linear on CPU in bf16: the AMX kernel (decode rows), oneDNN's packed weight (CPUs without AMX) and
+    F.linear (prefill rows) give the same outputs up to bf16 rounding."""
+    from nanovllm.layers.basics import Linear, pack_for_cpu
+    gen = torch.Generator().manual_seed(3)
+    layer = Linear(128, 64, bias=True)
+    layer.weight.data, layer.bias.data = (torch.randn(64, 128, generator=gen) / 10).bfloat16(), torch.randn(64).bfloat16()
+    x = torch.randn(44, 128, generator=gen).bfloat16()
+    expected = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
+    got = layer(x)
+    torch.testing.assert_close(got.double(), expected, rtol=2 ** -7, atol=1e-2)
+    monkeypatch.setattr(cpu_kernel, "has_amx", lambda: False)
+    pack_for_cpu(torch.nn.Sequential(layer))
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert layer.packed is not None
+    torch.testing.assert_close(layer(x).double(), expected, rtol=2 ** -7, atol=1e-2)

@@ -1,5 +1,6 @@
 """Our C kernels for CPU (cpu_attention.c: decode attention, KV store, sampling, and in bf16 rotary, RMSNorm with
-the residual add, SiLU-and-mul), compiled with gcc on first use and loaded with ctypes.
+the residual add, SiLU-and-mul; cpu_linear.c: decode-step bf16 matmuls on AMX), compiled with gcc on first use and
+loaded with ctypes.
 
 Plain C and ctypes instead of a torch C++ extension: it builds in about a second (no torch headers) and
 needs nothing but gcc. The OpenMP runtime it links is the one torch already loaded (same soname), so the
@@ -16,7 +17,7 @@ import warnings
 import torch
 import xxhash
 
-SOURCE = os.path.join(os.path.dirname(__file__), "cpu_attention.c")
+SOURCES = [os.path.join(os.path.dirname(__file__), name) for name in ("cpu_attention.c", "cpu_linear.c")]
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 
 
@@ -28,8 +29,7 @@ def cache_dir() -> str:
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, built once per source, flags and CPU (-march=native), or None without a compiler."""
-    with open(SOURCE, "rb") as f:
-        source = f.read()
+    source = b"".join(open(path, "rb").read() for path in SOURCES)
     cpu = platform.processor() + open("/proc/cpuinfo").read().split("flags", 1)[-1].split("\n", 1)[0] \
         if os.path.exists("/proc/cpuinfo") else platform.processor()
     key = xxhash.xxh64_hexdigest(source + " ".join(FLAGS).encode() + cpu.encode())
@@ -39,7 +39,7 @@ def library() -> ctypes.CDLL | None:
             os.makedirs(cache_dir(), exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
             os.close(fd)
-            subprocess.run(["gcc", *FLAGS, SOURCE, "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
+            subprocess.run(["gcc", *FLAGS, *SOURCES, "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
             os.replace(tmp, path)  # atomic: processes building at once each install a whole file
         except (OSError, subprocess.CalledProcessError) as e:
             detail = getattr(e, "stderr", "") or e
@@ -59,6 +59,9 @@ def library() -> ctypes.CDLL | None:
     lib.sample_rows.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_int] + [ctypes.c_void_p] * 3
                                 + [ctypes.c_int])
     lib.rope_bf16.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
+    lib.linear_bf16.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 2
+                                + [ctypes.c_void_p] * 2 + [ctypes.c_int])
+    lib.amx = lib.linear_amx_init() == 0  # built with AMX, and the kernel let this process use it
     return lib
 
 
@@ -108,6 +111,46 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     library().store_kv(k.data_ptr(), v.data_ptr(), k.stride(0) * e, v.stride(0) * e, k_cache.data_ptr(),
                        v_cache.data_ptr(), slot_mapping.data_ptr(), len(slot_mapping), row * e)
     return True
+
+
+HUGE_PAGE = 2 << 20
+
+
+def huge_page_buffer(nbytes: int) -> torch.Tensor:
+    """An uninitialised uint8 CPU buffer that Linux backs with 2 MB pages where it can (madvise MADV_HUGEPAGE,
+    honoured when transparent huge pages are 'always' or 'madvise'). Streaming reads of weights run ~1.4x faster
+    there (fewer TLB misses; docs/benchmarks.md); the first touch of each page is slower, paid at load time."""
+    buf = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
+    start = -buf.data_ptr() % HUGE_PAGE
+    if platform.system() == "Linux" and nbytes >= HUGE_PAGE:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.madvise(buf.data_ptr() + start, nbytes // HUGE_PAGE * HUGE_PAGE, 14)  # MADV_HUGEPAGE; advice only
+    return buf[start:start + nbytes]
+
+
+LINEAR_ROWS = 128  # up to here the AMX kernel beats oneDNN (docs/benchmarks.md); prefills stay on torch
+
+
+def has_amx() -> bool:
+    lib = library()
+    return lib is not None and lib.amx
+
+
+def amx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x [M, K] @ weight[N, K].T (+ bias) for bf16 decode steps (M <= LINEAR_ROWS) on a CPU with AMX; None where
+    the kernel does not apply (the caller then uses torch)."""
+    n, k = weight.shape
+    if not (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.dim() == 2
+            and 0 < x.shape[0] <= LINEAR_ROWS and n % 16 == 0 and k % 32 == 0 and x.device.type == "cpu"
+            and x.is_contiguous() and weight.is_contiguous() and (bias is None or bias.dtype == torch.bfloat16)):
+        return None
+    if not has_amx():
+        return None
+    y = x.new_empty(x.shape[0], n)
+    library().linear_bf16(x.data_ptr(), x.shape[0], weight.data_ptr(), n, k, None if bias is None else bias.data_ptr(),
+                    y.data_ptr(), torch.get_num_threads())
+    return y
 
 
 def fused_bf16(*tensors: torch.Tensor) -> bool:

@@ -27,11 +27,13 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear with two CPU fast paths, both measured in docs/benchmarks.md:
-    - bf16 with oneDNN: the weight packed once into oneDNN's blocked layout (`pack_for_cpu`), which runs decode
-      matmuls 1.7-2.5x faster than F.linear (the LM head at 44 rows: 4.0 -> 1.6 ms) with the same results;
-    - otherwise, with 2-96 rows (decode steps), (W @ x.T).T, which MKL runs faster there: a 4-sequence fp32
-      SmolLM2 decode step 120 -> 63 ms; at 1 row even, from 128 rows slower."""
+    """nn.Linear with CPU fast paths, each measured in docs/benchmarks.md:
+    - bf16 decode steps (up to 128 rows) on a CPU with AMX: our kernel (kernels/cpu_linear.c), which reads the
+      plain weight at up to twice oneDNN's speed there (gate/up at 44 rows: 391 -> 231 us);
+    - bf16 without AMX but with native bf16: the weight packed once into oneDNN's blocked layout
+      (`pack_for_cpu`), 1.7-2.5x faster than F.linear at decode sizes, same results;
+    - otherwise, with 2-96 rows, (W @ x.T).T, which MKL runs faster there: a 4-sequence fp32 SmolLM2 decode
+      step 120 -> 63 ms; at 1 row even, from 128 rows slower."""
     ROWS = range(2, 97)
     packed: torch.Tensor | None = None
 
@@ -42,16 +44,22 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        if x.device.type != "cpu" or x.dim() != 2 or x.shape[0] not in self.ROWS:
+        if x.device.type != "cpu" or x.dim() != 2:
+            return nn.functional.linear(x, self.weight, self.bias)
+        if x.dtype == torch.bfloat16:
+            y = cpu_kernel.amx_linear(x, self.weight, self.bias)
+            return nn.functional.linear(x, self.weight, self.bias) if y is None else y
+        if x.shape[0] not in self.ROWS:
             return nn.functional.linear(x, self.weight, self.bias)
         y = (self.weight @ x.t()).t().contiguous()
         return y if self.bias is None else y + self.bias
 
 
 def pack_for_cpu(model: nn.Module) -> None:
-    """Pack every bf16 Linear's weight for oneDNN on a CPU with native bf16. The plain weight is dropped
-    (no second copy in memory) unless another module shares it (a tied embedding)."""
-    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    """On a CPU with native bf16 but no AMX, pack every bf16 Linear's weight for oneDNN. The plain weight is
+    dropped (no second copy in memory) unless another module shares it (a tied embedding)."""
+    if (cpu_kernel.has_amx() or not torch.backends.mkldnn.is_available()
+            or not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return
     shared = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     for m in model.modules():

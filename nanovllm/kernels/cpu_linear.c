@@ -1,0 +1,132 @@
+/* bf16 linear layers for decode steps on CPU with AMX: y[M, N] = x[M, K] @ W[N, K]^T (+ bias), M small.
+ *
+ * A decode step's matmuls have a few dozen rows, so their time is the weights' read from memory (oneDNN reaches
+ * ~10 GB/s there, about half of what the memory gives). Here the weight is read once, in place, in its plain
+ * row-major layout, as AMX's A operand: a tile is 16 weight rows x 32 inputs, loaded with the row stride. The
+ * activations are the B operand, repacked per call into AMX's pair layout (x is small: rows x K). Each tile
+ * product gives a [16 outputs x 16 rows] block of y^T, transposed in registers on the way out.
+ * Tiles: C 0-2 (up to 48 rows of x per pass over a weight block), B 3-5, A 6-7 (alternating, so the next
+ * weight tile loads while the products on the last one run). Built with cpu_attention.c by kernels/cpu.py. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* Linux hands out AMX's 8 KB of tile state only to processes that ask (arch_prctl ARCH_REQ_XCOMP_PERM for
+ * XTILEDATA); 0 once granted. */
+int linear_amx_init(void) { return (int)syscall(SYS_arch_prctl, 0x1023, 18); }
+
+typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } TileConfig;
+
+/* 16x16 32-bit transpose in registers: r[i] lane j -> r[j] lane i */
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 4; j++) {
+            t[8 * i + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+            t[8 * i + 4 + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
+        }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
+        r[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xdd);
+    }
+}
+
+/* x [M, K] -> [K/32][tiles][16 input pairs][16 rows] of bf16 pairs (32 bits), rows past M zero */
+static void pack_x(const uint32_t *x, int64_t M, int64_t K, int64_t tiles, uint32_t *out) {
+    for (int64_t k = 0; k < K / 32; k++)
+        for (int64_t t = 0; t < tiles; t++) {
+            __m512i r[16];
+            for (int m = 0; m < 16; m++)
+                r[m] = t * 16 + m < M ? _mm512_loadu_si512(x + (t * 16 + m) * (K / 2) + k * 16) : _mm512_setzero_si512();
+            transpose16(r);
+            for (int p = 0; p < 16; p++) _mm512_store_si512(out + ((k * tiles + t) * 16 + p) * 16, r[p]);
+        }
+}
+
+/* acc [16 outputs][16 rows] fp32 -> y[row][n0 .. n0 + 15] in bf16 (rounded to nearest even), rows < `rows` */
+static inline void store_block(const float *acc, uint16_t *y, int64_t ldy, int rows, const uint16_t *bias) {
+    __m512i r[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_load_si512(acc + 16 * i);
+    transpose16(r);
+    const __m512 b = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                                _mm256_loadu_si256((const __m256i *)bias)), 16)) : _mm512_setzero_ps();
+    for (int m = 0; m < rows; m++)
+        _mm256_storeu_si256((__m256i *)(y + m * ldy), (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_castsi512_ps(r[m]), b)));
+}
+
+int linear_bf16(const uint16_t *x, int64_t M, const uint16_t *w, int64_t N, int64_t K, const uint16_t *bias,
+                uint16_t *y, int num_threads) {
+    if (N % 16 || K % 32 || M < 1) return 1;
+    const int64_t blocks = N / 16, ksteps = K / 32, tiles = (M + 15) / 16, ldw = K * 2;
+    uint32_t *xb = aligned_alloc(64, ksteps * tiles * 1024);
+    if (!xb) return 2;
+    pack_x((const uint32_t *)x, M, K, tiles, xb);
+#pragma omp parallel num_threads(num_threads)
+    {
+        TileConfig cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.palette = 1;
+        for (int t = 0; t < 8; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+        _tile_loadconfig(&cfg);
+        float acc[3][256] __attribute__((aligned(64)));
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < blocks; j++) {
+            const char *a = (const char *)w + j * 16 * ldw;  /* this block's 16 rows: contiguous */
+            for (int64_t t0 = 0; t0 < tiles; t0 += 3) {
+                const int nt = tiles - t0 > 3 ? 3 : (int)(tiles - t0);
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+/* the next block's rows are prefetched into L2 (1 KB a step: the whole block by the end of this one); the
+ * hardware prefetcher alone leaves the weight reads and the tile products taking turns */
+#define STEP(k, A) do {                                                                             \
+        if (t0 == 0)                                                                                \
+            for (int l = 0; l < 1024; l += 64) _mm_prefetch(a + 16 * ldw + (k) * 1024 + l, _MM_HINT_T2); \
+        _tile_loadd(A, a + (k) * 64, ldw);                                                          \
+        const char *b = (const char *)(xb + ((k) * tiles + t0) * 256);                              \
+        _tile_loadd(3, b, 64);                                                                      \
+        _tile_dpbf16ps(0, A, 3);                                                                    \
+        if (nt > 1) { _tile_loadd(4, b + 1024, 64); _tile_dpbf16ps(1, A, 4); }                     \
+        if (nt > 2) { _tile_loadd(5, b + 2048, 64); _tile_dpbf16ps(2, A, 5); }                     \
+    } while (0)
+                int64_t k = 0;
+                for (; k + 1 < ksteps; k += 2) {
+                    STEP(k, 6);
+                    STEP(k + 1, 7);
+                }
+                if (k < ksteps) STEP(k, 6);
+                _tile_stored(0, acc[0], 64);
+                if (nt > 1) _tile_stored(1, acc[1], 64);
+                if (nt > 2) _tile_stored(2, acc[2], 64);
+                for (int t = 0; t < nt; t++) {
+                    const int64_t row = (t0 + t) * 16;
+                    store_block(acc[t], y + row * N + j * 16, N, M - row < 16 ? (int)(M - row) : 16,
+                                bias ? bias + j * 16 : NULL);
+                }
+            }
+        }
+        _tile_release();
+    }
+    free(xb);
+    return 0;
+}
+#else
+int linear_amx_init(void) { return -1; }
+int linear_bf16(const uint16_t *x, int64_t M, const uint16_t *w, int64_t N, int64_t K, const uint16_t *bias,
+                uint16_t *y, int num_threads) { return -1; }
+#endif
