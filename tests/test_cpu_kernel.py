@@ -253,3 +253,39 @@ def test_bf16_linear_paths_agree(monkeypatch):
     if torch.ops.mkldnn._is_mkldnn_bf16_supported():
         assert layer.packed is not None
     torch.testing.assert_close(layer(x).double(), expected, rtol=2 ** -7, atol=1e-2)
+
+
+@pytest.mark.skipif(not cpu_kernel.has_amx(), reason="this CPU (or its compiler) has no AMX")
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: the QKV bias
+def test_decode_layers_in_c_match_the_layer_by_layer_path(arch, tmp_path, monkeypatch):
+    """A decode-only bf16 step through kernels/cpu_decode.c (all layers in one call) gives exactly the hidden
+    states of the per-layer Python path, and the engine's tokens are the same either way."""
+    from conftest import random_prompts, save_tiny_model
+    from nanovllm import LLM, SamplingParams
+    from nanovllm.models.llama import Model
+    llm = LLM(save_tiny_model(arch, str(tmp_path)), dtype="bfloat16")
+    engine, prompts = llm.engine, random_prompts(5, 20, 90, seed=7)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    calls = []
+    real = cpu_kernel.decode_layers
+    monkeypatch.setattr(cpu_kernel, "decode_layers", lambda *a: calls.append(1) or real(*a))
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert calls
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, params)
+    for _ in range(3):  # prefill, then decode steps
+        engine.step()
+    batch = engine.scheduler.schedule()
+    args = engine.runner.prepare(batch, list(range(len(batch.seqs))))
+    assert len(args[2].decode_rows) == len(batch.seqs) and engine.runner.model.model.decodes_in_c(
+        torch.zeros(len(batch.seqs), 64, dtype=torch.bfloat16), args[2])
+    model = engine.runner.model
+    with torch.inference_mode():
+        fused = model(*args[:3])  # storing this step's K/V twice writes the same values
+        monkeypatch.setattr(Model, "decodes_in_c", lambda *a: False)
+        layered = model(*args[:3])
+    assert torch.equal(fused, layered)
+    for i in range(len(prompts)):
+        engine.abort(f"r{i}")
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert got == expected

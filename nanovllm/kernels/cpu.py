@@ -17,7 +17,8 @@ import warnings
 import torch
 import xxhash
 
-SOURCES = [os.path.join(os.path.dirname(__file__), name) for name in ("cpu_attention.c", "cpu_linear.c")]
+SOURCES = [os.path.join(os.path.dirname(__file__), name) for name in ("cpu_attention.c", "cpu_linear.c",
+                                                                          "cpu_decode.c")]
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 
 
@@ -61,6 +62,9 @@ def library() -> ctypes.CDLL | None:
     lib.rope_bf16.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
     lib.linear_bf16.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 2
                                 + [ctypes.c_void_p] * 2 + [ctypes.c_int])
+    lib.decode_layers_bf16.argtypes = ([ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64]
+                                       + [ctypes.c_void_p] * 6 + [ctypes.c_int64] + [ctypes.c_void_p] * 8
+                                       + [ctypes.c_float] * 2 + [ctypes.c_int])
     lib.amx = lib.linear_amx_init() == 0  # built with AMX, and the kernel let this process use it
     return lib
 
@@ -151,6 +155,31 @@ def amx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     library().linear_bf16(x.data_ptr(), x.shape[0], weight.data_ptr(), n, k, None if bias is None else bias.data_ptr(),
                     y.data_ptr(), torch.get_num_threads())
     return y
+
+
+def decode_layers(pointers: list[int], dims: list[int], residual: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor],
+                  meta, eps: float, scale: float) -> torch.Tensor:
+    """A decode-only bf16 step's decoder layers in one C call (cpu_decode.c; the caller checks that every kernel
+    applies: see models/llama.py). pointers: per layer, its weights and caches in cpu_decode.c's order;
+    residual [M, hidden]: the embeddings, updated in place into the residual stream. Returns the last layer's
+    MLP output."""
+    hidden, heads, kv_heads, head_dim, inter, _ = dims
+    m = residual.shape[0]
+    mlp_out, h = torch.empty_like(residual), torch.empty_like(residual)
+    qkv = residual.new_empty(m, (heads + 2 * kv_heads) * head_dim)
+    attn, gate_up, act = residual.new_empty(m, heads * head_dim), residual.new_empty(m, 2 * inter), residual.new_empty(m, inter)
+    cos, sin = tables
+    layer = torch.tensor(pointers, dtype=torch.int64)
+    dims_t = torch.tensor(dims, dtype=torch.int64)
+    t = meta.block_tables
+    rc = library().decode_layers_bf16(
+        len(pointers) // 9, layer.data_ptr(), dims_t.data_ptr(), m, residual.data_ptr(), mlp_out.data_ptr(),
+        cos.data_ptr(), sin.data_ptr(), meta.slot_mapping.data_ptr(), t.data_ptr(), t.stride(0),
+        meta.context_lens.data_ptr(), meta.decode_rows.data_ptr(), meta.decode_tokens.data_ptr(), h.data_ptr(),
+        qkv.data_ptr(), attn.data_ptr(), gate_up.data_ptr(), act.data_ptr(), eps, scale, torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"decode_layers_bf16 failed ({rc}) on sizes the caller checked: {dims}")
+    return mlp_out
 
 
 def fused_bf16(*tensors: torch.Tensor) -> bool:
