@@ -157,23 +157,23 @@ def amx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     return y
 
 
-def decode_layers(pointers: list[int], dims: list[int], residual: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor],
-                  meta, eps: float, scale: float) -> torch.Tensor:
+def decode_layers(pointers: torch.Tensor, dims: list[int], residual: torch.Tensor,
+                  tables: tuple[torch.Tensor, torch.Tensor], meta, eps: float, scale: float) -> torch.Tensor:
     """A decode-only bf16 step's decoder layers in one C call (cpu_decode.c; the caller checks that every kernel
-    applies: see models/llama.py). pointers: per layer, its weights and caches in cpu_decode.c's order;
-    residual [M, hidden]: the embeddings, updated in place into the residual stream. Returns the last layer's
-    MLP output."""
+    applies: see models/llama.py). pointers: int64 [layers * 9], per layer its weights and caches in
+    cpu_decode.c's order; dims: hidden, heads, KV heads, head dim, intermediate size, block size; residual
+    [M, hidden]: the embeddings, updated in place into the residual stream. Returns the last MLP output."""
     hidden, heads, kv_heads, head_dim, inter, _ = dims
     m = residual.shape[0]
     mlp_out, h = torch.empty_like(residual), torch.empty_like(residual)
     qkv = residual.new_empty(m, (heads + 2 * kv_heads) * head_dim)
-    attn, gate_up, act = residual.new_empty(m, heads * head_dim), residual.new_empty(m, 2 * inter), residual.new_empty(m, inter)
+    attn, act = residual.new_empty(m, heads * head_dim), residual.new_empty(m, inter)
+    gate_up = residual.new_empty(m, 2 * inter)
     cos, sin = tables
-    layer = torch.tensor(pointers, dtype=torch.int64)
     dims_t = torch.tensor(dims, dtype=torch.int64)
     t = meta.block_tables
     rc = library().decode_layers_bf16(
-        len(pointers) // 9, layer.data_ptr(), dims_t.data_ptr(), m, residual.data_ptr(), mlp_out.data_ptr(),
+        len(pointers) // 9, pointers.data_ptr(), dims_t.data_ptr(), m, residual.data_ptr(), mlp_out.data_ptr(),
         cos.data_ptr(), sin.data_ptr(), meta.slot_mapping.data_ptr(), t.data_ptr(), t.stride(0),
         meta.context_lens.data_ptr(), meta.decode_rows.data_ptr(), meta.decode_tokens.data_ptr(), h.data_ptr(),
         qkv.data_ptr(), attn.data_ptr(), gate_up.data_ptr(), act.data_ptr(), eps, scale, torch.get_num_threads())

@@ -32,8 +32,8 @@ enum { IN_NORM, QKV, QKV_BIAS, O_PROJ, POST_NORM, GATE_UP, DOWN, K_CACHE, V_CACH
 int decode_layers_bf16(int64_t layers, const int64_t *layer, const int64_t *dims, int64_t M, uint16_t *residual,
                        uint16_t *mlp_out, const uint16_t *cos, const uint16_t *sin, const int64_t *slots,
                        const int64_t *tables, int64_t table_stride, const int64_t *lens, const int64_t *rows,
-                       const int64_t *tokens, uint16_t *h, uint16_t *qkv, uint16_t *attn, uint16_t *gate_up, uint16_t *act, float eps,
-                       float scale, int num_threads) {
+                       const int64_t *tokens, uint16_t *h, uint16_t *qkv, uint16_t *attn, uint16_t *gate_up,
+                       uint16_t *act, float eps, float scale, int num_threads) {
     const int64_t hidden = dims[0], heads = dims[1], kv_heads = dims[2], head_dim = dims[3], inter = dims[4];
     const int64_t q_size = heads * head_dim, kv_size = kv_heads * head_dim, qkv_size = q_size + 2 * kv_size;
     int rc;

@@ -52,7 +52,8 @@ static void pack_x(const uint32_t *x, int64_t M, int64_t K, int64_t tiles, uint3
         for (int64_t t = 0; t < tiles; t++) {
             __m512i r[16];
             for (int m = 0; m < 16; m++)
-                r[m] = t * 16 + m < M ? _mm512_loadu_si512(x + (t * 16 + m) * (K / 2) + k * 16) : _mm512_setzero_si512();
+                r[m] = t * 16 + m < M ? _mm512_loadu_si512(x + (t * 16 + m) * (K / 2) + k * 16)
+                                      : _mm512_setzero_si512();
             transpose16(r);
             for (int p = 0; p < 16; p++) _mm512_store_si512(out + ((k * tiles + t) * 16 + p) * 16, r[p]);
         }
@@ -65,8 +66,10 @@ static inline void store_block(const float *acc, uint16_t *y, int64_t ldy, int r
     transpose16(r);
     const __m512 b = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
                                 _mm256_loadu_si256((const __m256i *)bias)), 16)) : _mm512_setzero_ps();
-    for (int m = 0; m < rows; m++)
-        _mm256_storeu_si256((__m256i *)(y + m * ldy), (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_castsi512_ps(r[m]), b)));
+    for (int m = 0; m < rows; m++) {
+        const __m512 v = _mm512_add_ps(_mm512_castsi512_ps(r[m]), b);
+        _mm256_storeu_si256((__m256i *)(y + m * ldy), (__m256i)_mm512_cvtneps_pbh(v));
+    }
 }
 
 int linear_bf16(const uint16_t *x, int64_t M, const uint16_t *w, int64_t N, int64_t K, const uint16_t *bias,
