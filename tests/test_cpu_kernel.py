@@ -289,3 +289,57 @@ def test_decode_layers_in_c_match_the_layer_by_layer_path(arch, tmp_path, monkey
         engine.abort(f"r{i}")
     expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert got == expected
+
+
+@pytest.mark.skipif(not cpu_kernel.has_amx(), reason="this CPU (or its compiler) has no AMX")
+@pytest.mark.parametrize("heads,kv_heads,dim,lens", [
+    (9, 3, 64, [1, 5, 16, 17, 33, 100, 300]),   # SmolLM2's heads; blocks of 16 queries and 32 keys, partial ones
+    (4, 4, 128, [64, 65, 2]),                     # no GQA, head dim 128 (two passes of 64 output dims)
+    (8, 1, 32, [47, 200]),                        # MQA, head dim 32
+    (2, 1, 96, [31, 90]),                         # head dim 96: a pass of 64 output dims, then one of 32
+])
+def test_prefill_kernel_matches_causal_attention(heads, kv_heads, dim, lens):
+    """Whole prompts in bf16 on AMX: as close to exact causal attention as torch's own bf16 SDPA is."""
+    F = torch.nn.functional
+    gen = torch.Generator().manual_seed(dim + len(lens))
+    qkv = (torch.randn(sum(lens), (heads + 2 * kv_heads) * dim, generator=gen) * 2).bfloat16()
+    q, k, v = (t.unflatten(1, (-1, dim)) for t in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], 1))
+    starts = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    out = torch.full((sum(lens), heads, dim), float("nan")).bfloat16()
+    assert cpu_kernel.prefill_attention(q, k, v, out, starts, list(range(len(lens))), dim ** -0.5)
+    for s, e in zip(starts[:-1].tolist(), starts[1:].tolist()):
+        args = [t[None, s:e].transpose(1, 2) for t in (q, k, v)]
+        exact = F.scaled_dot_product_attention(*[a.double() for a in args], is_causal=True, scale=dim ** -0.5,
+                                               enable_gqa=True)[0].transpose(0, 1)
+        sdpa = F.scaled_dot_product_attention(*args, is_causal=True, scale=dim ** -0.5, enable_gqa=True)
+        sdpa_err = (sdpa[0].transpose(0, 1).double() - exact).abs().max().item()
+        assert (out[s:e].double() - exact).abs().max().item() <= 1.5 * sdpa_err + 1e-3
+
+
+def test_prefill_kernel_serves_whole_bf16_prompts_only(monkeypatch):
+    """The engine's prefill attention offers the kernel the whole prompts only (a chunk after a cached prefix and
+    the decodes go elsewhere); it takes them in bf16 with AMX and declines fp32 (which stays bit for bit HF's)."""
+    from conftest import make_step
+    gen = torch.Generator().manual_seed(5)
+    offered, served = [], []
+    real = cpu_kernel.prefill_attention
+
+    def spy(*args):
+        offered.append((args[0].dtype, args[5]))
+        served.append(real(*args))
+        return served[-1]
+
+    meta = make_step([(40, 40), (30, 10), (20, 1)], 16, 12, gen)  # whole prompt, chunk after 20 cached, decode
+    T = 40 + 10 + 1
+    for dtype in (torch.bfloat16, torch.float32):
+        q, k, v = torch.randn(T, 4, 32, generator=gen), *torch.randn(2, T, 2, 32, generator=gen)
+        caches = torch.randn(2, 12, 16, 2, 32, generator=gen)
+        args = [t.to(dtype) for t in (q, k, v, caches[0], caches[1])]
+        monkeypatch.setattr(cpu_kernel, "prefill_attention", lambda *a: False)
+        expected = attention.torch_attention(*args, meta, 32 ** -0.5)
+        monkeypatch.setattr(cpu_kernel, "prefill_attention", spy)
+        got = attention.torch_attention(*args, meta, 32 ** -0.5)
+        assert torch.equal(got[40:], expected[40:])  # the other sequences: untouched by the kernel
+        torch.testing.assert_close(got[:40].float(), expected[:40].float(), rtol=0.02, atol=0.02)
+    assert offered == [(torch.bfloat16, [0]), (torch.float32, [0])]
+    assert served == [cpu_kernel.has_amx(), False]

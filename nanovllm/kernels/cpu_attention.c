@@ -93,6 +93,8 @@ INLINE vf exp16(vf x) {
     return (vf)((vi)p + (i << 23));
 }
 
+vf exp16_ps(vf x) { return exp16(x); }  /* for cpu_prefill.c */
+
 /* Work arrays of one sequence's chunk, per thread: the chunk's token rows, its scores/probabilities per query
  * head and (bf16 with AVX512-BF16) their probabilities in bf16 pairs. */
 #define CHUNK 128

@@ -46,13 +46,14 @@ static inline void transpose16(__m512i r[16]) {
     }
 }
 
-/* x [M, K] -> [K/32][tiles][16 input pairs][16 rows] of bf16 pairs (32 bits), rows past M zero */
-static void pack_x(const uint32_t *x, int64_t M, int64_t K, int64_t tiles, uint32_t *out) {
+/* x [M, K] (rows `stride` bf16 apart) -> [K/32][tiles][16 input pairs][16 rows] of bf16 pairs (32 bits), rows
+ * past M zero: AMX's B operand with x's rows as its columns (also the keys of cpu_prefill.c) */
+void pack_rows(const uint16_t *x, int64_t stride, int64_t M, int64_t K, int64_t tiles, uint32_t *out) {
     for (int64_t k = 0; k < K / 32; k++)
         for (int64_t t = 0; t < tiles; t++) {
             __m512i r[16];
             for (int m = 0; m < 16; m++)
-                r[m] = t * 16 + m < M ? _mm512_loadu_si512(x + (t * 16 + m) * (K / 2) + k * 16)
+                r[m] = t * 16 + m < M ? _mm512_loadu_si512(x + (t * 16 + m) * stride + k * 32)
                                       : _mm512_setzero_si512();
             transpose16(r);
             for (int p = 0; p < 16; p++) _mm512_store_si512(out + ((k * tiles + t) * 16 + p) * 16, r[p]);
@@ -78,7 +79,7 @@ int linear_bf16(const uint16_t *x, int64_t M, const uint16_t *w, int64_t N, int6
     const int64_t blocks = N / 16, ksteps = K / 32, tiles = (M + 15) / 16, ldw = K * 2;
     uint32_t *xb = aligned_alloc(64, ksteps * tiles * 1024);
     if (!xb) return 2;
-    pack_x((const uint32_t *)x, M, K, tiles, xb);
+    pack_rows(x, K, M, K, tiles, xb);
 #pragma omp parallel num_threads(num_threads)
     {
         TileConfig cfg;

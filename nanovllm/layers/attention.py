@@ -43,8 +43,9 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 
     Single-token queries (decodes) run through our C kernel on CPU (kernels/cpu_attention.c: it reads the
     blocks in place; docs/benchmarks.md has its speed-up over a gather and SDPA), else as one batched SDPA over
-    their gathered blocks; query chunks (prefills, possibly after a cached prefix) run one sequence at a time,
-    causal within the chunk.
+    their gathered blocks. Whole prompts in bf16 run through our AMX flash attention on CPUs that have it
+    (kernels/cpu_prefill.c); other query chunks (possibly after a cached prefix) through SDPA, one sequence at a
+    time, causal within the chunk.
     """
     store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     out = q.new_empty(q.shape)  # contiguous, whatever q's strides (a view of the QKV output)
@@ -65,10 +66,12 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask[:, None, None, :], scale=scale)
         out[meta.decode_tokens] = o.flatten(1, 2)
     starts = meta.query_start_cpu
+    whole = [i for i, ctx in enumerate(meta.context_lens_cpu) if ctx == starts[i + 1] - starts[i] > 1]
+    done = set(whole) if cpu_kernel.prefill_attention(q, k, v, out, meta.query_start, whole, scale) else ()
     for i, ctx in enumerate(meta.context_lens_cpu):
         s, e = starts[i], starts[i + 1]
         qlen = e - s
-        if qlen == 1:
+        if qlen == 1 or i in done:
             continue
         if ctx == qlen:  # no cached prefix: this chunk's own K/V are the whole context
             keys, values, mask, causal = k[s:e], v[s:e], None, True

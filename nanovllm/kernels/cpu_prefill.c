@@ -1,0 +1,176 @@
+/* Causal prefill attention on CPU with AMX (flash attention): bf16 prompts with no cached prefix, each sequence's
+ * queries over its own keys and values, read in place from the QKV projection's output.
+ *
+ * torch's flash SDPA for CPU reaches ~0.1-0.25 TFLOP/s here (a fifth of a prefill step). Per (sequence, KV
+ * head) the keys are packed as AMX's B operand and the values in key pairs; then per (query head, block of 16
+ * queries): S = Q K^T on tiles for 32 keys at a time, an online softmax in AVX-512 (probabilities rounded to
+ * bf16 as flash attention does), O += P V with O kept in fp32 and loaded into the accumulator tiles.
+ * Built with the other kernel files by kernels/cpu.py. */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+
+#define MAX_DIM 256
+void pack_rows(const uint16_t *x, int64_t stride, int64_t M, int64_t K, int64_t tiles, uint32_t *out);
+__m512 exp16_ps(__m512 x);  /* cpu_attention.c: exp for x <= 0 */
+
+typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } TileConfig;
+
+/* values [n, dim] (rows `stride` apart) -> [key pairs / 16][dim / 16][16 pairs][16 dims] of (v[2p][d], v[2p+1][d]):
+ * AMX's B operand for P V, 32 keys x 16 dims a tile; keys past n zero */
+static void pack_values(const uint16_t *v, int64_t stride, int64_t n, int64_t dim, int64_t blocks, uint32_t *out) {
+    for (int64_t b = 0; b < blocks; b++)
+        for (int64_t d = 0; d < dim / 16; d++)
+            for (int p = 0; p < 16; p++) {
+                const int64_t k0 = b * 32 + 2 * p;
+                const __m512i lo = k0 < n ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v + k0 * stride + d * 16)))
+                                          : _mm512_setzero_si512();
+                const __m512i hi = k0 + 1 < n ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v + (k0 + 1) * stride + d * 16)))
+                                              : _mm512_setzero_si512();
+                _mm512_store_si512(out + ((b * (dim / 16) + d) * 16 + p) * 16, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+            }
+}
+
+/* q, k, v: [T, heads or kv_heads, dim] bf16, q's rows q_stride elements apart, k's and v's kv_stride (views of
+ * the QKV output: both its row);
+ * starts [B + 1]: each sequence's first row; seqs: the sequences to attend (their context is their own rows);
+ * out [T, heads, dim] bf16. dim a multiple of 32 up to MAX_DIM. Returns 0, or -1 if a size is out of range. */
+int prefill_attention_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *k, const uint16_t *v, int64_t stride,
+                           const int64_t *starts, const int64_t *seqs, int64_t nseqs, uint16_t *out, int64_t heads,
+                           int64_t kv_heads, int64_t dim, float scale, int num_threads) {
+    if (dim % 32 || dim > MAX_DIM || heads % kv_heads) return -1;
+    const int64_t group = heads / kv_heads, dsteps = dim / 32;
+    /* packed keys and values of every (sequence, KV head), 32 keys a block */
+    int64_t *offset = malloc((nseqs + 1) * sizeof(int64_t));
+    offset[0] = 0;
+    for (int64_t i = 0; i < nseqs; i++)
+        offset[i + 1] = offset[i] + (starts[seqs[i] + 1] - starts[seqs[i]] + 31) / 32 * 32 * dim * kv_heads;
+    uint16_t *kp = aligned_alloc(64, offset[nseqs] * 2 + 64), *vp = aligned_alloc(64, offset[nseqs] * 2 + 64);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+    for (int64_t u = 0; u < nseqs * kv_heads; u++) {
+        const int64_t i = u / kv_heads, h = u % kv_heads, s = starts[seqs[i]], n = starts[seqs[i] + 1] - s;
+        const int64_t base = offset[i] + h * (offset[i + 1] - offset[i]) / kv_heads;
+        pack_rows(k + s * stride + h * dim, stride, n, dim, (n + 15) / 16, (uint32_t *)(kp + base));
+        pack_values(v + s * stride + h * dim, stride, n, dim, (n + 31) / 32, (uint32_t *)(vp + base));
+    }
+    /* work units: (sequence, query head, block of 16 queries) */
+    int64_t *unit_start = malloc((nseqs + 1) * sizeof(int64_t));
+    unit_start[0] = 0;
+    for (int64_t i = 0; i < nseqs; i++)
+        unit_start[i + 1] = unit_start[i] + heads * ((starts[seqs[i] + 1] - starts[seqs[i]] + 15) / 16);
+#pragma omp parallel num_threads(num_threads)
+    {
+        TileConfig cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.palette = 1;
+        for (int t = 0; t < 8; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+        _tile_loadconfig(&cfg);
+        float o[16 * MAX_DIM] __attribute__((aligned(64))), sc[16 * 32] __attribute__((aligned(64)));
+        uint16_t p[16 * 32] __attribute__((aligned(64))), qpad[16 * MAX_DIM] __attribute__((aligned(64)));
+        float m[16], l[16], alpha[16];
+        int64_t i = 0;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t u = 0; u < unit_start[nseqs]; u++) {
+            while (u >= unit_start[i + 1]) i++;  /* units are handed out in order: i only moves forward */
+            while (u < unit_start[i]) i--;
+            const int64_t s = starts[seqs[i]], n = starts[seqs[i] + 1] - s, blocks16 = (n + 15) / 16;
+            const int64_t h = (u - unit_start[i]) / blocks16, i0 = (u - unit_start[i]) % blocks16 * 16;
+            const int rows = n - i0 < 16 ? (int)(n - i0) : 16;
+            const int64_t per_head = (offset[i + 1] - offset[i]) / kv_heads;
+            const uint16_t *kh = kp + offset[i] + h / group * per_head, *vh = vp + offset[i] + h / group * per_head;
+            const uint16_t *qh = q + (s + i0) * q_stride + h * dim;
+            int64_t qstride = q_stride;
+            if (rows < 16) {  /* the last block: copy its rows, so the tile loads read no row past the sequence */
+                memset(qpad, 0, sizeof qpad);
+                for (int r = 0; r < rows; r++) memcpy(qpad + r * dim, qh + r * q_stride, dim * 2);
+                qh = qpad, qstride = dim;
+            }
+            for (int r = 0; r < 16; r++) m[r] = -FLT_MAX, l[r] = 0.f;  /* not -inf: built with -ffast-math */
+            memset(o, 0, 16 * dim * sizeof(float));
+            const int64_t last = i0 + rows - 1;  /* the last query's position: no key after it is seen */
+            for (int64_t kb = 0; kb * 32 <= last; kb++) {
+                _tile_zero(0);
+                _tile_zero(1);
+                for (int64_t d = 0; d < dsteps; d++) {
+                    _tile_loadd(4, qh + d * 32, qstride * 2);
+                    const uint16_t *kt = kh + (d * ((n + 15) / 16) + kb * 2) * 512;
+                    _tile_loadd(6, kt, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    if (kb * 32 + 16 < n) {
+                        _tile_loadd(7, kt + 512, 64);
+                        _tile_dpbf16ps(1, 4, 7);
+                    }
+                }
+                _tile_stored(0, sc, 128);
+                _tile_stored(1, sc + 16, 128);
+                for (int r = 0; r < 16; r++) {
+                    /* causal: key j is seen by query i0 + r when j <= i0 + r (rows past the block's end too:
+                     * they are never written out) */
+                    const int64_t seen = i0 + r - kb * 32 + 1;  /* keys of this block seen by this row */
+                    const __mmask16 k0 = seen >= 16 ? 0xffff : seen <= 0 ? 0 : (__mmask16)((1u << seen) - 1);
+                    const __mmask16 k1 = seen >= 32 ? 0xffff : seen <= 16 ? 0 : (__mmask16)((1u << (seen - 16)) - 1);
+                    const __m512 ninf = _mm512_set1_ps(-FLT_MAX), sv = _mm512_set1_ps(scale);
+                    __m512 s0 = _mm512_mask_mul_ps(ninf, k0, _mm512_load_ps(sc + r * 32), sv);
+                    __m512 s1 = _mm512_mask_mul_ps(ninf, k1, _mm512_load_ps(sc + r * 32 + 16), sv);
+                    const float mx = fmaxf(m[r], _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
+                    if (mx == -FLT_MAX) {  /* nothing seen yet (a padding row): no weights */
+                        alpha[r] = 1.f;
+                        memset(p + r * 32, 0, 64);
+                        continue;
+                    }
+                    alpha[r] = m[r] == mx ? 1.f : expf(m[r] - mx);
+                    m[r] = mx;
+                    const __m512 mv = _mm512_set1_ps(mx);
+                    const __m512 e0 = _mm512_maskz_mov_ps(k0, exp16_ps(_mm512_sub_ps(s0, mv)));
+                    const __m512 e1 = _mm512_maskz_mov_ps(k1, exp16_ps(_mm512_sub_ps(s1, mv)));
+                    const __m256bh b0 = _mm512_cvtneps_pbh(e0), b1 = _mm512_cvtneps_pbh(e1);
+                    /* the sum uses the rounded probabilities, the ones P V multiplies */
+                    l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(_mm512_add_ps(
+                        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)b0), 16)),
+                        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)b1), 16))));
+                    _mm256_store_si256((__m256i *)(p + r * 32), (__m256i)b0);
+                    _mm256_store_si256((__m256i *)(p + r * 32 + 16), (__m256i)b1);
+                }
+                for (int r = 0; r < 16; r++)
+                    if (alpha[r] != 1.f)
+                        for (int64_t d = 0; d < dim; d += 16)
+                            _mm512_store_ps(o + r * dim + d, _mm512_mul_ps(_mm512_load_ps(o + r * dim + d), _mm512_set1_ps(alpha[r])));
+                _tile_loadd(4, p, 64);
+                const uint16_t *vt = vh + kb * (dim / 16) * 512;
+                for (int64_t d = 0; d < dim / 16; d += 4) {  /* 64 output dims (4 accumulator tiles) at a time */
+                    const int nd = dim / 16 - d < 4 ? (int)(dim / 16 - d) : 4;
+                    _tile_loadd(0, o + d * 16, dim * 4);
+                    _tile_loadd(6, vt + d * 512, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_stored(0, o + d * 16, dim * 4);
+                    if (nd > 1) { _tile_loadd(1, o + (d + 1) * 16, dim * 4); _tile_loadd(7, vt + (d + 1) * 512, 64);
+                                  _tile_dpbf16ps(1, 4, 7); _tile_stored(1, o + (d + 1) * 16, dim * 4); }
+                    if (nd > 2) { _tile_loadd(2, o + (d + 2) * 16, dim * 4); _tile_loadd(6, vt + (d + 2) * 512, 64);
+                                  _tile_dpbf16ps(2, 4, 6); _tile_stored(2, o + (d + 2) * 16, dim * 4); }
+                    if (nd > 3) { _tile_loadd(3, o + (d + 3) * 16, dim * 4); _tile_loadd(7, vt + (d + 3) * 512, 64);
+                                  _tile_dpbf16ps(3, 4, 7); _tile_stored(3, o + (d + 3) * 16, dim * 4); }
+                }
+            }
+            for (int r = 0; r < rows; r++) {
+                const __m512 inv = _mm512_set1_ps(1.f / l[r]);
+                uint16_t *dst = out + ((s + i0 + r) * heads + h) * dim;
+                for (int64_t d = 0; d < dim; d += 16)
+                    _mm256_storeu_si256((__m256i *)(dst + d), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(o + r * dim + d), inv)));
+            }
+        }
+        _tile_release();
+    }
+    free(kp), free(vp), free(offset), free(unit_start);
+    return 0;
+}
+#else
+int prefill_attention_bf16(const void *q, int64_t q_stride, const void *k, const void *v, int64_t stride,
+                           const int64_t *starts,
+                           const int64_t *seqs, int64_t nseqs, void *out, int64_t heads, int64_t kv_heads, int64_t dim,
+                           float scale, int num_threads) { return -1; }
+#endif
