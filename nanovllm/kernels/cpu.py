@@ -52,7 +52,8 @@ def library() -> ctypes.CDLL | None:
                                      + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
                                      + [ctypes.c_float, ctypes.c_int, ctypes.c_int])
     lib.store_kv.restype = None
-    lib.store_kv.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
+    lib.store_kv.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
+                             + [ctypes.c_int])
     lib.rms_norm_bf16.restype = lib.silu_and_mul_bf16.restype = None
     lib.rms_norm_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
     lib.silu_and_mul_bf16.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
@@ -117,7 +118,8 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         return False
     e = k.element_size()
     library().store_kv(k.data_ptr(), v.data_ptr(), k.stride(0) * e, v.stride(0) * e, k_cache.data_ptr(),
-                       v_cache.data_ptr(), slot_mapping.data_ptr(), len(slot_mapping), row * e)
+                       v_cache.data_ptr(), slot_mapping.data_ptr(), len(slot_mapping), row * e,
+                       torch.get_num_threads())
     return True
 
 

@@ -14,7 +14,7 @@ void silu_and_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_t d
 void rope_bf16(uint16_t *x, int64_t stride, int64_t tokens, int64_t heads, int64_t head_dim, const uint16_t *cos,
                const uint16_t *sin, int num_threads);
 void store_kv(const char *k, const char *v, int64_t k_stride, int64_t v_stride, char *k_cache, char *v_cache,
-              const int64_t *slots, int64_t tokens, int64_t row_bytes);
+              const int64_t *slots, int64_t tokens, int64_t row_bytes, int num_threads);
 int decode_attention(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache,
                      const int64_t *tables, int64_t table_stride, const int64_t *lens, const int64_t *rows,
                      const int64_t *tokens, void *out, int64_t batch, int64_t heads, int64_t kv_heads,
@@ -44,7 +44,7 @@ int decode_layers_bf16(int64_t layers, const int64_t *layer, const int64_t *dims
         if ((rc = linear_bf16(h, M, W(QKV), qkv_size, hidden, W(QKV_BIAS), qkv, num_threads))) return rc;
         rope_bf16(qkv, qkv_size, M, heads + kv_heads, head_dim, cos, sin, num_threads);
         store_kv((const char *)(qkv + q_size), (const char *)(qkv + q_size + kv_size), qkv_size * 2, qkv_size * 2,
-                 (char *)p[K_CACHE], (char *)p[V_CACHE], slots, M, kv_size * 2);
+                 (char *)p[K_CACHE], (char *)p[V_CACHE], slots, M, kv_size * 2, num_threads);
         if ((rc = decode_attention(qkv, qkv_size, (const void *)p[K_CACHE], (const void *)p[V_CACHE], tables,
                                    table_stride, lens, rows, tokens, attn, M, heads, kv_heads, head_dim, dims[5],
                                    scale, 1, num_threads))) return rc;
