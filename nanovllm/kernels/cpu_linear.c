@@ -22,6 +22,12 @@ int linear_amx_init(void) { return (int)syscall(SYS_arch_prctl, 0x1023, 18); }
 
 typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } TileConfig;
 
+/* This thread's 8 tiles as 16 rows x 64 bytes each (the only shape our kernels use; cpu_prefill.c too). A
+ * constant in memory: gcc drops stores into a local config as dead (the builtin's read is invisible to it). */
+static const TileConfig TILES_16x64 = {.palette = 1, .colsb = {64, 64, 64, 64, 64, 64, 64, 64},
+                                       .rows = {16, 16, 16, 16, 16, 16, 16, 16}};
+void amx_tiles_16x64(void) { _tile_loadconfig(&TILES_16x64); }
+
 /* 16x16 32-bit transpose in registers: r[i] lane j -> r[j] lane i */
 static inline void transpose16(__m512i r[16]) {
     __m512i t[16];
@@ -82,11 +88,7 @@ int linear_bf16(const uint16_t *x, int64_t M, const uint16_t *w, int64_t N, int6
     pack_rows(x, K, M, K, tiles, xb);
 #pragma omp parallel num_threads(num_threads)
     {
-        TileConfig cfg;
-        memset(&cfg, 0, sizeof cfg);
-        cfg.palette = 1;
-        for (int t = 0; t < 8; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-        _tile_loadconfig(&cfg);
+        amx_tiles_16x64();
         float acc[3][256] __attribute__((aligned(64)));
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < blocks; j++) {

@@ -18,8 +18,7 @@
 #define MAX_DIM 256
 void pack_rows(const uint16_t *x, int64_t stride, int64_t M, int64_t K, int64_t tiles, uint32_t *out);
 __m512 exp16_ps(__m512 x);  /* cpu_attention.c: exp for x <= 0 */
-
-typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } TileConfig;
+void amx_tiles_16x64(void);  /* cpu_linear.c */
 
 /* values [n, dim] (rows `stride` apart) -> [key pairs / 16][dim / 16][16 pairs][16 dims] of (v[2p][d], v[2p+1][d]):
  * AMX's B operand for P V, 32 keys x 16 dims a tile; keys past n zero */
@@ -65,11 +64,7 @@ int prefill_attention_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *
         unit_start[i + 1] = unit_start[i] + heads * ((starts[seqs[i] + 1] - starts[seqs[i]] + 15) / 16);
 #pragma omp parallel num_threads(num_threads)
     {
-        TileConfig cfg;
-        memset(&cfg, 0, sizeof cfg);
-        cfg.palette = 1;
-        for (int t = 0; t < 8; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-        _tile_loadconfig(&cfg);
+        amx_tiles_16x64();
         float o[16 * MAX_DIM] __attribute__((aligned(64))), sc[16 * 32] __attribute__((aligned(64)));
         uint16_t p[16 * 32] __attribute__((aligned(64))), qpad[16 * MAX_DIM] __attribute__((aligned(64)));
         float m[16], l[16], alpha[16];
