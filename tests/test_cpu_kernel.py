@@ -343,3 +343,21 @@ def test_prefill_kernel_serves_whole_bf16_prompts_only(monkeypatch):
         torch.testing.assert_close(got[:40].float(), expected[:40].float(), rtol=0.02, atol=0.02)
     assert offered == [(torch.bfloat16, [0]), (torch.float32, [0])]
     assert served == [cpu_kernel.has_amx(), False]
+
+
+def test_without_amx_bf16_weights_are_packed_for_onednn(tmp_path, monkeypatch):
+    """A CPU with native bf16 but no AMX: weights packed for oneDNN (the plain copies dropped, so not kept in the
+    one parameter buffer either), and the engine runs on them."""
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        pytest.skip("no native bf16 here: nothing is packed")
+    from conftest import save_tiny_model
+    from nanovllm import LLM, SamplingParams
+    from nanovllm.layers.basics import Linear
+    monkeypatch.setattr(cpu_kernel, "has_amx", lambda: False)
+    llm = LLM(save_tiny_model("llama", str(tmp_path)), dtype="bfloat16")
+    model = llm.engine.runner.model
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert all(m.packed is not None for m in linears)
+    assert all(m.weight is None for m in linears if m is not model.lm_head)  # the LM head shares the embedding
+    out = llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 6

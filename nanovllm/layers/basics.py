@@ -55,11 +55,16 @@ class Linear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
+def onednn_packs(dtype: torch.dtype) -> bool:
+    """Whether bf16 Linear weights get packed for oneDNN here: a CPU with native bf16 but no AMX."""
+    return (dtype == torch.bfloat16 and not cpu_kernel.has_amx() and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def pack_for_cpu(model: nn.Module) -> None:
-    """On a CPU with native bf16 but no AMX, pack every bf16 Linear's weight for oneDNN. The plain weight is
-    dropped (no second copy in memory) unless another module shares it (a tied embedding)."""
-    if (cpu_kernel.has_amx() or not torch.backends.mkldnn.is_available()
-            or not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    """Where onednn_packs: pack every bf16 Linear's weight for oneDNN. The plain weight is dropped (no second copy
+    in memory) unless another module shares it (a tied embedding)."""
+    if not onednn_packs(torch.bfloat16):
         return
     shared = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     for m in model.modules():

@@ -12,7 +12,7 @@ import xxhash
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerFast
 
 from nanovllm.kernels import cpu as cpu_kernel
-from nanovllm.layers.basics import pack_for_cpu
+from nanovllm.layers.basics import onednn_packs, pack_for_cpu
 from nanovllm.models.llama import MODELS
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -107,7 +107,7 @@ def load_model(path: str, dtype: torch.dtype, device: str, max_positions: int, h
     model = model.to_empty(device=device).to(dtype)  # no random init: every weight comes from the checkpoint
     if model.tie_word_embeddings:  # to_empty gave the two their own storage
         model.lm_head.weight = model.model.embed_tokens.weight
-    if device == "cpu":
+    if device == "cpu" and not onednn_packs(dtype):  # packed weights live in oneDNN's memory instead
         place_in_huge_pages(model)
     params = dict(model.named_parameters())
     if is_gguf:
