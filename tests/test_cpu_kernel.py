@@ -243,7 +243,8 @@ def test_bf16_linear_paths_agree(monkeypatch):
     from nanovllm.layers.basics import Linear, pack_for_cpu
     gen = torch.Generator().manual_seed(3)
     layer = Linear(128, 64, bias=True)
-    layer.weight.data, layer.bias.data = (torch.randn(64, 128, generator=gen) / 10).bfloat16(), torch.randn(64).bfloat16()
+    layer.weight.data = (torch.randn(64, 128, generator=gen) / 10).bfloat16()
+    layer.bias.data = torch.randn(64, generator=gen).bfloat16()
     x = torch.randn(44, 128, generator=gen).bfloat16()
     expected = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
     got = layer(x)
@@ -262,27 +263,26 @@ def test_decode_layers_in_c_match_the_layer_by_layer_path(arch, tmp_path, monkey
     states of the per-layer Python path, and the engine's tokens are the same either way."""
     from conftest import random_prompts, save_tiny_model
     from nanovllm import LLM, SamplingParams
-    from nanovllm.models.llama import Model
     llm = LLM(save_tiny_model(arch, str(tmp_path)), dtype="bfloat16")
     engine, prompts = llm.engine, random_prompts(5, 20, 90, seed=7)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     calls = []
     real = cpu_kernel.decode_layers
-    monkeypatch.setattr(cpu_kernel, "decode_layers", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(cpu_kernel, "decode_layers", lambda *a: calls.append(real(*a)) or calls[-1])
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert calls
+    assert any(c is not None for c in calls)  # the decode steps ran in C
     for i, p in enumerate(prompts):
         engine.add_request(f"r{i}", p, params)
     for _ in range(3):  # prefill, then decode steps
         engine.step()
     batch = engine.scheduler.schedule()
     args = engine.runner.prepare(batch, list(range(len(batch.seqs))))
-    assert len(args[2].decode_rows) == len(batch.seqs) and engine.runner.model.model.decodes_in_c(
-        torch.zeros(len(batch.seqs), 64, dtype=torch.bfloat16), args[2])
+    assert len(args[2].decode_rows) == len(batch.seqs) and cpu_kernel.decodes_in_c(
+        engine.runner.model.model, torch.zeros(len(batch.seqs), 64, dtype=torch.bfloat16), args[2])
     model = engine.runner.model
     with torch.inference_mode():
         fused = model(*args[:3])  # storing this step's K/V twice writes the same values
-        monkeypatch.setattr(Model, "decodes_in_c", lambda *a: False)
+        monkeypatch.setattr(cpu_kernel, "decodes_in_c", lambda *a: False)
         layered = model(*args[:3])
     assert torch.equal(fused, layered)
     for i in range(len(prompts)):

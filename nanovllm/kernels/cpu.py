@@ -163,28 +163,64 @@ def amx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     return y
 
 
-def decode_layers(pointers: torch.Tensor, dims: list[int], residual: torch.Tensor,
-                  tables: tuple[torch.Tensor, torch.Tensor], meta, eps: float, scale: float) -> torch.Tensor:
-    """A decode-only bf16 step's decoder layers in one C call (cpu_decode.c; the caller checks that every kernel
-    applies: see models/llama.py). pointers: int64 [layers * 9], per layer its weights and caches in
-    cpu_decode.c's order; dims: hidden, heads, KV heads, head dim, intermediate size, block size; residual
-    [M, hidden]: the embeddings, updated in place into the residual stream. Returns the last MLP output."""
-    hidden, heads, kv_heads, head_dim, inter, _ = dims
+def decodes_in_c(model, x: torch.Tensor, meta) -> bool:
+    """Whether a step of models/llama.py's Model can run as cpu_decode.c: bf16 on a CPU with AMX, every row a
+    decode (at most LINEAR_ROWS), one rank, no q/k norm, the torch attention backend, sizes every kernel takes."""
+    from nanovllm.layers.attention import torch_attention
+    from nanovllm.layers.parallel import tp_size
+    a, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    hidden, inter = x.shape[1], mlp.down_proj.in_features
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.is_contiguous()
+            and 0 < x.shape[0] == len(meta.decode_rows) and x.shape[0] <= LINEAR_ROWS
+            and tp_size() == 1 and a.q_norm is None and a.backend is torch_attention
+            and a.qkv_proj.weight is not None and a.qkv_proj.weight.dtype == torch.bfloat16
+            and a.k_cache.dtype == torch.bfloat16 and a.k_cache.is_contiguous()
+            and a.num_heads // a.num_kv_heads <= MAX_GROUP and a.head_dim % 16 == 0 and a.head_dim <= MAX_HEAD_DIM
+            and hidden % 32 == 0 and a.q_size % 32 == 0 and (a.q_size + 2 * a.kv_size) % 16 == 0
+            and inter % 32 == 0 and has_amx())
+
+
+def layer_pointers(model) -> torch.Tensor:
+    """Per layer, in cpu_decode.c's order: norms, projections (and the QKV bias, 0 if none), K and V caches.
+    Built once (~0.4 ms) and kept on the model while its first layer's weight and cache stay where they are."""
+    a = model.layers[0].self_attn
+    key = (a.qkv_proj.weight.data_ptr(), a.k_cache.data_ptr())
+    if getattr(model, "c_pointers", (None,))[0] != key:
+        ptr = lambda t: 0 if t is None else t.data_ptr()
+        pointers = [ptr(t) for layer in model.layers for a, mlp in [(layer.self_attn, layer.mlp)]
+                    for t in (layer.input_layernorm.weight, a.qkv_proj.weight, a.qkv_proj.bias, a.o_proj.weight,
+                              layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight, mlp.down_proj.weight,
+                              a.k_cache, a.v_cache)]
+        model.c_pointers = key, torch.tensor(pointers, dtype=torch.int64)
+    return model.c_pointers[1]
+
+
+def decode_layers(model, residual: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor],
+                  meta) -> torch.Tensor | None:
+    """A decode-only bf16 step's decoder layers (models/llama.py's Model) in one C call (cpu_decode.c), or None
+    where one of its kernels would not apply (see decodes_in_c). residual [M, hidden]: the embeddings, updated in
+    place into the residual stream. Returns the last layer's MLP output."""
+    if not decodes_in_c(model, residual, meta):
+        return None
+    a = model.layers[0].self_attn
+    heads, kv_heads, head_dim = a.num_heads, a.num_kv_heads, a.head_dim
+    inter = model.layers[0].mlp.down_proj.in_features
+    dims = torch.tensor([residual.shape[1], heads, kv_heads, head_dim, inter, a.k_cache.shape[1]], dtype=torch.int64)
     m = residual.shape[0]
     mlp_out, h = torch.empty_like(residual), torch.empty_like(residual)
     qkv = residual.new_empty(m, (heads + 2 * kv_heads) * head_dim)
     attn, act = residual.new_empty(m, heads * head_dim), residual.new_empty(m, inter)
     gate_up = residual.new_empty(m, 2 * inter)
     cos, sin = tables
-    dims_t = torch.tensor(dims, dtype=torch.int64)
     t = meta.block_tables
     rc = library().decode_layers_bf16(
-        len(pointers) // 9, pointers.data_ptr(), dims_t.data_ptr(), m, residual.data_ptr(), mlp_out.data_ptr(),
-        cos.data_ptr(), sin.data_ptr(), meta.slot_mapping.data_ptr(), t.data_ptr(), t.stride(0),
+        len(model.layers), layer_pointers(model).data_ptr(), dims.data_ptr(), m, residual.data_ptr(),
+        mlp_out.data_ptr(), cos.data_ptr(), sin.data_ptr(), meta.slot_mapping.data_ptr(), t.data_ptr(), t.stride(0),
         meta.context_lens.data_ptr(), meta.decode_rows.data_ptr(), meta.decode_tokens.data_ptr(), h.data_ptr(),
-        qkv.data_ptr(), attn.data_ptr(), gate_up.data_ptr(), act.data_ptr(), eps, scale, torch.get_num_threads())
+        qkv.data_ptr(), attn.data_ptr(), gate_up.data_ptr(), act.data_ptr(), model.norm.eps, a.scale,
+        torch.get_num_threads())
     if rc:
-        raise RuntimeError(f"decode_layers_bf16 failed ({rc}) on sizes the caller checked: {dims}")
+        raise RuntimeError(f"decode_layers_bf16 failed ({rc}) on sizes decodes_in_c accepted: {dims.tolist()}")
     return mlp_out
 
 

@@ -84,48 +84,13 @@ class Model(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = embed(input_ids, self.embed_tokens.weight, self.vocab_size)
         rope = self.rotary.tables(positions, x.dtype)
-        if self.decodes_in_c(x, meta):  # all layers in one C call: the same kernels as below, bit for bit
-            mlp_out = cpu_kernel.decode_layers(self.c_pointers(), self.c_dims(), x, rope, meta,
-                                               self.norm.eps, self.layers[0].self_attn.scale)
+        # on CPU, a decode-only bf16 step's layers in one C call: the same kernels as below, bit for bit
+        if (mlp_out := cpu_kernel.decode_layers(self, x, rope, meta)) is not None:
             return self.norm(mlp_out, x)[0]
         residual = None
         for layer in self.layers:
             x, residual = layer(rope, x, residual, meta)
         return self.norm(x, residual)[0]
-
-
-    def decodes_in_c(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
-        """Whether this step can run as kernels/cpu_decode.c: bf16 on a CPU with AMX, every row a decode (at most
-        LINEAR_ROWS), one rank, no q/k norm, the torch backend, and sizes every kernel there takes."""
-        a, mlp = self.layers[0].self_attn, self.layers[0].mlp
-        hidden, inter = x.shape[1], mlp.down_proj.in_features
-        return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.is_contiguous()
-                and 0 < x.shape[0] == len(meta.decode_rows) and x.shape[0] <= cpu_kernel.LINEAR_ROWS
-                and tp_size() == 1 and a.q_norm is None and a.backend is torch_attention
-                and a.qkv_proj.weight is not None and a.qkv_proj.weight.dtype == torch.bfloat16
-                and a.k_cache.dtype == torch.bfloat16 and a.k_cache.is_contiguous()
-                and a.num_heads // a.num_kv_heads <= cpu_kernel.MAX_GROUP and a.head_dim % 16 == 0
-                and a.head_dim <= cpu_kernel.MAX_HEAD_DIM and hidden % 32 == 0 and a.q_size % 32 == 0
-                and (a.q_size + 2 * a.kv_size) % 16 == 0 and inter % 32 == 0 and cpu_kernel.has_amx())
-
-    def c_dims(self) -> list[int]:
-        a = self.layers[0].self_attn
-        inter = self.layers[0].mlp.down_proj.in_features
-        return [a.o_proj.out_features, a.num_heads, a.num_kv_heads, a.head_dim, inter, a.k_cache.shape[1]]
-
-    def c_pointers(self) -> torch.Tensor:
-        """Per layer, in cpu_decode.c's order: norms, projections (and the QKV bias, 0 if none), K and V caches.
-        Built once (~0.4 ms) and kept while the first layer's weight and cache stay where they are."""
-        a = self.layers[0].self_attn
-        key = (a.qkv_proj.weight.data_ptr(), a.k_cache.data_ptr())
-        if getattr(self, "_c_pointers", (None,))[0] != key:
-            ptr = lambda t: 0 if t is None else t.data_ptr()
-            pointers = [ptr(t) for layer in self.layers for a, mlp in [(layer.self_attn, layer.mlp)]
-                        for t in (layer.input_layernorm.weight, a.qkv_proj.weight, a.qkv_proj.bias, a.o_proj.weight,
-                                  layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight,
-                                  mlp.down_proj.weight, a.k_cache, a.v_cache)]
-            self._c_pointers = key, torch.tensor(pointers, dtype=torch.int64)
-        return self._c_pointers[1]
 
 
 class LlamaForCausalLM(nn.Module):
