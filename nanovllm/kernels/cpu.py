@@ -153,31 +153,31 @@ def amx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     n, k = weight.shape
     if not (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.dim() == 2
             and 0 < x.shape[0] <= LINEAR_ROWS and n % 16 == 0 and k % 32 == 0 and x.device.type == "cpu"
-            and x.is_contiguous() and weight.is_contiguous() and (bias is None or bias.dtype == torch.bfloat16)):
-        return None
-    if not has_amx():
+            and x.is_contiguous() and weight.is_contiguous() and (bias is None or bias.dtype == torch.bfloat16)
+            and has_amx()):
         return None
     y = x.new_empty(x.shape[0], n)
     library().linear_bf16(x.data_ptr(), x.shape[0], weight.data_ptr(), n, k, None if bias is None else bias.data_ptr(),
-                    y.data_ptr(), torch.get_num_threads())
+                          y.data_ptr(), torch.get_num_threads())
     return y
 
 
 def decodes_in_c(model, x: torch.Tensor, meta) -> bool:
     """Whether a step of models/llama.py's Model can run as cpu_decode.c: bf16 on a CPU with AMX, every row a
     decode (at most LINEAR_ROWS), one rank, no q/k norm, the torch attention backend, sizes every kernel takes."""
-    from nanovllm.layers.attention import torch_attention
+    if not (x.dtype == torch.bfloat16 and x.device.type == "cpu" and has_amx()):  # every other step: at once
+        return False
+    from nanovllm.layers.attention import torch_attention  # not at the top: both modules import this one
     from nanovllm.layers.parallel import tp_size
     a, mlp = model.layers[0].self_attn, model.layers[0].mlp
     hidden, inter = x.shape[1], mlp.down_proj.in_features
-    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.is_contiguous()
-            and 0 < x.shape[0] == len(meta.decode_rows) and x.shape[0] <= LINEAR_ROWS
+    return (x.is_contiguous() and 0 < x.shape[0] == len(meta.decode_rows) and x.shape[0] <= LINEAR_ROWS
             and tp_size() == 1 and a.q_norm is None and a.backend is torch_attention
             and a.qkv_proj.weight is not None and a.qkv_proj.weight.dtype == torch.bfloat16
             and a.k_cache.dtype == torch.bfloat16 and a.k_cache.is_contiguous()
             and a.num_heads // a.num_kv_heads <= MAX_GROUP and a.head_dim % 16 == 0 and a.head_dim <= MAX_HEAD_DIM
             and hidden % 32 == 0 and a.q_size % 32 == 0 and (a.q_size + 2 * a.kv_size) % 16 == 0
-            and inter % 32 == 0 and has_amx())
+            and inter % 32 == 0)
 
 
 def layer_pointers(model) -> torch.Tensor:
@@ -228,8 +228,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
                       seqs: list[int], scale: float) -> bool:
     """Causal attention of whole prompts (no cached prefix) in bf16 on AMX (cpu_prefill.c): each sequence in
     `seqs` (rows starts[i]..starts[i+1] of q [T, H, D], k, v [T, Hkv, D]: rows may be strided, as views of the
-    QKV output, k's and v's alike) over its own keys, into the same rows of out [T, H, D]. False (nothing done) where it does not
-    apply: the caller then uses SDPA."""
+    QKV output, k's and v's alike) over its own keys, into the same rows of out [T, H, D]. False (nothing done)
+    where it does not apply: the caller then uses SDPA."""
     _, heads, dim = q.shape
     if not (seqs and q.dtype == k.dtype == v.dtype == out.dtype == torch.bfloat16 and q.device.type == "cpu"
             and k.stride(0) == v.stride(0) and all(t.stride(2) == 1 and t.stride(1) == dim
@@ -239,7 +239,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
         return False
     rows = torch.tensor(seqs, dtype=torch.int64)
     return library().prefill_attention_bf16(
-        q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), k.stride(0), starts.data_ptr(), rows.data_ptr(), len(seqs),
+        q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), k.stride(0), starts.data_ptr(), rows.data_ptr(),
+        len(seqs),
         out.data_ptr(), heads, k.shape[1], dim, scale, torch.get_num_threads()) == 0
 
 

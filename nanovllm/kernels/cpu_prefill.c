@@ -27,29 +27,35 @@ static void pack_values(const uint16_t *v, int64_t stride, int64_t n, int64_t di
         for (int64_t d = 0; d < dim / 16; d++)
             for (int p = 0; p < 16; p++) {
                 const int64_t k0 = b * 32 + 2 * p;
-                const __m512i lo = k0 < n ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v + k0 * stride + d * 16)))
+                const uint16_t *row = v + k0 * stride + d * 16;
+                const __m512i lo = k0 < n ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)row))
                                           : _mm512_setzero_si512();
-                const __m512i hi = k0 + 1 < n ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v + (k0 + 1) * stride + d * 16)))
-                                              : _mm512_setzero_si512();
-                _mm512_store_si512(out + ((b * (dim / 16) + d) * 16 + p) * 16, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+                const __m512i hi = k0 + 1 < n
+                    ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row + stride)))
+                    : _mm512_setzero_si512();
+                _mm512_store_si512(out + ((b * (dim / 16) + d) * 16 + p) * 16,
+                                   _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
             }
 }
 
 /* q, k, v: [T, heads or kv_heads, dim] bf16, q's rows q_stride elements apart, k's and v's kv_stride (views of
  * the QKV output: both its row);
  * starts [B + 1]: each sequence's first row; seqs: the sequences to attend (their context is their own rows);
- * out [T, heads, dim] bf16. dim a multiple of 32 up to MAX_DIM. Returns 0, or -1 if a size is out of range. */
+ * out [T, heads, dim] bf16. dim a multiple of 32 up to MAX_DIM. Returns 0, -1 if a size is out of range, -2
+ * without memory for the packed keys and values. */
 int prefill_attention_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *k, const uint16_t *v, int64_t stride,
                            const int64_t *starts, const int64_t *seqs, int64_t nseqs, uint16_t *out, int64_t heads,
                            int64_t kv_heads, int64_t dim, float scale, int num_threads) {
     if (dim % 32 || dim > MAX_DIM || heads % kv_heads) return -1;
     const int64_t group = heads / kv_heads, dsteps = dim / 32;
     /* packed keys and values of every (sequence, KV head), 32 keys a block */
-    int64_t *offset = malloc((nseqs + 1) * sizeof(int64_t));
+    int64_t *offset = malloc((nseqs + 1) * sizeof(int64_t)), *unit_start = malloc((nseqs + 1) * sizeof(int64_t));
+    if (!offset || !unit_start) return free(offset), free(unit_start), -2;
     offset[0] = 0;
     for (int64_t i = 0; i < nseqs; i++)
         offset[i + 1] = offset[i] + (starts[seqs[i] + 1] - starts[seqs[i]] + 31) / 32 * 32 * dim * kv_heads;
     uint16_t *kp = aligned_alloc(64, offset[nseqs] * 2 + 64), *vp = aligned_alloc(64, offset[nseqs] * 2 + 64);
+    if (!kp || !vp) return free(kp), free(vp), free(offset), free(unit_start), -2;  /* the caller falls back */
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
     for (int64_t u = 0; u < nseqs * kv_heads; u++) {
         const int64_t i = u / kv_heads, h = u % kv_heads, s = starts[seqs[i]], n = starts[seqs[i] + 1] - s;
@@ -58,7 +64,6 @@ int prefill_attention_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *
         pack_values(v + s * stride + h * dim, stride, n, dim, (n + 31) / 32, (uint32_t *)(vp + base));
     }
     /* work units: (sequence, query head, block of 16 queries) */
-    int64_t *unit_start = malloc((nseqs + 1) * sizeof(int64_t));
     unit_start[0] = 0;
     for (int64_t i = 0; i < nseqs; i++)
         unit_start[i + 1] = unit_start[i] + heads * ((starts[seqs[i] + 1] - starts[seqs[i]] + 15) / 16);
@@ -134,7 +139,8 @@ int prefill_attention_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *
                 for (int r = 0; r < 16; r++)
                     if (alpha[r] != 1.f)
                         for (int64_t d = 0; d < dim; d += 16)
-                            _mm512_store_ps(o + r * dim + d, _mm512_mul_ps(_mm512_load_ps(o + r * dim + d), _mm512_set1_ps(alpha[r])));
+                            _mm512_store_ps(o + r * dim + d,
+                                            _mm512_mul_ps(_mm512_load_ps(o + r * dim + d), _mm512_set1_ps(alpha[r])));
                 _tile_loadd(4, p, 64);
                 const uint16_t *vt = vh + kb * (dim / 16) * 512;
                 for (int64_t d = 0; d < dim / 16; d += 4) {  /* 64 output dims (4 accumulator tiles) at a time */
@@ -154,8 +160,10 @@ int prefill_attention_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *
             for (int r = 0; r < rows; r++) {
                 const __m512 inv = _mm512_set1_ps(1.f / l[r]);
                 uint16_t *dst = out + ((s + i0 + r) * heads + h) * dim;
-                for (int64_t d = 0; d < dim; d += 16)
-                    _mm256_storeu_si256((__m256i *)(dst + d), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(o + r * dim + d), inv)));
+                for (int64_t d = 0; d < dim; d += 16) {
+                    const __m512 x = _mm512_mul_ps(_mm512_load_ps(o + r * dim + d), inv);
+                    _mm256_storeu_si256((__m256i *)(dst + d), (__m256i)_mm512_cvtneps_pbh(x));
+                }
             }
         }
         _tile_release();

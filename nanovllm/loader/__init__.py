@@ -107,7 +107,8 @@ def load_model(path: str, dtype: torch.dtype, device: str, max_positions: int, h
     model = model.to_empty(device=device).to(dtype)  # no random init: every weight comes from the checkpoint
     if model.tie_word_embeddings:  # to_empty gave the two their own storage
         model.lm_head.weight = model.model.embed_tokens.weight
-    if device == "cpu" and not onednn_packs(dtype):  # packed weights live in oneDNN's memory instead
+    packs = device == "cpu" and onednn_packs(dtype)  # CPUs with native bf16 but no AMX: weights packed for oneDNN
+    if device == "cpu" and not packs:  # (packed weights live in oneDNN's memory instead)
         place_in_huge_pages(model)
     params = dict(model.named_parameters())
     if is_gguf:
@@ -123,7 +124,7 @@ def load_model(path: str, dtype: torch.dtype, device: str, max_positions: int, h
         raise ValueError(f"checkpoint {path!r} lacks weights: {', '.join(sorted(missing)[:8])}")
     model.rotary.build()  # after to_empty and the cast: the cos/sin tables are computed here, in fp32
     model.eval()
-    if device == "cpu" and dtype == torch.bfloat16:
+    if packs:
         pack_for_cpu(model)
     tokenizer = load_tokenizer(path, tokenizer_path)
     return LoadedModel(cfg, model, tokenizer, eos_ids(path, cfg, tokenizer))
