@@ -302,6 +302,7 @@ def main() -> None:
             r.update(decode_steps=len(decodes), decode_step_ms=t * 1000, decode_seqs=seqs,
                      decode_floor_ms=floor * 1000)
         results.append(r)
+        print(f"{r['engine']}: {out_tokens} tokens in {seconds:.1f} s = {out_tokens / seconds:.1f} tok/s", flush=True)
         gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()

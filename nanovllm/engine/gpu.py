@@ -68,7 +68,9 @@ class DecodeGraphs:
         self.slots = torch.full((max_bs,), -1, dtype=torch.long, device=dev)
         self.lens = torch.zeros(max_bs, dtype=torch.long, device=dev)
         self.tables = torch.zeros(max_bs, width, dtype=torch.long, device=dev)
-        rows = torch.arange(max_bs + 1, device=dev)
+        # the graphs read these through raw pointers: they must outlive __init__ (else the allocator hands their
+        # memory to later tensors and a replay gathers with whatever lies there)
+        self.rows = rows = torch.arange(max_bs + 1, device=dev)
         self.graphs, self.logits, pool = {}, {}, None
         for bs in reversed(self.buckets):  # largest first: the smaller ones fit in its memory pool
             meta = AttentionMetadata(
