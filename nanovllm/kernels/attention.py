@@ -105,7 +105,8 @@ def _decode_reduce(part_out_ptr, part_lse_ptr, out_ptr, tokens_ptr,
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, out: torch.Tensor,
-                     scale: float, max_context: int, num_splits: int | None = None) -> None:
+                     scale: float, max_context: int, num_splits: int | None = None, block_n: int | None = None,
+                     num_warps: int = 4) -> None:
     """out[tokens[b]] = attention of q[tokens[b]] over sequence rows[b]'s cached context, for every b.
     q, out: [T, H, D] contiguous. max_context bounds the contexts (it sizes the splits; for CUDA graphs pass
     max_model_len so the launch does not depend on the step)."""
@@ -113,19 +114,19 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _, bs, hkv, d = k_cache.shape
     h = q.shape[1]
     blocks = max(1, -(-max_context // bs))
-    if num_splits is None:  # enough programs to fill the GPU when there are few sequences
-        num_splits = min(blocks, max(1, 128 // max(1, nb * hkv)), 16)
+    if num_splits is None:  # ~4096 programs: at 128 sequences x 8 KV heads, 4 splits ran 1.45x faster than 1 (H200)
+        num_splits = min(blocks, max(1, 4096 // max(1, nb * hkv)), 16)
     blocks_per_split = -(-blocks // num_splits)
     num_splits = -(-blocks // blocks_per_split)
     part_out = torch.empty(nb, h, num_splits, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(nb, h, num_splits, dtype=torch.float32, device=q.device)
     g = h // hkv
     dp = triton.next_power_of_2(d)
-    block_n = min(64, triton.next_power_of_2(max(bs, 16)))
+    block_n = block_n or min(64, triton.next_power_of_2(max(bs, 16)))
     _decode_split[(nb, hkv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, rows, tokens, part_out, part_lse, scale,
         block_tables.stride(0), blocks_per_split, H=h, HKV=hkv, G=g, GP=triton.next_power_of_2(g), D=d, DP=dp,
-        BS=bs, BLOCK_N=block_n, SPLITS=num_splits)
+        BS=bs, BLOCK_N=block_n, SPLITS=num_splits, num_warps=num_warps)
     _decode_reduce[(nb, h)](part_out, part_lse, out, tokens, H=h, D=d, DP=dp, SPLITS=num_splits,
                             SP=triton.next_power_of_2(num_splits))
 
