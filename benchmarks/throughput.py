@@ -77,11 +77,13 @@ def matmul_roof(dtype: torch.dtype, device: str, m: int, k: int, n: int, seconds
 
 
 def run_engine(model: str | None, dtype: str, max_model_len: int, prompts: list[list[int]],
-               max_tokens: list[int], tp: int) -> tuple[int, float, int, list[tuple[float, int, int]]]:
-    """(output tokens, seconds, engine steps, decode-only steps as (seconds, sequences, context tokens)) for our
-    engine; only generate() is timed."""
+               max_tokens: list[int], tp: int) -> tuple[int, float, int, list[tuple[float, int, int]], float]:
+    """(output tokens, seconds, engine steps, decode-only steps as (seconds, sequences, context tokens), start-up
+    seconds) for our engine; only generate() is timed."""
     from nanovllm import LLM, SamplingParams
+    start = time.perf_counter()
     with LLM(model, dtype=dtype, max_model_len=max_model_len, tensor_parallel_size=tp) as llm:
+        startup = time.perf_counter() - start
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
         params = [SamplingParams(temperature=TEMPERATURE, ignore_eos=True, max_tokens=m) for m in max_tokens]
         steps, step, decodes, sched = [0], llm.engine.step, [], llm.engine.scheduler
@@ -99,7 +101,7 @@ def run_engine(model: str | None, dtype: str, max_model_len: int, prompts: list[
         start = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - start
-    return sum(len(o.outputs[0].token_ids) for o in outputs), seconds, steps[0], decodes
+    return sum(len(o.outputs[0].token_ids) for o in outputs), seconds, steps[0], decodes, startup
 
 
 def copy_bandwidth(device: str, mib: int = 512) -> float:
@@ -290,11 +292,12 @@ def main() -> None:
                           * dtype.itemsize)
     print(f"copy:    {bandwidth:.1f} GB/s (device-to-device copy, read + write)")
     for tp in args.tensor_parallel_size:
-        out_tokens, seconds, steps, decodes = run_engine(model, args.dtype, lin + lout, prompts, max_tokens, tp)
+        out_tokens, seconds, steps, decodes, startup = run_engine(model, args.dtype, lin + lout, prompts, max_tokens,
+                                                                 tp)
         if out_tokens != sum(max_tokens):
             print(f"warning: the engine returned {out_tokens} tokens, the workload asks for {sum(max_tokens)}")
         r = {"engine": "nanovllm" + (f" TP={tp}" if len(args.tensor_parallel_size) > 1 or tp > 1 else ""),
-             "output_tokens": out_tokens, "seconds": seconds, "steps": steps}
+             "output_tokens": out_tokens, "seconds": seconds, "steps": steps, "startup_s": startup}
         if decodes:
             # the floor of a decode step: every weight and every cached K/V byte read once, at copy bandwidth
             t, seqs, ctx = (sum(x) / len(decodes) for x in zip(*decodes))

@@ -106,7 +106,7 @@ def step_phases(model_path, n_seqs):
 def end_to_end(model_path, label):
     from throughput import make_workload, run_engine
     prompts, max_tokens = make_workload(256, 1024, 1024)
-    out, seconds, steps, decodes = run_engine(model_path, "auto", 2048, prompts, max_tokens, 1)
+    out, seconds, steps, decodes, _ = run_engine(model_path, "auto", 2048, prompts, max_tokens, 1)
     t = sum(d[0] for d in decodes) / max(1, len(decodes))
     print(f"end to end, {label}: {out} tokens in {seconds:.1f} s = {out / seconds:.1f} tok/s, {steps} steps, "
           f"decode step {t * 1e3:.1f} ms", flush=True)

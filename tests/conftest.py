@@ -76,7 +76,7 @@ def start_server(args: list[str], env: dict | None = None, timeout: float = 180)
 def embedded_llm():
     """The embedded SmolLM2-135M-Instruct in fp32, loaded once for every test that needs it."""
     from nanovllm import LLM
-    return LLM(dtype="float32")
+    return LLM(dtype="float32", kv_cache_gib=1)
 
 
 def byte_tokenizer():

@@ -1,5 +1,3 @@
-import math
-
 import numpy as np
 import torch
 
@@ -8,16 +6,6 @@ from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import AttentionMetadata
 from nanovllm.layers.sampler import SamplingBatch, sample
-
-
-def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Zeros, not empty: padded slots are masked out, but NaN garbage times a zero weight is still NaN.
-    On CPU through numpy's calloc, whose pages are zeroed lazily by the OS: torch.zeros would touch
-    every page of a multi-GiB pool at start-up (seconds)."""
-    if device.type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    nbytes = math.prod(shape) * dtype.itemsize
-    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 class ModelRunner:
@@ -49,7 +37,13 @@ class ModelRunner:
         if self.num_blocks < 1:
             raise ValueError(f"kv_cache_gib={config.kv_cache_gib} holds no KV block of {bytes_per_block} bytes")
         shape = (2, layers, self.num_blocks, config.block_size, attn.num_kv_heads, attn.head_dim)
-        self.kv_cache = zeros(shape, dtype, self.device)
+        # Zeros, not empty: padded slots are masked out, but NaN garbage times a zero weight is still NaN. On CPU
+        # every page is touched here, at start-up, as vLLM does: a page first written during generate() costs a
+        # fault (~7 us a 4 KB page in a VM), and the KV writes of a prefill step took 133 ms instead of 10.
+        self.kv_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        if not cuda:
+            from nanovllm.kernels import cpu as cpu_kernel
+            cpu_kernel.keep_freed_memory()
         for i, layer in enumerate(model.model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         self.generator = torch.Generator(self.device).manual_seed(config.seed)

@@ -9,7 +9,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="HF folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-seqs", type=int, default=None,
+                   help="default: generate, the number of prompts; chat, 1; serve, 256 (the KV pool is sized by it)")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--kv-cache-gib", type=float, default=4.0)
@@ -21,8 +22,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="split the model over this many processes (GPUs on CUDA)")
 
 
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+def engine_kwargs(args: argparse.Namespace, seqs: int = 256) -> dict:
+    """seqs: max_num_seqs unless given. The KV pool holds at most that many full-length sequences and is
+    allocated (every page touched) at start-up, so a command that runs a few sequences starts sooner."""
+    return dict(dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs or seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                 kv_cache_gib=args.kv_cache_gib, enable_prefix_caching=not args.no_prefix_caching,
                 num_threads=args.num_threads, tensor_parallel_size=args.tensor_parallel_size,
@@ -43,7 +46,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 def generate(args: argparse.Namespace) -> None:
     from nanovllm import LLM
     params = sampling_params(args)
-    llm = LLM(args.model, **engine_kwargs(args))
+    llm = LLM(args.model, **engine_kwargs(args, seqs=len(args.prompts)))
     use_chat = not args.raw and getattr(llm.tokenizer, "chat_template", None)
     if len(args.prompts) == 1:  # one prompt streams: the first token shows as soon as it is sampled
         prompt = args.prompts[0]
@@ -80,7 +83,7 @@ def chat(args: argparse.Namespace) -> None:
     """A conversation on the terminal: each reply is printed token by token as it is generated."""
     from nanovllm import LLM
     params = sampling_params(args)
-    llm = LLM(args.model, **engine_kwargs(args))
+    llm = LLM(args.model, **engine_kwargs(args, seqs=1))
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     turns = iter(args.messages) if args.messages else None
