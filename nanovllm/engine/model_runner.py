@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import torch
 
@@ -40,9 +42,12 @@ class ModelRunner:
         # Zeros, not empty: padded slots are masked out, but NaN garbage times a zero weight is still NaN. On CPU
         # every page is touched here, at start-up, as vLLM does: a page first written during generate() costs a
         # fault (~7 us a 4 KB page in a VM), and the KV writes of a prefill step took 133 ms instead of 10.
-        self.kv_cache = torch.zeros(shape, dtype=dtype, device=self.device)
-        if not cuda:
+        if cuda:
+            self.kv_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        else:  # on 2 MB pages: decode attention reads scattered blocks, ~8% faster there (fewer TLB misses)
             from nanovllm.kernels import cpu as cpu_kernel
+            nbytes = math.prod(shape) * dtype.itemsize
+            self.kv_cache = cpu_kernel.huge_page_buffer(nbytes).zero_().view(dtype).view(shape)
             cpu_kernel.keep_freed_memory()
         for i, layer in enumerate(model.model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]

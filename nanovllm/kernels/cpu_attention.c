@@ -99,10 +99,13 @@ vf exp16_ps(vf x) { return exp16(x); }  /* for cpu_prefill.c */
  * head and (bf16 with AVX512-BF16) their probabilities in bf16 pairs. */
 #define CHUNK 128
 #define MAX_UNIT_HEADS 64
+#define MAX_Q_TILES 16
 typedef struct {
     const char *tok[CHUNK];
     float s[MAX_UNIT_HEADS][CHUNK] __attribute__((aligned(64)));
     uint32_t p[MAX_UNIT_HEADS][CHUNK / 2];             /* bf16 probability pairs (t, t + 1) */
+    uint32_t qt[MAX_Q_TILES][256] __attribute__((aligned(64)));  /* AMX scores: the queries as B tiles */
+    float c[256] __attribute__((aligned(64)));         /* AMX scores: one [16 keys x 16 queries] block */
 } Scratch;
 
 /* 16 scores q . k[t0 + j] (j < count; the lanes past count are -inf) in one vector */
@@ -160,6 +163,59 @@ INLINE void unpair(vf *v) {
 #define unpair(v)
 #endif
 
+/* Scores on AMX (bf16 caches, block size a multiple of 16): S^T = K Q^T per KV head, 16 keys a tile product.
+ * A = 16 key rows x 32 dims, loaded in place from the cache (the 16 positions of a tile share a block, so
+ * their rows are token_bytes apart); B = the group's queries in pair layout (packed once per work unit);
+ * C = [16 keys x 16 queries], whose first `group` columns are the heads' scores. The products of bf16 pairs
+ * are exact and summed in fp32, as vdpbf16ps does (same values up to the order of the sum). 2.2x faster than
+ * the vector dots here (docs/benchmarks.md). Set by linear_amx_init (cpu_linear.c) once AMX is granted. */
+int amx_enabled = 0;
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && NATIVE_BF16
+void amx_tiles_16x64(void);  /* cpu_linear.c */
+#define AMX_SCORES 1
+/* q heads [h0 * group, h1 * group) -> qt[(h - h0) * (nv / 2) + c]: rows = dim pairs of dims 32c..32c+31,
+ * columns = the group's heads, zero past group */
+INLINE void pack_queries(uint32_t (*qt)[256], const char *q, int64_t h0, int64_t h1, int64_t group, int nv) {
+    const int64_t row = nv * 32;
+    for (int64_t h = h0; h < h1; h++)
+        for (int c = 0; c < nv / 2; c++) {
+            uint32_t *t = qt[(h - h0) * (nv / 2) + c];
+            memset(t, 0, 1024);
+            for (int64_t g = 0; g < group; g++) {
+                const uint32_t *src = (const uint32_t *)(q + (h * group + g) * row + c * 64);
+                for (int pr = 0; pr < 16; pr++) t[pr * 16 + g] = src[pr];
+            }
+        }
+}
+
+/* scores of keys t0 .. t0 + 15 (rows from `key`, token_bytes apart) for every head of the unit */
+INLINE void scores_amx(Scratch *w, const char *key, int64_t token_bytes, int64_t t0, int64_t count, int64_t h0,
+                       int64_t h1, int64_t group, int nv, float scale) {
+    const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(16));
+    const __mmask16 valid = count >= 16 ? 0xffff : (__mmask16)((1u << count) - 1);
+    for (int64_t h = h0; h < h1; h++) {
+        _tile_zero(0);
+        for (int c = 0; c < nv / 2; c++) {
+            _tile_loadd(1, key + h * nv * 32 + c * 64, token_bytes);
+            _tile_loadd(2, w->qt[(h - h0) * (nv / 2) + c], 64);
+            _tile_dpbf16ps(0, 1, 2);
+        }
+        _tile_stored(0, w->c, 64);
+        for (int64_t g = 0; g < group; g++) {
+            const __m512 x = _mm512_mul_ps(_mm512_i32gather_ps(_mm512_add_epi32(idx, _mm512_set1_epi32((int)g)),
+                                                               w->c, 4), _mm512_set1_ps(scale));
+            _mm512_store_ps(&w->s[(h - h0) * group + g][t0], _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), x));
+        }
+    }
+}
+#else
+#define AMX_SCORES 0
+#define pack_queries(...)
+#define scores_amx(...)
+#define amx_tiles_16x64()
+#endif
+
 /* One sequence's attention for its KV heads [h0, h1) (group query heads each), CHUNK cached positions at a
  * time: the chunk's scores for every query head, an online softmax update per head over the whole chunk
  * (running max m and sum l; the partial output is rescaled when the max grows), then the value sums.
@@ -168,12 +224,13 @@ INLINE void unpair(vf *v) {
 INLINE void attend(const char *restrict q, char *restrict out, float scale, const char *restrict k_cache,
                    const char *restrict v_cache, const int64_t *restrict table, int64_t len, int64_t block_size,
                    int64_t token_bytes, int64_t h0, int64_t h1, int64_t group, Scratch *w, const int nv,
-                   const int bf16) {
+                   const int bf16, const int amx) {
     const int64_t elem = bf16 ? 2 : 4, row = nv * 16 * elem, heads = (h1 - h0) * group, vbase = v_cache - k_cache;
     float m[MAX_UNIT_HEADS], l[MAX_UNIT_HEADS];
     vf o[MAX_UNIT_HEADS * MAX_VECTORS];
     for (int64_t i = 0; i < heads; i++) { m[i] = -INFINITY; l[i] = 0.f; }
     for (int64_t i = 0; i < heads * nv; i++) o[i] = (vf){0};
+    if (amx) pack_queries(w->qt, q, h0, h1, group, nv);
     for (int64_t start = 0; start < len; start += CHUNK) {
         const int64_t n = len - start < CHUNK ? len - start : CHUNK;
         for (int64_t t = 0, blk = start / block_size, off = start % block_size; t < n; t++) {  /* no division per token */
@@ -188,6 +245,10 @@ INLINE void attend(const char *restrict q, char *restrict out, float scale, cons
                 for (int64_t b = h0 * row; b < h1 * row; b += 64) __builtin_prefetch(w->tok[t] + b);
             for (int64_t t = t0; t < t0 + 16 && t < n; t++)
                 for (int64_t b = h0 * row; b < h1 * row; b += 64) __builtin_prefetch(w->tok[t] + vbase + b, 0, 2);
+            if (amx) {
+                scores_amx(w, w->tok[t0], token_bytes, t0, n - t0, h0, h1, group, nv, scale);
+                continue;
+            }
             for (int64_t i = 0; i < heads; i++) {
                 const vf x = scores16(q + (h0 * group + i) * row, w->tok + t0, n - t0, (h0 + i / group) * row, nv, bf16) * scale;
                 memcpy(&w->s[i][t0], &x, sizeof x);
@@ -241,7 +302,7 @@ INLINE void attend(const char *restrict q, char *restrict out, float scale, cons
 }
 
 #define ATTEND(NV, BF16) attend(qb, ob, scale, k_cache, v_cache, table, len, block_size, token_bytes, h0, h1, \
-                                group, &scratch, NV, BF16)
+                                group, &scratch, NV, BF16, 0)
 
 /* q: [tokens, q_stride] rows whose first heads * head_dim values are the queries; out: [tokens, heads,
  * head_dim]; both the cache's dtype; caches: [blocks, block_size, kv_heads, head_dim] fp32 or bf16; row b of the
@@ -259,7 +320,12 @@ int decode_attention(const void *q, int64_t q_stride, const void *k_cache, const
     while (per_unit * group > MAX_UNIT_HEADS) per_unit--;
     const int64_t units_per_seq = -(-kv_heads / per_unit);
     const int nv = head_dim / 16;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+    const int amx = AMX_SCORES && amx_enabled && bf16 && nv % 2 == 0 && block_size % 16 == 0 && group <= 16
+                    && per_unit * nv / 2 <= MAX_Q_TILES;
+#pragma omp parallel num_threads(num_threads)
+    {
+    if (amx) amx_tiles_16x64();
+#pragma omp for schedule(dynamic, 1)
     for (int64_t u = 0; u < batch * units_per_seq; u++) {
         static __thread Scratch scratch;
         const int64_t b = u / units_per_seq, h0 = u % units_per_seq * per_unit;
@@ -267,12 +333,17 @@ int decode_attention(const void *q, int64_t q_stride, const void *k_cache, const
         const char *qb = (const char *)q + tokens[b] * q_stride * elem;
         char *ob = (char *)out + (tokens[b] * heads + h0 * group) * head_dim * elem;
         const int64_t *table = tables + rows[b] * table_stride, len = lens[rows[b]];
-        if (nv == 4 && !bf16) ATTEND(4, 0);
+        if (amx && nv == 4) attend(qb, ob, scale, k_cache, v_cache, table, len, block_size, token_bytes, h0, h1,
+                                   group, &scratch, 4, 1, 1);
+        else if (amx) attend(qb, ob, scale, k_cache, v_cache, table, len, block_size, token_bytes, h0, h1, group,
+                             &scratch, nv, 1, 1);
+        else if (nv == 4 && !bf16) ATTEND(4, 0);
         else if (nv == 4) ATTEND(4, 1);
         else if (nv == 8 && !bf16) ATTEND(8, 0);
         else if (nv == 8) ATTEND(8, 1);
         else if (!bf16) ATTEND(nv, 0);
         else ATTEND(nv, 1);
+    }
     }
     return 0;
 }

@@ -18,7 +18,12 @@
 
 /* Linux hands out AMX's 8 KB of tile state only to processes that ask (arch_prctl ARCH_REQ_XCOMP_PERM for
  * XTILEDATA); 0 once granted. */
-int linear_amx_init(void) { return (int)syscall(SYS_arch_prctl, 0x1023, 18); }
+extern int amx_enabled;  /* cpu_attention.c: its decode scores use AMX once granted */
+int linear_amx_init(void) {
+    const int rc = (int)syscall(SYS_arch_prctl, 0x1023, 18);
+    amx_enabled = rc == 0;
+    return rc;
+}
 
 typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } TileConfig;
 
