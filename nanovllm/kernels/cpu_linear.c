@@ -5,8 +5,9 @@
  * row-major layout, as AMX's A operand: a tile is 16 weight rows x 32 inputs, loaded with the row stride. The
  * activations are the B operand, repacked per call into AMX's pair layout (x is small: rows x K). Each tile
  * product gives a [16 outputs x 16 rows] block of y^T, transposed in registers on the way out.
- * Tiles: C 0-2 (up to 48 rows of x per pass over a weight block), B 3-5, A 6-7 (alternating, so the next
- * weight tile loads while the products on the last one run). Built with cpu_attention.c by kernels/cpu.py. */
+ * Tiles: C 0-2 (up to 48 rows of x per pass over a weight block), B 3-5, A 6 (alternating A between tiles 6
+ * and 7 was slower: 30 layers at 44 rows 18.1-18.3 ms with one tile and the prefetch order below, 20.0-22.0
+ * before). Built with cpu_attention.c by kernels/cpu.py. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -103,24 +104,20 @@ int linear_bf16(const uint16_t *x, int64_t M, const uint16_t *w, int64_t N, int6
                 _tile_zero(0);
                 _tile_zero(1);
                 _tile_zero(2);
-/* the next block's rows are prefetched into L2 (1 KB a step: the whole block by the end of this one); the
- * hardware prefetcher alone leaves the weight reads and the tile products taking turns */
-#define STEP(k, A) do {                                                                             \
+/* the next block's rows are prefetched into L2 in the order that block will read them (at step k, its 16 rows'
+ * k-th 64 bytes: the whole block by the end of this one); the hardware prefetcher alone leaves the weight reads
+ * and the tile products taking turns */
+#define STEP(k) do {                                                                                \
         if (t0 == 0)                                                                                \
-            for (int l = 0; l < 1024; l += 64) _mm_prefetch(a + 16 * ldw + (k) * 1024 + l, _MM_HINT_T2); \
-        _tile_loadd(A, a + (k) * 64, ldw);                                                          \
+            for (int l = 0; l < 16; l++) _mm_prefetch(a + 16 * ldw + l * ldw + (k) * 64, _MM_HINT_T2); \
+        _tile_loadd(6, a + (k) * 64, ldw);                                                          \
         const char *b = (const char *)(xb + ((k) * tiles + t0) * 256);                              \
         _tile_loadd(3, b, 64);                                                                      \
-        _tile_dpbf16ps(0, A, 3);                                                                    \
-        if (nt > 1) { _tile_loadd(4, b + 1024, 64); _tile_dpbf16ps(1, A, 4); }                     \
-        if (nt > 2) { _tile_loadd(5, b + 2048, 64); _tile_dpbf16ps(2, A, 5); }                     \
+        _tile_dpbf16ps(0, 6, 3);                                                                    \
+        if (nt > 1) { _tile_loadd(4, b + 1024, 64); _tile_dpbf16ps(1, 6, 4); }                     \
+        if (nt > 2) { _tile_loadd(5, b + 2048, 64); _tile_dpbf16ps(2, 6, 5); }                     \
     } while (0)
-                int64_t k = 0;
-                for (; k + 1 < ksteps; k += 2) {
-                    STEP(k, 6);
-                    STEP(k + 1, 7);
-                }
-                if (k < ksteps) STEP(k, 6);
+                for (int64_t k = 0; k < ksteps; k++) STEP(k);
                 _tile_stored(0, acc[0], 64);
                 if (nt > 1) _tile_stored(1, acc[1], 64);
                 if (nt > 2) _tile_stored(2, acc[2], 64);
