@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -175,11 +176,14 @@ llm = LLM(model=args["model"], dtype=args["dtype"], max_model_len=args["max_mode
 startup = time.perf_counter() - start
 llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
 params = [SamplingParams(temperature=args["temperature"], ignore_eos=True, max_tokens=m) for m in args["max_tokens"]]
-start = time.perf_counter()
-outs = llm.generate([{"prompt_token_ids": p} for p in args["prompts"]], params, use_tqdm=False)
-seconds = time.perf_counter() - start
+runs = []
+for _ in range(args["repeat"]):
+    llm.reset_prefix_cache()  # each run prefills its prompts again, as a fresh engine would
+    start = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in args["prompts"]], params, use_tqdm=False)
+    runs.append(time.perf_counter() - start)
 print("RESULT " + json.dumps({"output_tokens": sum(len(o.outputs[0].token_ids) for o in outs),
-                              "seconds": seconds, "startup": startup}))
+                              "runs": runs, "startup": startup}))
 """
 
 
@@ -201,12 +205,13 @@ def hf_folder(model: str, folder: str) -> str:
 
 
 def run_vllm(python: str, model: str, dtype: str, max_model_len: int, prompts: list[list[int]],
-             max_tokens: list[int]) -> tuple[int, float, float]:
-    """(output tokens, seconds, start-up seconds) of vLLM's offline LLM, run by `python` (its own venv)."""
+             max_tokens: list[int], repeat: int) -> tuple[int, list[float], float]:
+    """(output tokens, seconds of each run, start-up seconds) of vLLM's offline LLM, run by `python` (its own
+    venv): one engine, `repeat` timed runs with its prefix cache reset before each."""
     import subprocess
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"model": model, "dtype": dtype, "max_model_len": max_model_len, "prompts": prompts,
-                   "max_tokens": max_tokens, "temperature": TEMPERATURE}, f)
+                   "max_tokens": max_tokens, "temperature": TEMPERATURE, "repeat": repeat}, f)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}"}
     proc = subprocess.run([python, "-c", VLLM_SCRIPT, f.name], capture_output=True, text=True, env=env)
     os.unlink(f.name)
@@ -214,7 +219,7 @@ def run_vllm(python: str, model: str, dtype: str, max_model_len: int, prompts: l
     if line is None:
         sys.exit(f"vLLM failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     r = json.loads(line[7:])
-    return r["output_tokens"], r["seconds"], r["startup"]
+    return r["output_tokens"], r["runs"], r["startup"]
 
 
 def machine() -> str:
@@ -243,6 +248,9 @@ def main() -> None:
                     help="run vLLM as a peer with this interpreter (its own venv; see docs/benchmarks.md)")
     ap.add_argument("--tensor-parallel-size", type=int, nargs="+", default=[1], metavar="TP",
                     help="run our engine once per size given (e.g. 1 2)")
+    ap.add_argument("--repeat", type=int, default=1, metavar="N",
+                    help="time our engine and vLLM N times each (ours: a fresh engine per run; vLLM: one engine, its "
+                         "prefix cache reset before each run) and compare medians: a shared host's speed drifts")
     ap.add_argument("--json", metavar="PATH", help="also write the results here")
     args = ap.parse_args()
     n, lin, lout = PRESETS[args.preset]
@@ -292,12 +300,18 @@ def main() -> None:
                           * dtype.itemsize)
     print(f"copy:    {bandwidth:.1f} GB/s (device-to-device copy, read + write)")
     for tp in args.tensor_parallel_size:
-        out_tokens, seconds, steps, decodes, startup = run_engine(model, args.dtype, lin + lout, prompts, max_tokens,
-                                                                 tp)
+        runs, decodes = [], []
+        for _ in range(args.repeat):
+            out_tokens, seconds, steps, run_decodes, startup = run_engine(model, args.dtype, lin + lout, prompts,
+                                                                          max_tokens, tp)
+            runs.append(seconds)
+            decodes += run_decodes
+            gc.collect()
+        seconds = statistics.median(runs)
         if out_tokens != sum(max_tokens):
             print(f"warning: the engine returned {out_tokens} tokens, the workload asks for {sum(max_tokens)}")
         r = {"engine": "nanovllm" + (f" TP={tp}" if len(args.tensor_parallel_size) > 1 or tp > 1 else ""),
-             "output_tokens": out_tokens, "seconds": seconds, "steps": steps, "startup_s": startup}
+             "output_tokens": out_tokens, "seconds": seconds, "runs": runs, "steps": steps, "startup_s": startup}
         if decodes:
             # the floor of a decode step: every weight and every cached K/V byte read once, at copy bandwidth
             t, seqs, ctx = (sum(x) / len(decodes) for x in zip(*decodes))
@@ -311,10 +325,10 @@ def main() -> None:
         torch.cuda.empty_cache()
     if args.vllm_python:
         folder = hf_folder(model, os.path.join(tmp.name, "hf-export"))
-        out_tokens, seconds, startup = run_vllm(args.vllm_python, folder, dtype_name, lin + lout, prompts,
-                                                max_tokens)
-        results.append({"engine": "vLLM-CPU", "output_tokens": out_tokens, "seconds": seconds,
-                        "startup_s": startup})
+        out_tokens, runs, startup = run_vllm(args.vllm_python, folder, dtype_name, lin + lout, prompts, max_tokens,
+                                             args.repeat)
+        results.append({"engine": "vLLM-CPU", "output_tokens": out_tokens, "seconds": statistics.median(runs),
+                        "runs": runs, "startup_s": startup})
     if not args.skip_hf:
         out_tokens, seconds = run_hf(model, dtype, device, prompts, max_tokens, args.hf_batch_size)
         results.append({"engine": f"HF transformers (batch {args.hf_batch_size})", "output_tokens": out_tokens,
@@ -338,6 +352,8 @@ def main() -> None:
               f"{ratio:>7} {vs_vllm:>8} {r['mfu']:>7.1%} {per_step:>8}")
     print(f"\n({n_params / 1e6:.1f}M parameters; MFU = 2 x parameters x (prompt + output tokens) / time / roof)")
     for r in results:
+        if len(r.get("runs", [])) > 1:
+            print(f"{r['engine']}: runs " + ", ".join(f"{x:.1f} s" for x in r["runs"]) + " (the table: the median)")
         if "startup_s" in r:
             print(f"{r['engine']}: LLM(...) start-up {r['startup_s']:.1f} s")
         if "decode_steps" in r:
