@@ -5,6 +5,8 @@
     python benchmarks/throughput.py --preset cpu-tp --tensor-parallel-size 1 2 --skip-hf
                                                           # SmolLM2-135M shape with 8 heads (TP=2 splits
                                                           # them), random weights: tensor-parallel overhead
+    python benchmarks/throughput.py --preset cpu --vllm-python PATH --repeat 3
+                                                          # vLLM-CPU as a peer; medians of 3 runs each
 
 The method is in /work/shared/DESIGN.md, "How we measure". The output is meant to be pasted into docs/benchmarks.md.
 """
