@@ -322,7 +322,6 @@ def main() -> None:
                      decode_floor_ms=floor * 1000)
         results.append(r)
         print(f"{r['engine']}: {out_tokens} tokens in {seconds:.1f} s = {out_tokens / seconds:.1f} tok/s", flush=True)
-        gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
     if args.vllm_python:

@@ -2,6 +2,7 @@
 decode step's time goes (host / forward / sampler), then the preset end to end with the best variant and with
 the default. Usage on the lent GPU: python3 scripts/gpu_tune.py [seconds budget]"""
 import functools
+import gc
 import os
 import sys
 import tempfile
@@ -107,6 +108,7 @@ def end_to_end(model_path, label):
     from throughput import make_workload, run_engine
     prompts, max_tokens = make_workload(256, 1024, 1024)
     out, seconds, steps, decodes, _ = run_engine(model_path, "auto", 2048, prompts, max_tokens, 1)
+    gc.collect()  # run_engine's engine sits in a reference cycle: free its memory before the next one sizes its pool
     t = sum(d[0] for d in decodes) / max(1, len(decodes))
     print(f"end to end, {label}: {out} tokens in {seconds:.1f} s = {out / seconds:.1f} tok/s, {steps} steps, "
           f"decode step {t * 1e3:.1f} ms", flush=True)

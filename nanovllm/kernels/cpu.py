@@ -245,16 +245,14 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
     where it does not apply: the caller then uses SDPA."""
     _, heads, dim = q.shape
     if not (seqs and q.dtype == k.dtype == v.dtype == out.dtype == torch.bfloat16 and q.device.type == "cpu"
-            and k.stride(0) == v.stride(0) and all(t.stride(2) == 1 and t.stride(1) == dim
-                                                               for t in (q, k, v))
+            and k.stride(0) == v.stride(0) and all(t.stride(2) == 1 and t.stride(1) == dim for t in (q, k, v))
             and out.is_contiguous() and dim % 32 == 0 and dim <= MAX_HEAD_DIM and starts.dtype == torch.int64
             and starts.is_contiguous() and has_amx()):
         return False
     rows = torch.tensor(seqs, dtype=torch.int64)
     return library().prefill_attention_bf16(
         q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), k.stride(0), starts.data_ptr(), rows.data_ptr(),
-        len(seqs),
-        out.data_ptr(), heads, k.shape[1], dim, scale, torch.get_num_threads()) == 0
+        len(seqs), out.data_ptr(), heads, k.shape[1], dim, scale, torch.get_num_threads()) == 0
 
 
 def fused_bf16(*tensors: torch.Tensor) -> bool:

@@ -174,8 +174,9 @@ INLINE void unpair(vf *v) {
  * A = 16 key rows x 32 dims, loaded in place from the cache (the 16 positions of a tile share a block, so
  * their rows are token_bytes apart); B = the group's queries in pair layout (packed once per work unit);
  * C = [16 keys x 16 queries], whose first `group` columns are the heads' scores. The products of bf16 pairs
- * are exact and summed in fp32, as vdpbf16ps does (same values up to the order of the sum). 2.2x faster than
- * the vector dots here (docs/benchmarks.md). Set by linear_amx_init (cpu_linear.c) once AMX is granted. */
+ * are exact and summed in fp32, as vdpbf16ps does (same values up to the order of the sum). The kernel's
+ * compute alone: 24.5 -> 19.8 ms for 30 layers at 44 sequences (docs/benchmarks.md). amx_enabled is set by
+ * linear_amx_init (cpu_linear.c) once AMX is granted. */
 int amx_enabled = 0;
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__) && NATIVE_BF16
 void amx_tiles_16x64(void);  /* cpu_linear.c */
@@ -319,8 +320,8 @@ INLINE void attend(const char *restrict q, char *restrict out, float scale, cons
         for (int c = 0; c < nv; c++) store16(out + (i * nv + c) * 16 * elem, o[i * nv + c] * (1.f / l[i]), bf16);
 }
 
-#define ATTEND(NV, BF16) attend(qb, ob, scale, k_cache, v_cache, table, len, block_size, token_bytes, h0, h1, \
-                                group, &scratch, NV, BF16, 0)
+#define ATTEND(NV, BF16, AMX) attend(qb, ob, scale, k_cache, v_cache, table, len, block_size, token_bytes, h0, \
+                                     h1, group, &scratch, NV, BF16, AMX)
 
 /* q: [tokens, q_stride] rows whose first heads * head_dim values are the queries; out: [tokens, heads,
  * head_dim]; both the cache's dtype; caches: [blocks, block_size, kv_heads, head_dim] fp32 or bf16; row b of the
@@ -351,16 +352,14 @@ int decode_attention(const void *q, int64_t q_stride, const void *k_cache, const
         const char *qb = (const char *)q + tokens[b] * q_stride * elem;
         char *ob = (char *)out + (tokens[b] * heads + h0 * group) * head_dim * elem;
         const int64_t *table = tables + rows[b] * table_stride, len = lens[rows[b]];
-        if (amx && nv == 4) attend(qb, ob, scale, k_cache, v_cache, table, len, block_size, token_bytes, h0, h1,
-                                   group, &scratch, 4, 1, 1);
-        else if (amx) attend(qb, ob, scale, k_cache, v_cache, table, len, block_size, token_bytes, h0, h1, group,
-                             &scratch, nv, 1, 1);
-        else if (nv == 4 && !bf16) ATTEND(4, 0);
-        else if (nv == 4) ATTEND(4, 1);
-        else if (nv == 8 && !bf16) ATTEND(8, 0);
-        else if (nv == 8) ATTEND(8, 1);
-        else if (!bf16) ATTEND(nv, 0);
-        else ATTEND(nv, 1);
+        if (amx && nv == 4) ATTEND(4, 1, 1);
+        else if (amx) ATTEND(nv, 1, 1);
+        else if (nv == 4 && !bf16) ATTEND(4, 0, 0);
+        else if (nv == 4) ATTEND(4, 1, 0);
+        else if (nv == 8 && !bf16) ATTEND(8, 0, 0);
+        else if (nv == 8) ATTEND(8, 1, 0);
+        else if (!bf16) ATTEND(nv, 0, 0);
+        else ATTEND(nv, 1, 0);
     }
     }
     return 0;

@@ -104,20 +104,19 @@ int linear_bf16(const uint16_t *x, int64_t M, const uint16_t *w, int64_t N, int6
                 _tile_zero(0);
                 _tile_zero(1);
                 _tile_zero(2);
-/* the next block's rows are prefetched into L2 in the order that block will read them (at step k, its 16 rows'
- * k-th 64 bytes: the whole block by the end of this one); the hardware prefetcher alone leaves the weight reads
- * and the tile products taking turns */
-#define STEP(k) do {                                                                                \
-        if (t0 == 0)                                                                                \
-            for (int l = 0; l < 16; l++) _mm_prefetch(a + 16 * ldw + l * ldw + (k) * 64, _MM_HINT_T2); \
-        _tile_loadd(6, a + (k) * 64, ldw);                                                          \
-        const char *b = (const char *)(xb + ((k) * tiles + t0) * 256);                              \
-        _tile_loadd(3, b, 64);                                                                      \
-        _tile_dpbf16ps(0, 6, 3);                                                                    \
-        if (nt > 1) { _tile_loadd(4, b + 1024, 64); _tile_dpbf16ps(1, 6, 4); }                     \
-        if (nt > 2) { _tile_loadd(5, b + 2048, 64); _tile_dpbf16ps(2, 6, 5); }                     \
-    } while (0)
-                for (int64_t k = 0; k < ksteps; k++) STEP(k);
+                for (int64_t k = 0; k < ksteps; k++) {
+                    /* the next block's rows are prefetched into L2 in the order that block will read them (at
+                     * step k, its 16 rows' k-th 64 bytes: the whole block by the end of this one); the hardware
+                     * prefetcher alone leaves the weight reads and the tile products taking turns */
+                    if (t0 == 0)
+                        for (int l = 0; l < 16; l++) _mm_prefetch(a + 16 * ldw + l * ldw + k * 64, _MM_HINT_T2);
+                    _tile_loadd(6, a + k * 64, ldw);
+                    const char *b = (const char *)(xb + (k * tiles + t0) * 256);
+                    _tile_loadd(3, b, 64);
+                    _tile_dpbf16ps(0, 6, 3);
+                    if (nt > 1) { _tile_loadd(4, b + 1024, 64); _tile_dpbf16ps(1, 6, 4); }
+                    if (nt > 2) { _tile_loadd(5, b + 2048, 64); _tile_dpbf16ps(2, 6, 5); }
+                }
                 _tile_stored(0, acc[0], 64);
                 if (nt > 1) _tile_stored(1, acc[1], 64);
                 if (nt > 2) _tile_stored(2, acc[2], 64);
