@@ -8,6 +8,8 @@ import torch
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
+from nanovllm.kernels import cpu as cpu_kernel
+from nanovllm.layers.basics import Linear
 from nanovllm.loader import default_model_path
 
 
@@ -71,3 +73,21 @@ def test_converted_gguf_metadata_equals_direct_conversion(llm, tmp_path, monkeyp
     for field in ["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
                   "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings", "eos_token_id"]:
         assert getattr(cached_cfg, field) == getattr(direct_cfg, field)
+
+
+@pytest.mark.skipif(not cpu_kernel.has_amx(), reason="this CPU (or its compiler) has no AMX")
+def test_bf16_decode_reads_the_q4_1_blocks_and_changes_nothing():
+    """In bf16 on a CPU with AMX the projections keep the file's Q4_1 blocks and decode steps read those; the
+    tokens are those of the bf16 weights alone."""
+    llm = LLM(dtype="bfloat16", kv_cache_gib=0.25, enable_prefix_caching=False)
+    model = llm.engine.runner.model
+    linears = [m for m in model.modules() if isinstance(m, Linear) and m is not model.lm_head]
+    assert len(linears) == 4 * len(model.model.layers)
+    assert all(m.q4 is not None for m in linears)
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    with_q4 = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    for m in linears:
+        m.q4 = None
+    model.model.c_pointers = (None,)  # the C decode step's weight pointers, rebuilt without the blocks
+    assert with_q4 == [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]

@@ -85,41 +85,97 @@ static inline void store_block(const float *acc, uint16_t *y, int64_t ldy, int r
     }
 }
 
-int linear_bf16(const uint16_t *x, int64_t M, const uint16_t *w, int64_t N, int64_t K, const uint16_t *bias,
-                uint16_t *y, int num_threads) {
+/* One GGUF Q4_1 block row per weight row, 16 rows: w = d q + m (q: 4 bits; d, m: fp16), as gguf-py's
+ * dequantize computes it in fp32 (d q is exact there, so an FMA rounds alike) and rounded to bf16 as torch
+ * rounds: the bf16 tile the weight in place would give. blk: 16 rows x 16 bytes of q (element i < 16 in
+ * the low nibble of byte i, i + 16 in its high nibble), then the 16 d, then the 16 m (Q4_TILE bytes). */
+#define Q4_TILE 320
+static inline void dequant_q4_1(const uint8_t *blk, uint16_t *tile) {
+    float s[32] __attribute__((aligned(64)));
+    _mm512_store_ps(s, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 256))));
+    _mm512_store_ps(s + 16, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 288))));
+    /* two rows at a time: their 16 possible values (q = 0..15) as one table of 32 bf16, then a lookup */
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i low4 = _mm512_set1_epi16(15), second = _mm512_inserti64x4(_mm512_setzero_si512(),
+                                                                             _mm256_set1_epi16(16), 1);
+    for (int r = 0; r < 16; r += 2) {
+        const __m512 v0 = _mm512_fmadd_ps(iota, _mm512_set1_ps(s[r]), _mm512_set1_ps(s[16 + r]));
+        const __m512 v1 = _mm512_fmadd_ps(iota, _mm512_set1_ps(s[r + 1]), _mm512_set1_ps(s[17 + r]));
+        const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(v1, v0);  /* row r: words 0-15, row r + 1: 16-31 */
+        const __m512i q = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(blk + r * 16)));
+        const __m512i lo = _mm512_ternarylogic_epi32(q, low4, second, 0xEA);  /* (q & 15) | second */
+        const __m512i hi = _mm512_or_si512(_mm512_srli_epi16(q, 4), second);
+        _mm512_store_si512(tile + r * 32, _mm512_permutexvar_epi16(_mm512_shuffle_i64x2(lo, hi, 0x44), table));
+        _mm512_store_si512(tile + r * 32 + 32, _mm512_permutexvar_epi16(_mm512_shuffle_i64x2(lo, hi, 0xEE), table));
+    }
+}
+
+/* y = x W^T (+ bias) with W either bf16 in place (q4 = 0) or in our Q4_1 tile layout (q4 = 1: per block of
+ * 16 rows, per 32 inputs, one Q4_TILE; the blocks of 16 rows one after another), dequantized tile by tile into
+ * L1 as it is read: a quarter of the bytes for the same bf16 values. */
+static inline int linear_amx(const uint16_t *x, int64_t M, const void *w, int64_t N, int64_t K,
+                             const uint16_t *bias, uint16_t *y, int num_threads, const int q4) {
     if (N % 16 || K % 32 || M < 1) return 1;
     const int64_t blocks = N / 16, ksteps = K / 32, tiles = (M + 15) / 16, ldw = K * 2;
-    uint32_t *xb = aligned_alloc(64, ksteps * tiles * 1024);
-    if (!xb) return 2;
-    pack_rows(x, K, M, K, tiles, xb);
+    const int64_t block_bytes = q4 ? ksteps * Q4_TILE : 16 * ldw;
+    int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     {
+        /* each thread packs x for itself: a packed copy written by one core and read by the other costs more
+         * (cache lines moving between cores) than packing it twice */
+        uint32_t *xb = aligned_alloc(64, ksteps * tiles * 1024);
+        if (!xb) failed = 1;
+        else pack_rows(x, K, M, K, tiles, xb);
         amx_tiles_16x64();
-        float acc[3][256] __attribute__((aligned(64)));
+        float acc[4][256] __attribute__((aligned(64)));
+        uint16_t wt[3][512] __attribute__((aligned(64)));
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < blocks; j++) {
-            const char *a = (const char *)w + j * 16 * ldw;  /* this block's 16 rows: contiguous */
-            for (int64_t t0 = 0; t0 < tiles; t0 += 3) {
-                const int nt = tiles - t0 > 3 ? 3 : (int)(tiles - t0);
+            if (!xb) continue;
+            const char *a = (const char *)w + j * block_bytes;  /* this block's 16 rows: contiguous */
+            for (int64_t t0 = 0; t0 < tiles; t0 += 4) {
+                const int nt = tiles - t0 > 4 ? 4 : (int)(tiles - t0);
                 _tile_zero(0);
                 _tile_zero(1);
                 _tile_zero(2);
+                _tile_zero(3);
+                if (q4) dequant_q4_1((const uint8_t *)a, wt[0]);
                 for (int64_t k = 0; k < ksteps; k++) {
-                    /* the next block's rows are prefetched into L2 in the order that block will read them (at
-                     * step k, its 16 rows' k-th 64 bytes: the whole block by the end of this one); the hardware
-                     * prefetcher alone leaves the weight reads and the tile products taking turns */
-                    if (t0 == 0)
-                        for (int l = 0; l < 16; l++) _mm_prefetch(a + 16 * ldw + l * ldw + k * 64, _MM_HINT_T2);
-                    _tile_loadd(6, a + k * 64, ldw);
+                    const char *wk;  /* this step's A: 16 weight rows x 32 inputs */
+                    int64_t lda;
+                    if (q4) {
+                        /* the next block prefetched into L2 as this one is read; this block's tiles dequantized a
+                         * step ahead (a tile load waits for the stores it reads to retire) */
+                        if (t0 == 0)
+                            for (int l = 0; l < Q4_TILE; l += 64)
+                                _mm_prefetch(a + block_bytes + k * Q4_TILE + l, _MM_HINT_T2);
+                        if (k + 1 < ksteps) dequant_q4_1((const uint8_t *)a + (k + 1) * Q4_TILE, wt[(k + 1) % 3]);
+                        wk = (const char *)wt[k % 3], lda = 64;
+                    } else {
+                        /* the next block's rows are prefetched into L2 in the order that block will read them
+                         * (at step k, its 16 rows' k-th 64 bytes: the whole block by the end of this one); the
+                         * hardware prefetcher alone leaves the weight reads and the tile products taking turns */
+                        if (t0 == 0)
+                            for (int l = 0; l < 16; l++) _mm_prefetch(a + 16 * ldw + l * ldw + k * 64, _MM_HINT_T2);
+                        wk = a + k * 64, lda = ldw;
+                    }
                     const char *b = (const char *)(xb + (k * tiles + t0) * 256);
-                    _tile_loadd(3, b, 64);
-                    _tile_dpbf16ps(0, 6, 3);
-                    if (nt > 1) { _tile_loadd(4, b + 1024, 64); _tile_dpbf16ps(1, 6, 4); }
-                    if (nt > 2) { _tile_loadd(5, b + 2048, 64); _tile_dpbf16ps(2, 6, 5); }
+                    /* C tiles 0-3, B 4-5 and A 6-7 alternating, so that a load need not wait for the product
+                     * that reads the tile's previous contents */
+#define PRODUCTS(A)                                                                          \
+                    _tile_loadd(A, wk, lda);                                                 \
+                    _tile_loadd(4, b, 64);                                                   \
+                    _tile_dpbf16ps(0, A, 4);                                                 \
+                    if (nt > 1) { _tile_loadd(5, b + 1024, 64); _tile_dpbf16ps(1, A, 5); }   \
+                    if (nt > 2) { _tile_loadd(4, b + 2048, 64); _tile_dpbf16ps(2, A, 4); }   \
+                    if (nt > 3) { _tile_loadd(5, b + 3072, 64); _tile_dpbf16ps(3, A, 5); }
+                    if (k & 1) { PRODUCTS(7) } else { PRODUCTS(6) }
+#undef PRODUCTS
                 }
                 _tile_stored(0, acc[0], 64);
                 if (nt > 1) _tile_stored(1, acc[1], 64);
                 if (nt > 2) _tile_stored(2, acc[2], 64);
+                if (nt > 3) _tile_stored(3, acc[3], 64);
                 for (int t = 0; t < nt; t++) {
                     const int64_t row = (t0 + t) * 16;
                     store_block(acc[t], y + row * N + j * 16, N, M - row < 16 ? (int)(M - row) : 16,
@@ -128,12 +184,24 @@ int linear_bf16(const uint16_t *x, int64_t M, const uint16_t *w, int64_t N, int6
             }
         }
         _tile_release();
+        free(xb);
     }
-    free(xb);
-    return 0;
+    return failed ? 2 : 0;
+}
+
+int linear_bf16(const uint16_t *x, int64_t M, const uint16_t *w, int64_t N, int64_t K, const uint16_t *bias,
+                uint16_t *y, int num_threads) {
+    return linear_amx(x, M, w, N, K, bias, y, num_threads, 0);
+}
+
+int linear_q4_1(const uint16_t *x, int64_t M, const uint8_t *w, int64_t N, int64_t K, const uint16_t *bias,
+                uint16_t *y, int num_threads) {
+    return linear_amx(x, M, w, N, K, bias, y, num_threads, 1);
 }
 #else
 int linear_amx_init(void) { return -1; }
 int linear_bf16(const uint16_t *x, int64_t M, const uint16_t *w, int64_t N, int64_t K, const uint16_t *bias,
+                uint16_t *y, int num_threads) { return -1; }
+int linear_q4_1(const uint16_t *x, int64_t M, const uint8_t *w, int64_t N, int64_t K, const uint16_t *bias,
                 uint16_t *y, int num_threads) { return -1; }
 #endif

@@ -12,7 +12,8 @@ import xxhash
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerFast
 
 from nanovllm.kernels import cpu as cpu_kernel
-from nanovllm.layers.basics import onednn_packs, pack_for_cpu
+from nanovllm.layers.basics import Linear, onednn_packs, pack_for_cpu
+from nanovllm.layers.parallel import tp_size
 from nanovllm.models.llama import MODELS
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -114,7 +115,8 @@ def load_model(path: str, dtype: torch.dtype, device: str, max_positions: int, h
     if is_gguf:
         from nanovllm.loader.gguf import gguf_weights
         with open(os.path.join(gguf_converted(path), TENSOR_INDEX)) as f:
-            weights = gguf_weights(path, json.load(f), cfg, torch.get_num_threads())
+            index = json.load(f)
+        weights = gguf_weights(path, index, cfg, torch.get_num_threads())
     else:
         from nanovllm.loader.safetensors import safetensors_weights
         weights = safetensors_weights(path)
@@ -122,12 +124,32 @@ def load_model(path: str, dtype: torch.dtype, device: str, max_positions: int, h
     missing = model.expected_weights() - loaded
     if missing:
         raise ValueError(f"checkpoint {path!r} lacks weights: {', '.join(sorted(missing)[:8])}")
+    if is_gguf and device == "cpu" and dtype == torch.bfloat16 and cpu_kernel.has_amx() and tp_size() == 1:
+        keep_q4_1(model, path, index, cfg)
     model.rotary.build()  # after to_empty and the cast: the cos/sin tables are computed here, in fp32
     model.eval()
     if packs:
         pack_for_cpu(model)
     tokenizer = load_tokenizer(path, tokenizer_path)
     return LoadedModel(cfg, model, tokenizer, eos_ids(path, cfg, tokenizer))
+
+
+def keep_q4_1(model: torch.nn.Module, path: str, index: list[dict], cfg) -> None:
+    """Give each projection whose GGUF tensors are all Q4_1 its blocks as well (Linear.q4, in the CPU kernel's
+    layout): decode steps read those, a quarter of the bf16 bytes, and dequantize them on the fly to the very
+    bf16 values the loader produced (kernels/cpu_linear.c); prefills keep the bf16 weight."""
+    from nanovllm.loader.gguf import Q4_1_BLOCK, q4_1_blocks
+    linears = {f"{name}.weight": m for name, m in model.named_modules()
+               if isinstance(m, Linear) and m.out_features % 16 == 0 and m.in_features % 32 == 0
+               and name != "lm_head"}
+    shadows = {name: torch.empty(m.out_features, m.in_features // 32 * Q4_1_BLOCK, dtype=torch.uint8)
+               for name, m in linears.items()}
+    filled = {model.load_weight(name, blocks, shadows) for name, blocks in q4_1_blocks(path, index, cfg)
+              if model.param_name(name) in shadows}
+    expected = model.expected_weights()
+    for name, m in linears.items():
+        if {e for e in expected if e.split("#")[0] == name} <= filled:  # every part (q, k and v) was Q4_1
+            m.q4 = cpu_kernel.pack_q4_1(shadows[name])
 
 
 def place_in_huge_pages(model: torch.nn.Module) -> None:

@@ -48,10 +48,17 @@ def tensor_index(reader: gguf.GGUFReader) -> list[dict]:
              "offset": int(t.data_offset), "nbytes": int(t.n_bytes)} for t in reader.tensors]
 
 
+def hf_rows(name: str, w: np.ndarray, hf_config) -> np.ndarray:
+    """A weight's rows (dequantized, or still in quantized blocks) in HF's order."""
+    if hf_config.model_type in ("llama", "mistral") and name.endswith(("q_proj.weight", "k_proj.weight")):
+        heads = hf_config.num_attention_heads if name.endswith("q_proj.weight") else hf_config.num_key_value_heads
+        return unpermute(w, heads)
+    return w
+
+
 def gguf_weights(path: str, index: list[dict], hf_config, threads: int = 1) -> Iterator[tuple[str, torch.Tensor]]:
     """Dequantized tensors with HF names, read from a memory map; `threads` tensors are dequantized at once
     (numpy releases the GIL in its array loops)."""
-    permuted = hf_config.model_type in ("llama", "mistral")
     data = np.memmap(path, np.uint8, mode="r")
 
     def load(t: dict) -> tuple[str, torch.Tensor]:
@@ -60,11 +67,22 @@ def gguf_weights(path: str, index: list[dict], hf_config, threads: int = 1) -> I
             w = gguf.dequantize(data[t["offset"]:t["offset"] + t["nbytes"]], qtype).reshape(t["shape"])
         except Exception as e:
             raise ValueError(f"cannot dequantize GGUF tensor {t['name']} ({qtype.name}): {e}") from None
-        if permuted and name.endswith("q_proj.weight"):
-            w = unpermute(w, hf_config.num_attention_heads)
-        elif permuted and name.endswith("k_proj.weight"):
-            w = unpermute(w, hf_config.num_key_value_heads)
+        w = hf_rows(name, w, hf_config)
         return name, torch.from_numpy(w if w.flags.writeable and w.flags.c_contiguous else w.copy())
 
     with ThreadPoolExecutor(threads) as pool:
         yield from pool.map(load, index)
+
+
+Q4_1_BLOCK = 20  # bytes per 32 weights: fp16 scale d, fp16 minimum m, 16 bytes of 4-bit q (w = d q + m)
+
+
+def q4_1_blocks(path: str, index: list[dict], hf_config) -> Iterator[tuple[str, torch.Tensor]]:
+    """The Q4_1 projection weights as stored, uint8 [rows, inputs / 32 * Q4_1_BLOCK], rows in HF's order: what
+    our CPU decode kernel reads in place of their bf16 values (kernels/cpu_linear.c)."""
+    data = np.memmap(path, np.uint8, mode="r")
+    for t in index:
+        name = hf_name(t["name"])
+        if t["type"] == gguf.GGMLQuantizationType.Q4_1 and name.endswith("_proj.weight") and t["shape"][1] % 32 == 0:
+            blocks = data[t["offset"]:t["offset"] + t["nbytes"]].reshape(t["shape"][0], -1)
+            yield name, torch.from_numpy(np.array(hf_rows(name, blocks, hf_config)))  # a copy: writable

@@ -129,7 +129,7 @@ class LlamaForCausalLM(nn.Module):
         try:
             for hf_name, (fused, i) in self.packed.items():
                 if f".{hf_name}." in name:
-                    target, sizes = name.replace(hf_name, fused), self.shard_sizes[fused]
+                    target, sizes = self.param_name(name), self.shard_sizes[fused]
                     part = shard(tensor, 0, sizes[i])
                     dst = params[target].data[sum(sizes[:i]):sum(sizes[:i + 1])]
                     check_shape(part, dst)
@@ -152,6 +152,11 @@ class LlamaForCausalLM(nn.Module):
             return name
         except ValueError as e:
             raise ValueError(f"checkpoint tensor {name!r}: {e}") from None
+
+    def param_name(self, name: str) -> str:
+        """Our parameter that the checkpoint tensor `name` fills (q/k/v and gate/up: a fused one)."""
+        hf_name = next((n for n in self.packed if f".{n}." in name), None)
+        return name.replace(hf_name, self.packed[hf_name][0]) if hf_name else name
 
     def expected_weights(self) -> set[str]:
         names = set()
