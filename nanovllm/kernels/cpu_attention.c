@@ -414,13 +414,36 @@ void rms_norm_bf16(uint16_t *x, const uint16_t *add, const uint16_t *weight, uin
     }
 }
 
-/* silu(gate) * up for bf16 [rows, 2 * dim] (gate first), as torch rounds it: silu to bf16, then the product. */
+/* silu(gate) * up for bf16 [rows, 2 * dim] (gate first), as torch rounds it: silu to bf16, then the product.
+ * With AVX-512, 16 at a time: sigmoid(g) = 1 / (1 + e) for g >= 0 and e / (1 + e) below, e = exp(-|g|) <= 1
+ * (exp16), the reciprocal approximated and refined by a Newton step (libm's vector expf and a division: 2.2 G
+ * elements/s; this: see docs/benchmarks.md). */
+#if NATIVE_BF16
+INLINE __m512 bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+#endif
+
 void silu_and_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_t dim, int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (int64_t r = 0; r < rows; r++) {
         const uint16_t *gate = x + r * 2 * dim, *up = gate + dim;
         uint16_t *o = out + r * dim;
-        for (int64_t i = 0; i < dim; i++) {
+        int64_t i = 0;
+#if NATIVE_BF16
+        const __m512 two = _mm512_set1_ps(2.f), one = _mm512_set1_ps(1.f);
+        for (; i + 16 <= dim; i += 16) {
+            const __m512 g = bf16x16(gate + i);
+            const __m512 e = (__m512)exp16((vf)_mm512_or_ps(g, _mm512_set1_ps(-0.f)));
+            const __m512 d = _mm512_add_ps(one, e), rc = _mm512_rcp14_ps(d);
+            const __m512 s = _mm512_mul_ps(rc, _mm512_fnmadd_ps(d, rc, two));
+            const __m512 sig = _mm512_mask_mul_ps(s, _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ), s, e);
+            const __m512 silu = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(g, sig))), 16));  /* rounded to bf16 */
+            _mm256_storeu_si256((__m256i *)(o + i), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu, bf16x16(up + i))));
+        }
+#endif
+        for (; i < dim; i++) {
             const float g = from_bf16(gate[i]);
             o[i] = to_bf16(bf16_round(g / (1.f + expf(-g))) * from_bf16(up[i]));
         }
