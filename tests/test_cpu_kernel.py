@@ -229,32 +229,37 @@ def test_amx_linear_matches_fp32(rows, bias):
     assert (got != expected.bfloat16()).float().mean() < 0.02  # and rounded to nearest (summation order aside)
 
 
-def random_q4_1(rows: int, inputs: int, seed: int):
-    """GGUF Q4_1 rows (uint8 [rows, inputs / 32 * 20]) with random scales, minimums and 4-bit values, and their
-    bf16 weight as the loader makes it (the gguf package's dequantize, then torch's rounding)."""
+def random_gguf(kind: str, rows: int, inputs: int, seed: int):
+    """GGUF Q4_1 or Q8_0 rows (uint8 [rows, inputs / 32 * block bytes]) with random scales (and minimums) and
+    values, and their bf16 weight as the loader makes it (the gguf package's dequantize, then torch's rounding)."""
     import gguf
     import numpy as np
     rng = np.random.default_rng(seed)
-    d = (rng.random((rows, inputs // 32)) * 0.02).astype(np.float16).view(np.uint8).reshape(rows, -1, 2)
-    m = (rng.standard_normal((rows, inputs // 32)) * 0.05).astype(np.float16).view(np.uint8).reshape(rows, -1, 2)
-    q = rng.integers(0, 256, (rows, inputs // 32, 16), dtype=np.uint8)
-    blocks = np.concatenate([d, m, q], axis=2).reshape(rows, -1)
-    w = gguf.dequantize(blocks.reshape(-1), gguf.GGMLQuantizationType.Q4_1).reshape(rows, inputs)
+    fp16 = lambda scale: (rng.standard_normal((rows, inputs // 32)) * scale).astype(np.float16).view(np.uint8)
+    if kind == "Q4_1":
+        parts = [fp16(0.02), fp16(0.05), rng.integers(0, 256, (rows, inputs // 32 * 16), dtype=np.uint8)]
+    else:
+        parts = [fp16(0.01), rng.integers(0, 256, (rows, inputs // 32 * 32), dtype=np.uint8)]
+    blocks = np.concatenate([p.reshape(rows, inputs // 32, -1) for p in parts], axis=2).reshape(rows, -1)
+    qtype = gguf.GGMLQuantizationType[kind]
+    w = gguf.dequantize(blocks.reshape(-1), qtype).reshape(rows, inputs)
     return torch.from_numpy(blocks), torch.from_numpy(w).bfloat16()
 
 
 @pytest.mark.skipif(not cpu_kernel.has_amx(), reason="this CPU (or its compiler) has no AMX")
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
 @pytest.mark.parametrize("rows", [1, 16, 44, 64, 65, 128])
-def test_q4_1_linear_equals_its_bf16_weight(rows):
-    """The AMX linear reading Q4_1 blocks gives bit for bit what it gives on their dequantized bf16 weight."""
-    blocks, w = random_q4_1(96, 160, seed=rows)  # 6 blocks of 16 outputs, 5 steps of 32 inputs
+def test_gguf_linear_equals_its_bf16_weight(kind, rows):
+    """The AMX linear reading GGUF blocks gives bit for bit what it gives on their dequantized bf16 weight."""
+    blocks, w = random_gguf(kind, 96, 160, seed=rows)  # 6 blocks of 16 outputs, 5 steps of 32 inputs
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 160, generator=gen).bfloat16()
     b = torch.randn(96, generator=gen).bfloat16()
-    q4 = cpu_kernel.pack_q4_1(blocks)
-    assert q4.numel() == blocks.numel()
+    code = {"Q4_1": cpu_kernel.Q4_1, "Q8_0": cpu_kernel.Q8_0}[kind]
+    packed = cpu_kernel.pack_blocks(blocks, code)
+    assert packed.numel() == blocks.numel()
     for bias in (None, b):
-        assert torch.equal(cpu_kernel.amx_linear(x, w, bias, q4), cpu_kernel.amx_linear(x, w, bias))
+        assert torch.equal(cpu_kernel.amx_linear(x, w, bias, (code, packed)), cpu_kernel.amx_linear(x, w, bias))
 
 
 def test_amx_linear_declines_what_it_cannot_do():

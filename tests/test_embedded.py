@@ -76,18 +76,19 @@ def test_converted_gguf_metadata_equals_direct_conversion(llm, tmp_path, monkeyp
 
 
 @pytest.mark.skipif(not cpu_kernel.has_amx(), reason="this CPU (or its compiler) has no AMX")
-def test_bf16_decode_reads_the_q4_1_blocks_and_changes_nothing():
-    """In bf16 on a CPU with AMX the projections keep the file's Q4_1 blocks and decode steps read those; the
-    tokens are those of the bf16 weights alone."""
+def test_bf16_decode_reads_the_gguf_blocks_and_changes_nothing():
+    """In bf16 on a CPU with AMX the projections keep the file's Q4_1 blocks and the (tied) LM head the
+    embedding's Q8_0 ones; decode steps read those, and the tokens are those of the bf16 weights alone."""
     llm = LLM(dtype="bfloat16", kv_cache_gib=0.25, enable_prefix_caching=False)
     model = llm.engine.runner.model
-    linears = [m for m in model.modules() if isinstance(m, Linear) and m is not model.lm_head]
-    assert len(linears) == 4 * len(model.model.layers)
-    assert all(m.q4 is not None for m in linears)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert len(linears) == 4 * len(model.model.layers) + 1
+    assert all(m.blocks[0] == cpu_kernel.Q4_1 for m in linears if m is not model.lm_head)
+    assert model.lm_head.blocks[0] == cpu_kernel.Q8_0
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    with_q4 = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    with_blocks = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     for m in linears:
-        m.q4 = None
+        m.blocks = None
     model.model.c_pointers = (None,)  # the C decode step's weight pointers, rebuilt without the blocks
-    assert with_q4 == [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert with_blocks == [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]

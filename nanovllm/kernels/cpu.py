@@ -61,9 +61,10 @@ def library() -> ctypes.CDLL | None:
     lib.sample_rows.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_int] + [ctypes.c_void_p] * 3
                                 + [ctypes.c_int])
     lib.rope_bf16.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
-    lib.linear_bf16.argtypes = lib.linear_q4_1.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
-                                                           + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2
-                                                           + [ctypes.c_int])
+    lib.linear_bf16.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 2
+                                + [ctypes.c_void_p] * 2 + [ctypes.c_int])
+    lib.linear_gguf.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 2
+                                + [ctypes.c_void_p] * 2 + [ctypes.c_int])
     lib.decode_layers_bf16.argtypes = ([ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64]
                                        + [ctypes.c_void_p] * 6 + [ctypes.c_int64] + [ctypes.c_void_p] * 8
                                        + [ctypes.c_float] * 2 + [ctypes.c_int])
@@ -162,10 +163,10 @@ def has_amx() -> bool:
 
 
 def amx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               q4: torch.Tensor | None = None) -> torch.Tensor | None:
+               blocks: tuple[int, torch.Tensor] | None = None) -> torch.Tensor | None:
     """x [M, K] @ weight[N, K].T (+ bias) for bf16 decode steps (M <= LINEAR_ROWS) on a CPU with AMX, reading
-    the weight's Q4_1 blocks where it has them (`q4`, pack_q4_1: the same bf16 values); None where the kernel
-    does not apply (the caller then uses torch)."""
+    the weight's GGUF blocks where it has them (`blocks`: (type, pack_blocks' output), the same bf16 values);
+    None where the kernel does not apply (the caller then uses torch)."""
     n, k = weight.shape
     if not (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.dim() == 2
             and 0 < x.shape[0] <= LINEAR_ROWS and n % 16 == 0 and k % 32 == 0 and x.device.type == "cpu"
@@ -173,19 +174,27 @@ def amx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             and has_amx()):
         return None
     y = x.new_empty(x.shape[0], n)
-    kernel, w = (library().linear_bf16, weight) if q4 is None else (library().linear_q4_1, q4)
-    kernel(x.data_ptr(), x.shape[0], w.data_ptr(), n, k, None if bias is None else bias.data_ptr(), y.data_ptr(),
-           torch.get_num_threads())
+    b = None if bias is None else bias.data_ptr()
+    if blocks is None:
+        library().linear_bf16(x.data_ptr(), x.shape[0], weight.data_ptr(), n, k, b, y.data_ptr(),
+                              torch.get_num_threads())
+    else:
+        library().linear_gguf(x.data_ptr(), x.shape[0], blocks[1].data_ptr(), blocks[0], n, k, b, y.data_ptr(),
+                              torch.get_num_threads())
     return y
 
 
-def pack_q4_1(blocks: torch.Tensor) -> torch.Tensor:
-    """GGUF Q4_1 rows (uint8 [N, K / 32 * 20]: per 32 weights fp16 d, fp16 m, 16 bytes of 4-bit q) -> the layout
-    linear_q4_1 streams: per 16 rows, per 32 inputs, the 16 rows' q (256 bytes), then their d (32), then their m
-    (32); in 2 MB pages like the other weights."""
+Q4_1, Q8_0 = 1, 2  # the GGUF block types linear_gguf reads (cpu_linear.c)
+BLOCK_BYTES = {Q4_1: 20, Q8_0: 34}  # per 32 weights: Q4_1 fp16 d, fp16 m, 32 x 4 bits of q; Q8_0 fp16 d, 32 x int8
+
+
+def pack_blocks(blocks: torch.Tensor, kind: int) -> torch.Tensor:
+    """GGUF rows (uint8 [N, K / 32 * BLOCK_BYTES[kind]]) -> the layout linear_gguf streams: per 16 rows, per 32
+    inputs, the 16 rows' q, then their d, then (Q4_1) their m; in 2 MB pages like the other weights."""
     n = blocks.shape[0]
-    b = blocks.view(n // 16, 16, -1, 20).transpose(1, 2)  # [N / 16, K / 32, 16 rows, 20 bytes]
-    tiles = torch.cat([b[..., 4:].flatten(2), b[..., :2].flatten(2), b[..., 2:4].flatten(2)], dim=2)
+    b = blocks.view(n // 16, 16, -1, BLOCK_BYTES[kind]).transpose(1, 2)  # [N / 16, K / 32, 16 rows, block]
+    parts = [b[..., 4:], b[..., :2], b[..., 2:4]] if kind == Q4_1 else [b[..., 2:], b[..., :2]]
+    tiles = torch.cat([p.flatten(2) for p in parts], dim=2)
     out = huge_page_buffer(tiles.numel())
     out.view(tiles.shape).copy_(tiles)
     return out
@@ -210,18 +219,22 @@ def decodes_in_c(model, x: torch.Tensor, meta) -> bool:
 
 
 def layer_pointers(model) -> torch.Tensor:
-    """Per layer, in cpu_decode.c's order: norms, projections (and the QKV bias, 0 if none), K and V caches,
-    the projections' Q4_1 blocks (0 where none).
+    """Per layer, in cpu_decode.c's order: norms, projections (and the QKV bias, 0 if none), K and V caches, the
+    projections' GGUF blocks (0 where none) and their block types.
     Built once (~0.4 ms) and kept on the model while its first layer's weight and cache stay where they are."""
     a = model.layers[0].self_attn
     key = (a.qkv_proj.weight.data_ptr(), a.k_cache.data_ptr())
     if getattr(model, "c_pointers", (None,))[0] != key:
         ptr = lambda t: 0 if t is None else t.data_ptr()
-        pointers = [ptr(t) for layer in model.layers for a, mlp in [(layer.self_attn, layer.mlp)]
-                    for t in (layer.input_layernorm.weight, a.qkv_proj.weight, a.qkv_proj.bias, a.o_proj.weight,
-                              layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight, mlp.down_proj.weight,
-                              a.k_cache, a.v_cache, a.qkv_proj.q4, a.o_proj.q4, mlp.gate_up_proj.q4,
-                              mlp.down_proj.q4)]
+        pointers = []
+        for layer in model.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            linears = (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            pointers += [ptr(t) for t in (layer.input_layernorm.weight, a.qkv_proj.weight, a.qkv_proj.bias,
+                                          a.o_proj.weight, layer.post_attention_layernorm.weight,
+                                          mlp.gate_up_proj.weight, mlp.down_proj.weight, a.k_cache, a.v_cache)]
+            pointers += [ptr(m.blocks[1]) if m.blocks else 0 for m in linears]
+            pointers += [m.blocks[0] if m.blocks else 0 for m in linears]
         model.c_pointers = key, torch.tensor(pointers, dtype=torch.int64)
     return model.c_pointers[1]
 

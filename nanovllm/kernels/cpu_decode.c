@@ -20,21 +20,22 @@ int decode_attention(const void *q, int64_t q_stride, const void *k_cache, const
                      const int64_t *tokens, void *out, int64_t batch, int64_t heads, int64_t kv_heads,
                      int64_t head_dim, int64_t block_size, float scale, int bf16, int num_threads);
 
-enum { IN_NORM, QKV, QKV_BIAS, O_PROJ, POST_NORM, GATE_UP, DOWN, K_CACHE, V_CACHE, QKV_Q4, O_Q4, GATE_UP_Q4,
-       DOWN_Q4, POINTERS };
+enum { IN_NORM, QKV, QKV_BIAS, O_PROJ, POST_NORM, GATE_UP, DOWN, K_CACHE, V_CACHE, QKV_BLOCKS, O_BLOCKS,
+       GATE_UP_BLOCKS, DOWN_BLOCKS, QKV_TYPE, O_TYPE, GATE_UP_TYPE, DOWN_TYPE, POINTERS };
 
-int linear_q4_1(const uint16_t *x, int64_t M, const uint8_t *w, int64_t N, int64_t K, const uint16_t *bias,
+int linear_gguf(const uint16_t *x, int64_t M, const uint8_t *w, int type, int64_t N, int64_t K, const uint16_t *bias,
                 uint16_t *y, int num_threads);
 
-/* a projection from its Q4_1 blocks where it has them, else from its bf16 weight (cpu_linear.c) */
-static int linear(const uint16_t *x, int64_t M, const int64_t *p, int bf16, int q4, int64_t N, int64_t K,
+/* a projection from its GGUF blocks where it has them (p[blocks], of type p[blocks + 4]), else from its bf16
+ * weight (cpu_linear.c) */
+static int linear(const uint16_t *x, int64_t M, const int64_t *p, int bf16, int blocks, int64_t N, int64_t K,
                   const uint16_t *bias, uint16_t *y, int num_threads) {
-    return p[q4] ? linear_q4_1(x, M, (const uint8_t *)p[q4], N, K, bias, y, num_threads)
-                 : linear_bf16(x, M, (const uint16_t *)p[bf16], N, K, bias, y, num_threads);
+    return p[blocks] ? linear_gguf(x, M, (const uint8_t *)p[blocks], (int)p[blocks + 4], N, K, bias, y, num_threads)
+                     : linear_bf16(x, M, (const uint16_t *)p[bf16], N, K, bias, y, num_threads);
 }
 
 /* M single-token rows (every row a decode) through `layers` layers, bf16 throughout.
- * layer[l * POINTERS + ...]: that layer's weights and caches (QKV_BIAS and the Q4 blocks may be 0). dims:
+ * layer[l * POINTERS + ...]: that layer's weights and caches (QKV_BIAS and the GGUF blocks may be 0). dims:
  * hidden, heads, kv_heads, head_dim, intermediate, block_size. residual [M, hidden]: the embeddings in, the residual stream
  * out; mlp_out [M, hidden]: the last layer's MLP output (models/llama.py adds it in the final norm).
  * rows, tokens: each row's sequence and flat position, as decode_attention takes them.
@@ -52,18 +53,18 @@ int decode_layers_bf16(int64_t layers, const int64_t *layer, const int64_t *dims
         const int64_t *p = layer + l * POINTERS;
 #define W(i) ((const uint16_t *)p[i])
         rms_norm_bf16(residual, l ? mlp_out : 0, W(IN_NORM), h, M, hidden, eps, num_threads);
-        if ((rc = linear(h, M, p, QKV, QKV_Q4, qkv_size, hidden, W(QKV_BIAS), qkv, num_threads))) return rc;
+        if ((rc = linear(h, M, p, QKV, QKV_BLOCKS, qkv_size, hidden, W(QKV_BIAS), qkv, num_threads))) return rc;
         rope_bf16(qkv, qkv_size, M, heads + kv_heads, head_dim, cos, sin, num_threads);
         store_kv((const char *)(qkv + q_size), (const char *)(qkv + q_size + kv_size), qkv_size * 2, qkv_size * 2,
                  (char *)p[K_CACHE], (char *)p[V_CACHE], slots, M, kv_size * 2, num_threads);
         if ((rc = decode_attention(qkv, qkv_size, (const void *)p[K_CACHE], (const void *)p[V_CACHE], tables,
                                    table_stride, lens, rows, tokens, attn, M, heads, kv_heads, head_dim, dims[5],
                                    scale, 1, num_threads))) return rc;
-        if ((rc = linear(attn, M, p, O_PROJ, O_Q4, hidden, q_size, 0, mlp_out, num_threads))) return rc;
+        if ((rc = linear(attn, M, p, O_PROJ, O_BLOCKS, hidden, q_size, 0, mlp_out, num_threads))) return rc;
         rms_norm_bf16(residual, mlp_out, W(POST_NORM), h, M, hidden, eps, num_threads);
-        if ((rc = linear(h, M, p, GATE_UP, GATE_UP_Q4, 2 * inter, hidden, 0, gate_up, num_threads))) return rc;
+        if ((rc = linear(h, M, p, GATE_UP, GATE_UP_BLOCKS, 2 * inter, hidden, 0, gate_up, num_threads))) return rc;
         silu_and_mul_bf16(gate_up, act, M, inter, num_threads);
-        if ((rc = linear(act, M, p, DOWN, DOWN_Q4, hidden, inter, 0, mlp_out, num_threads))) return rc;
+        if ((rc = linear(act, M, p, DOWN, DOWN_BLOCKS, hidden, inter, 0, mlp_out, num_threads))) return rc;
 #undef W
     }
     return 0;

@@ -85,11 +85,15 @@ static inline void store_block(const float *acc, uint16_t *y, int64_t ldy, int r
     }
 }
 
-/* One GGUF Q4_1 block row per weight row, 16 rows: w = d q + m (q: 4 bits; d, m: fp16), as gguf-py's
- * dequantize computes it in fp32 (d q is exact there, so an FMA rounds alike) and rounded to bf16 as torch
- * rounds: the bf16 tile the weight in place would give. blk: 16 rows x 16 bytes of q (element i < 16 in
- * the low nibble of byte i, i + 16 in its high nibble), then the 16 d, then the 16 m (Q4_TILE bytes). */
-#define Q4_TILE 320
+/* GGUF's Q4_1 and Q8_0 weights, read as they are stored and dequantized tile by tile into L1: w = d q + m
+ * (Q4_1: q 4 bits, d and m fp16) or w = d q (Q8_0: q 8 bits signed, d fp16), as gguf-py's dequantize computes
+ * them in fp32 (d q is exact there, so an FMA rounds alike), rounded to bf16 as torch rounds: the bf16 tile
+ * the loader's weight would give. Our layout, per 16 rows x 32 inputs (one GGUF block per row): the rows' q
+ * (Q4_1: 16 bytes a row, element i < 16 in the low nibble of byte i, i + 16 in its high nibble; Q8_0: 32
+ * bytes), then the 16 d, then (Q4_1) the 16 m. */
+enum { BF16 = 0, Q4_1 = 1, Q8_0 = 2 };
+static const int64_t TILE_BYTES[] = {0, 16 * 16 + 64, 16 * 32 + 32};
+
 static inline void dequant_q4_1(const uint8_t *blk, uint16_t *tile) {
     float s[32] __attribute__((aligned(64)));
     _mm512_store_ps(s, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 256))));
@@ -110,14 +114,25 @@ static inline void dequant_q4_1(const uint8_t *blk, uint16_t *tile) {
     }
 }
 
-/* y = x W^T (+ bias) with W either bf16 in place (q4 = 0) or in our Q4_1 tile layout (q4 = 1: per block of
- * 16 rows, per 32 inputs, one Q4_TILE; the blocks of 16 rows one after another), dequantized tile by tile into
- * L1 as it is read: a quarter of the bytes for the same bf16 values. */
+static inline void dequant_q8_0(const uint8_t *blk, uint16_t *tile) {
+    float s[16] __attribute__((aligned(64)));
+    _mm512_store_ps(s, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 512))));
+    for (int r = 0; r < 16; r++) {
+        const __m512 d = _mm512_set1_ps(s[r]);
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + r * 32))));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + r * 32 + 16))));
+        _mm512_store_si512(tile + r * 32, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, d), _mm512_mul_ps(lo, d)));
+    }
+}
+
+/* y = x W^T (+ bias) with W either bf16 in place or GGUF blocks in our tile layout (per block of 16 rows, its
+ * tiles for inputs 0-31, 32-63, ...; the blocks one after another), dequantized a tile at a time into L1 as it
+ * is read: Q4_1 is 31% of the bf16 bytes, Q8_0 53%, for the same bf16 values. */
 static inline int linear_amx(const uint16_t *x, int64_t M, const void *w, int64_t N, int64_t K,
-                             const uint16_t *bias, uint16_t *y, int num_threads, const int q4) {
+                             const uint16_t *bias, uint16_t *y, int num_threads, const int type) {
     if (N % 16 || K % 32 || M < 1) return 1;
     const int64_t blocks = N / 16, ksteps = K / 32, tiles = (M + 15) / 16, ldw = K * 2;
-    const int64_t block_bytes = q4 ? ksteps * Q4_TILE : 16 * ldw;
+    const int64_t tile_bytes = TILE_BYTES[type], block_bytes = type ? ksteps * tile_bytes : 16 * ldw;
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     {
@@ -139,17 +154,19 @@ static inline int linear_amx(const uint16_t *x, int64_t M, const void *w, int64_
                 _tile_zero(1);
                 _tile_zero(2);
                 _tile_zero(3);
-                if (q4) dequant_q4_1((const uint8_t *)a, wt[0]);
+#define DEQUANT(k, buf) (type == Q4_1 ? dequant_q4_1((const uint8_t *)a + (k) * tile_bytes, buf) \
+                                       : dequant_q8_0((const uint8_t *)a + (k) * tile_bytes, buf))
+                if (type) DEQUANT(0, wt[0]);
                 for (int64_t k = 0; k < ksteps; k++) {
                     const char *wk;  /* this step's A: 16 weight rows x 32 inputs */
                     int64_t lda;
-                    if (q4) {
+                    if (type) {
                         /* the next block prefetched into L2 as this one is read; this block's tiles dequantized a
                          * step ahead (a tile load waits for the stores it reads to retire) */
                         if (t0 == 0)
-                            for (int l = 0; l < Q4_TILE; l += 64)
-                                _mm_prefetch(a + block_bytes + k * Q4_TILE + l, _MM_HINT_T2);
-                        if (k + 1 < ksteps) dequant_q4_1((const uint8_t *)a + (k + 1) * Q4_TILE, wt[(k + 1) % 3]);
+                            for (int l = 0; l < tile_bytes; l += 64)
+                                _mm_prefetch(a + block_bytes + k * tile_bytes + l, _MM_HINT_T2);
+                        if (k + 1 < ksteps) DEQUANT(k + 1, wt[(k + 1) % 3]);
                         wk = (const char *)wt[k % 3], lda = 64;
                     } else {
                         /* the next block's rows are prefetched into L2 in the order that block will read them
@@ -172,6 +189,7 @@ static inline int linear_amx(const uint16_t *x, int64_t M, const void *w, int64_
                     if (k & 1) { PRODUCTS(7) } else { PRODUCTS(6) }
 #undef PRODUCTS
                 }
+#undef DEQUANT
                 _tile_stored(0, acc[0], 64);
                 if (nt > 1) _tile_stored(1, acc[1], 64);
                 if (nt > 2) _tile_stored(2, acc[2], 64);
@@ -191,17 +209,20 @@ static inline int linear_amx(const uint16_t *x, int64_t M, const void *w, int64_
 
 int linear_bf16(const uint16_t *x, int64_t M, const uint16_t *w, int64_t N, int64_t K, const uint16_t *bias,
                 uint16_t *y, int num_threads) {
-    return linear_amx(x, M, w, N, K, bias, y, num_threads, 0);
+    return linear_amx(x, M, w, N, K, bias, y, num_threads, BF16);
 }
 
-int linear_q4_1(const uint16_t *x, int64_t M, const uint8_t *w, int64_t N, int64_t K, const uint16_t *bias,
+/* type: 1 Q4_1, 2 Q8_0 (the tile layout above) */
+int linear_gguf(const uint16_t *x, int64_t M, const uint8_t *w, int type, int64_t N, int64_t K, const uint16_t *bias,
                 uint16_t *y, int num_threads) {
-    return linear_amx(x, M, w, N, K, bias, y, num_threads, 1);
+    if (type == Q4_1) return linear_amx(x, M, w, N, K, bias, y, num_threads, Q4_1);
+    if (type == Q8_0) return linear_amx(x, M, w, N, K, bias, y, num_threads, Q8_0);
+    return 3;
 }
 #else
 int linear_amx_init(void) { return -1; }
 int linear_bf16(const uint16_t *x, int64_t M, const uint16_t *w, int64_t N, int64_t K, const uint16_t *bias,
                 uint16_t *y, int num_threads) { return -1; }
-int linear_q4_1(const uint16_t *x, int64_t M, const uint8_t *w, int64_t N, int64_t K, const uint16_t *bias,
+int linear_gguf(const uint16_t *x, int64_t M, const uint8_t *w, int type, int64_t N, int64_t K, const uint16_t *bias,
                 uint16_t *y, int num_threads) { return -1; }
 #endif

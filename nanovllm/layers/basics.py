@@ -36,7 +36,7 @@ class Linear(nn.Linear):
       step 120 -> 63 ms; at 1 row even, from 128 rows slower."""
     ROWS = range(2, 97)
     packed: torch.Tensor | None = None
-    q4: torch.Tensor | None = None  # the weight's GGUF Q4_1 blocks, for the AMX kernel (loader keep_q4_1)
+    blocks: tuple[int, torch.Tensor] | None = None  # GGUF (type, blocks) of the weight (loader keep_gguf_blocks)
 
     def reset_parameters(self) -> None:
         """No random init: every weight comes from the checkpoint (and the first init on the meta device
@@ -48,7 +48,7 @@ class Linear(nn.Linear):
         if x.device.type != "cpu" or x.dim() != 2:
             return nn.functional.linear(x, self.weight, self.bias)
         if x.dtype == torch.bfloat16:
-            y = cpu_kernel.amx_linear(x, self.weight, self.bias, self.q4)
+            y = cpu_kernel.amx_linear(x, self.weight, self.bias, self.blocks)
             return nn.functional.linear(x, self.weight, self.bias) if y is None else y
         if x.shape[0] not in self.ROWS:
             return nn.functional.linear(x, self.weight, self.bias)

@@ -125,7 +125,7 @@ def load_model(path: str, dtype: torch.dtype, device: str, max_positions: int, h
     if missing:
         raise ValueError(f"checkpoint {path!r} lacks weights: {', '.join(sorted(missing)[:8])}")
     if is_gguf and device == "cpu" and dtype == torch.bfloat16 and cpu_kernel.has_amx() and tp_size() == 1:
-        keep_q4_1(model, path, index, cfg)
+        keep_gguf_blocks(model, path, index, cfg)
     model.rotary.build()  # after to_empty and the cast: the cos/sin tables are computed here, in fp32
     model.eval()
     if packs:
@@ -134,22 +134,35 @@ def load_model(path: str, dtype: torch.dtype, device: str, max_positions: int, h
     return LoadedModel(cfg, model, tokenizer, eos_ids(path, cfg, tokenizer))
 
 
-def keep_q4_1(model: torch.nn.Module, path: str, index: list[dict], cfg) -> None:
-    """Give each projection whose GGUF tensors are all Q4_1 its blocks as well (Linear.q4, in the CPU kernel's
-    layout): decode steps read those, a quarter of the bf16 bytes, and dequantize them on the fly to the very
-    bf16 values the loader produced (kernels/cpu_linear.c); prefills keep the bf16 weight."""
-    from nanovllm.loader.gguf import Q4_1_BLOCK, q4_1_blocks
+def keep_gguf_blocks(model: torch.nn.Module, path: str, index: list[dict], cfg) -> None:
+    """Give each projection and the LM head whose GGUF tensors are all Q4_1 or all Q8_0 their blocks too
+    (Linear.blocks, in the CPU kernel's layout): decode steps read those, 31% or 53% of the bf16 bytes, and
+    dequantize them on the fly to the very bf16 values loaded here (kernels/cpu_linear.c). Prefills keep the
+    bf16 weights."""
+    from nanovllm.loader.gguf import gguf_blocks
     linears = {f"{name}.weight": m for name, m in model.named_modules()
-               if isinstance(m, Linear) and m.out_features % 16 == 0 and m.in_features % 32 == 0
-               and name != "lm_head"}
-    shadows = {name: torch.empty(m.out_features, m.in_features // 32 * Q4_1_BLOCK, dtype=torch.uint8)
-               for name, m in linears.items()}
-    filled = {model.load_weight(name, blocks, shadows) for name, blocks in q4_1_blocks(path, index, cfg)
-              if model.param_name(name) in shadows}
-    expected = model.expected_weights()
+               if isinstance(m, Linear) and m.out_features % 16 == 0 and m.in_features % 32 == 0}
+    shadows, kinds, filled = {}, {}, set()
+    for name, kind, blocks in gguf_blocks(path, index, cfg):
+        if model.tie_word_embeddings and name == "model.embed_tokens.weight":
+            name = "lm_head.weight"  # the LM head reads the embedding's blocks
+        target = model.param_name(name)
+        m = linears.get(target)
+        if m is None or kinds.setdefault(target, kind) != kind:  # not a projection, or parts of two types
+            kinds[target] = None
+            continue
+        if target not in shadows:
+            shadows[target] = torch.empty(m.out_features, m.in_features // 32 * cpu_kernel.BLOCK_BYTES[kind],
+                                          dtype=torch.uint8)
+        if target == "lm_head.weight":  # one rank: the whole vocabulary, no padding
+            shadows[target].copy_(blocks)
+            filled.add(target)
+        else:
+            filled.add(model.load_weight(name, blocks, shadows))
+    expected = model.expected_weights() | {"lm_head.weight"}
     for name, m in linears.items():
-        if {e for e in expected if e.split("#")[0] == name} <= filled:  # every part (q, k and v) was Q4_1
-            m.q4 = cpu_kernel.pack_q4_1(shadows[name])
+        if kinds.get(name) and {e for e in expected if e.split("#")[0] == name} <= filled:  # q, k and v alike
+            m.blocks = kinds[name], cpu_kernel.pack_blocks(shadows[name], kinds[name])
 
 
 def place_in_huge_pages(model: torch.nn.Module) -> None:

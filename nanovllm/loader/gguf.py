@@ -74,15 +74,16 @@ def gguf_weights(path: str, index: list[dict], hf_config, threads: int = 1) -> I
         yield from pool.map(load, index)
 
 
-Q4_1_BLOCK = 20  # bytes per 32 weights: fp16 scale d, fp16 minimum m, 16 bytes of 4-bit q (w = d q + m)
+KEPT_TYPES = {gguf.GGMLQuantizationType.Q4_1: 1, gguf.GGMLQuantizationType.Q8_0: 2}  # -> kernels/cpu.py's codes
 
 
-def q4_1_blocks(path: str, index: list[dict], hf_config) -> Iterator[tuple[str, torch.Tensor]]:
-    """The Q4_1 projection weights as stored, uint8 [rows, inputs / 32 * Q4_1_BLOCK], rows in HF's order: what
-    our CPU decode kernel reads in place of their bf16 values (kernels/cpu_linear.c)."""
+def gguf_blocks(path: str, index: list[dict], hf_config) -> Iterator[tuple[str, int, torch.Tensor]]:
+    """(HF name, kernels/cpu.py block type, uint8 [rows, bytes]) of each Q4_1 or Q8_0 matrix as stored, rows in
+    HF's order: what our CPU decode kernels read in place of their bf16 values (kernels/cpu_linear.c)."""
     data = np.memmap(path, np.uint8, mode="r")
     for t in index:
         name = hf_name(t["name"])
-        if t["type"] == gguf.GGMLQuantizationType.Q4_1 and name.endswith("_proj.weight") and t["shape"][1] % 32 == 0:
+        if t["type"] in KEPT_TYPES and len(t["shape"]) == 2 and t["shape"][1] % 32 == 0:
             blocks = data[t["offset"]:t["offset"] + t["nbytes"]].reshape(t["shape"][0], -1)
-            yield name, torch.from_numpy(np.array(hf_rows(name, blocks, hf_config)))  # a copy: writable
+            # a copy: writable, and the map can close
+            yield name, KEPT_TYPES[t["type"]], torch.from_numpy(np.array(hf_rows(name, blocks, hf_config)))
