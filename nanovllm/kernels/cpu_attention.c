@@ -103,7 +103,7 @@ vf exp16_ps(vf x) { return exp16(x); }  /* for cpu_prefill.c */
 typedef struct {
     const char *tok[CHUNK];
     const char *next[CHUNK];                           /* the next chunk's key rows (the unit's heads) */
-    int64_t next_line, next_lines, row_lines, vbase;   /* prefetch cursor over them, in 64-byte lines */
+    int64_t next_row, next_rows, next_col, row_lines, vbase;  /* prefetch cursor over them: row, 64-byte line */
     float s[MAX_UNIT_HEADS][CHUNK] __attribute__((aligned(64)));
     uint32_t p[MAX_UNIT_HEADS][CHUNK / 2];             /* bf16 probability pairs (t, t + 1) */
     uint32_t qt[MAX_Q_TILES][256] __attribute__((aligned(64)));  /* AMX scores: the queries as B tiles */
@@ -139,9 +139,11 @@ INLINE void pv_pairs(vf *restrict o, Scratch *w, int64_t i0, int64_t off, int64_
     for (int64_t t = 0; t < n; t += 2) {
         if (t + 32 < n) __builtin_prefetch(w->tok[t + 32] + off), __builtin_prefetch(w->tok[t + 33] + off);
         /* the next chunk's keys, a few lines per token pair: reads in flight while this one computes */
-        for (int j = 0; j < 8 && w->next_line < w->next_lines; j++, w->next_line++) {
-            const int64_t l = w->next_line >> 1;
-            __builtin_prefetch(w->next[l / w->row_lines] + l % w->row_lines * 64 + (w->next_line & 1) * w->vbase);
+        for (int j = 0; j < 4 && w->next_row < w->next_rows; j++) {  /* a key line and its value line each */
+            const char *line = w->next[w->next_row] + w->next_col * 64;
+            __builtin_prefetch(line);
+            __builtin_prefetch(line + w->vbase);
+            if (++w->next_col == w->row_lines) w->next_col = 0, w->next_row++;  /* no division: ~10% of the kernel */
         }
         for (int c = 0; c < nv / 2; c++) {
             const __m512i a = _mm512_loadu_si512(w->tok[t] + off + c * 64);
@@ -266,13 +268,14 @@ INLINE void attend(const char *restrict q, char *restrict out, float scale, cons
                 memcpy(&w->s[i][t0], &x, sizeof x);
             }
         }
-        w->next_line = w->next_lines = 0;
+        w->next_row = w->next_rows = w->next_col = 0;
         w->row_lines = (h1 - h0) * row / 64;
         w->vbase = vbase;
-        for (int64_t pos = start + CHUNK; pos < start + 2 * CHUNK && pos < len; pos++) {
-            const char *key = k_cache + (table[pos / block_size] * block_size + pos % block_size) * token_bytes + h0 * row;
-            w->next[pos - start - CHUNK] = key;
-            w->next_lines += 2 * w->row_lines;
+        for (int64_t pos = start + CHUNK, blk = pos / block_size, off = pos % block_size;
+             pos < start + 2 * CHUNK && pos < len; pos++) {
+            const char *key = k_cache + (table[blk] * block_size + off) * token_bytes + h0 * row;
+            if (++off == block_size) off = 0, blk++;
+            w->next[w->next_rows++] = key;
             if (pos < start + CHUNK + 32 && !PAIRED_PV(bf16, nv))  /* the value sums below prefetch the rest */
                 for (int64_t b = 0; b < (h1 - h0) * row; b += 64) __builtin_prefetch(key + b);
         }
