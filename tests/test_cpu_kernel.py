@@ -73,13 +73,19 @@ def test_decode_kernel_mixed_batch(monkeypatch):
     assert got[others].isnan().all()  # prefill tokens untouched
 
 
-def test_decode_kernel_bf16_cache(monkeypatch):
-    """A bf16 cache is read as bf16 (widened exactly to fp32 in the kernel): equal to fp32 math on the same values."""
+@pytest.mark.parametrize("heads,kv_heads,head_dim,lens", [
+    (6, 2, 64, [40, 129]),            # SmolLM2's group of 3; a second chunk of one token
+    (8, 8, 128, [31, 32, 33]),        # no GQA, two passes of 64 dims on AMX; partial blocks of 32 tokens
+    (16, 2, 128, [300, 1]),           # a group of 8
+    (4, 1, 32, [70]),                 # head dim 32: the vector value sums
+])
+def test_decode_kernel_bf16_cache(heads, kv_heads, head_dim, lens, monkeypatch):
+    """A bf16 cache is read as bf16 (widened exactly to fp32 in the kernel): equal to fp32 math on the same values
+    (on AMX CPUs: scores and value sums on tiles)."""
     gen = torch.Generator().manual_seed(3)
-    lens = [40, 129]
-    meta = make_step([(n, 1) for n in lens], 16, 16, gen)
-    q = torch.randn(2, 6, 64, generator=gen).bfloat16()
-    k_cache, v_cache = torch.randn(2, 16, 16, 2, 64, generator=gen).bfloat16()
+    meta = make_step([(n, 1) for n in lens], 16, 32, gen)
+    q = torch.randn(len(lens), heads, head_dim, generator=gen).bfloat16()
+    k_cache, v_cache = torch.randn(2, 32, 16, kv_heads, head_dim, generator=gen).bfloat16()
     got = torch.empty_like(q)
     cpu_kernel.decode_attention(q, got, k_cache, v_cache, meta, 0.125)
     assert got.dtype == torch.bfloat16

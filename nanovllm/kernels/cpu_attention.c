@@ -108,6 +108,7 @@ typedef struct {
     uint32_t p[MAX_UNIT_HEADS][CHUNK / 2];             /* bf16 probability pairs (t, t + 1) */
     uint32_t qt[MAX_Q_TILES][256] __attribute__((aligned(64)));  /* AMX scores: the queries as B tiles */
     float c[256] __attribute__((aligned(64)));         /* AMX scores: one [16 keys x 16 queries] block */
+    uint32_t stage[2][4][256] __attribute__((aligned(64)));  /* AMX value sums: 32 value rows as 4 B tiles */
 } Scratch;
 
 /* 16 scores q . k[t0 + j] (j < count; the lanes past count are -inf) in one vector */
@@ -181,7 +182,6 @@ INLINE void unpair(vf *v) {
  * linear_amx_init (cpu_linear.c) once AMX is granted. */
 int amx_enabled = 0;
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__) && NATIVE_BF16
-void amx_tiles_16x64(void);  /* cpu_linear.c */
 #define AMX_SCORES 1
 /* q heads [h0 * group, h1 * group) -> qt[(h - h0) * (nv / 2) + c]: rows = dim pairs of dims 32c..32c+31,
  * columns = the group's heads, zero past group */
@@ -219,11 +219,72 @@ INLINE void scores_amx(Scratch *w, const char *key, int64_t token_bytes, int64_t
         }
     }
 }
+
+/* The value sums on AMX: O[group heads][dims] += P V over this chunk's n tokens. A (tile 7) = the heads'
+ * probabilities in bf16 (`group` rows x 32 tokens, read in place), B (tiles 1, 2) = 32 value rows staged in
+ * pair layout (16 token pairs x 16 dims, unpacked as pv_pairs unpacks them), C (tiles 3-6) = the heads'
+ * accumulators for 64 dims, `group` rows, loaded from and stored back to o in place; dims end in pv_pairs'
+ * unpack order (unpair() at the end). Value rows past n are zeros (their probabilities are not). */
+INLINE void pv_amx(vf *o, Scratch *w, int64_t i0, int64_t off, int64_t n, const int nv) {
+    const __m512i zero = _mm512_setzero_si512();
+    for (int d = 0; d < nv; d += 4) {
+        char *acc = (char *)(o + i0 * nv + d);
+        const int64_t ld = nv * 64;
+        _tile_loadd(3, acc, ld);
+        _tile_loadd(4, acc + 64, ld);
+        _tile_loadd(5, acc + 128, ld);
+        _tile_loadd(6, acc + 192, ld);
+        for (int64_t t0 = 0; t0 < n; t0 += 32) {
+            uint32_t (*st)[256] = w->stage[(t0 >> 5) & 1];
+            for (int p = 0; p < 16; p++) {
+                const int64_t t = t0 + 2 * p;
+                for (int j = 0; j < 4 && w->next_row < w->next_rows; j++) {  /* the next chunk, as in pv_pairs */
+                    const char *line = w->next[w->next_row] + w->next_col * 64;
+                    __builtin_prefetch(line);
+                    __builtin_prefetch(line + w->vbase);
+                    if (++w->next_col == w->row_lines) w->next_col = 0, w->next_row++;
+                }
+                const char *a = t < n ? w->tok[t] + off + d * 32 : NULL, *b = t + 1 < n ? w->tok[t + 1] + off + d * 32 : NULL;
+                const __m512i a0 = a ? _mm512_loadu_si512(a) : zero, a1 = a ? _mm512_loadu_si512(a + 64) : zero;
+                const __m512i b0 = b ? _mm512_loadu_si512(b) : zero, b1 = b ? _mm512_loadu_si512(b + 64) : zero;
+                _mm512_store_si512(st[0] + p * 16, _mm512_unpacklo_epi16(a0, b0));
+                _mm512_store_si512(st[1] + p * 16, _mm512_unpackhi_epi16(a0, b0));
+                _mm512_store_si512(st[2] + p * 16, _mm512_unpacklo_epi16(a1, b1));
+                _mm512_store_si512(st[3] + p * 16, _mm512_unpackhi_epi16(a1, b1));
+            }
+            _tile_loadd(7, &w->p[i0][t0 / 2], sizeof w->p[0]);
+            _tile_loadd(1, st[0], 64);
+            _tile_dpbf16ps(3, 7, 1);
+            _tile_loadd(2, st[1], 64);
+            _tile_dpbf16ps(4, 7, 2);
+            _tile_loadd(1, st[2], 64);
+            _tile_dpbf16ps(5, 7, 1);
+            _tile_loadd(2, st[3], 64);
+            _tile_dpbf16ps(6, 7, 2);
+        }
+        _tile_stored(3, acc, ld);
+        _tile_stored(4, acc + 64, ld);
+        _tile_stored(5, acc + 128, ld);
+        _tile_stored(6, acc + 192, ld);
+    }
+}
+
+/* tiles 0-2 (scores) 16 rows, 3-7 (value sums) `group` rows; every tile 64 bytes a row */
+typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } TileConfig;
+static void attention_tiles(int group) {
+    static __thread TileConfig cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int i = 0; i < 8; i++) cfg.colsb[i] = 64, cfg.rows[i] = i < 3 ? 16 : (uint8_t)group;
+    __asm__ volatile("" ::: "memory");  /* the stores above are read by ldtilecfg, which gcc cannot see */
+    _tile_loadconfig(&cfg);
+}
 #else
 #define AMX_SCORES 0
 #define pack_queries(...)
 #define scores_amx(...)
-#define amx_tiles_16x64()
+#define pv_amx(...)
+#define attention_tiles(group)
 #endif
 
 /* One sequence's attention for its KV heads [h0, h1) (group query heads each), CHUNK cached positions at a
@@ -304,6 +365,10 @@ INLINE void attend(const char *restrict q, char *restrict out, float scale, cons
         }
         for (int64_t h = h0; h < h1; h++) {
             const int64_t i0 = (h - h0) * group;
+            if (amx && nv % 4 == 0) {
+                pv_amx(o, w, i0, vbase + h * row, n, nv);
+                continue;
+            }
             if (PAIRED_PV(bf16, nv)) {
                 pv_pairs(o + i0 * nv, w, i0, vbase + h * row, n, group, nv);
                 continue;
@@ -346,7 +411,7 @@ int decode_attention(const void *q, int64_t q_stride, const void *k_cache, const
                     && per_unit * nv / 2 <= MAX_Q_TILES;
 #pragma omp parallel num_threads(num_threads)
     {
-    if (amx) amx_tiles_16x64();
+    if (amx) attention_tiles((int)group);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t u = 0; u < batch * units_per_seq; u++) {
         static __thread Scratch scratch;
