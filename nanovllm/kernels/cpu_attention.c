@@ -111,6 +111,16 @@ typedef struct {
     uint32_t stage[2][4][256] __attribute__((aligned(64)));  /* AMX value sums: 32 value rows as 4 B tiles */
 } Scratch;
 
+/* The next chunk's key and value rows, `pairs` lines of each further along the cursor */
+INLINE void prefetch_next(Scratch *w, int pairs) {
+    for (int j = 0; j < pairs && w->next_row < w->next_rows; j++) {
+        const char *line = w->next[w->next_row] + w->next_col * 64;
+        __builtin_prefetch(line);
+        __builtin_prefetch(line + w->vbase);
+        if (++w->next_col == w->row_lines) w->next_col = 0, w->next_row++;  /* no division: ~10% of the kernel */
+    }
+}
+
 /* 16 scores q . k[t0 + j] (j < count; the lanes past count are -inf) in one vector */
 INLINE vf scores16(const char *restrict q, const char *const *restrict tok, int64_t count, int64_t off,
                    const int nv, const int bf16) {
@@ -140,12 +150,7 @@ INLINE void pv_pairs(vf *restrict o, Scratch *w, int64_t i0, int64_t off, int64_
     for (int64_t t = 0; t < n; t += 2) {
         if (t + 32 < n) __builtin_prefetch(w->tok[t + 32] + off), __builtin_prefetch(w->tok[t + 33] + off);
         /* the next chunk's keys, a few lines per token pair: reads in flight while this one computes */
-        for (int j = 0; j < 4 && w->next_row < w->next_rows; j++) {  /* a key line and its value line each */
-            const char *line = w->next[w->next_row] + w->next_col * 64;
-            __builtin_prefetch(line);
-            __builtin_prefetch(line + w->vbase);
-            if (++w->next_col == w->row_lines) w->next_col = 0, w->next_row++;  /* no division: ~10% of the kernel */
-        }
+        prefetch_next(w, 4);  /* the next chunk, 8 lines per token pair */
         for (int c = 0; c < nv / 2; c++) {
             const __m512i a = _mm512_loadu_si512(w->tok[t] + off + c * 64);
             const __m512i b = t + 1 < n ? _mm512_loadu_si512(w->tok[t + 1] + off + c * 64) : _mm512_setzero_si512();
@@ -238,12 +243,7 @@ INLINE void pv_amx(vf *o, Scratch *w, int64_t i0, int64_t off, int64_t n, const 
             uint32_t (*st)[256] = w->stage[(t0 >> 5) & 1];
             for (int p = 0; p < 16; p++) {
                 const int64_t t = t0 + 2 * p;
-                for (int j = 0; j < 4 && w->next_row < w->next_rows; j++) {  /* the next chunk, as in pv_pairs */
-                    const char *line = w->next[w->next_row] + w->next_col * 64;
-                    __builtin_prefetch(line);
-                    __builtin_prefetch(line + w->vbase);
-                    if (++w->next_col == w->row_lines) w->next_col = 0, w->next_row++;
-                }
+                prefetch_next(w, 4);  /* as in pv_pairs */
                 const char *a = t < n ? w->tok[t] + off + d * 32 : NULL, *b = t + 1 < n ? w->tok[t + 1] + off + d * 32 : NULL;
                 const __m512i a0 = a ? _mm512_loadu_si512(a) : zero, a1 = a ? _mm512_loadu_si512(a + 64) : zero;
                 const __m512i b0 = b ? _mm512_loadu_si512(b) : zero, b1 = b ? _mm512_loadu_si512(b + 64) : zero;
