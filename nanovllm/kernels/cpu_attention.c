@@ -33,23 +33,29 @@ INLINE void store16(char *p, vf v, const int bf16) {
     memcpy(p, &h, sizeof h);
 }
 
-/* 16 partial-sum vectors in, one vector out whose lane t is the sum of a[t]'s lanes: four rounds of
- * shuffles and adds, each halving the vectors (a horizontal sum per vector costs ~2.5x more). */
+/* 16 partial-sum vectors in, one vector out whose lane t is the sum (or with `max`, the maximum) of a[t]'s
+ * lanes: four rounds of shuffles and adds, each halving the vectors (a horizontal sum per vector costs ~2.5x
+ * more). */
 #define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
-INLINE vf reduce16(const vf *a) {
+#define COMBINE(x, y) (max ? (vf)(((x) > (y) & (vi)(x)) | (~((x) > (y)) & (vi)(y))) : (x) + (y))
+INLINE vf reduce16_op(const vf *a, const int max) {
     vf r[8], u[4], w[2];
     for (int k = 0; k < 8; k++)
-        r[k] = SHUF(a[2 * k], a[2 * k + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
-             + SHUF(a[2 * k], a[2 * k + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+        r[k] = COMBINE(SHUF(a[2 * k], a[2 * k + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
+                       SHUF(a[2 * k], a[2 * k + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31));
     for (int k = 0; k < 4; k++)
-        u[k] = SHUF(r[2 * k], r[2 * k + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
-             + SHUF(r[2 * k], r[2 * k + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+        u[k] = COMBINE(SHUF(r[2 * k], r[2 * k + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27),
+                       SHUF(r[2 * k], r[2 * k + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31));
     for (int k = 0; k < 2; k++)
-        w[k] = SHUF(u[2 * k], u[2 * k + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
-             + SHUF(u[2 * k], u[2 * k + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-    return SHUF(w[0], w[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
-         + SHUF(w[0], w[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        w[k] = COMBINE(SHUF(u[2 * k], u[2 * k + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29),
+                       SHUF(u[2 * k], u[2 * k + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31));
+    return COMBINE(SHUF(w[0], w[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30),
+                   SHUF(w[0], w[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31));
 }
+#undef COMBINE
+#define reduce16(a) reduce16_op(a, 0)
+vf sum16_rows(const vf *a) { return reduce16_op(a, 0); }  /* for cpu_prefill.c */
+vf max16_rows(const vf *a) { return reduce16_op(a, 1); }
 
 /* q . k as 16 partial sums (lanes to be added). bf16 rows on a CPU with AVX512-BF16: vdpbf16ps multiplies
  * bf16 pairs exactly and accumulates in fp32, half the instructions of widening and FMAs. */

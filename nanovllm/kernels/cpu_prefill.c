@@ -17,7 +17,9 @@
 
 #define MAX_DIM 256
 void pack_rows(const uint16_t *x, int64_t stride, int64_t M, int64_t K, int64_t tiles, uint32_t *out);
+typedef float vf __attribute__((vector_size(64)));
 __m512 exp16_ps(__m512 x);  /* cpu_attention.c: exp for x <= 0 */
+vf max16_rows(const vf *a), sum16_rows(const vf *a);  /* cpu_attention.c: lane t = max / sum of a[t] */
 void amx_tiles_16x64(void);  /* cpu_linear.c */
 
 /* values [n, dim] (rows `stride` apart) -> [key pairs / 16][dim / 16][16 pairs][16 dims] of (v[2p][d], v[2p+1][d]):
@@ -108,34 +110,41 @@ int prefill_attention_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *
                 }
                 _tile_stored(0, sc, 128);
                 _tile_stored(1, sc + 16, 128);
+                /* the online softmax of the block's 16 rows, vectorized across rows where it can be: the rows'
+                 * maxima and sums by transposed reductions, their rescale factors in one exp */
+                __m512 best[16], sums[16];
+                __mmask16 k0[16], k1[16];
+                const __m512 ninf = _mm512_set1_ps(-FLT_MAX), sv = _mm512_set1_ps(scale);
                 for (int r = 0; r < 16; r++) {
                     /* causal: key j is seen by query i0 + r when j <= i0 + r (rows past the block's end too:
                      * they are never written out) */
                     const int64_t seen = i0 + r - kb * 32 + 1;  /* keys of this block seen by this row */
-                    const __mmask16 k0 = seen >= 16 ? 0xffff : seen <= 0 ? 0 : (__mmask16)((1u << seen) - 1);
-                    const __mmask16 k1 = seen >= 32 ? 0xffff : seen <= 16 ? 0 : (__mmask16)((1u << (seen - 16)) - 1);
-                    const __m512 ninf = _mm512_set1_ps(-FLT_MAX), sv = _mm512_set1_ps(scale);
-                    __m512 s0 = _mm512_mask_mul_ps(ninf, k0, _mm512_load_ps(sc + r * 32), sv);
-                    __m512 s1 = _mm512_mask_mul_ps(ninf, k1, _mm512_load_ps(sc + r * 32 + 16), sv);
-                    const float mx = fmaxf(m[r], _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
-                    if (mx == -FLT_MAX) {  /* nothing seen yet (a padding row): no weights */
-                        alpha[r] = 1.f;
-                        memset(p + r * 32, 0, 64);
-                        continue;
-                    }
-                    alpha[r] = m[r] == mx ? 1.f : expf(m[r] - mx);
-                    m[r] = mx;
-                    const __m512 mv = _mm512_set1_ps(mx);
-                    const __m512 e0 = _mm512_maskz_mov_ps(k0, exp16_ps(_mm512_sub_ps(s0, mv)));
-                    const __m512 e1 = _mm512_maskz_mov_ps(k1, exp16_ps(_mm512_sub_ps(s1, mv)));
+                    k0[r] = seen >= 16 ? 0xffff : seen <= 0 ? 0 : (__mmask16)((1u << seen) - 1);
+                    k1[r] = seen >= 32 ? 0xffff : seen <= 16 ? 0 : (__mmask16)((1u << (seen - 16)) - 1);
+                    const __m512 s0 = _mm512_mask_mul_ps(ninf, k0[r], _mm512_load_ps(sc + r * 32), sv);
+                    const __m512 s1 = _mm512_mask_mul_ps(ninf, k1[r], _mm512_load_ps(sc + r * 32 + 16), sv);
+                    _mm512_store_ps(sc + r * 32, s0);
+                    _mm512_store_ps(sc + r * 32 + 16, s1);
+                    best[r] = _mm512_max_ps(s0, s1);
+                }
+                const __m512 m_old = _mm512_loadu_ps(m);
+                const __m512 m_new = _mm512_max_ps(m_old, (__m512)max16_rows((const vf *)best));
+                _mm512_storeu_ps(alpha, exp16_ps(_mm512_sub_ps(m_old, m_new)));  /* 1 where the max stayed */
+                _mm512_storeu_ps(m, m_new);
+                for (int r = 0; r < 16; r++) {  /* rows that have seen nothing yet get no weights (all masked) */
+                    const __m512 mv = _mm512_set1_ps(m[r]);
+                    const __m512 e0 = _mm512_maskz_mov_ps(k0[r], exp16_ps(_mm512_sub_ps(_mm512_load_ps(sc + r * 32), mv)));
+                    const __m512 e1 = _mm512_maskz_mov_ps(k1[r], exp16_ps(_mm512_sub_ps(_mm512_load_ps(sc + r * 32 + 16), mv)));
                     const __m256bh b0 = _mm512_cvtneps_pbh(e0), b1 = _mm512_cvtneps_pbh(e1);
                     /* the sum uses the rounded probabilities, the ones P V multiplies */
-                    l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(_mm512_add_ps(
+                    sums[r] = _mm512_add_ps(
                         _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)b0), 16)),
-                        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)b1), 16))));
+                        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)b1), 16)));
                     _mm256_store_si256((__m256i *)(p + r * 32), (__m256i)b0);
                     _mm256_store_si256((__m256i *)(p + r * 32 + 16), (__m256i)b1);
                 }
+                _mm512_storeu_ps(l, _mm512_fmadd_ps(_mm512_loadu_ps(l), _mm512_loadu_ps(alpha),
+                                                    (__m512)sum16_rows((const vf *)sums)));
                 for (int r = 0; r < 16; r++)
                     if (alpha[r] != 1.f)
                         for (int64_t d = 0; d < dim; d += 16)
