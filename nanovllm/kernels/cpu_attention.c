@@ -473,18 +473,47 @@ INLINE float bf16_round(float x) { return from_bf16(to_bf16(x)); }
 /* HF's RMSNorm of bf16 rows: x / rms(x) in fp32, rounded to bf16, then times the weight (rounded). With `add`
  * (the residual stream's update), x first becomes x + add in place, rounded as torch's bf16 add rounds it:
  * the residual add and the next norm in one pass. */
+#if NATIVE_BF16
+INLINE __m512 bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+INLINE __m512 round_bf16x16(__m512 x) {  /* to the nearest bf16, kept in fp32 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
+}
+#endif
+
 void rms_norm_bf16(uint16_t *x, const uint16_t *add, const uint16_t *weight, uint16_t *out, int64_t rows,
                    int64_t dim, float eps, int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (int64_t r = 0; r < rows; r++) {
         uint16_t *xr = x + r * dim, *o = out + r * dim;
-        if (add)
-            for (int64_t i = 0; i < dim; i++) xr[i] = to_bf16(from_bf16(xr[i]) + from_bf16(add[r * dim + i]));
+        int64_t i = 0;
         float sq = 0.f;
-        for (int64_t i = 0; i < dim; i++) sq += from_bf16(xr[i]) * from_bf16(xr[i]);
+#if NATIVE_BF16  /* 16 at a time, one instruction per bf16 conversion: 2048 rows with the add 398 -> 288 us */
+        __m512 acc = _mm512_setzero_ps();
+        for (; i + 16 <= dim; i += 16) {
+            __m512 v = bf16x16(xr + i);
+            if (add) {
+                v = round_bf16x16(_mm512_add_ps(v, bf16x16(add + r * dim + i)));
+                _mm256_storeu_si256((__m256i *)(xr + i), (__m256i)_mm512_cvtneps_pbh(v));
+            }
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        sq = _mm512_reduce_add_ps(acc);
+#endif
+        for (int64_t j = i; j < dim; j++) {
+            if (add) xr[j] = to_bf16(from_bf16(xr[j]) + from_bf16(add[r * dim + j]));
+            sq += from_bf16(xr[j]) * from_bf16(xr[j]);
+        }
         const float inv = 1.f / sqrtf(sq / dim + eps);
-        for (int64_t i = 0; i < dim; i++)
-            o[i] = to_bf16(from_bf16(weight[i]) * bf16_round(from_bf16(xr[i]) * inv));
+        int64_t k = 0;
+#if NATIVE_BF16
+        for (const __m512 iv = _mm512_set1_ps(inv); k + 16 <= dim; k += 16)
+            _mm256_storeu_si256((__m256i *)(o + k), (__m256i)_mm512_cvtneps_pbh(
+                _mm512_mul_ps(bf16x16(weight + k), round_bf16x16(_mm512_mul_ps(bf16x16(xr + k), iv)))));
+#endif
+        for (; k < dim; k++) o[k] = to_bf16(from_bf16(weight[k]) * bf16_round(from_bf16(xr[k]) * inv));
     }
 }
 
@@ -492,11 +521,6 @@ void rms_norm_bf16(uint16_t *x, const uint16_t *add, const uint16_t *weight, uin
  * With AVX-512, 16 at a time: sigmoid(g) = 1 / (1 + e) for g >= 0 and e / (1 + e) below, e = exp(-|g|) <= 1
  * (exp16), the reciprocal approximated and refined by a Newton step (libm's vector expf and a division: 2.2 G
  * elements/s; this: see docs/benchmarks.md). */
-#if NATIVE_BF16
-INLINE __m512 bf16x16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-#endif
 
 void silu_and_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_t dim, int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads)
@@ -512,8 +536,7 @@ void silu_and_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_t d
             const __m512 d = _mm512_add_ps(one, e), rc = _mm512_rcp14_ps(d);
             const __m512 s = _mm512_mul_ps(rc, _mm512_fnmadd_ps(d, rc, two));
             const __m512 sig = _mm512_mask_mul_ps(s, _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ), s, e);
-            const __m512 silu = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(g, sig))), 16));  /* rounded to bf16 */
+            const __m512 silu = round_bf16x16(_mm512_mul_ps(g, sig));
             _mm256_storeu_si256((__m256i *)(o + i), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu, bf16x16(up + i))));
         }
 #endif
