@@ -596,26 +596,36 @@ void sample_rows(const void *logits, int64_t rows, int64_t vocab, int bf16, cons
             continue;
         }
         const float inv = 1.f / temperature[r];
-        vf sum = (vf){0};
-        for (int64_t i = 0; i < vocab; i += 16) sum += exp16((load_logits(row, i, vocab, bf16) - m) * inv);
+        /* the weights' sums per 16 tokens (sixteen at a time, by a transposed reduction), then a scan of those
+         * sums for the 16 tokens where the running sum passes u * total: one exp pass, not two */
+        const int64_t chunks = (vocab + 15) / 16;
+        float sums[chunks + 16];
+        vf part[16], total16 = (vf){0};
+        for (int64_t c0 = 0; c0 < chunks; c0 += 16) {
+            for (int j = 0; j < 16; j++)
+                part[j] = c0 + j < chunks ? exp16((load_logits(row, (c0 + j) * 16, vocab, bf16) - m) * inv) : (vf){0};
+            const vf s16 = reduce16(part);
+            memcpy(sums + c0, &s16, sizeof s16);
+            total16 += s16;
+        }
         float total = 0.f, run = 0.f;
-        for (int k = 0; k < 16; k++) total += sum[k];
+        for (int k = 0; k < 16; k++) total += total16[k];
         const float target = u[r] * total;
+        int64_t c = 0;
+        while (c < chunks && run + sums[c] <= target) run += sums[c++];
         int64_t pick = -1, last = 0;  /* last: the last token with any weight, where rounding runs past the end */
-        for (int64_t i = 0; i < vocab && pick < 0; i += 16) {
-            const vf w = exp16((load_logits(row, i, vocab, bf16) - m) * inv);
-            float chunk = 0.f;
-            for (int k = 0; k < 16; k++) chunk += w[k];
-            if (run + chunk <= target) {
-                run += chunk;
-                for (int k = 0; k < 16 && i + k < vocab; k++) last = w[k] > 0.f ? i + k : last;
-                continue;
-            }
-            for (int k = 0; k < 16 && i + k < vocab; k++) {
+        if (c < chunks) {
+            const vf w = exp16((load_logits(row, c * 16, vocab, bf16) - m) * inv);
+            for (int k = 0; k < 16 && c * 16 + k < vocab; k++) {
                 run += w[k];
-                if (w[k] > 0.f) last = i + k;
-                if (run > target) { pick = i + k; break; }
+                if (w[k] > 0.f) last = c * 16 + k;
+                if (run > target) { pick = c * 16 + k; break; }
             }
+        }
+        if (pick < 0) {  /* past the end by rounding: the last token with any weight */
+            for (c = chunks - 1; c > 0 && sums[c] <= 0.f; c--) {}
+            const vf w = exp16((load_logits(row, c * 16, vocab, bf16) - m) * inv);
+            for (int k = 0; k < 16 && c * 16 + k < vocab; k++) last = w[k] > 0.f ? c * 16 + k : last;
         }
         out[r] = pick >= 0 ? pick : last;
     }
