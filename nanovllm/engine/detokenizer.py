@@ -8,7 +8,13 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True,
                  stop: list[str] | None = None, include_stop: bool = False):
-        self.tokenizer, self.skip = tokenizer, skip_special_tokens
+        # the Rust tokenizer itself where transformers' decode would only wrap it (no space clean-up): its
+        # argument handling costs more than the decode (two decodes per token)
+        backend = getattr(tokenizer, "_tokenizer", None)
+        if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+            self.decode = lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        else:
+            self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
         self.ids = list(prompt_ids[-6:])  # context so the first output token decodes as in the middle of text
         self.prefix_offset, self.read_offset = 0, len(self.ids)
         self.stop, self.include_stop = stop or [], include_stop
@@ -24,9 +30,8 @@ class IncrementalDetokenizer:
     def add(self, token_id: int, find_stop: bool = True) -> str | None:
         """Append one token; returns the stop string it completed, if any (then `text` is cut there)."""
         self.ids.append(token_id)
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self.skip)
-        before = decode(self.ids[self.prefix_offset:self.read_offset])
-        after = decode(self.ids[self.prefix_offset:])
+        before = self.decode(self.ids[self.prefix_offset:self.read_offset])
+        after = self.decode(self.ids[self.prefix_offset:])
         if len(after) <= len(before) or after.endswith("\ufffd"):
             return None
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
