@@ -68,8 +68,11 @@ def prefill(heads: int = 9, kv_heads: int = 3, dim: int = 64, layers: int = 30) 
                 *(t[None, s:e].transpose(1, 2) for t in (q, k, v)), is_causal=True, scale=dim ** -0.5, enable_gqa=True)
             out[s:e] = o[0].transpose(0, 1)
 
+    bounds = list(zip(starts[:-1].tolist(), starts[1:].tolist()))
+
     def ours() -> None:
-        if not cpu.prefill_attention(q, k, v, out, starts, list(range(len(lens))), dim ** -0.5):
+        if not cpu.prefill_attention(q, out, starts, list(range(len(lens))), [k[s:e] for s, e in bounds],
+                                     [v[s:e] for s, e in bounds], dim ** -0.5):
             raise SystemExit("the AMX prefill kernel does not run on this CPU")
 
     flops = sum(4 * n * n / 2 * dim * heads for n in lens) * layers  # causal: half of QK^T and PV

@@ -345,8 +345,10 @@ def test_prefill_kernel_matches_causal_attention(heads, kv_heads, dim, lens):
     q, k, v = (t.unflatten(1, (-1, dim)) for t in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], 1))
     starts = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
     out = torch.full((sum(lens), heads, dim), float("nan")).bfloat16()
-    assert cpu_kernel.prefill_attention(q, k, v, out, starts, list(range(len(lens))), dim ** -0.5)
-    for s, e in zip(starts[:-1].tolist(), starts[1:].tolist()):
+    bounds = list(zip(starts[:-1].tolist(), starts[1:].tolist()))
+    assert cpu_kernel.prefill_attention(q, out, starts, list(range(len(lens))), [k[s:e] for s, e in bounds],
+                                        [v[s:e] for s, e in bounds], dim ** -0.5)
+    for s, e in bounds:
         args = [t[None, s:e].transpose(1, 2) for t in (q, k, v)]
         exact = F.scaled_dot_product_attention(*[a.double() for a in args], is_causal=True, scale=dim ** -0.5,
                                                enable_gqa=True)[0].transpose(0, 1)
@@ -355,16 +357,37 @@ def test_prefill_kernel_matches_causal_attention(heads, kv_heads, dim, lens):
         assert (out[s:e].double() - exact).abs().max().item() <= 1.5 * sdpa_err + 1e-3
 
 
-def test_prefill_kernel_serves_whole_bf16_prompts_only(monkeypatch):
-    """The engine's prefill attention offers the kernel the whole prompts only (a chunk after a cached prefix and
-    the decodes go elsewhere); it takes them in bf16 with AMX and declines fp32 (which stays bit for bit HF's)."""
+@pytest.mark.skipif(not cpu_kernel.has_amx(), reason="this CPU (or its compiler) has no AMX")
+@pytest.mark.parametrize("cached,n", [(20, 10), (16, 16), (1, 47), (300, 2), (33, 100)])
+def test_prefill_kernel_after_a_cached_prefix(cached, n):
+    """A chunk of n queries after `cached` tokens: each query sees the prefix and the chunk up to itself."""
+    F = torch.nn.functional
+    gen = torch.Generator().manual_seed(cached + n)
+    heads, kv_heads, dim = 9, 3, 64
+    q = torch.randn(n, heads, dim, generator=gen).bfloat16()
+    k, v = (torch.randn(2, cached + n, kv_heads, dim, generator=gen) * 2).bfloat16()
+    out = torch.full((n, heads, dim), float("nan")).bfloat16()
+    assert cpu_kernel.prefill_attention(q, out, torch.tensor([0, n]), [0], [k], [v], dim ** -0.5)
+    mask = torch.ones(n, cached + n, dtype=torch.bool).tril(cached)
+    args = [t[None].transpose(1, 2) for t in (q, k, v)]
+    exact = F.scaled_dot_product_attention(*[a.double() for a in args], attn_mask=mask, scale=dim ** -0.5,
+                                           enable_gqa=True)[0].transpose(0, 1)
+    sdpa = F.scaled_dot_product_attention(*args, attn_mask=mask, scale=dim ** -0.5, enable_gqa=True)
+    sdpa_err = (sdpa[0].transpose(0, 1).double() - exact).abs().max().item()
+    assert (out.double() - exact).abs().max().item() <= 1.5 * sdpa_err + 1e-3
+
+
+def test_prefill_kernel_serves_bf16_prompt_chunks(monkeypatch):
+    """The engine's prefill attention offers the kernel every prompt chunk, a whole prompt and a chunk after a
+    cached prefix (its keys gathered from the cache); the decodes go elsewhere. It takes them in bf16 with AMX,
+    close to SDPA's result, and declines fp32 (which stays bit for bit HF's)."""
     from conftest import make_step
     gen = torch.Generator().manual_seed(5)
     offered, served = [], []
     real = cpu_kernel.prefill_attention
 
     def spy(*args):
-        offered.append((args[0].dtype, args[5]))
+        offered.append((args[0].dtype, args[3]))
         served.append(real(*args))
         return served[-1]
 
@@ -375,12 +398,12 @@ def test_prefill_kernel_serves_whole_bf16_prompts_only(monkeypatch):
         caches = torch.randn(2, 12, 16, 2, 32, generator=gen)
         args = [t.to(dtype) for t in (q, k, v, caches[0], caches[1])]
         monkeypatch.setattr(cpu_kernel, "prefill_attention", lambda *a: False)
-        expected = attention.torch_attention(*args, meta, 32 ** -0.5)
+        expected = attention.torch_attention(*[a.clone() for a in args], meta, 32 ** -0.5)
         monkeypatch.setattr(cpu_kernel, "prefill_attention", spy)
         got = attention.torch_attention(*args, meta, 32 ** -0.5)
-        assert torch.equal(got[40:], expected[40:])  # the other sequences: untouched by the kernel
-        torch.testing.assert_close(got[:40].float(), expected[:40].float(), rtol=0.02, atol=0.02)
-    assert offered == [(torch.bfloat16, [0]), (torch.float32, [0])]
+        assert torch.equal(got[50:], expected[50:])  # the decode: untouched by the kernel
+        torch.testing.assert_close(got[:50].float(), expected[:50].float(), rtol=0.02, atol=0.02)
+    assert offered == [(torch.bfloat16, [0, 1]), (torch.float32, [0, 1])]
     assert served == [cpu_kernel.has_amx(), False]
 
 

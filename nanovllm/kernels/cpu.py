@@ -68,8 +68,7 @@ def library() -> ctypes.CDLL | None:
     lib.decode_layers_bf16.argtypes = ([ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64]
                                        + [ctypes.c_void_p] * 6 + [ctypes.c_int64] + [ctypes.c_void_p] * 8
                                        + [ctypes.c_float] * 2 + [ctypes.c_int])
-    lib.prefill_attention_bf16.argtypes = ([ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 2
-                                           + [ctypes.c_int64] + [ctypes.c_void_p] * 2
+    lib.prefill_attention_bf16.argtypes = ([ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3
                                            + [ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 3
                                            + [ctypes.c_float, ctypes.c_int])
     lib.amx = lib.linear_amx_init() == 0  # built with AMX, and the kernel let this process use it
@@ -268,22 +267,26 @@ def decode_layers(model, residual: torch.Tensor, tables: tuple[torch.Tensor, tor
     return mlp_out
 
 
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, starts: torch.Tensor,
-                      seqs: list[int], scale: float) -> bool:
-    """Causal attention of whole prompts (no cached prefix) in bf16 on AMX (cpu_prefill.c): each sequence in
-    `seqs` (rows starts[i]..starts[i+1] of q [T, H, D], k, v [T, Hkv, D]: rows may be strided, as views of the
-    QKV output, k's and v's alike) over its own keys, into the same rows of out [T, H, D]. False (nothing done)
-    where it does not apply: the caller then uses SDPA."""
+def prefill_attention(q: torch.Tensor, out: torch.Tensor, starts: torch.Tensor, seqs: list[int],
+                      keys: list[torch.Tensor], values: list[torch.Tensor], scale: float) -> bool:
+    """Causal attention of prompt chunks in bf16 on AMX (cpu_prefill.c): the queries of each sequence in `seqs`
+    (rows starts[s]..starts[s+1] of q [T, H, D], rows may be strided) over its keys[i] and values[i] ([nk,
+    Hkv, D], rows may be strided, k's and v's alike: the chunk's own rows, or a cached prefix then them), the
+    chunk's n queries at positions nk - n ..; into the same rows of out [T, H, D]. False (nothing done) where
+    it does not apply: the caller then uses SDPA."""
     _, heads, dim = q.shape
-    if not (seqs and q.dtype == k.dtype == v.dtype == out.dtype == torch.bfloat16 and q.device.type == "cpu"
-            and k.stride(0) == v.stride(0) and all(t.stride(2) == 1 and t.stride(1) == dim for t in (q, k, v))
-            and out.is_contiguous() and dim % 32 == 0 and dim <= MAX_HEAD_DIM and starts.dtype == torch.int64
-            and starts.is_contiguous() and has_amx()):
+    if not (seqs and q.dtype == out.dtype == torch.bfloat16 and q.device.type == "cpu" and q.stride(2) == 1
+            and q.stride(1) == dim and out.is_contiguous() and dim % 32 == 0 and dim <= MAX_HEAD_DIM
+            and starts.dtype == torch.int64 and starts.is_contiguous() and has_amx()
+            and all(k.dtype == v.dtype == torch.bfloat16 and k.stride(0) == v.stride(0) and k.shape == v.shape
+                    and all(t.stride(2) == 1 and t.stride(1) == dim for t in (k, v)) for k, v in zip(keys, values))):
         return False
+    kv = torch.tensor([x for k, v in zip(keys, values) for x in (k.data_ptr(), v.data_ptr(), k.stride(0), len(k))],
+                      dtype=torch.int64)
     rows = torch.tensor(seqs, dtype=torch.int64)
     return library().prefill_attention_bf16(
-        q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), k.stride(0), starts.data_ptr(), rows.data_ptr(),
-        len(seqs), out.data_ptr(), heads, k.shape[1], dim, scale, torch.get_num_threads()) == 0
+        q.data_ptr(), q.stride(0), kv.data_ptr(), starts.data_ptr(), rows.data_ptr(), len(seqs), out.data_ptr(),
+        heads, keys[0].shape[1], dim, scale, torch.get_num_threads()) == 0
 
 
 def fused_bf16(*tensors: torch.Tensor) -> bool:

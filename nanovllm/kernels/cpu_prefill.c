@@ -1,5 +1,6 @@
-/* Causal prefill attention on CPU with AMX (flash attention): bf16 prompts with no cached prefix, each sequence's
- * queries over its own keys and values, read in place from the QKV projection's output.
+/* Causal prefill attention on CPU with AMX (flash attention): bf16 prompt chunks, each sequence's queries over
+ * its keys and values: the chunk's own, read in place from the QKV projection's output, or a cached prefix and
+ * them, gathered from the paged cache.
  *
  * torch's flash SDPA for CPU reaches ~0.1-0.25 TFLOP/s here (a fifth of a prefill step). Per (sequence, KV
  * head) the keys are packed as AMX's B operand and the values in key pairs; then per (query head, block of 16
@@ -40,30 +41,34 @@ static void pack_values(const uint16_t *v, int64_t stride, int64_t n, int64_t di
             }
 }
 
-/* q, k, v: [T, heads or kv_heads, dim] bf16, q's rows q_stride elements apart, k's and v's kv_stride (views of
- * the QKV output: both its row);
- * starts [B + 1]: each sequence's first row; seqs: the sequences to attend (their context is their own rows);
- * out [T, heads, dim] bf16. dim a multiple of 32 up to MAX_DIM. Returns 0, -1 if a size is out of range, -2
- * without memory for the packed keys and values. */
-int prefill_attention_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *k, const uint16_t *v, int64_t stride,
-                           const int64_t *starts, const int64_t *seqs, int64_t nseqs, uint16_t *out, int64_t heads,
-                           int64_t kv_heads, int64_t dim, float scale, int num_threads) {
+/* q: [T, heads, dim] bf16 rows q_stride elements apart; starts [B + 1]: each sequence's first row; seqs: the
+ * sequences to attend, and per listed sequence i, kv[4 i ..]: its keys' and values' first rows (bf16 [nk,
+ * kv_heads, dim], rows kv[4 i + 2] elements apart, keys and values alike) and their count nk: a cached prefix
+ * then the step's own rows, or those alone (views of the QKV output). The step's n query rows sit at positions
+ * nk - n .. nk - 1. out [T, heads, dim] bf16. dim a multiple of 32 up to MAX_DIM. Returns 0, -1 if a size is
+ * out of range, -2 without memory for the packed keys and values. */
+int prefill_attention_bf16(const uint16_t *q, int64_t q_stride, const int64_t *kv, const int64_t *starts,
+                           const int64_t *seqs, int64_t nseqs, uint16_t *out, int64_t heads, int64_t kv_heads,
+                           int64_t dim, float scale, int num_threads) {
     if (dim % 32 || dim > MAX_DIM || heads % kv_heads) return -1;
     const int64_t group = heads / kv_heads, dsteps = dim / 32;
     /* packed keys and values of every (sequence, KV head), 32 keys a block */
     int64_t *offset = malloc((nseqs + 1) * sizeof(int64_t)), *unit_start = malloc((nseqs + 1) * sizeof(int64_t));
     if (!offset || !unit_start) return free(offset), free(unit_start), -2;
     offset[0] = 0;
-    for (int64_t i = 0; i < nseqs; i++)
-        offset[i + 1] = offset[i] + (starts[seqs[i] + 1] - starts[seqs[i]] + 31) / 32 * 32 * dim * kv_heads;
+    for (int64_t i = 0; i < nseqs; i++) {
+        if (kv[4 * i + 3] < starts[seqs[i] + 1] - starts[seqs[i]]) return free(offset), free(unit_start), -1;
+        offset[i + 1] = offset[i] + (kv[4 * i + 3] + 31) / 32 * 32 * dim * kv_heads;
+    }
     uint16_t *kp = aligned_alloc(64, offset[nseqs] * 2 + 64), *vp = aligned_alloc(64, offset[nseqs] * 2 + 64);
     if (!kp || !vp) return free(kp), free(vp), free(offset), free(unit_start), -2;  /* the caller falls back */
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
     for (int64_t u = 0; u < nseqs * kv_heads; u++) {
-        const int64_t i = u / kv_heads, h = u % kv_heads, s = starts[seqs[i]], n = starts[seqs[i] + 1] - s;
+        const int64_t i = u / kv_heads, h = u % kv_heads, stride = kv[4 * i + 2], nk = kv[4 * i + 3];
         const int64_t base = offset[i] + h * (offset[i + 1] - offset[i]) / kv_heads;
-        pack_rows(k + s * stride + h * dim, stride, n, dim, (n + 15) / 16, (uint32_t *)(kp + base));
-        pack_values(v + s * stride + h * dim, stride, n, dim, (n + 31) / 32, (uint32_t *)(vp + base));
+        pack_rows((const uint16_t *)kv[4 * i] + h * dim, stride, nk, dim, (nk + 15) / 16, (uint32_t *)(kp + base));
+        pack_values((const uint16_t *)kv[4 * i + 1] + h * dim, stride, nk, dim, (nk + 31) / 32,
+                    (uint32_t *)(vp + base));
     }
     /* work units: (sequence, query head, block of 16 queries) */
     unit_start[0] = 0;
@@ -81,6 +86,7 @@ int prefill_attention_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *
             while (u >= unit_start[i + 1]) i++;  /* units are handed out in order: i only moves forward */
             while (u < unit_start[i]) i--;
             const int64_t s = starts[seqs[i]], n = starts[seqs[i] + 1] - s, blocks16 = (n + 15) / 16;
+            const int64_t nk = kv[4 * i + 3], cached = nk - n;  /* keys before this step's first query */
             const int64_t h = (u - unit_start[i]) / blocks16, i0 = (u - unit_start[i]) % blocks16 * 16;
             const int rows = n - i0 < 16 ? (int)(n - i0) : 16;
             const int64_t per_head = (offset[i + 1] - offset[i]) / kv_heads;
@@ -94,16 +100,16 @@ int prefill_attention_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *
             }
             for (int r = 0; r < 16; r++) m[r] = -FLT_MAX, l[r] = 0.f;  /* not -inf: built with -ffast-math */
             memset(o, 0, 16 * dim * sizeof(float));
-            const int64_t last = i0 + rows - 1;  /* the last query's position: no key after it is seen */
+            const int64_t last = cached + i0 + rows - 1;  /* the last query's position: no later key is seen */
             for (int64_t kb = 0; kb * 32 <= last; kb++) {
                 _tile_zero(0);
                 _tile_zero(1);
                 for (int64_t d = 0; d < dsteps; d++) {
                     _tile_loadd(4, qh + d * 32, qstride * 2);
-                    const uint16_t *kt = kh + (d * ((n + 15) / 16) + kb * 2) * 512;
+                    const uint16_t *kt = kh + (d * ((nk + 15) / 16) + kb * 2) * 512;
                     _tile_loadd(6, kt, 64);
                     _tile_dpbf16ps(0, 4, 6);
-                    if (kb * 32 + 16 < n) {
+                    if (kb * 32 + 16 < nk) {
                         _tile_loadd(7, kt + 512, 64);
                         _tile_dpbf16ps(1, 4, 7);
                     }
@@ -118,7 +124,7 @@ int prefill_attention_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *
                 for (int r = 0; r < 16; r++) {
                     /* causal: key j is seen by query i0 + r when j <= i0 + r (rows past the block's end too:
                      * they are never written out) */
-                    const int64_t seen = i0 + r - kb * 32 + 1;  /* keys of this block seen by this row */
+                    const int64_t seen = cached + i0 + r - kb * 32 + 1;  /* keys of this block seen by this row */
                     k0[r] = seen >= 16 ? 0xffff : seen <= 0 ? 0 : (__mmask16)((1u << seen) - 1);
                     k1[r] = seen >= 32 ? 0xffff : seen <= 16 ? 0 : (__mmask16)((1u << (seen - 16)) - 1);
                     const __m512 s0 = _mm512_mask_mul_ps(ninf, k0[r], _mm512_load_ps(sc + r * 32), sv);
@@ -181,8 +187,7 @@ int prefill_attention_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *
     return 0;
 }
 #else
-int prefill_attention_bf16(const void *q, int64_t q_stride, const void *k, const void *v, int64_t stride,
-                           const int64_t *starts,
-                           const int64_t *seqs, int64_t nseqs, void *out, int64_t heads, int64_t kv_heads, int64_t dim,
-                           float scale, int num_threads) { return -1; }
+int prefill_attention_bf16(const void *q, int64_t q_stride, const int64_t *kv, const int64_t *starts,
+                           const int64_t *seqs, int64_t nseqs, void *out, int64_t heads, int64_t kv_heads,
+                           int64_t dim, float scale, int num_threads) { return -1; }
 #endif

@@ -43,9 +43,9 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 
     Single-token queries (decodes) run through our C kernel on CPU (kernels/cpu_attention.c: it reads the
     blocks in place; docs/benchmarks.md has its speed-up over a gather and SDPA), else as one batched SDPA over
-    their gathered blocks. Whole prompts in bf16 run through our AMX flash attention on CPUs that have it
-    (kernels/cpu_prefill.c); other query chunks (possibly after a cached prefix) through SDPA, one sequence at a
-    time, causal within the chunk.
+    their gathered blocks. Prompt chunks (whole prompts, or chunks after a cached prefix gathered from the
+    cache) in bf16 run through our AMX flash attention on CPUs that have it (kernels/cpu_prefill.c), else
+    through SDPA one sequence at a time, causal within the chunk.
     """
     store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     out = q.new_empty(q.shape)  # contiguous, whatever q's strides (a view of the QKV output)
@@ -66,25 +66,28 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask[:, None, None, :], scale=scale)
         out[meta.decode_tokens] = o.flatten(1, 2)
     starts = meta.query_start_cpu
-    whole = [i for i, ctx in enumerate(meta.context_lens_cpu) if ctx == starts[i + 1] - starts[i] > 1]
-    done = set(whole) if cpu_kernel.prefill_attention(q, k, v, out, meta.query_start, whole, scale) else ()
-    for i, ctx in enumerate(meta.context_lens_cpu):
-        s, e = starts[i], starts[i + 1]
+    chunks = [i for i in range(len(starts) - 1) if starts[i + 1] - starts[i] > 1]  # prefill chunks
+    kv = [chunk_keys(i, k, v, k_cache, v_cache, meta) for i in chunks]
+    done = bool(chunks) and cpu_kernel.prefill_attention(q, out, meta.query_start, chunks, *zip(*kv), scale)
+    for i, (keys, values) in zip(chunks, [] if done else kv):
+        s, e, ctx = starts[i], starts[i + 1], meta.context_lens_cpu[i]
         qlen = e - s
-        if qlen == 1 or i in done:
-            continue
-        if ctx == qlen:  # no cached prefix: this chunk's own K/V are the whole context
-            keys, values, mask, causal = k[s:e], v[s:e], None, True
-        else:
-            blocks = meta.block_tables[i, :-(-ctx // block_size)]
-            keys = k_cache.index_select(0, blocks).flatten(0, 1)[:ctx]
-            values = v_cache.index_select(0, blocks).flatten(0, 1)[:ctx]
-            # query j sits at position ctx - qlen + j and sees keys 0..that position
-            mask = torch.ones(qlen, ctx, dtype=torch.bool, device=q.device).tril(ctx - qlen)
-            causal = False
+        # query j sits at position ctx - qlen + j and sees keys 0..that position
+        mask = None if ctx == qlen else torch.ones(qlen, ctx, dtype=torch.bool, device=q.device).tril(ctx - qlen)
         # 4-D inputs: with 3-D ones torch on CPU takes its math path instead of flash attention, 2-3.5x slower
         o = F.scaled_dot_product_attention(q[None, s:e].transpose(1, 2), keys[None].transpose(1, 2),
-                                           values[None].transpose(1, 2), attn_mask=mask, is_causal=causal,
+                                           values[None].transpose(1, 2), attn_mask=mask, is_causal=mask is None,
                                            scale=scale, enable_gqa=True)
         out[s:e] = o[0].transpose(0, 1)
     return out
+
+
+def chunk_keys(i: int, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill chunk i's keys and values [context, Hkv, D]: its own rows of this step's k, v where it has no cached
+    prefix, else its whole context gathered from the paged cache (this step's rows are already stored there)."""
+    s, e, ctx = meta.query_start_cpu[i], meta.query_start_cpu[i + 1], meta.context_lens_cpu[i]
+    if ctx == e - s:
+        return k[s:e], v[s:e]
+    blocks = meta.block_tables[i, :-(-ctx // k_cache.shape[1])]
+    return k_cache.index_select(0, blocks).flatten(0, 1)[:ctx], v_cache.index_select(0, blocks).flatten(0, 1)[:ctx]
