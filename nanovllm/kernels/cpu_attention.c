@@ -104,6 +104,7 @@ vf exp16_ps(vf x) { return exp16(x); }  /* for cpu_prefill.c */
 /* Work arrays of one sequence's chunk, per thread: the chunk's token rows, its scores/probabilities per query
  * head and (bf16 with AVX512-BF16) their probabilities in bf16 pairs. */
 #define CHUNK 128
+#define HEADROOM 8.f  /* see attend() */
 #define MAX_UNIT_HEADS 64
 #define MAX_Q_TILES 16
 typedef struct {
@@ -353,8 +354,11 @@ INLINE void attend(const char *restrict q, char *restrict out, float scale, cons
                 memcpy(&x, &w->s[i][c], sizeof x);
                 mx = max16(x, mx);
             }
+            /* m[i]: the head's reference, HEADROOM above its largest score when it last moved (as in
+             * cpu_prefill.c): it moves only when a score passes it, so the outputs are seldom rescaled */
             float mnew = m[i], total = 0.f;
             for (int k = 0; k < 16; k++) mnew = mx[k] > mnew ? mx[k] : mnew;
+            if (mnew > m[i]) mnew += HEADROOM;
             for (int64_t c = 0; c < n; c += 16) {
                 vf x;
                 memcpy(&x, &w->s[i][c], sizeof x);
@@ -366,7 +370,8 @@ INLINE void attend(const char *restrict q, char *restrict out, float scale, cons
             const float c = m[i] == -INFINITY ? 0.f : exp16((vf){0} + (m[i] - mnew))[0];
             l[i] = l[i] * c + total;
             m[i] = mnew;
-            for (int k = 0; k < nv; k++) o[i * nv + k] *= c;
+            if (c != 1.f)
+                for (int k = 0; k < nv; k++) o[i * nv + k] *= c;
             if (PAIRED_PV(bf16, nv)) round_pairs(w, i, n);
         }
         for (int64_t h = h0; h < h1; h++) {
