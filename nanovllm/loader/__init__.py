@@ -105,7 +105,9 @@ def load_model(path: str, dtype: torch.dtype, device: str, max_positions: int, h
     is_gguf = path.endswith(".gguf")
     with torch.device("meta"):
         model = MODELS[cfg.architectures[0]](cfg, max_positions)
-    model = model.to_empty(device=device).to(dtype)  # no random init: every weight comes from the checkpoint
+    # cast on the meta device (free; casting allocated memory took 0.6 s), then allocate: no random init, every
+    # weight comes from the checkpoint
+    model = model.to(dtype).to_empty(device=device)
     if model.tie_word_embeddings:  # to_empty gave the two their own storage
         model.lm_head.weight = model.model.embed_tokens.weight
     packs = device == "cpu" and onednn_packs(dtype)  # CPUs with native bf16 but no AMX: weights packed for oneDNN
