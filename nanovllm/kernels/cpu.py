@@ -61,9 +61,7 @@ def library() -> ctypes.CDLL | None:
     lib.sample_rows.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_int] + [ctypes.c_void_p] * 3
                                 + [ctypes.c_int])
     lib.rope_bf16.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
-    lib.linear_bf16.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 2
-                                + [ctypes.c_void_p] * 2 + [ctypes.c_int])
-    lib.linear_gguf.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 2
+    lib.linear_bf16.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 2
                                 + [ctypes.c_void_p] * 2 + [ctypes.c_int])
     lib.decode_layers_bf16.argtypes = ([ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64]
                                        + [ctypes.c_void_p] * 6 + [ctypes.c_int64] + [ctypes.c_void_p] * 8
@@ -173,22 +171,18 @@ def amx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             and has_amx()):
         return None
     y = x.new_empty(x.shape[0], n)
-    b = None if bias is None else bias.data_ptr()
-    if blocks is None:
-        library().linear_bf16(x.data_ptr(), x.shape[0], weight.data_ptr(), n, k, b, y.data_ptr(),
-                              torch.get_num_threads())
-    else:
-        library().linear_gguf(x.data_ptr(), x.shape[0], blocks[1].data_ptr(), blocks[0], n, k, b, y.data_ptr(),
-                              torch.get_num_threads())
+    kind, w = blocks or (BF16, weight)
+    library().linear_bf16(x.data_ptr(), x.shape[0], w.data_ptr(), kind, n, k, None if bias is None else bias.data_ptr(),
+                          y.data_ptr(), torch.get_num_threads())
     return y
 
 
-Q4_1, Q8_0 = 1, 2  # the GGUF block types linear_gguf reads (cpu_linear.c)
+BF16, Q4_1, Q8_0 = 0, 1, 2  # what linear_bf16 reads (cpu_linear.c): the plain weight, or its GGUF blocks
 BLOCK_BYTES = {Q4_1: 20, Q8_0: 34}  # per 32 weights: Q4_1 fp16 d, fp16 m, 32 x 4 bits of q; Q8_0 fp16 d, 32 x int8
 
 
 def pack_blocks(blocks: torch.Tensor, kind: int) -> torch.Tensor:
-    """GGUF rows (uint8 [N, K / 32 * BLOCK_BYTES[kind]]) -> the layout linear_gguf streams: per 16 rows, per 32
+    """GGUF rows (uint8 [N, K / 32 * BLOCK_BYTES[kind]]) -> the layout linear_bf16 streams: per 16 rows, per 32
     inputs, the 16 rows' q, then their d, then (Q4_1) their m; in 2 MB pages like the other weights."""
     n = blocks.shape[0]
     b = blocks.view(n // 16, 16, -1, BLOCK_BYTES[kind]).transpose(1, 2)  # [N / 16, K / 32, 16 rows, block]
@@ -218,8 +212,8 @@ def decodes_in_c(model, x: torch.Tensor, meta) -> bool:
 
 
 def layer_pointers(model) -> torch.Tensor:
-    """Per layer, in cpu_decode.c's order: norms, projections (and the QKV bias, 0 if none), K and V caches, the
-    projections' GGUF blocks (0 where none) and their block types.
+    """Per layer, in cpu_decode.c's order: norms, projections (their GGUF blocks where they have them, and the QKV
+    bias, 0 if none), K and V caches, the projections' types (BF16, Q4_1, Q8_0).
     Built once (~0.4 ms) and kept on the model while its first layer's weight and cache stay where they are."""
     a = model.layers[0].self_attn
     key = (a.qkv_proj.weight.data_ptr(), a.k_cache.data_ptr())
@@ -229,11 +223,10 @@ def layer_pointers(model) -> torch.Tensor:
         for layer in model.layers:
             a, mlp = layer.self_attn, layer.mlp
             linears = (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj)
-            pointers += [ptr(t) for t in (layer.input_layernorm.weight, a.qkv_proj.weight, a.qkv_proj.bias,
-                                          a.o_proj.weight, layer.post_attention_layernorm.weight,
-                                          mlp.gate_up_proj.weight, mlp.down_proj.weight, a.k_cache, a.v_cache)]
-            pointers += [ptr(m.blocks[1]) if m.blocks else 0 for m in linears]
-            pointers += [m.blocks[0] if m.blocks else 0 for m in linears]
+            weights = [ptr(m.blocks[1] if m.blocks else m.weight) for m in linears]
+            pointers += [ptr(layer.input_layernorm.weight), weights[0], ptr(a.qkv_proj.bias), weights[1],
+                         ptr(layer.post_attention_layernorm.weight), *weights[2:], ptr(a.k_cache), ptr(a.v_cache)]
+            pointers += [m.blocks[0] if m.blocks else BF16 for m in linears]
         model.c_pointers = key, torch.tensor(pointers, dtype=torch.int64)
     return model.c_pointers[1]
 

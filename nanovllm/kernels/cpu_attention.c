@@ -156,8 +156,7 @@ INLINE void pv_pairs(vf *restrict o, Scratch *w, int64_t i0, int64_t off, int64_
     for (int64_t i = 0; i < group * nv; i++) acc[i] = o[i];
     for (int64_t t = 0; t < n; t += 2) {
         if (t + 32 < n) __builtin_prefetch(w->tok[t + 32] + off), __builtin_prefetch(w->tok[t + 33] + off);
-        /* the next chunk's keys, a few lines per token pair: reads in flight while this one computes */
-        prefetch_next(w, 4);  /* the next chunk, 8 lines per token pair */
+        prefetch_next(w, 4);  /* the next chunk's rows, 8 lines per token pair: in flight while this one computes */
         for (int c = 0; c < nv / 2; c++) {
             const __m512i a = _mm512_loadu_si512(w->tok[t] + off + c * 64);
             const __m512i b = t + 1 < n ? _mm512_loadu_si512(w->tok[t + 1] + off + c * 64) : _mm512_setzero_si512();
@@ -251,7 +250,8 @@ INLINE void pv_amx(vf *o, Scratch *w, int64_t i0, int64_t off, int64_t n, const 
             for (int p = 0; p < 16; p++) {
                 const int64_t t = t0 + 2 * p;
                 prefetch_next(w, 4);  /* as in pv_pairs */
-                const char *a = t < n ? w->tok[t] + off + d * 32 : NULL, *b = t + 1 < n ? w->tok[t + 1] + off + d * 32 : NULL;
+                const char *a = t < n ? w->tok[t] + off + d * 32 : NULL;
+                const char *b = t + 1 < n ? w->tok[t + 1] + off + d * 32 : NULL;
                 const __m512i a0 = a ? _mm512_loadu_si512(a) : zero, a1 = a ? _mm512_loadu_si512(a + 64) : zero;
                 const __m512i b0 = b ? _mm512_loadu_si512(b) : zero, b1 = b ? _mm512_loadu_si512(b + 64) : zero;
                 _mm512_store_si512(st[0] + p * 16, _mm512_unpacklo_epi16(a0, b0));
@@ -475,9 +475,6 @@ INLINE float from_bf16(uint16_t h) {
 
 INLINE float bf16_round(float x) { return from_bf16(to_bf16(x)); }
 
-/* HF's RMSNorm of bf16 rows: x / rms(x) in fp32, rounded to bf16, then times the weight (rounded). With `add`
- * (the residual stream's update), x first becomes x + add in place, rounded as torch's bf16 add rounds it:
- * the residual add and the next norm in one pass. */
 #if NATIVE_BF16
 INLINE __m512 bf16x16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
@@ -488,6 +485,9 @@ INLINE __m512 round_bf16x16(__m512 x) {  /* to the nearest bf16, kept in fp32 */
 }
 #endif
 
+/* HF's RMSNorm of bf16 rows: x / rms(x) in fp32, rounded to bf16, then times the weight (rounded). With `add`
+ * (the residual stream's update), x first becomes x + add in place, rounded as torch's bf16 add rounds it:
+ * the residual add and the next norm in one pass. */
 void rms_norm_bf16(uint16_t *x, const uint16_t *add, const uint16_t *weight, uint16_t *out, int64_t rows,
                    int64_t dim, float eps, int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads)
@@ -525,8 +525,7 @@ void rms_norm_bf16(uint16_t *x, const uint16_t *add, const uint16_t *weight, uin
 /* silu(gate) * up for bf16 [rows, 2 * dim] (gate first), as torch rounds it: silu to bf16, then the product.
  * With AVX-512, 16 at a time: sigmoid(g) = 1 / (1 + e) for g >= 0 and e / (1 + e) below, e = exp(-|g|) <= 1
  * (exp16), the reciprocal approximated and refined by a Newton step (libm's vector expf and a division: 2.2 G
- * elements/s; this: see docs/benchmarks.md). */
-
+ * elements/s; this 3.9, docs/benchmarks.md). */
 void silu_and_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_t dim, int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (int64_t r = 0; r < rows; r++) {
@@ -567,8 +566,9 @@ void rope_bf16(uint16_t *x, int64_t stride, int64_t tokens, int64_t heads, int64
 #if NATIVE_BF16  /* 16 at a time, one instruction per bf16 rounding */
             for (; i + 16 <= half; i += 16) {
                 const __m512 a = bf16x16(x1 + i), b = bf16x16(x2 + i), ci = bf16x16(c + i), si = bf16x16(s + i);
-                const __m512 r1 = _mm512_sub_ps(round_bf16x16(_mm512_mul_ps(a, ci)), round_bf16x16(_mm512_mul_ps(b, si)));
-                const __m512 r2 = _mm512_add_ps(round_bf16x16(_mm512_mul_ps(b, ci)), round_bf16x16(_mm512_mul_ps(a, si)));
+#define RP(x, y) round_bf16x16(_mm512_mul_ps(x, y))
+                const __m512 r1 = _mm512_sub_ps(RP(a, ci), RP(b, si)), r2 = _mm512_add_ps(RP(b, ci), RP(a, si));
+#undef RP
                 _mm256_storeu_si256((__m256i *)(x1 + i), (__m256i)_mm512_cvtneps_pbh(r1));
                 _mm256_storeu_si256((__m256i *)(x2 + i), (__m256i)_mm512_cvtneps_pbh(r2));
             }

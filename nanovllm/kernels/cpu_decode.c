@@ -6,7 +6,7 @@
  * and order). Built with the other kernel files by kernels/cpu.py. */
 #include <stdint.h>
 
-int linear_bf16(const uint16_t *x, int64_t M, const uint16_t *w, int64_t N, int64_t K, const uint16_t *bias,
+int linear_bf16(const uint16_t *x, int64_t M, const void *w, int type, int64_t N, int64_t K, const uint16_t *bias,
                 uint16_t *y, int num_threads);
 void rms_norm_bf16(uint16_t *x, const uint16_t *add, const uint16_t *weight, uint16_t *out, int64_t rows,
                    int64_t dim, float eps, int num_threads);
@@ -20,23 +20,13 @@ int decode_attention(const void *q, int64_t q_stride, const void *k_cache, const
                      const int64_t *tokens, void *out, int64_t batch, int64_t heads, int64_t kv_heads,
                      int64_t head_dim, int64_t block_size, float scale, int bf16, int num_threads);
 
-enum { IN_NORM, QKV, QKV_BIAS, O_PROJ, POST_NORM, GATE_UP, DOWN, K_CACHE, V_CACHE, QKV_BLOCKS, O_BLOCKS,
-       GATE_UP_BLOCKS, DOWN_BLOCKS, QKV_TYPE, O_TYPE, GATE_UP_TYPE, DOWN_TYPE, POINTERS };
-
-int linear_gguf(const uint16_t *x, int64_t M, const uint8_t *w, int type, int64_t N, int64_t K, const uint16_t *bias,
-                uint16_t *y, int num_threads);
-
-/* a projection from its GGUF blocks where it has them (p[blocks], of type p[blocks + 4]), else from its bf16
- * weight (cpu_linear.c) */
-static int linear(const uint16_t *x, int64_t M, const int64_t *p, int bf16, int blocks, int64_t N, int64_t K,
-                  const uint16_t *bias, uint16_t *y, int num_threads) {
-    return p[blocks] ? linear_gguf(x, M, (const uint8_t *)p[blocks], (int)p[blocks + 4], N, K, bias, y, num_threads)
-                     : linear_bf16(x, M, (const uint16_t *)p[bf16], N, K, bias, y, num_threads);
-}
+/* QKV .. DOWN: the projection's bf16 weight, or its GGUF blocks; QKV_TYPE .. DOWN_TYPE: which (cpu_linear.c) */
+enum { IN_NORM, QKV, QKV_BIAS, O_PROJ, POST_NORM, GATE_UP, DOWN, K_CACHE, V_CACHE, QKV_TYPE, O_PROJ_TYPE,
+       GATE_UP_TYPE, DOWN_TYPE, POINTERS };
 
 /* M single-token rows (every row a decode) through `layers` layers, bf16 throughout.
- * layer[l * POINTERS + ...]: that layer's weights and caches (QKV_BIAS and the GGUF blocks may be 0). dims:
- * hidden, heads, kv_heads, head_dim, intermediate, block_size. residual [M, hidden]: the embeddings in, the residual stream
+ * layer[l * POINTERS + ...]: that layer's weights and caches (QKV_BIAS may be 0). dims: hidden, heads,
+ * kv_heads, head_dim, intermediate, block_size. residual [M, hidden]: the embeddings in, the residual stream
  * out; mlp_out [M, hidden]: the last layer's MLP output (models/llama.py adds it in the final norm).
  * rows, tokens: each row's sequence and flat position, as decode_attention takes them.
  * Scratch: h [M, hidden], qkv [M, (heads + 2 kv_heads) head_dim], attn [M, heads head_dim],
@@ -52,20 +42,22 @@ int decode_layers_bf16(int64_t layers, const int64_t *layer, const int64_t *dims
     for (int64_t l = 0; l < layers; l++) {
         const int64_t *p = layer + l * POINTERS;
 #define W(i) ((const uint16_t *)p[i])
+#define LINEAR(x, w, ...) linear_bf16(x, M, (const void *)p[w], (int)p[w##_TYPE], __VA_ARGS__, num_threads)
         rms_norm_bf16(residual, l ? mlp_out : 0, W(IN_NORM), h, M, hidden, eps, num_threads);
-        if ((rc = linear(h, M, p, QKV, QKV_BLOCKS, qkv_size, hidden, W(QKV_BIAS), qkv, num_threads))) return rc;
+        if ((rc = LINEAR(h, QKV, qkv_size, hidden, W(QKV_BIAS), qkv))) return rc;
         rope_bf16(qkv, qkv_size, M, heads + kv_heads, head_dim, cos, sin, num_threads);
         store_kv((const char *)(qkv + q_size), (const char *)(qkv + q_size + kv_size), qkv_size * 2, qkv_size * 2,
                  (char *)p[K_CACHE], (char *)p[V_CACHE], slots, M, kv_size * 2, num_threads);
         if ((rc = decode_attention(qkv, qkv_size, (const void *)p[K_CACHE], (const void *)p[V_CACHE], tables,
                                    table_stride, lens, rows, tokens, attn, M, heads, kv_heads, head_dim, dims[5],
                                    scale, 1, num_threads))) return rc;
-        if ((rc = linear(attn, M, p, O_PROJ, O_BLOCKS, hidden, q_size, 0, mlp_out, num_threads))) return rc;
+        if ((rc = LINEAR(attn, O_PROJ, hidden, q_size, 0, mlp_out))) return rc;
         rms_norm_bf16(residual, mlp_out, W(POST_NORM), h, M, hidden, eps, num_threads);
-        if ((rc = linear(h, M, p, GATE_UP, GATE_UP_BLOCKS, 2 * inter, hidden, 0, gate_up, num_threads))) return rc;
+        if ((rc = LINEAR(h, GATE_UP, 2 * inter, hidden, 0, gate_up))) return rc;
         silu_and_mul_bf16(gate_up, act, M, inter, num_threads);
-        if ((rc = linear(act, M, p, DOWN, DOWN_BLOCKS, hidden, inter, 0, mlp_out, num_threads))) return rc;
+        if ((rc = LINEAR(act, DOWN, hidden, inter, 0, mlp_out))) return rc;
 #undef W
+#undef LINEAR
     }
     return 0;
 }

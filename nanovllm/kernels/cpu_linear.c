@@ -5,9 +5,9 @@
  * row-major layout, as AMX's A operand: a tile is 16 weight rows x 32 inputs, loaded with the row stride. The
  * activations are the B operand, repacked per call into AMX's pair layout (x is small: rows x K). Each tile
  * product gives a [16 outputs x 16 rows] block of y^T, transposed in registers on the way out.
- * Tiles: C 0-2 (up to 48 rows of x per pass over a weight block), B 3-5, A 6 (alternating A between tiles 6
- * and 7 was slower: 30 layers at 44 rows 18.1-18.3 ms with one tile and the prefetch order below, 20.0-22.0
- * before). Built with cpu_attention.c by kernels/cpu.py. */
+ * Tiles: C 0-3 (up to 64 rows of x per pass over a weight block), B 4-5 and A 6-7, each pair alternating.
+ * A GGUF model's Q4_1 / Q8_0 weights are read in their blocks instead, dequantized a tile at a time (below).
+ * Built with cpu_attention.c by kernels/cpu.py. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -119,8 +119,9 @@ static inline void dequant_q8_0(const uint8_t *blk, uint16_t *tile) {
     _mm512_store_ps(s, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 512))));
     for (int r = 0; r < 16; r++) {
         const __m512 d = _mm512_set1_ps(s[r]);
-        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + r * 32))));
-        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + r * 32 + 16))));
+        const __m128i *q = (const __m128i *)(blk + r * 32);
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q)));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1)));
         _mm512_store_si512(tile + r * 32, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, d), _mm512_mul_ps(lo, d)));
     }
 }
@@ -207,22 +208,16 @@ static inline int linear_amx(const uint16_t *x, int64_t M, const void *w, int64_
     return failed ? 2 : 0;
 }
 
-int linear_bf16(const uint16_t *x, int64_t M, const uint16_t *w, int64_t N, int64_t K, const uint16_t *bias,
+/* type: BF16 (w the plain weight), Q4_1 or Q8_0 (w its blocks in the tile layout above); each a specialized copy */
+int linear_bf16(const uint16_t *x, int64_t M, const void *w, int type, int64_t N, int64_t K, const uint16_t *bias,
                 uint16_t *y, int num_threads) {
-    return linear_amx(x, M, w, N, K, bias, y, num_threads, BF16);
-}
-
-/* type: 1 Q4_1, 2 Q8_0 (the tile layout above) */
-int linear_gguf(const uint16_t *x, int64_t M, const uint8_t *w, int type, int64_t N, int64_t K, const uint16_t *bias,
-                uint16_t *y, int num_threads) {
+    if (type == BF16) return linear_amx(x, M, w, N, K, bias, y, num_threads, BF16);
     if (type == Q4_1) return linear_amx(x, M, w, N, K, bias, y, num_threads, Q4_1);
     if (type == Q8_0) return linear_amx(x, M, w, N, K, bias, y, num_threads, Q8_0);
     return 3;
 }
 #else
 int linear_amx_init(void) { return -1; }
-int linear_bf16(const uint16_t *x, int64_t M, const uint16_t *w, int64_t N, int64_t K, const uint16_t *bias,
-                uint16_t *y, int num_threads) { return -1; }
-int linear_gguf(const uint16_t *x, int64_t M, const uint8_t *w, int type, int64_t N, int64_t K, const uint16_t *bias,
+int linear_bf16(const uint16_t *x, int64_t M, const void *w, int type, int64_t N, int64_t K, const uint16_t *bias,
                 uint16_t *y, int num_threads) { return -1; }
 #endif

@@ -123,8 +123,8 @@ int prefill_attention_bf16(const uint16_t *q, int64_t q_stride, const int64_t *k
                 __mmask16 k0[16], k1[16];
                 const __m512 ninf = _mm512_set1_ps(-FLT_MAX), sv = _mm512_set1_ps(scale);
                 for (int r = 0; r < 16; r++) {
-                    /* causal: key j is seen by query i0 + r when j <= i0 + r (rows past the block's end too:
-                     * they are never written out) */
+                    /* causal: key j is seen by the query at position cached + i0 + r when j <= that position
+                     * (rows past the block's end too: they are never written out) */
                     const int64_t seen = cached + i0 + r - kb * 32 + 1;  /* keys of this block seen by this row */
                     k0[r] = seen >= 16 ? 0xffff : seen <= 0 ? 0 : (__mmask16)((1u << seen) - 1);
                     k1[r] = seen >= 32 ? 0xffff : seen <= 16 ? 0 : (__mmask16)((1u << (seen - 16)) - 1);
@@ -144,8 +144,9 @@ int prefill_attention_bf16(const uint16_t *q, int64_t q_stride, const int64_t *k
                 _mm512_storeu_ps(m, m_new);
                 for (int r = 0; r < 16; r++) {  /* rows that have seen nothing yet get no weights (all masked) */
                     const __m512 mv = _mm512_set1_ps(m[r]);
-                    const __m512 e0 = _mm512_maskz_mov_ps(k0[r], exp16_ps(_mm512_sub_ps(_mm512_load_ps(sc + r * 32), mv)));
-                    const __m512 e1 = _mm512_maskz_mov_ps(k1[r], exp16_ps(_mm512_sub_ps(_mm512_load_ps(sc + r * 32 + 16), mv)));
+                    const __m512 s0 = _mm512_load_ps(sc + r * 32), s1 = _mm512_load_ps(sc + r * 32 + 16);
+                    const __m512 e0 = _mm512_maskz_mov_ps(k0[r], exp16_ps(_mm512_sub_ps(s0, mv)));
+                    const __m512 e1 = _mm512_maskz_mov_ps(k1[r], exp16_ps(_mm512_sub_ps(s1, mv)));
                     const __m256bh b0 = _mm512_cvtneps_pbh(e0), b1 = _mm512_cvtneps_pbh(e1);
                     /* the sum uses the rounded probabilities, the ones P V multiplies */
                     sums[r] = _mm512_add_ps(

@@ -6,6 +6,8 @@ import gguf
 import numpy as np
 import torch
 
+from nanovllm.kernels import cpu as cpu_kernel
+
 # GGUF tensor name (after "blk.N.") -> HF name (after "model.layers.N.")
 LAYER_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -74,7 +76,7 @@ def gguf_weights(path: str, index: list[dict], hf_config, threads: int = 1) -> I
         yield from pool.map(load, index)
 
 
-KEPT_TYPES = {gguf.GGMLQuantizationType.Q4_1: 1, gguf.GGMLQuantizationType.Q8_0: 2}  # -> kernels/cpu.py's codes
+KEPT_TYPES = {gguf.GGMLQuantizationType.Q4_1: cpu_kernel.Q4_1, gguf.GGMLQuantizationType.Q8_0: cpu_kernel.Q8_0}
 
 
 def gguf_blocks(path: str, index: list[dict], hf_config) -> Iterator[tuple[str, int, torch.Tensor]]:
