@@ -1,6 +1,14 @@
+import os
 from dataclasses import dataclass
 
 import torch
+
+
+def cache_dir(kind: str) -> str:
+    """Where nanovllm keeps what it builds once per machine: `kernels` (compiled C), `gguf` (converted configs and
+    tokenizers). ~/.cache/nanovllm/<kind>, or $NANOVLLM_CACHE/<kind>."""
+    root = os.environ.get("NANOVLLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nanovllm")
+    return os.path.join(root, kind)
 
 
 @dataclass

@@ -17,14 +17,11 @@ import warnings
 import torch
 import xxhash
 
+from nanovllm.config import cache_dir
+
 SOURCES = [os.path.join(os.path.dirname(__file__), name) for name in ("cpu_attention.c", "cpu_linear.c",
                                                                           "cpu_decode.c", "cpu_prefill.c")]
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
-
-
-def cache_dir() -> str:
-    root = os.environ.get("NANOVLLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nanovllm")
-    return os.path.join(root, "kernels")
 
 
 @functools.cache
@@ -34,11 +31,11 @@ def library() -> ctypes.CDLL | None:
     cpu = platform.processor() + open("/proc/cpuinfo").read().split("flags", 1)[-1].split("\n", 1)[0] \
         if os.path.exists("/proc/cpuinfo") else platform.processor()
     key = xxhash.xxh64_hexdigest(source + " ".join(FLAGS).encode() + cpu.encode())
-    path = os.path.join(cache_dir(), f"cpu_attention-{key}.so")
+    path = os.path.join(cache_dir("kernels"), f"cpu_attention-{key}.so")
     if not os.path.exists(path):
         try:
-            os.makedirs(cache_dir(), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
+            os.makedirs(cache_dir("kernels"), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir("kernels"))
             os.close(fd)
             subprocess.run(["gcc", *FLAGS, *SOURCES, "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
             os.replace(tmp, path)  # atomic: processes building at once each install a whole file

@@ -11,6 +11,7 @@ import transformers
 import xxhash
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerFast
 
+from nanovllm.config import cache_dir
 from nanovllm.kernels import cpu as cpu_kernel
 from nanovllm.layers.basics import Linear, onednn_packs, pack_for_cpu
 from nanovllm.layers.parallel import tp_size
@@ -48,8 +49,7 @@ def gguf_converted(path: str) -> str:
     st = os.stat(path)
     key = xxhash.xxh64_hexdigest(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}|"
                                  "tensors".encode())
-    root = os.environ.get("NANOVLLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nanovllm")
-    folder = os.path.join(root, "gguf", key)
+    folder = os.path.join(cache_dir("gguf"), key)
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder
     index = tensor_index(open_gguf(path))  # also a clear error for a corrupt file before transformers parses it
