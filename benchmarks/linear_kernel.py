@@ -1,9 +1,9 @@
 """SmolLM2's 30 layers of linears (QKV, O, gate/up, down) at decode sizes, bf16, in one process, alternating:
 
     oneDNN      torch.ops.mkldnn._linear_pointwise on the weight packed by _reorder_linear_weight (our CPU path
-                before kernels/cpu_linear.c; still the path without AMX)
+                before kernels/cpu/linear.c; still the path without AMX)
     amx-4k      our AMX kernel on weights in ordinary 4 KB pages
-    amx-huge    our AMX kernel on weights in 2 MB pages (kernels/cpu.py, huge_page_buffer: how the loader
+    amx-huge    our AMX kernel on weights in 2 MB pages (nanovllm/memory.py, huge_page_buffer: how the loader
                 places them)
     F.linear    torch's plain linear (what prefills use)
 
@@ -17,6 +17,7 @@ import time
 import torch
 
 from nanovllm.kernels import cpu
+from nanovllm.memory import huge_page_buffer
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (outputs, inputs): QKV, O, gate/up, down
 LAYERS = 30
@@ -31,7 +32,7 @@ def main() -> None:
         raise SystemExit("this CPU (or its compiler) has no AMX: the kernel does not run here")
     torch.manual_seed(0)
     total = sum(n * k for n, k in SHAPES) * 2 * LAYERS
-    huge, plain = cpu.huge_page_buffer(total), torch.empty(total, dtype=torch.uint8)
+    huge, plain = huge_page_buffer(total), torch.empty(total, dtype=torch.uint8)
     weights = {"amx-huge": [], "amx-4k": [], "oneDNN": [], "F.linear": []}
     offset = 0
     for _ in range(LAYERS):

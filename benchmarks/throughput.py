@@ -8,7 +8,7 @@
     python benchmarks/throughput.py --preset cpu --vllm-python PATH --repeat 3
                                                           # vLLM-CPU as a peer; medians of 3 runs each
 
-The method is in /work/shared/DESIGN.md, "How we measure". The output is meant to be pasted into docs/benchmarks.md.
+The method is in docs/design.md, "How we measure". The output is meant to be pasted into docs/benchmarks.md.
 """
 import argparse
 import gc

@@ -11,9 +11,11 @@ def cache_dir(kind: str) -> str:
     return os.path.join(root, kind)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineConfig:
-    """Engine knobs, validated once. Fields left None are derived from the model at load time."""
+    """Engine knobs, validated once and never changed. The engine resolves what is left open ("auto", None: the
+    model path, device, max_model_len, threads, ops backend) into a second, resolved EngineConfig
+    (`LLMEngine.config`; the user's stays as given)."""
     model: str | None = None              # HF folder or .gguf file; None = the embedded SmolLM2
     tokenizer: str | None = None          # defaults to the model's own
     dtype: str = "auto"                   # auto | float32 | bfloat16 | float16
@@ -31,6 +33,7 @@ class EngineConfig:
     seed: int = 0
     num_threads: int | None = None        # CPU threads for torch; default: torch's choice
     enforce_eager: bool = False           # on CUDA: no CUDA graphs for decode steps
+    ops: str = "auto"                     # auto | torch | cpu | cuda: who runs the accelerated ops (nanovllm/ops)
 
     def __post_init__(self) -> None:
         positive = ["max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"]
@@ -50,13 +53,18 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"EngineConfig.device must be auto, cpu or cuda, got {self.device!r}")
-        if self.device == "auto":
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.ops not in ("auto", "torch", "cpu", "cuda"):
+            raise ValueError(f"EngineConfig.ops must be auto, torch, cpu or cuda, got {self.ops!r}")
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype != "auto":
             return DTYPES[self.dtype]
-        if self.device == "cuda":
+        if self.resolved_device() == "cuda":
             return torch.bfloat16
         # bf16 on CPU only where the hardware has native bf16 dot products; emulated bf16 is slower than fp32.
         return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32

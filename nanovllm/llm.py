@@ -5,7 +5,8 @@ from collections.abc import Iterator, Sequence as Seq
 from tqdm.auto import tqdm
 
 from nanovllm.config import EngineConfig
-from nanovllm.engine.llm_engine import LLMEngine, Prompt, chat_token_ids
+from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.engine.request import Prompt, chat_token_ids
 from nanovllm.outputs import DeltaTracker, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 
@@ -17,6 +18,7 @@ class LLM:
         self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
+        self._streaming = False  # a stream() is open: it steps the engine itself
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel worker processes now (garbage collection and interpreter exit do it too)."""
@@ -37,6 +39,7 @@ class LLM:
 
         Every prompt is validated before any starts: one bad prompt raises a ValueError naming its index
         and nothing is generated (as vLLM does)."""
+        self._refuse_while_streaming()
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params or SamplingParams()
@@ -71,22 +74,31 @@ class LLM:
         only the new text and token ids (text that could still turn into a stop string is held back).
         Joined, the deltas equal what generate() returns. Leaving the loop early aborts the request. One stream
         at a time (the iterator drives the engine itself)."""
+        self._refuse_while_streaming()
         if self.engine.has_unfinished():  # each stream steps the engine: a second one would eat the first's outputs
             raise RuntimeError("LLM.stream runs one request at a time and another is still in flight; for "
                                "concurrent streams use the AsyncEngine (nanovllm.engine.async_engine) or the server")
         request = self.engine.make_request(str(next(self._ids)), prompt, sampling_params or SamplingParams())
         self.engine.add(request)
+        self._streaming = True
         delta = DeltaTracker()
         try:
-            while True:
+            while request.request_id in self.engine.requests:  # else it ended without telling this loop
                 for out in self.engine.step():
                     if out.request_id == request.request_id:
                         self._raise_if_failed(out)
                         yield delta(out)
                         if out.finished:
                             return
+            raise RuntimeError(f"request {request.request_id} was taken out of the engine before it finished")
         finally:
+            self._streaming = False
             self.engine.abort(request.request_id)
+
+    def _refuse_while_streaming(self) -> None:
+        if self._streaming:
+            raise RuntimeError("a stream() of this LLM is still open: finish or close it first (it drives the "
+                               "engine itself, and its outputs would be lost)")
 
     @staticmethod
     def _raise_if_failed(out: RequestOutput) -> None:

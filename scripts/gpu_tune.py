@@ -84,7 +84,7 @@ def step_phases(model_path, n_seqs):
             phases[name] = phases.get(name, 0) + time.perf_counter() - t
             return r
         return wrapper
-    import nanovllm.engine.model_runner as mr
+    import nanovllm.ops as mr  # the model runner samples through ops.sample
     runner.prepare = timed("prepare (pack + copy in)", runner.prepare)
     runner.forward = timed("forward (graph replay)", runner.forward)
     runner.sampling_batch = timed("sampling params to device", runner.sampling_batch)

@@ -1,10 +1,13 @@
-"""Our C decode-attention kernel (nanovllm/kernels/cpu_attention.c) against torch's SDPA over gathered blocks."""
+"""Our C kernels (nanovllm/kernels/cpu/) and the CPU ops around them (nanovllm/ops/cpu_ops.py) against the torch
+reference (SDPA over gathered blocks, torch's own ops)."""
 import warnings
 
 import pytest
 import torch
 
 from conftest import make_step
+import nanovllm.ops.cpu_ops as cpu_ops
+import nanovllm.ops.torch_ops as torch_ops
 from nanovllm.kernels import cpu as cpu_kernel
 from nanovllm.layers import attention
 
@@ -137,53 +140,59 @@ def test_store_kv_matches_index_copy(dtype):
 def test_fused_bf16_elementwise_match_torch():
     """RMSNorm and SiLU-and-mul in bf16: the C kernels round where torch's ops round, so they agree with torch's
     bf16 ops to the last bit, but for an odd 1-ulp difference from the order of a sum or libm's exp."""
-    from nanovllm.layers.basics import RMSNorm
     gen = torch.Generator().manual_seed(11)
     x = (torch.randn(37, 576, generator=gen) * 3).bfloat16()
-    norm = RMSNorm(576, 1e-5)
-    norm.weight.data = torch.randn(576, generator=gen).bfloat16()
-    assert cpu_kernel.fused_bf16(x, norm.weight)
+    weight = torch.randn(576, generator=gen).bfloat16()
+    assert cpu_kernel.fused_bf16(x, weight)
     xf = x.float()
-    expected = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).bfloat16()
-    got = cpu_kernel.rms_norm(x, norm.weight, 1e-5)
-    assert torch.equal(norm(x), got)
+    expected = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).bfloat16()
+    got = cpu_kernel.rms_norm(x, weight, 1e-5)
+    assert torch.equal(cpu_ops.rms_norm(x, weight, 1e-5), got)
     # with the residual stream: the add is done in the norm's pass, in place, rounded as torch's bf16 add
     delta = torch.randn(37, 576, generator=gen).bfloat16()
     residual = x.clone()
-    out, updated = norm(delta, residual)
+    out, updated = cpu_ops.add_rms_norm(delta, residual, weight, 1e-5)
     assert updated is residual and torch.equal(residual, x + delta)
-    assert torch.equal(out, cpu_kernel.rms_norm(x + delta, norm.weight, 1e-5))
+    assert torch.equal(out, cpu_kernel.rms_norm(x + delta, weight, 1e-5))
     expected_sum = x.float() + delta.float()
-    out32, updated32 = norm.float()(delta.float(), x.float())  # fp32: torch's ops, a new residual tensor
-    assert torch.equal(updated32, expected_sum) and torch.equal(out32, norm(expected_sum))
-    norm = norm.bfloat16()
+    out32, updated32 = cpu_ops.add_rms_norm(delta.float(), x.float(), weight.float(), 1e-5)  # fp32: torch's ops
+    assert torch.equal(updated32, expected_sum) and torch.equal(out32, torch_ops.rms_norm(expected_sum, weight.float(),
+                                                                                          1e-5))
     assert (got != expected).float().mean() < 0.01
     torch.testing.assert_close(got, expected, rtol=1e-2, atol=0)
     gate_up = (torch.randn(37, 2 * 96, generator=gen) * 4).bfloat16()
     gate, up = gate_up.chunk(2, dim=-1)
     expected = torch.nn.functional.silu(gate) * up
     got = cpu_kernel.silu_and_mul(gate_up)
+    assert torch.equal(cpu_ops.silu_and_mul(gate_up), got)
     assert (got != expected).float().mean() < 0.01
     torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)
     assert not cpu_kernel.fused_bf16(x.float())  # fp32 stays on torch's ops
 
 
 def test_rope_in_place_matches_rotary():
-    """bf16 query and key heads rotated in place inside the QKV output: bit for bit what Rotary.apply gives."""
+    """bf16 query and key heads rotated in place inside the QKV output: bit for bit what the reference gives."""
     from types import SimpleNamespace
-    from nanovllm.layers.basics import Rotary
+    from nanovllm.layers.rotary import Rotary
     gen = torch.Generator().manual_seed(13)
     rotary = Rotary(SimpleNamespace(rope_theta=10000.0, rope_scaling=None), 64, 512)
     positions = torch.randint(0, 512, (70,), generator=gen)
     tables = rotary.tables(positions, torch.bfloat16)
     qkv = (torch.randn(70, (9 + 2 * 3) * 64, generator=gen) * 2).bfloat16()
     q, k = (x.unflatten(-1, (-1, 64)) for x in qkv[:, :12 * 64].split([9 * 64, 3 * 64], -1))
-    expected = Rotary.apply(tables, q), Rotary.apply(tables, k)
+    expected = torch_ops.rotary(q, k, *tables)
     v = qkv[:, 12 * 64:].clone()
     assert cpu_kernel.rope_in_place(qkv[:, :12 * 64], tables, 64)
     assert torch.equal(q, expected[0]) and torch.equal(k, expected[1])
     assert torch.equal(qkv[:, 12 * 64:], v)  # values untouched
     assert not cpu_kernel.rope_in_place(qkv.float(), rotary.tables(positions, torch.float32), 64)  # fp32: torch
+    # the op: in place on views of the QKV output (one pass), and on separate q, k tensors (one pass each)
+    qkv2 = (torch.randn(70, (9 + 2 * 3) * 64, generator=gen) * 2).bfloat16()
+    q, k = (x.unflatten(-1, (-1, 64)) for x in qkv2[:, :12 * 64].split([9 * 64, 3 * 64], -1))
+    expected = torch_ops.rotary(q, k, *tables)
+    separate = q.clone(), k.clone()
+    assert all(torch.equal(a, b) for a, b in zip(cpu_ops.rotary(q, k, *tables), expected))
+    assert all(torch.equal(a, b) for a, b in zip(cpu_ops.rotary(*separate, *tables), expected))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -262,7 +271,8 @@ def test_gguf_linear_equals_its_bf16_weight(kind, rows):
     x = torch.randn(rows, 160, generator=gen).bfloat16()
     b = torch.randn(96, generator=gen).bfloat16()
     code = {"Q4_1": cpu_kernel.Q4_1, "Q8_0": cpu_kernel.Q8_0}[kind]
-    packed = cpu_kernel.pack_blocks(blocks, code)
+    from nanovllm.loader.gguf import pack_blocks
+    packed = pack_blocks(blocks, code)
     assert packed.numel() == blocks.numel()
     for bias in (None, b):
         assert torch.equal(cpu_kernel.amx_linear(x, w, bias, (code, packed)), cpu_kernel.amx_linear(x, w, bias))
@@ -279,27 +289,27 @@ def test_amx_linear_declines_what_it_cannot_do():
 def test_bf16_linear_paths_agree(monkeypatch):
     """Linear on CPU in bf16: the AMX kernel (decode rows), oneDNN's packed weight (CPUs without AMX) and
     F.linear (prefill rows) give the same outputs up to bf16 rounding."""
-    from nanovllm.layers.basics import Linear, pack_for_cpu
+    from nanovllm.layers.linear import Linear
     gen = torch.Generator().manual_seed(3)
     layer = Linear(128, 64, bias=True)
     layer.weight.data = (torch.randn(64, 128, generator=gen) / 10).bfloat16()
     layer.bias.data = torch.randn(64, generator=gen).bfloat16()
     x = torch.randn(44, 128, generator=gen).bfloat16()
     expected = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
-    got = layer(x)
+    got = cpu_ops.linear(x, layer)
     torch.testing.assert_close(got.double(), expected, rtol=2 ** -7, atol=1e-2)
     monkeypatch.setattr(cpu_kernel, "has_amx", lambda: False)
-    pack_for_cpu(torch.nn.Sequential(layer))
+    cpu_ops.prepare(torch.nn.Sequential(layer))
     if torch.ops.mkldnn._is_mkldnn_bf16_supported():
         assert layer.packed is not None
-    torch.testing.assert_close(layer(x).double(), expected, rtol=2 ** -7, atol=1e-2)
+    torch.testing.assert_close(cpu_ops.linear(x, layer).double(), expected, rtol=2 ** -7, atol=1e-2)
 
 
 @pytest.mark.skipif(not cpu_kernel.has_amx(), reason="this CPU (or its compiler) has no AMX")
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: the QKV bias
 def test_decode_layers_in_c_match_the_layer_by_layer_path(arch, tmp_path, monkeypatch):
-    """A decode-only bf16 step through kernels/cpu_decode.c (all layers in one call) gives exactly the hidden
-    states of the per-layer Python path, and the engine's tokens are the same either way."""
+    """A decode-only bf16 step through the fused C decode step (all layers in one call) gives exactly the logits
+    of the per-layer Python path, and the engine's tokens are the same either way."""
     from conftest import random_prompts, save_tiny_model
     from nanovllm import LLM, SamplingParams
     llm = LLM(save_tiny_model(arch, str(tmp_path)), dtype="bfloat16")
@@ -307,25 +317,23 @@ def test_decode_layers_in_c_match_the_layer_by_layer_path(arch, tmp_path, monkey
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     calls = []
     real = cpu_kernel.decode_layers
-    monkeypatch.setattr(cpu_kernel, "decode_layers", lambda *a: calls.append(real(*a)) or calls[-1])
+    monkeypatch.setattr(cpu_kernel, "decode_layers", lambda *a: calls.append(1) or real(*a))
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert any(c is not None for c in calls)  # the decode steps ran in C
+    assert calls  # the decode steps ran in C
     for i, p in enumerate(prompts):
         engine.add_request(f"r{i}", p, params)
     for _ in range(3):  # prefill, then decode steps
         engine.step()
     batch = engine.scheduler.schedule()
-    args = engine.runner.prepare(batch, list(range(len(batch.seqs))))
-    assert len(args[2].decode_rows) == len(batch.seqs) and cpu_kernel.decodes_in_c(
-        engine.runner.model.model, torch.zeros(len(batch.seqs), 64, dtype=torch.bfloat16), args[2])
-    model = engine.runner.model
-    with torch.inference_mode():
-        fused = model(*args[:3])  # storing this step's K/V twice writes the same values
-        monkeypatch.setattr(cpu_kernel, "decodes_in_c", lambda *a: False)
-        layered = model(*args[:3])
+    input_ids, positions, meta, last = engine.runner.prepare(batch, list(range(len(batch.seqs))))
+    fused_step = engine.runner.step_runner
+    assert len(meta.decode_rows) == len(batch.seqs) and fused_step.covers(input_ids, meta, last)
+    fused = fused_step.run(input_ids, positions, meta)  # storing this step's K/V twice writes the same values
+    layered = engine.runner.eager_forward(input_ids, positions, meta, last)
     assert torch.equal(fused, layered)
     for i in range(len(prompts)):
         engine.abort(f"r{i}")
+    engine.runner.step_runner = None
     expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert got == expected
 
@@ -378,7 +386,7 @@ def test_prefill_kernel_after_a_cached_prefix(cached, n):
 
 
 def test_prefill_kernel_serves_bf16_prompt_chunks(monkeypatch):
-    """The engine's prefill attention offers the kernel every prompt chunk, a whole prompt and a chunk after a
+    """The CPU attention op offers the kernel every prompt chunk, a whole prompt and a chunk after a
     cached prefix (its keys gathered from the cache); the decodes go elsewhere. It takes them in bf16 with AMX,
     close to SDPA's result, and declines fp32 (which stays bit for bit HF's)."""
     from conftest import make_step
@@ -398,9 +406,9 @@ def test_prefill_kernel_serves_bf16_prompt_chunks(monkeypatch):
         caches = torch.randn(2, 12, 16, 2, 32, generator=gen)
         args = [t.to(dtype) for t in (q, k, v, caches[0], caches[1])]
         monkeypatch.setattr(cpu_kernel, "prefill_attention", lambda *a: False)
-        expected = attention.torch_attention(*[a.clone() for a in args], meta, 32 ** -0.5)
+        expected = cpu_ops.attention(*[a.clone() for a in args], meta, 32 ** -0.5)
         monkeypatch.setattr(cpu_kernel, "prefill_attention", spy)
-        got = attention.torch_attention(*args, meta, 32 ** -0.5)
+        got = cpu_ops.attention(*args, meta, 32 ** -0.5)
         assert torch.equal(got[50:], expected[50:])  # the decode: untouched by the kernel
         torch.testing.assert_close(got[:50].float(), expected[:50].float(), rtol=0.02, atol=0.02)
     assert offered == [(torch.bfloat16, [0, 1]), (torch.float32, [0, 1])]
@@ -414,7 +422,7 @@ def test_without_amx_bf16_weights_are_packed_for_onednn(tmp_path, monkeypatch):
         pytest.skip("no native bf16 here: nothing is packed")
     from conftest import save_tiny_model
     from nanovllm import LLM, SamplingParams
-    from nanovllm.layers.basics import Linear
+    from nanovllm.layers.linear import Linear
     monkeypatch.setattr(cpu_kernel, "has_amx", lambda: False)
     llm = LLM(save_tiny_model("llama", str(tmp_path)), dtype="bfloat16")
     model = llm.engine.runner.model

@@ -9,7 +9,7 @@ from nanovllm import LLM, SamplingParams
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.kernels import cpu as cpu_kernel
-from nanovllm.layers.basics import Linear
+from nanovllm.layers.linear import Linear
 from nanovllm.loader import default_model_path
 
 

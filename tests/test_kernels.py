@@ -97,12 +97,12 @@ def test_engine_with_triton_backend_equals_torch_backend(llm):
     prompts = random_prompts(3, 5, 40, seed=9) + random_prompts(2, 3, 10, seed=9, prefix=list(range(2, 40)))
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    layers = llm.engine.runner.model.model.layers
+    import nanovllm.ops.cuda_ops as cuda_ops  # the CUDA ops: Triton attention, torch elsewhere
+    runner = llm.engine.runner
+    own = runner.ops
     try:
-        for layer in layers:
-            layer.self_attn.backend = triton_attention
+        runner.ops = cuda_ops
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     finally:
-        for layer in layers:
-            layer.self_attn.backend = torch_attention
+        runner.ops = own
     assert got == expected

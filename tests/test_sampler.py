@@ -1,7 +1,7 @@
 """The sampler on hand-made logits: exactly the right token sets survive each filter; seeds reproduce."""
 import torch
 
-from nanovllm.layers.sampler import SamplingBatch, apply_penalties, apply_top_k_top_p_min_p, sample
+from nanovllm.layers.sampler import SamplingBatch, apply_penalties, apply_top_k_top_p_min_p, inverse_cdf, sample
 
 NEG = float("-inf")
 
@@ -120,3 +120,26 @@ def test_top_k_keeps_the_same_set_whatever_shares_the_batch():
     alone = kept(logits, batch(1, top_k=2))
     mixed = kept(logits.repeat(2, 1), batch(2, top_k=[2, -1], top_p=[1.0, 0.5]))
     assert alone == [{0, 1, 2}] and mixed[0] == alone[0]
+
+
+def test_a_zero_weight_token_is_never_drawn_at_a_chunk_edge():
+    """Weights 0.001 at token 0 and 1 at token 257 (the rest masked to 0 by top-k), draws right at the edge
+    between the two chunks: only tokens 0 and 257 come out (the chunk offset once went negative there and gave
+    token 256). Then random masked rows with draws at every chunk boundary: never a zero-weight token."""
+    weights = torch.zeros(1, 512)
+    weights[0, 0], weights[0, 257] = 0.001, 1.0
+    edge = torch.tensor(0.001 / 1.001)
+    u = (edge + torch.linspace(-2e-6, 2e-6, 4001)).clamp(0, 1 - 1e-7)
+    got = inverse_cdf(weights.expand(len(u), -1).contiguous(), u)
+    assert set(got.tolist()) == {0, 257}
+    gen = torch.Generator().manual_seed(23)
+    rows, vocab = 64, 1000
+    w = torch.rand(rows, vocab, generator=gen) * (torch.rand(rows, vocab, generator=gen) < 0.05)
+    w[:, 255::256] = 0  # zero weights right at chunk ends and starts
+    w[:, 256::256] = 0
+    chunk_cdf = torch.nn.functional.pad(w, (0, -vocab % 256)).view(rows, -1, 256).sum(-1).cumsum(-1)
+    for k in range(chunk_cdf.shape[1]):  # every chunk boundary, and a hair either side of it
+        edge_u = chunk_cdf[:, k] / chunk_cdf[:, -1]
+        for eps in (-1e-7, 0.0, 1e-7):
+            picked = inverse_cdf(w, (edge_u + eps).clamp(0, 1 - 1e-7))
+            assert bool((w.gather(1, picked[:, None]) > 0).all())

@@ -53,14 +53,15 @@ def test_async_engine_batches_clients_and_isolates_a_failing_request(llm, monkey
     prompts = [f"client {i} says" for i in range(6)]
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     expected = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
-    real_check = llm.engine.check_stop
+    from nanovllm.engine.request import Request
+    real_append = Request.append
 
-    def check_stop(seq, detok, token):
-        if seq.request_id == "bad" and seq.num_output_tokens == 5:
+    def append(self, seq, token, *args):
+        if seq.request_id == "bad" and seq.num_output_tokens == 4:
             raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "cannot decode this token")
-        return real_check(seq, detok, token)
+        return real_append(self, seq, token, *args)
 
-    monkeypatch.setattr(llm.engine, "check_stop", check_stop)
+    monkeypatch.setattr(Request, "append", append)
     running = []
 
     async def bad():
@@ -150,3 +151,55 @@ def test_one_cli_lists_engine_knobs_everywhere():
         text = sub.format_help()
         for knob in ["--max-model-len", "--max-num-seqs", "--max-num-batched-tokens", "--block-size", "--dtype"]:
             assert knob in text, (command, knob)
+
+
+@pytest.mark.parametrize("first_is_longer", [True, False])
+def test_a_reused_request_id_is_refused_to_its_second_caller_only(model_path, first_is_longer):
+    """Two requests made with the same id before either is added: the second add is refused with a ValueError
+    naming the id, to its caller alone; the first runs to its own end with its own text, and the loop lives."""
+    from nanovllm import LLM
+    llm = LLM(model_path, dtype="float32")  # its own: the loop thread keeps the engine after the test
+    engine = AsyncEngine(llm.engine)
+    long, short = (SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (12, 4))
+    params = (long, short) if first_is_longer else (short, long)
+    expected = llm.generate(["the first one"], params[0], use_tqdm=False)[0].outputs[0]
+
+    async def run(request):
+        out = None
+        async for out in engine.generate(request):
+            pass
+        return out
+
+    async def main():
+        first = engine.make_request("the first one", params[0], "same")
+        second = engine.make_request("another prompt", params[1], "same")
+        return await asyncio.wait_for(asyncio.gather(run(first), run(second), return_exceptions=True), 60)
+
+    first, second = asyncio.run(main())
+    assert isinstance(second, ValueError) and "'same' is already in use" in str(second)
+    assert first.finished and first.outputs[0].token_ids == expected.token_ids
+    assert first.outputs[0].text == expected.text
+    assert not engine.dead
+
+
+def test_generate_is_refused_while_a_stream_is_open(llm):
+    """A stream steps the engine itself: a generate() while it is open would eat its outputs (the stream then
+    looped forever on empty steps). It is refused; once the stream ends, generate() runs again."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    stream = llm.stream("a streamed prompt", params)
+    first = next(stream)
+    with pytest.raises(RuntimeError, match="stream"):
+        llm.generate(["another prompt"], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
+    rest = list(stream)
+    assert rest[-1].finished and sum(len(d.outputs[0].token_ids) for d in [first, *rest] if d.outputs) == 6
+    assert len(llm.generate(["another prompt"], params, use_tqdm=False)[0].outputs[0].token_ids) == 6
+
+
+def test_a_stream_whose_request_is_taken_away_ends(llm):
+    """A stream whose request leaves the engine without a final output (aborted from outside) raises instead of
+    stepping an empty engine forever."""
+    stream = llm.stream("a streamed prompt", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    first = next(stream)
+    llm.engine.abort(first.request_id)
+    with pytest.raises(RuntimeError, match="taken out of the engine"):
+        next(stream)

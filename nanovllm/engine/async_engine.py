@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from nanovllm.config import EngineConfig
-from nanovllm.engine.llm_engine import LLMEngine, Prompt, Request
+from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.engine.request import Prompt, Request, tokenize
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
 
@@ -32,6 +33,7 @@ class Stream:
     num_tokens: int = 0
     num_prompt_tokens: int = 0
     reasons: list[str] = field(default_factory=list)
+    added: bool = False  # the engine took the request (its id was free)
 
     def put(self, item: RequestOutput | BaseException) -> None:
         try:
@@ -76,11 +78,9 @@ class AsyncEngine:
                      request_id: str | None = None) -> Request:
         """Validate and tokenize (with the callers' tokenizer) without queueing: raises ValueError on bad input."""
         self.check_alive()
-        if isinstance(prompt, dict) and "prompt_token_ids" not in prompt and isinstance(prompt.get("prompt"), str):
-            prompt = prompt["prompt"]
-        if isinstance(prompt, str):
-            prompt = {"prompt": prompt, "prompt_token_ids": self.tokenizer(prompt).input_ids}
-        return self.engine.make_request(request_id or f"req-{next(self._ids)}", prompt, params or SamplingParams())
+        text, ids = tokenize(self.tokenizer, prompt)
+        return self.engine.make_request(request_id or f"req-{next(self._ids)}", {"prompt": text, "prompt_token_ids": ids},
+                                        params or SamplingParams())
 
     async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
         """Queue a request (from make_request) and yield its cumulative outputs as they change, the last one
@@ -95,12 +95,13 @@ class AsyncEngine:
                 while not stream.queue.empty() and isinstance(item, RequestOutput) and not item.finished:
                     item = stream.queue.get_nowait()  # a slow reader skips to the newest (outputs are cumulative)
                 if isinstance(item, BaseException):
+                    finished = not stream.added  # refused: there is nothing of ours to abort (its id may be another's)
                     raise item
                 finished = item.finished
                 yield item
         finally:
-            if not finished:
-                self.abort(request.request_id)
+            if not finished and self.error is None:
+                self._submit(lambda: self._abort(request.request_id, stream))
 
     def abort(self, request_id: str) -> None:
         if self.error is None:
@@ -126,14 +127,18 @@ class AsyncEngine:
     # ---- the loop thread ------------------------------------------------------------------------------
     def _add(self, request: Request, stream: Stream) -> None:
         try:
-            self.engine.add(request)
+            self.engine.add(request)  # a ValueError if the id is in use: for this caller alone
         except Exception as e:
             return stream.put(e)
+        stream.added = True
         self.streams[request.request_id] = stream
         if self.metrics:
             self.metrics.on_request(stream)
 
-    def _abort(self, request_id: str) -> None:
+    def _abort(self, request_id: str, stream: Stream | None = None) -> None:
+        """Abort the request of that id; given its stream, only if the request is still that stream's."""
+        if stream is not None and self.streams.get(request_id) is not stream:
+            return
         self.engine.abort(request_id)
         stream = self.streams.pop(request_id, None)
         if stream and self.metrics:

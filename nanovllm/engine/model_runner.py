@@ -1,60 +1,43 @@
-import math
-
 import numpy as np
 import torch
 
+import nanovllm.ops as ops
 from nanovllm.config import EngineConfig
+from nanovllm.engine import kv_cache
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import AttentionMetadata
-from nanovllm.layers.sampler import SamplingBatch, sample
+from nanovllm.layers.sampler import SamplingBatch
 
 
 class ModelRunner:
-    """Turns a scheduled batch into flat tensors, runs the model over the paged KV cache and samples."""
+    """Turns a scheduled batch into flat tensors, runs the model over the paged KV cache and samples.
+
+    The ops backend (nanovllm/ops) is the one the resolved config names; its step runner, if it has one (CUDA
+    graphs, the fused CPU decode step), runs the steps it covers in place of the model's forward."""
 
     def __init__(self, config: EngineConfig, model: torch.nn.Module, dtype: torch.dtype, eos_token_ids: set[int],
                  workers=None):
         self.workers, self.failed = workers, False  # rank 0 of a tensor-parallel engine drives the workers
         self.model, self.device, self.block_size = model, torch.device(config.device), config.block_size
-        self.dtype, self.eos_token_ids, self.graphs = dtype, sorted(eos_token_ids), None
-        cuda = self.device.type == "cuda"
-        if cuda:  # our Triton kernels; the torch backend stays the CPU path and the reference
-            from nanovllm.kernels.attention import triton_attention
-            for layer in model.model.layers:
-                layer.self_attn.backend = triton_attention
+        self.dtype, self.eos_token_ids = dtype, sorted(eos_token_ids)
+        self.ops = ops.backend(config.ops)
+        ops.use(self.ops)
         attn = model.model.layers[0].self_attn
         layers = len(model.model.layers)
         bytes_per_block = 2 * layers * config.block_size * attn.num_kv_heads * attn.head_dim * dtype.itemsize
-        if config.num_kv_blocks:
-            self.num_blocks = config.num_kv_blocks
-        elif cuda:
-            from nanovllm.engine.gpu import kv_blocks_from_memory
-            self.num_blocks = kv_blocks_from_memory(self, config, bytes_per_block)
-        else:
-            self.num_blocks = int(config.kv_cache_gib * 2**30 // bytes_per_block)
-        if config.num_kv_blocks is None:
-            # no use for more blocks than max_num_seqs full-length sequences could hold
-            self.num_blocks = min(self.num_blocks, config.max_num_seqs * -(-config.max_model_len // self.block_size))
-        if self.num_blocks < 1:
-            raise ValueError(f"kv_cache_gib={config.kv_cache_gib} holds no KV block of {bytes_per_block} bytes")
+        self.num_blocks = kv_cache.num_blocks(self, config, bytes_per_block)
         shape = (2, layers, self.num_blocks, config.block_size, attn.num_kv_heads, attn.head_dim)
-        # Zeros, not empty: padded slots are masked out, but NaN garbage times a zero weight is still NaN. On CPU
-        # every page is touched here, at start-up, as vLLM does: a page first written during generate() costs a
-        # fault (~7 us a 4 KB page in a VM), and the KV writes of a prefill step took 133 ms instead of 10.
-        if cuda:
-            self.kv_cache = torch.zeros(shape, dtype=dtype, device=self.device)
-        else:  # on 2 MB pages: decode attention reads scattered blocks, ~8% faster there (fewer TLB misses)
-            from nanovllm.kernels import cpu as cpu_kernel
-            nbytes = math.prod(shape) * dtype.itemsize
-            self.kv_cache = cpu_kernel.huge_page_buffer(nbytes).zero_().view(dtype).view(shape)
-            cpu_kernel.keep_freed_memory()
+        self.kv_cache = kv_cache.allocate(shape, dtype, self.device)
         for i, layer in enumerate(model.model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
-        if cuda and not config.enforce_eager:
-            from nanovllm.engine.gpu import DecodeGraphs
-            self.graphs = DecodeGraphs(self, config)
+        self.step_runner = self.ops.step_runner(self, config)
+
+    @property
+    def graphs(self):
+        """The CUDA graphs, where the step runner is them."""
+        return self.step_runner if self.ops.NAME == "cuda" else None
 
     def pack(self, batch: ScheduledBatch, sample_rows: list[int]) -> np.ndarray:
         """A step's inputs as one int64 array: what tensor-parallel workers receive, and what every rank
@@ -85,14 +68,8 @@ class ModelRunner:
         host = np.split(packed[6:], np.cumsum(sizes)[:-1])
         dev = torch.from_numpy(packed[6:].copy()).to(self.device).split(sizes)
         input_ids, positions, slots, query_start, context_lens, tables, decode_rows, decode_tokens, last = dev
-        query_lens = np.diff(host[3])
-        prefill_rows = np.flatnonzero(query_lens > 1)
-        meta = AttentionMetadata(
-            query_start=query_start, context_lens=context_lens, block_tables=tables.view(B, W), slot_mapping=slots,
-            query_start_cpu=host[3].tolist(), context_lens_cpu=host[4].tolist(),
-            decode_rows=decode_rows, decode_tokens=decode_tokens, decode_max_context=decode_max,
-            prefill_rows=torch.from_numpy(prefill_rows).to(self.device),
-            prefill_max_query=int(query_lens.max(initial=0)) if len(prefill_rows) else 0)
+        meta = AttentionMetadata.for_step(query_start, context_lens, tables.view(B, W), slots, decode_rows,
+                                          decode_tokens, host[3].tolist(), host[4].tolist(), decode_max)
         return input_ids, positions, meta, last
 
     def prepare(self, batch: ScheduledBatch, sample_rows: list[int] = ()):
@@ -101,9 +78,11 @@ class ModelRunner:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 last: torch.Tensor) -> torch.Tensor | None:
         """The model over one step; the logits of the `last` rows (on rank 0; None elsewhere or if no rows).
-        Decode-only steps replay a CUDA graph where there is one (every rank decides alike: same inputs)."""
-        if self.graphs is not None and self.graphs.covers(input_ids, meta, last):
-            return self.graphs.run(input_ids, positions, meta)
+        The step runner takes the steps it covers (every rank decides alike: same inputs)."""
+        if ops.active is not self.ops:  # another engine in this process chose another backend since
+            ops.use(self.ops)
+        if self.step_runner is not None and self.step_runner.covers(input_ids, meta, last):
+            return self.step_runner.run(input_ids, positions, meta)
         return self.eager_forward(input_ids, positions, meta, last)
 
     def eager_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -153,7 +132,7 @@ class ModelRunner:
             return []
         with torch.inference_mode():
             seqs = [batch.seqs[i] for i in sample_rows]
-            return sample(logits, self.sampling_batch(seqs), self.generator).tolist()
+            return ops.sample(logits, self.sampling_batch(seqs), self.generator).tolist()
 
     def shutdown(self) -> None:
         if self.workers is not None:

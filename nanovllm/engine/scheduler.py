@@ -71,6 +71,32 @@ class Scheduler:
             budget -= n
         return batch
 
+    def postprocess(self, batch: ScheduledBatch, sample_rows: list[int], tokens: list[int], requests: dict,
+                    eos_token_ids: set[int], max_model_len: int) -> list:
+        """After a step: each sequence's newly computed tokens (full blocks keyed for the prefix cache), each
+        sampled token appended and checked for a stop, finished sequences out. Returns the requests that
+        changed. A request whose token cannot be handled (e.g. a tokenizer that cannot decode it) fails alone."""
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed += n
+            self.block_manager.cache_full_blocks(seq, seq.num_computed - n)
+        changed = {}
+        for row, token in zip(sample_rows, tokens):
+            seq = batch.seqs[row]
+            request = changed[seq.request_id] = requests[seq.request_id]
+            if request.error:
+                continue
+            try:
+                done = request.append(seq, token, eos_token_ids, max_model_len)
+            except Exception as e:
+                request.error = f"{type(e).__name__}: {e}"
+                for other in request.seqs:
+                    if not other.finished:
+                        self.finish(other, "abort")
+                continue
+            if done:
+                self.finish(seq, *done)
+        return list(changed.values())
+
     def preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1
         self.block_manager.free_blocks(seq)

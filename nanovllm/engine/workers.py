@@ -49,13 +49,15 @@ def init_distributed(config: EngineConfig, rank: int, port: int) -> None:
 def worker_main(config: EngineConfig, rank: int, port: int, conn) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
+        import nanovllm.ops as ops
         from nanovllm.engine.model_runner import ModelRunner
         from nanovllm.loader import load_model
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         init_distributed(config, rank, port)
-        dtype = config.torch_dtype()
-        loaded = load_model(config.model, dtype, config.device, config.max_model_len, None, config.tokenizer)
+        dtype, backend = config.torch_dtype(), ops.backend(config.ops)  # the config is rank 0's resolved one
+        ops.use(backend)
+        loaded = load_model(config.model, dtype, config.device, config.max_model_len, None, config.tokenizer, backend)
         runner = ModelRunner(config, loaded.model, dtype, loaded.eos_token_ids)
         dist.barrier()  # loaded everywhere
         while True:

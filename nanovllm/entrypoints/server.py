@@ -12,82 +12,17 @@ from contextlib import aclosing
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, model_validator
 from starlette.exceptions import HTTPException
 
 from nanovllm.engine.async_engine import AsyncEngine, EngineDeadError
-from nanovllm.engine.llm_engine import Request as EngineRequest, chat_token_ids
+from nanovllm.engine.request import Request as EngineRequest, tokenize
 from nanovllm.entrypoints.metrics import ServerMetrics
+from nanovllm.entrypoints.protocol import (APIError, ChatRequest, CompletionRequest, SamplingFields, error_body,
+                                           error_response)
 from nanovllm.outputs import DeltaTracker, RequestOutput
 from nanovllm.sampling_params import SamplingParams
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 500: "internal_error", 503: "service_unavailable"}
-
-
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"), "param": param, "code": code}}
-
-
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status_code=status)
-
-
-# ---- request bodies (unknown fields are ignored, as vLLM does) -------------------------------------------
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    @model_validator(mode="before")
-    @classmethod
-    def nulls_mean_defaults(cls, data):  # clients send "temperature": null for "not set"
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    n: int = 1
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    # vLLM's extras (the OpenAI client sends them through extra_body)
-    top_k: int | None = None
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    stop_token_ids: list[int] | None = None
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
-
-
-class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool = False
-    logprobs: int | None = None
-
-
-class ChatRequest(SamplingFields):
-    messages: list[dict]
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    chat_template: str | None = None
-    add_generation_prompt: bool = True
 
 
 # ---- the app ---------------------------------------------------------------------------------------------
@@ -146,7 +81,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
                                             "owned_by": "nanovllm", "max_model_len": max_len}]}
 
     @app.post("/tokenize")
-    async def tokenize(body: dict):
+    async def tokenize_text(body: dict):
         if "messages" in body:
             ids = render_chat(engine, body["messages"], body.get("add_generation_prompt", True))
         elif isinstance(body.get("prompt"), str):
@@ -156,7 +91,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
         return {"tokens": ids, "count": len(ids), "max_model_len": max_len}
 
     @app.post("/detokenize")
-    async def detokenize(body: dict):
+    async def detokenize_ids(body: dict):
         ids = body.get("tokens")
         if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
             raise APIError(400, "'tokens' must be a list of token ids", param="tokens")
@@ -185,8 +120,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
             raise APIError(400, "the prompt is empty", param="prompt")
         items = []
         for p in prompts:
-            ids = engine.tokenizer(p).input_ids if isinstance(p, str) else list(p)
-            items.append(({"prompt": p if isinstance(p, str) else None, "prompt_token_ids": ids}, len(ids)))
+            text, ids = tokenize(engine.tokenizer, p)
+            items.append(({"prompt": text, "prompt_token_ids": ids}, len(ids)))
         requests = make_requests(engine, body, items, default_max=16, max_len=max_len)
         return await respond(engine, body, requests, model_name, raw, chat=False)
 
@@ -224,7 +159,7 @@ def render_chat(engine: AsyncEngine, messages: list, add_generation_prompt: bool
             raise APIError(400, "a message's content must be a string or a list of text parts", param="messages")
         flat.append({**m, "content": content})
     try:
-        return chat_token_ids(engine.tokenizer, flat, add_generation_prompt, chat_template)
+        return tokenize(engine.tokenizer, flat, chat_template, add_generation_prompt)[1]
     except Exception as e:  # a template that rejects the conversation (roles out of order, ...)
         raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from None
 

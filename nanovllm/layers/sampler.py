@@ -1,9 +1,8 @@
-"""Vectorized sampling: one call for the whole batch, every row with its own parameters."""
+"""Vectorized sampling in torch: one call for the whole batch, every row with its own parameters (the reference
+sampler; ops/cpu_ops.py runs plain temperature sampling in C)."""
 from dataclasses import dataclass
 
 import torch
-
-from nanovllm.kernels import cpu as cpu_kernel
 
 
 @dataclass
@@ -64,9 +63,6 @@ def sample(logits: torch.Tensor, b: SamplingBatch, generator: torch.Generator | 
     filtered distribution. Seeded rows draw their noise from their own generator, so their tokens do not
     depend on what else is in the batch."""
     greedy = b.temperature == 0
-    if (b.repetition_penalty is None and not b.banned and cpu_kernel.can_sample(logits) and not bool(greedy.all())
-            and not filtered(b)):  # plain temperature sampling on CPU: one C pass per row, logits read in place
-        return cpu_kernel.sample(logits, b.temperature, uniform(b, generator, logits.device))
     copied = logits.dtype != torch.float32
     logits = logits.float()  # from here on a bf16 LM head's logits are our own copy, changed in place
     if b.banned:
@@ -114,7 +110,11 @@ def inverse_cdf(weights: torch.Tensor, u: torch.Tensor, chunk: int = 256) -> tor
     cdf = totals.cumsum(dim=-1)
     target = u[:, None] * cdf[:, -1:]
     c = last_nonzero_if_past_end(torch.searchsorted(cdf, target, right=True).squeeze(1), totals)
-    target = target.squeeze(1) - (cdf.gather(1, c[:, None]) - totals.gather(1, c[:, None])).squeeze(1)
+    # the mass before chunk c as the running sum holds it (cdf[c - 1] <= target), not cdf[c] - totals[c]: that
+    # difference can round above the target, and a negative offset would pick the chunk's first token, weight 0
+    # or not
+    before = torch.nn.functional.pad(cdf, (1, 0))[:, :-1].gather(1, c[:, None]).squeeze(1)
+    target = (target.squeeze(1) - before).clamp_(min=0)
     inside = chunks[torch.arange(rows, device=weights.device), c]  # [B, chunk]
     t = torch.searchsorted(inside.cumsum(dim=-1), target[:, None], right=True).squeeze(1)
     return c * chunk + last_nonzero_if_past_end(t, inside)

@@ -12,9 +12,7 @@ import xxhash
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerFast
 
 from nanovllm.config import cache_dir
-from nanovllm.kernels import cpu as cpu_kernel
-from nanovllm.layers.basics import Linear, onednn_packs, pack_for_cpu
-from nanovllm.layers.parallel import tp_size
+from nanovllm.memory import huge_page_buffer
 from nanovllm.models.llama import MODELS
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -100,7 +98,12 @@ def load_hf_config(path: str):
 
 
 def load_model(path: str, dtype: torch.dtype, device: str, max_positions: int, hf_config=None,
-               tokenizer_path: str | None = None) -> LoadedModel:
+               tokenizer_path: str | None = None, backend=None) -> LoadedModel:
+    """The model with its weights, on `device` in `dtype`, prepared for the ops backend (nanovllm/ops) that will
+    run it: on CPU in one 2 MB-page buffer unless the backend repacks the weights, a GGUF's quantized blocks kept
+    where the backend reads them."""
+    import nanovllm.ops.torch_ops as reference
+    backend = backend or reference
     cfg = hf_config or load_hf_config(path)
     is_gguf = path.endswith(".gguf")
     with torch.device("meta"):
@@ -110,9 +113,8 @@ def load_model(path: str, dtype: torch.dtype, device: str, max_positions: int, h
     model = model.to(dtype).to_empty(device=device)
     if model.tie_word_embeddings:  # to_empty gave the two their own storage
         model.lm_head.weight = model.model.embed_tokens.weight
-    packs = device == "cpu" and onednn_packs(dtype)  # CPUs with native bf16 but no AMX: weights packed for oneDNN
-    if device == "cpu" and not packs:  # (packed weights live in oneDNN's memory instead)
-        place_in_huge_pages(model)
+    if device == "cpu" and not getattr(backend, "packs_weights", lambda dtype: False)(dtype):
+        place_in_huge_pages(model)  # (repacked weights live in their library's memory instead)
     params = dict(model.named_parameters())
     if is_gguf:
         from nanovllm.loader.gguf import gguf_weights
@@ -126,24 +128,25 @@ def load_model(path: str, dtype: torch.dtype, device: str, max_positions: int, h
     missing = model.expected_weights() - loaded
     if missing:
         raise ValueError(f"checkpoint {path!r} lacks weights: {', '.join(sorted(missing)[:8])}")
-    if is_gguf and device == "cpu" and dtype == torch.bfloat16 and cpu_kernel.has_amx() and tp_size() == 1:
+    if is_gguf and device == "cpu" and getattr(backend, "keeps_gguf_blocks", lambda dtype: False)(dtype):
         keep_gguf_blocks(model, path, index, cfg)
     model.rotary.build()  # after to_empty and the cast: the cos/sin tables are computed here, in fp32
     model.eval()
-    if packs:
-        pack_for_cpu(model)
+    backend.prepare(model)
     tokenizer = load_tokenizer(path, tokenizer_path)
     return LoadedModel(cfg, model, tokenizer, eos_ids(path, cfg, tokenizer))
 
 
 def keep_gguf_blocks(model: torch.nn.Module, path: str, index: list[dict], cfg) -> None:
-    """Give each projection and the LM head whose GGUF tensors are all Q4_1 or all Q8_0 their blocks too
-    (Linear.blocks, in the CPU kernel's layout): decode steps read those, 31% or 53% of the bf16 bytes, and
-    dequantize them on the fly to the very bf16 values loaded here (kernels/cpu_linear.c). Prefills keep the
-    bf16 weights."""
-    from nanovllm.loader.gguf import gguf_blocks
+    """Give each projection (the layer weights that tensor parallelism splits) and the LM head whose GGUF tensors
+    are all Q4_1 or all Q8_0 their blocks too (Linear.blocks, in the CPU kernel's tile layout): decode steps read
+    those, 31% or 53% of the bf16 bytes, and dequantize them on the fly to the very bf16 values loaded here.
+    Prefills keep the bf16 weights."""
+    from nanovllm.loader.gguf import BLOCK_BYTES, gguf_blocks, pack_blocks
+    projections = {w.name for w in model.layer_weights if w.split is not None}
     linears = {f"{name}.weight": m for name, m in model.named_modules()
-               if isinstance(m, Linear) and m.out_features % 16 == 0 and m.in_features % 32 == 0}
+               if (name == "lm_head" or name.split(".", 3)[-1] in projections)
+               and m.out_features % 16 == 0 and m.in_features % 32 == 0}
     shadows, kinds, filled = {}, {}, set()
     for name, kind, blocks in gguf_blocks(path, index, cfg):
         if model.tie_word_embeddings and name == "model.embed_tokens.weight":
@@ -154,8 +157,7 @@ def keep_gguf_blocks(model: torch.nn.Module, path: str, index: list[dict], cfg) 
             kinds[target] = None
             continue
         if target not in shadows:
-            shadows[target] = torch.empty(m.out_features, m.in_features // 32 * cpu_kernel.BLOCK_BYTES[kind],
-                                          dtype=torch.uint8)
+            shadows[target] = torch.empty(m.out_features, m.in_features // 32 * BLOCK_BYTES[kind], dtype=torch.uint8)
         if target == "lm_head.weight":  # one rank: the whole vocabulary, no padding
             shadows[target].copy_(blocks)
             filled.add(target)
@@ -164,15 +166,15 @@ def keep_gguf_blocks(model: torch.nn.Module, path: str, index: list[dict], cfg) 
     expected = model.expected_weights() | {"lm_head.weight"}
     for name, m in linears.items():
         if kinds.get(name) and {e for e in expected if e.split("#")[0] == name} <= filled:  # q, k and v alike
-            m.blocks = kinds[name], cpu_kernel.pack_blocks(shadows[name], kinds[name])
+            m.blocks = kinds[name], pack_blocks(shadows[name], kinds[name])
 
 
 def place_in_huge_pages(model: torch.nn.Module) -> None:
     """Give the (not yet loaded) parameters one buffer backed by 2 MB pages: a decode step reads every weight
-    once, and those reads are faster there (kernels/cpu.py, huge_page_buffer). Loading then fills it."""
+    once, and those reads are faster there (nanovllm/memory.py). Loading then fills it."""
     params = list(model.parameters())
     sizes = [-(-p.nbytes // 64) * 64 for p in params]  # each parameter 64-byte aligned
-    buf, offset = cpu_kernel.huge_page_buffer(sum(sizes)), 0
+    buf, offset = huge_page_buffer(sum(sizes)), 0
     for p, size in zip(params, sizes):
         p.data = buf[offset:offset + p.nbytes].view(p.dtype).view(p.shape)
         offset += size

@@ -6,7 +6,8 @@ import gguf
 import numpy as np
 import torch
 
-from nanovllm.kernels import cpu as cpu_kernel
+from nanovllm.kernels.cpu import BLOCK_BYTES, Q4_1, Q8_0
+from nanovllm.memory import huge_page_buffer
 
 # GGUF tensor name (after "blk.N.") -> HF name (after "model.layers.N.")
 LAYER_NAMES = {
@@ -76,12 +77,12 @@ def gguf_weights(path: str, index: list[dict], hf_config, threads: int = 1) -> I
         yield from pool.map(load, index)
 
 
-KEPT_TYPES = {gguf.GGMLQuantizationType.Q4_1: cpu_kernel.Q4_1, gguf.GGMLQuantizationType.Q8_0: cpu_kernel.Q8_0}
+KEPT_TYPES = {gguf.GGMLQuantizationType.Q4_1: Q4_1, gguf.GGMLQuantizationType.Q8_0: Q8_0}
 
 
 def gguf_blocks(path: str, index: list[dict], hf_config) -> Iterator[tuple[str, int, torch.Tensor]]:
-    """(HF name, kernels/cpu.py block type, uint8 [rows, bytes]) of each Q4_1 or Q8_0 matrix as stored, rows in
-    HF's order: what our CPU decode kernels read in place of their bf16 values (kernels/cpu_linear.c)."""
+    """(HF name, kernels/cpu block type, uint8 [rows, bytes]) of each Q4_1 or Q8_0 matrix as stored, rows in
+    HF's order: what our CPU decode kernels read in place of their bf16 values (kernels/cpu/linear.c)."""
     data = np.memmap(path, np.uint8, mode="r")
     for t in index:
         name = hf_name(t["name"])
@@ -89,3 +90,15 @@ def gguf_blocks(path: str, index: list[dict], hf_config) -> Iterator[tuple[str, 
             blocks = data[t["offset"]:t["offset"] + t["nbytes"]].reshape(t["shape"][0], -1)
             # a copy: writable, and the map can close
             yield name, KEPT_TYPES[t["type"]], torch.from_numpy(np.array(hf_rows(name, blocks, hf_config)))
+
+
+def pack_blocks(blocks: torch.Tensor, kind: int) -> torch.Tensor:
+    """GGUF rows (uint8 [N, K / 32 * BLOCK_BYTES[kind]]) -> the layout linear_bf16 streams: per 16 rows, per 32
+    inputs, the 16 rows' q, then their d, then (Q4_1) their m; in 2 MB pages like the other weights."""
+    n = blocks.shape[0]
+    b = blocks.view(n // 16, 16, -1, BLOCK_BYTES[kind]).transpose(1, 2)  # [N / 16, K / 32, 16 rows, block]
+    parts = [b[..., 4:], b[..., :2], b[..., 2:4]] if kind == Q4_1 else [b[..., 2:], b[..., :2]]
+    tiles = torch.cat([p.flatten(2) for p in parts], dim=2)
+    out = huge_page_buffer(tiles.numel())
+    out.view(tiles.shape).copy_(tiles)
+    return out

@@ -1,33 +1,64 @@
 """The Llama decoder and its close relatives (Mistral, Qwen2: q/k/v biases, Qwen3: per-head q/k RMSNorm).
 
-    h = x + Attn(RMSNorm(x));  out = h + MLP(RMSNorm(h));  MLP(x) = W_down(silu(W_gate x) * W_up x)
-Each residual add is done by the RMSNorm after it (one pass on CPU), so a layer passes on (MLP output, residual).
-q/k/v and gate/up are fused into one matmul each; the loader fills the fused weights by slices.
+    h   = x + Attn(RMSNorm(x))                 out = h + MLP(RMSNorm(h))
+    Attn(x) = W_o softmax(rope(W_q x) rope(W_k x)^T / sqrt(d)) W_v x      (over the sequence's cached keys)
+    MLP(x)  = W_down (silu(W_gate x) * W_up x)
+Each residual add is done by the RMSNorm after it (a backend may fuse the two), so a layer passes on (MLP output,
+residual). q/k/v and gate/up are fused into one matmul each; the loader fills the fused weights by slices.
 Under tensor parallelism each rank builds the same model with its share of the heads, of the intermediate size
 and of the vocabulary (layers/parallel.py); o_proj and down_proj outputs are all-reduced.
 """
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from nanovllm.kernels import cpu as cpu_kernel
-from nanovllm.layers.attention import AttentionMetadata, torch_attention
-from nanovllm.layers.basics import Linear, RMSNorm, Rotary, silu_and_mul
+import nanovllm.ops as ops
+from nanovllm.layers.attention import AttentionMetadata
+from nanovllm.layers.linear import Linear
+from nanovllm.layers.norm import RMSNorm
 from nanovllm.layers.parallel import all_reduce, embed, gather_logits, shard, tp_size, vocab_range
+from nanovllm.layers.rotary import Rotary
+
+
+@dataclass(frozen=True)
+class LayerWeight:
+    """A weight-holding module of a decoder layer: its name in the layer, the checkpoint modules that fill it (in
+    order: q, k, v fill one qkv_proj), and how tensor parallelism splits its weight: along 0 (its output rows:
+    column-parallel), along 1 (its input columns: row-parallel, output all-reduced) or None (whole on each rank)."""
+    name: str
+    sources: tuple[str, ...]
+    split: int | None
+
+
+# A decoder layer's weights in the order it applies them: the one list that loading, tensor-parallel sharding,
+# the GGUF block packing and the fused CPU decode step (ops/cpu_decode_step.py) read.
+LLAMA_LAYER = (
+    LayerWeight("input_layernorm", ("input_layernorm",), None),
+    LayerWeight("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), 0),
+    LayerWeight("self_attn.o_proj", ("self_attn.o_proj",), 1),
+    LayerWeight("post_attention_layernorm", ("post_attention_layernorm",), None),
+    LayerWeight("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"), 0),
+    LayerWeight("mlp.down_proj", ("mlp.down_proj",), 1),
+)
+QK_NORM = (LayerWeight("self_attn.q_norm", ("self_attn.q_norm",), None),
+           LayerWeight("self_attn.k_norm", ("self_attn.k_norm",), None))
+VOCAB_SPLIT = {"model.embed_tokens": 0, "lm_head": 0}  # a vocabulary range per rank (the last one padded)
 
 
 class Attention(nn.Module):
     def __init__(self, cfg, head_dim: int, qkv_bias: bool, qk_norm: bool):
         super().__init__()
         tp = tp_size()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads // tp, cfg.num_key_value_heads // tp, head_dim
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads // tp, cfg.num_key_value_heads // tp
+        self.head_dim = head_dim
         self.q_size, self.kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.scale = head_dim ** -0.5
-        self.k_cache = self.v_cache = torch.empty(0)  # set by the model runner
-        self.backend = torch_attention  # the model runner may swap in another with the same signature
+        self.k_cache = self.v_cache = torch.empty(0)  # this layer's paged caches, set by the model runner
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)
@@ -35,11 +66,8 @@ class Attention(nn.Module):
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in qkv.split(sizes, -1))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        # on CPU in bf16, q and k are rotated where they are, in one pass (rotary is ~20 small torch ops)
-        qk = qkv[:, :self.q_size + self.kv_size]
-        if self.q_norm is not None or not cpu_kernel.rope_in_place(qk, rope, self.head_dim):
-            q, k = Rotary.apply(rope, q), Rotary.apply(rope, k)
-        o = self.backend(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        q, k = ops.rotary(q, k, *rope)
+        o = ops.attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return all_reduce(self.o_proj(o.flatten(1)))
 
 
@@ -51,7 +79,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(self.down_proj(silu_and_mul(self.gate_up_proj(x))))
+        return all_reduce(self.down_proj(ops.silu_and_mul(self.gate_up_proj(x))))
 
 
 class DecoderLayer(nn.Module):
@@ -65,7 +93,7 @@ class DecoderLayer(nn.Module):
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, residual: torch.Tensor | None,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the previous layer's MLP output, not yet added to the residual stream (at the first layer: the
-        embeddings, and no residual). Each add is done by the norm after it (one pass on CPU)."""
+        embeddings, and no residual). Each add is done by the norm after it."""
         h, residual = self.input_layernorm(x, residual) if residual is not None else (self.input_layernorm(x), x)
         h, residual = self.post_attention_layernorm(self.self_attn(rope, h, meta), residual)
         return self.mlp(h), residual
@@ -81,12 +109,12 @@ class Model(nn.Module):
                                     for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return embed(input_ids, self.embed_tokens.weight, self.vocab_size)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = embed(input_ids, self.embed_tokens.weight, self.vocab_size)
-        rope = self.rotary.tables(positions, x.dtype)
-        # on CPU, a decode-only bf16 step's layers in one C call: the same kernels as below, bit for bit
-        if (mlp_out := cpu_kernel.decode_layers(self, x, rope, meta)) is not None:
-            return self.norm(mlp_out, x)[0]
+        x = self.embed(input_ids)
+        rope = self.rotary.tables(positions, x.dtype)  # looked up once per step, not per layer
         residual = None
         for layer in self.layers:
             x, residual = layer(rope, x, residual, meta)
@@ -95,9 +123,6 @@ class Model(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     qkv_bias, qk_norm = False, False
-    # HF checkpoint name -> (our fused parameter, shard index)
-    packed = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
     def __init__(self, cfg, max_positions: int):
         super().__init__()
@@ -110,9 +135,10 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, vocab_range(cfg.vocab_size)[1], bias=False)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.layer_weights = LLAMA_LAYER[:2] + QK_NORM + LLAMA_LAYER[2:] if self.qk_norm else LLAMA_LAYER
         a = self.model.layers[0].self_attn
-        self.shard_sizes = {"qkv_proj": [a.q_size, a.kv_size, a.kv_size],  # this rank's rows of each
-                            "gate_up_proj": [self.model.layers[0].mlp.down_proj.in_features] * 2}
+        self.fused_sizes = {"self_attn.qkv_proj": [a.q_size, a.kv_size, a.kv_size],  # this rank's rows of each part
+                            "mlp.gate_up_proj": [self.model.layers[0].mlp.down_proj.in_features] * 2}
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
@@ -121,60 +147,64 @@ class LlamaForCausalLM(nn.Module):
         """The logits over the whole vocabulary on rank 0 (None on the other ranks)."""
         return gather_logits(self.lm_head(hidden), self.vocab_size)
 
+    # ---- loading --------------------------------------------------------------------------------------
+    def locate(self, name: str) -> tuple[str, LayerWeight | None, int | None]:
+        """Where the checkpoint tensor `name` goes: our parameter, its layer weight (None outside the layers) and,
+        for a fused parameter, the index of its part."""
+        if not name.startswith("model.layers."):
+            return name, None, None
+        _, _, i, rest = name.split(".", 3)
+        module, kind = rest.rsplit(".", 1)
+        for w in self.layer_weights:
+            if module in w.sources:
+                part = w.sources.index(module) if len(w.sources) > 1 else None
+                return f"model.layers.{i}.{w.name}.{kind}", w, part
+        return name, None, None
+
+    def param_name(self, name: str) -> str:
+        """Our parameter that the checkpoint tensor `name` fills (q/k/v and gate/up: a fused one)."""
+        return self.locate(name)[0]
+
     def load_weight(self, name: str, tensor, params: dict[str, nn.Parameter]) -> str | None:
         """Copy this rank's part of one checkpoint tensor (a tensor, or a lazy safetensors slice) into its
         (possibly fused) parameter; returns the name it filled."""
         if "rotary_emb" in name or (self.tie_word_embeddings and name == "lm_head.weight"):
             return None
+        target, weight, part = self.locate(name)
         try:
-            for hf_name, (fused, i) in self.packed.items():
-                if f".{hf_name}." in name:
-                    target, sizes = self.param_name(name), self.shard_sizes[fused]
-                    part = shard(tensor, 0, sizes[i])
-                    dst = params[target].data[sum(sizes[:i]):sum(sizes[:i + 1])]
-                    check_shape(part, dst)
-                    dst.copy_(part)
-                    return f"{target}#{i}"
-            if name not in params:
+            if target not in params:
                 raise ValueError(f"has no place in {type(self).__name__}")
-            param = params[name].data
-            dim = next((d for key, d in SPLIT_DIMS.items() if f"{key}." in name), None)
-            if dim is None:
-                part = tensor[:]
-            elif "embed_tokens" in name or "lm_head" in name:  # a vocab range: the last one may be padding
-                part = shard(tensor, dim, param.shape[dim], full=self.vocab_size)
+            param = params[target].data
+            module = target.rsplit(".", 1)[0]
+            if part is not None:  # this rank's rows of one part of a fused weight (or bias)
+                sizes = self.fused_sizes[weight.name]
+                param = param[sum(sizes[:part]):sum(sizes[:part + 1])]
+                src = shard(tensor, 0, sizes[part])
+            elif module in VOCAB_SPLIT:  # a vocab range: the last one may be padding
+                dim = VOCAB_SPLIT[module]
+                src = shard(tensor, dim, param.shape[dim], full=self.vocab_size)
                 param.zero_()
-                param = param.narrow(dim, 0, part.shape[dim])
+                param = param.narrow(dim, 0, src.shape[dim])
+            elif weight is not None and weight.split is not None and param.dim() > weight.split:
+                src = shard(tensor, weight.split, param.shape[weight.split])  # a row-parallel bias stays whole
             else:
-                part = shard(tensor, dim, param.shape[dim])
-            check_shape(part, param)
-            param.copy_(part)
-            return name
+                src = tensor[:]
+            if src.shape != param.shape:
+                raise ValueError(f"this rank's part has shape {tuple(src.shape)}, the model expects "
+                                 f"{tuple(param.shape)}")
+            param.copy_(src)
+            return target if part is None else f"{target}#{part}"
         except ValueError as e:
             raise ValueError(f"checkpoint tensor {name!r}: {e}") from None
 
-    def param_name(self, name: str) -> str:
-        """Our parameter that the checkpoint tensor `name` fills (q/k/v and gate/up: a fused one)."""
-        hf_name = next((n for n in self.packed if f".{n}." in name), None)
-        return name.replace(hf_name, self.packed[hf_name][0]) if hf_name else name
-
     def expected_weights(self) -> set[str]:
+        """Every parameter the checkpoint must fill; a fused one once per part (name#i)."""
+        parts = {w.name: len(w.sources) for w in self.layer_weights if len(w.sources) > 1}
         names = set()
         for name, _ in self.named_parameters():
-            fused = next((f for f in self.shard_sizes if f".{f}." in name), None)
-            if fused:
-                names.update(f"{name}#{i}" for i in range(len(self.shard_sizes[fused])))
-            else:
-                names.add(name)
+            module = name.rsplit(".", 1)[0].split(".", 3)[-1] if name.startswith("model.layers.") else None
+            names.update([f"{name}#{i}" for i in range(parts[module])] if module in parts else [name])
         return names
-
-
-SPLIT_DIMS = {"o_proj": 1, "down_proj": 1, "embed_tokens": 0, "lm_head": 0}  # qkv, gate/up: packed, dim 0
-
-
-def check_shape(part: torch.Tensor, param: torch.Tensor) -> None:
-    if part.shape != param.shape:
-        raise ValueError(f"this rank's part has shape {tuple(part.shape)}, the model expects {tuple(param.shape)}")
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):

@@ -1,0 +1,100 @@
+"""One request: its prompt as token ids, its n sequences with their detokenizers, how each one stops, and the
+RequestOutput it shows. `tokenize` is the one way a prompt (text, ids, a dict, or chat messages) becomes token
+ids, for the offline front, the async engine and the server alike."""
+from dataclasses import dataclass
+
+import torch
+
+from nanovllm.engine.detokenizer import IncrementalDetokenizer
+from nanovllm.engine.sequence import Sequence
+from nanovllm.outputs import CompletionOutput, RequestOutput
+from nanovllm.sampling_params import SamplingParams
+
+# text; token ids; {"prompt": text} or {"prompt_token_ids": ids, "prompt": optional text} (vLLM's TextPrompt and
+# TokensPrompt); or a conversation: a list of {"role", "content"} messages, rendered with the chat template
+Prompt = str | list[int] | dict | list[dict]
+
+
+def tokenize(tokenizer, prompt: Prompt, chat_template: str | None = None, add_generation_prompt: bool = True,
+             **template_kwargs) -> tuple[str | None, list[int]]:
+    """(the prompt's text if it had one, its token ids). Token ids are taken as they are (checked later, against
+    the vocabulary); a conversation is rendered with the model's chat template (or the one given)."""
+    text = None
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            text, prompt = prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        elif "prompt" in prompt:
+            prompt = prompt["prompt"]
+        else:
+            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+    if isinstance(prompt, str):
+        return prompt, tokenizer(prompt).input_ids
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+        return None, chat_token_ids(tokenizer, list(prompt), add_generation_prompt, chat_template, **template_kwargs)
+    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        return text, list(prompt)
+    raise ValueError(f"a prompt must be a string, a list of token ids or a list of chat messages, got "
+                     f"{type(prompt).__name__}")
+
+
+def chat_token_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                   chat_template: str | None = None, **kwargs) -> list[int]:
+    """A conversation rendered with the model's chat template (or the one given), as token ids."""
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model has no chat template: pass chat_template=... or use generate()")
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                         chat_template=chat_template, tokenize=False, **kwargs)
+    return tokenizer(text, add_special_tokens=False).input_ids  # the template already holds BOS etc.
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    detoks: list[IncrementalDetokenizer]
+    error: str | None = None  # set when handling this request failed; it is finished then
+
+    @classmethod
+    def make(cls, request_id: str, text: str | None, ids: list[int], params: SamplingParams, tokenizer,
+             device: str) -> "Request":
+        """n sequences of the same prompt; a seeded request's sequence i draws from its own generator (seed + i)."""
+        seqs, detoks = [], []
+        for i in range(params.n):
+            seq = Sequence(request_id, i, list(ids), len(ids), params)
+            if params.seed is not None:
+                seq.generator = torch.Generator(device).manual_seed((params.seed + i) % 2**64)
+            seqs.append(seq)
+            detoks.append(IncrementalDetokenizer(tokenizer, ids, params.skip_special_tokens, params.stop,
+                                                 params.include_stop_str_in_output))
+        return cls(request_id, text, ids, seqs, detoks)
+
+    def append(self, seq: Sequence, token: int, eos_token_ids: set[int],
+               max_model_len: int) -> tuple[str, int | str | None] | None:
+        """Add a sampled token to `seq` and its text; returns (finish reason, stop reason) if it ends the sequence:
+        a stop or EOS token (once min_tokens are out), a stop string, max_tokens or max_model_len."""
+        seq.token_ids.append(token)
+        p, detok = seq.params, self.detoks[seq.index]
+        may_stop = seq.num_output_tokens >= p.min_tokens
+        if may_stop and (token in p.stop_token_ids or (not p.ignore_eos and token in eos_token_ids)):
+            if p.include_stop_str_in_output:  # as vLLM: a stop token's own text is left out unless asked for
+                detok.add(token, find_stop=False)
+            return "stop", token if token in p.stop_token_ids else None
+        stop_str = detok.add(token, may_stop)
+        if stop_str is not None:
+            return "stop", stop_str
+        if seq.num_output_tokens == p.max_tokens or seq.num_tokens >= max_model_len:
+            return "length", None
+        return None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.seqs)
+
+    def output(self) -> RequestOutput:
+        """The outputs so far: while a sequence runs, its text without a tail that could still become a stop."""
+        outs = [CompletionOutput(i, d.text if s.finished else d.stable_text(), s.output_token_ids, s.finish_reason,
+                                 s.stop_reason) for i, (s, d) in enumerate(zip(self.seqs, self.detoks))]
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.finished,
+                             max(self.seqs[0].num_cached_tokens, 0), self.error)

@@ -1,0 +1,223 @@
+/* The one header of nanovllm's C kernels for CPU: every .c file in this folder includes it, and build.py
+ * compiles them all into one library (gcc -O3 -march=native -ffast-math -fopenmp). It holds what more than one
+ * file uses: the 16-lane vector types and their helpers (bf16 widening and rounding, the transposed 16-row
+ * reductions, exp16), what the compiler targets (AVX512-BF16, AMX), the AMX tile configuration, the weight
+ * types the linears read, the kernels' size limits, and the prototype of every exported function.
+ * Why C at all: torch's ops cost a gather, a copy or a fp32 round trip each; these kernels read the paged KV
+ * cache, the bf16 weights and GGUF blocks in place (figures in each file and docs/benchmarks.md). Of the helpers
+ * here: exp16 replaced libm's scalar expf, which took most of decode attention's time (and in SiLU-and-mul,
+ * with an approximate reciprocal: 2.2 -> 3.9 G elements/s); a transposed reduction of 16 vectors costs ~1/2.5
+ * of 16 horizontal sums. */
+#ifndef NANOVLLM_KERNELS_H
+#define NANOVLLM_KERNELS_H
+
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* AVX512-BF16 (vdpbf16ps: bf16 pairs multiplied exactly, summed in fp32; one-instruction bf16 conversions) and
+ * AMX (tile products of bf16 pairs) where -march has them; the plain-C paths serve everything else */
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define NATIVE_BF16 1
+#else
+#define NATIVE_BF16 0
+#endif
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && NATIVE_BF16
+#define HAVE_AMX 1
+#else
+#define HAVE_AMX 0
+#endif
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* Limits: decode attention's per-thread scratch holds MAX_GROUP query heads of MAX_HEAD_DIM values (16-lane
+ * vectors: head dims in multiples of 16); kernels/cpu/__init__.py checks the same limits before calling */
+#define MAX_GROUP 64
+#define MAX_HEAD_DIM 256
+#define MAX_VECTORS (MAX_HEAD_DIM / 16)
+
+#define CACHE_LINE 64  /* bytes: what one prefetch brings */
+
+/* What linear_bf16 reads: the plain bf16 weight, or GGUF blocks of 32 weights (Q4_1: fp16 scale d, fp16
+ * minimum m, 32 x 4 bits; Q8_0: fp16 d, 32 x int8), rearranged by loader/gguf.py pack_blocks (see linear.c) */
+enum { BF16 = 0, Q4_1 = 1, Q8_0 = 2 };
+#define Q4_1_BLOCK_BYTES 20
+#define Q8_0_BLOCK_BYTES 34
+
+/* Vectors of 16 lanes: one AVX-512 register, two AVX2 ones */
+typedef float vf __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(32)));
+typedef int32_t vi __attribute__((vector_size(64)));
+#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+
+/* 16 values (fp32 or bf16) widened to fp32: bf16 is the top half of an fp32, so a shift is exact */
+INLINE vf load16(const char *p, const int bf16) {
+    vf r;
+    if (!bf16) { memcpy(&r, p, sizeof r); return r; }
+    vh h;
+    memcpy(&h, p, sizeof h);
+    vu u = __builtin_convertvector(h, vu) << 16;
+    memcpy(&r, &u, sizeof r);
+    return r;
+}
+
+INLINE void store16(char *p, vf v, const int bf16) {
+    if (!bf16) { memcpy(p, &v, sizeof v); return; }
+    vu u;
+    memcpy(&u, &v, sizeof u);
+    vh h = __builtin_convertvector((u + 0x7fff + ((u >> 16) & 1)) >> 16, vh);  /* round to nearest even */
+    memcpy(p, &h, sizeof h);
+}
+
+/* One bf16 value: rounded to nearest even as torch's .to(bfloat16), widened exactly */
+INLINE uint16_t to_bf16(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+INLINE float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float x;
+    memcpy(&x, &u, 4);
+    return x;
+}
+
+INLINE float bf16_round(float x) { return from_bf16(to_bf16(x)); }
+
+INLINE vf max16(vf a, vf b) {
+    const vi gt = a > b;
+    return (vf)((gt & (vi)a) | (~gt & (vi)b));
+}
+
+INLINE vf combine16(vf x, vf y, const int max) { return max ? max16(x, y) : x + y; }
+
+/* 16 partial-sum vectors in, one vector out whose lane t is the sum (or with `max`, the maximum) of a[t]'s
+ * lanes: four rounds of shuffles and adds, each halving the vectors (a horizontal sum per vector costs ~2.5x
+ * more) */
+INLINE vf reduce16(const vf *a, const int max) {
+    vf r[8], u[4], w[2];
+    for (int k = 0; k < 8; k++) {
+        const vf lo = SHUF(a[2 * k], a[2 * k + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+        const vf hi = SHUF(a[2 * k], a[2 * k + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+        r[k] = combine16(lo, hi, max);
+    }
+    for (int k = 0; k < 4; k++) {
+        const vf lo = SHUF(r[2 * k], r[2 * k + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+        const vf hi = SHUF(r[2 * k], r[2 * k + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+        u[k] = combine16(lo, hi, max);
+    }
+    for (int k = 0; k < 2; k++) {
+        const vf lo = SHUF(u[2 * k], u[2 * k + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29);
+        const vf hi = SHUF(u[2 * k], u[2 * k + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+        w[k] = combine16(lo, hi, max);
+    }
+    const vf lo = SHUF(w[0], w[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const vf hi = SHUF(w[0], w[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    return combine16(lo, hi, max);
+}
+
+INLINE vf sum16_rows(const vf *a) { return reduce16(a, 0); }
+INLINE vf max16_rows(const vf *a) { return reduce16(a, 1); }
+
+/* The attention kernels' online softmax keeps each row's reference HEADROOM above its largest score when it
+ * last moved (e^8: probabilities up to ~3000 x the running maximum's, exact in fp32 and bf16): it moves only
+ * when a score passes it, so the outputs are seldom rescaled */
+#define HEADROOM 8.f
+
+/* exp(x) for x <= 0 (every exponent of a softmax whose max is subtracted), 16 at a time: libm's expf is
+ * scalar and took most of decode attention's time. 2^(x log2 e) split into 2^i (put into the float's exponent)
+ * and 2^f, |f| <= 0.5, by a degree-6 Taylor series: relative error ~2e-7. Below EXP16_MIN the result is ~1e-38. */
+#define EXP16_MIN (-87.f)
+INLINE vf exp16(vf x) {
+    const vi low = x < EXP16_MIN;
+    x = (vf)((low & (vi)((vf){0} + EXP16_MIN)) | (~low & (vi)x));
+    const vf t = x * 1.44269504f;
+    const vi i = __builtin_convertvector(t - 0.5f, vi);  /* t <= 0: truncation of t - 0.5 rounds to nearest */
+    const vf f = (t - __builtin_convertvector(i, vf)) * 0.693147181f;
+    vf p = 1.f + f * (1.f + f * (0.5f + f * (1.f / 6 + f * (1.f / 24 + f * (1.f / 120 + f * (1.f / 720))))));
+    return (vf)((vi)p + (i << 23));
+}
+
+#if NATIVE_BF16
+INLINE __m512 widen_bf16x16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+
+INLINE __m512 bf16x16(const uint16_t *p) { return widen_bf16x16(_mm256_loadu_si256((const __m256i *)p)); }
+
+INLINE __m512 round_bf16x16(__m512 x) {  /* to the nearest bf16, kept in fp32 */
+    return widen_bf16x16((__m256i)_mm512_cvtneps_pbh(x));
+}
+#endif
+
+/* AMX: 8 tiles of up to 16 rows x 64 bytes; a tile product multiplies A [rows x 32 bf16] by B [16 bf16 pairs x
+ * 16 columns] (B in pair layout: row p holds inputs 2p and 2p + 1 of each column) into C [rows x 16 fp32] */
+#define TILE_ROWS 16
+#define TILE_ROW_BYTES 64
+#define TILE_BYTES (TILE_ROWS * TILE_ROW_BYTES)
+#define TILE_WORDS (TILE_BYTES / 4)
+typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } TileConfig;
+
+#if HAVE_AMX
+/* 16x16 32-bit transpose in registers: r[i] lane j -> r[j] lane i */
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 4; j++) {
+            t[8 * i + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+            t[8 * i + 4 + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
+        }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
+        r[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xdd);
+    }
+}
+
+/* amx.c: this thread's 8 tiles as 16 rows x 64 bytes; rows as AMX's B operand (used by linear.c and
+ * prefill_attention.c) */
+void amx_tiles_16x64(void);
+void pack_rows(const uint16_t *x, int64_t stride, int64_t M, int64_t K, int64_t tiles, uint32_t *out);
+#endif
+
+/* The exported kernels (kernels/cpu/build.py declares each for ctypes). `amx`: amx_init()'s verdict (1 when it
+ * returned 0); linear_bf16 and prefill_attention_bf16 exist only for AMX: call them only after amx_init()
+ * returned 0 (built without AMX they return -1). */
+int amx_init(void);
+int decode_attention(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache,
+                     const int64_t *tables, int64_t table_stride, const int64_t *lens, const int64_t *rows,
+                     const int64_t *tokens, void *out, int64_t batch, int64_t heads, int64_t kv_heads,
+                     int64_t head_dim, int64_t block_size, float scale, int bf16, int amx, int num_threads);
+int prefill_attention_bf16(const uint16_t *q, int64_t q_stride, const int64_t *kv, const int64_t *starts,
+                           const int64_t *seqs, int64_t nseqs, uint16_t *out, int64_t heads, int64_t kv_heads,
+                           int64_t dim, float scale, int num_threads);
+int linear_bf16(const uint16_t *x, int64_t M, const void *w, int type, int64_t N, int64_t K, const uint16_t *bias,
+                uint16_t *y, int num_threads);
+void store_kv(const char *k, const char *v, int64_t k_stride, int64_t v_stride, char *k_cache, char *v_cache,
+              const int64_t *slots, int64_t tokens, int64_t row_bytes, int num_threads);
+void rms_norm_bf16(uint16_t *x, const uint16_t *add, const uint16_t *weight, uint16_t *out, int64_t rows,
+                   int64_t dim, float eps, int num_threads);
+void silu_and_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_t dim, int num_threads);
+void rope_bf16(uint16_t *x, int64_t stride, int64_t tokens, int64_t heads, int64_t head_dim, const uint16_t *cos,
+               const uint16_t *sin, int num_threads);
+void sample_rows(const void *logits, int64_t rows, int64_t vocab, int bf16, const float *temperature, const float *u,
+                 int64_t *out, int num_threads);
+int decode_layers_bf16(int64_t layers, const int64_t *layer, const int64_t *dims, int64_t M, uint16_t *residual,
+                       uint16_t *mlp_out, const uint16_t *cos, const uint16_t *sin, const int64_t *slots,
+                       const int64_t *tables, int64_t table_stride, const int64_t *lens, const int64_t *rows,
+                       const int64_t *tokens, uint16_t *h, uint16_t *qkv, uint16_t *attn, uint16_t *gate_up,
+                       uint16_t *act, float eps, float scale, int amx, int num_threads);
+
+#endif

@@ -1,0 +1,133 @@
+"""The CPU ops: our C kernels (kernels/cpu/) where they apply, torch's ops where they do not.
+
+Whether a kernel applies is decided here from the tensors (dtype, layout, sizes) and from what the library was
+built with (AMX, AVX512-BF16), and nowhere else; the layers only call the op. In fp32 the elementwise ops and
+the prefill attention stay torch's (bit for bit what HF computes); decode attention, the KV store and plain
+temperature sampling run in C in both dtypes. Speed-ups: docs/benchmarks.md."""
+import torch
+import torch.nn.functional as F
+
+from nanovllm.kernels import cpu as kernels
+from nanovllm.layers import attention as reference
+from nanovllm.layers.parallel import tp_size
+from nanovllm.layers.sampler import SamplingBatch, filtered, uniform
+import nanovllm.ops.torch_ops as torch_ops
+
+NAME = "cpu"
+# fp32 linears with 2-96 rows as (W @ x^T)^T, which MKL runs faster there: a 4-sequence fp32 SmolLM2 decode step
+# 120 -> 63 ms; at 1 row even, from 128 rows slower
+SMALL_ROWS = range(2, 97)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if kernels.fused_bf16(x, weight):
+        return kernels.rms_norm(x, weight, eps)
+    return torch_ops.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """In bf16 the residual is updated in place, in the same pass as the norm."""
+    if kernels.fused_bf16(x, residual, weight):
+        return kernels.rms_norm(residual, weight, eps, add=x), residual
+    residual = residual + x
+    return rms_norm(residual, weight, eps), residual
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+           sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """In bf16, q and k are rotated where they are (torch's rotary is ~20 small ops): in one pass when k's heads
+    follow q's in memory (views of the QKV output), else one pass each."""
+    if not (kernels.fused_bf16(cos, sin) and q.dtype == k.dtype == torch.bfloat16
+            and all(x.stride(2) == 1 and x.stride(1) == x.shape[2] for x in (q, k))):
+        return torch_ops.rotary(q, k, cos, sin)
+    row = q.shape[1] * q.shape[2]
+    if k.data_ptr() == q.data_ptr() + row * q.element_size() and q.stride(0) == k.stride(0):
+        kernels.rope_in_place(q.as_strided((q.shape[0], row + k.shape[1] * k.shape[2]), (q.stride(0), 1)),
+                              (cos, sin), q.shape[2])
+    else:
+        for x in (q, k):
+            kernels.rope_in_place(x.flatten(1), (cos, sin), x.shape[2])
+    return q, k
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if kernels.fused_bf16(x):
+        return kernels.silu_and_mul(x)
+    return torch_ops.silu_and_mul(x)
+
+
+def linear(x: torch.Tensor, layer) -> torch.Tensor:
+    """The weight packed for oneDNN where prepare() packed it; bf16 decode rows on AMX (reading the GGUF blocks
+    where the loader kept them); fp32 small batches as (W x^T)^T; else F.linear."""
+    if layer.packed is not None:
+        return torch.ops.mkldnn._linear_pointwise(x, layer.packed, layer.bias, "none", [], "")
+    if x.dim() != 2:
+        return F.linear(x, layer.weight, layer.bias)
+    if x.dtype == torch.bfloat16:
+        y = kernels.amx_linear(x, layer.weight, layer.bias, layer.blocks)
+        return F.linear(x, layer.weight, layer.bias) if y is None else y
+    if x.shape[0] not in SMALL_ROWS:
+        return F.linear(x, layer.weight, layer.bias)
+    y = (layer.weight @ x.t()).t().contiguous()
+    return y if layer.bias is None else y + layer.bias
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              meta: reference.AttentionMetadata, scale: float) -> torch.Tensor:
+    """The reference's interface (layers/attention.py). Decodes: our kernel reads the blocks in place (any dtype
+    it takes). Prompt chunks in bf16 with AMX: our flash attention; else the reference's SDPA."""
+    if not kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping):
+        reference.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    out = q.new_empty(q.shape)  # contiguous, whatever q's strides (a view of the QKV output)
+    if len(meta.decode_rows) and kernels.available(q, k_cache):
+        kernels.decode_attention(q, out, k_cache, v_cache, meta, scale)
+    elif len(meta.decode_rows):
+        reference.decode_attention(q, out, k_cache, v_cache, meta, scale)
+    chunks = reference.prefill_chunks(meta)
+    kv = [reference.chunk_keys(i, k, v, k_cache, v_cache, meta) for i in chunks]
+    if chunks and kernels.prefill_attention(q, out, meta.query_start, chunks, *zip(*kv), scale):
+        return out
+    for i, (keys, values) in zip(chunks, kv):
+        reference.prefill_attention(q, out, keys, values, meta, i, scale)
+    return out
+
+
+def sample(logits: torch.Tensor, b: SamplingBatch, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Plain temperature sampling (no filter, penalty or ban; not all greedy): one C pass per row over the logits,
+    read in place. Everything else: the reference sampler."""
+    if (b.repetition_penalty is None and not b.banned and kernels.can_sample(logits)
+            and not bool((b.temperature == 0).all()) and not filtered(b)):
+        return kernels.sample(logits, b.temperature, uniform(b, generator, logits.device))
+    return torch_ops.sample(logits, b, generator)
+
+
+def packs_weights(dtype: torch.dtype) -> bool:
+    """Whether prepare() packs the bf16 weights for oneDNN: a CPU with native bf16 but no AMX, where oneDNN's
+    blocked layout is 1.7-2.5x faster than F.linear at decode sizes (with AMX our kernel reads the plain weight)."""
+    return (dtype == torch.bfloat16 and not kernels.has_amx() and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def keeps_gguf_blocks(dtype: torch.dtype) -> bool:
+    """Whether decode steps read a GGUF's Q4_1 / Q8_0 blocks (dequantized in the AMX linear, the same values)."""
+    return dtype == torch.bfloat16 and kernels.has_amx() and tp_size() == 1
+
+
+def prepare(model: torch.nn.Module) -> None:
+    """Where packs_weights: every bf16 Linear's weight packed for oneDNN. The plain weight is dropped (no second
+    copy in memory) unless another module shares it (a tied embedding)."""
+    if not packs_weights(torch.bfloat16):
+        return
+    shared = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m.weight is not None and m.weight.dtype == torch.bfloat16:
+            m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach())
+            if id(m.weight) not in shared:
+                m.weight = None
+
+
+def step_runner(runner, config):
+    """A decode-only bf16 step's layers in one C call, where the model and the CPU allow it (ops/cpu_decode_step.py)."""
+    from nanovllm.ops.cpu_decode_step import FusedDecodeStep
+    return FusedDecodeStep.build(runner)

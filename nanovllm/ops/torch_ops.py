@@ -1,0 +1,55 @@
+"""The reference ops in plain torch: the equations, no C, no Triton. The other backends are tested against these,
+and `EngineConfig(ops="torch")` or NANOVLLM_OPS=torch runs the engine on them alone."""
+import torch
+import torch.nn.functional as F
+
+from nanovllm.layers.attention import torch_attention as attention  # noqa: F401 (an op of this backend)
+from nanovllm.layers.sampler import sample  # noqa: F401 (an op of this backend)
+
+NAME = "torch"
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight, in fp32 and cast back before the weight (as HF does)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream's add, then its norm: (RMSNorm(residual + x), residual + x)."""
+    residual = residual + x
+    return rms_norm(residual, weight, eps), residual
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D] rotated in the rotate-half layout: (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+           sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries and keys at their positions; cos, sin [T, 1, D / 2] (layers/rotary.py)."""
+    return rotate(q, cos, sin), rotate(k, cos, sin)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's gate: silu(gate) * up, for x = [gate | up]."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate).mul_(up)  # in place: one [tokens, intermediate] buffer fewer
+
+
+def linear(x: torch.Tensor, layer) -> torch.Tensor:
+    """x W^T + b of a Linear layer."""
+    return F.linear(x, layer.weight, layer.bias)
+
+
+def prepare(model: torch.nn.Module) -> None:
+    """After loading: nothing to do, the weights stay as loaded."""
+
+
+def step_runner(runner, config) -> None:
+    """No faster way to run whole steps than the model's forward."""
+    return None
