@@ -158,3 +158,33 @@ def test_max_model_len_given_is_checked_not_shrunk(model_path):
         LLM(model_path, num_kv_blocks=5, max_model_len=512)
     derived = LLM(model_path, num_kv_blocks=5)  # not given: the model's 512 shrinks to the pool
     assert derived.engine.config.max_model_len == 80
+
+
+def test_prompt_length_rule_is_vllms(llm):
+    """As vLLM and the server: a prompt must leave room for one token. max_model_len - 1 tokens give one token
+    (finish reason length); max_model_len tokens are refused with both lengths named."""
+    out = llm.generate([[5] * 63], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 1 and out.outputs[0].finish_reason == "length"
+    with pytest.raises(ValueError, match="64 tokens; with at least one token to generate that is longer than "
+                                         "max_model_len=64"):
+        llm.generate([[5] * 64], SamplingParams(max_tokens=1), use_tqdm=False)
+
+
+def test_a_stop_string_may_begin_before_min_tokens_and_end_after():
+    """vLLM's rule: once min_tokens are out, the search looks back over the stop string's length, so a stop string
+    whose first characters were made before min_tokens is found in the token that completes it."""
+    from conftest import byte_tokenizer
+    from nanovllm.engine.request import Request
+    tok = byte_tokenizer()
+    ids = [tok(ch).input_ids[0] for ch in "abcdef"]
+    for min_tokens, stop, ends_at, text in [(3, "cd", 4, "ab"), (3, "bc", None, "abcdef"), (0, "bc", 3, "a")]:
+        params = SamplingParams(min_tokens=min_tokens, max_tokens=6, stop=[stop], ignore_eos=True)
+        request = Request.make("r", None, [tok("x").input_ids[0]], params, tok, "cpu")
+        seq = request.seqs[0]
+        for n, token in enumerate(ids, start=1):
+            if done := request.append(seq, token, set(), max_model_len=64):
+                break
+        # "cd" begins in token 3 (made before min_tokens allowed a stop) and ends in token 4: found there;
+        # "bc" ends in token 3, before a stop may end: never found
+        assert (n if done and done[0] == "stop" else None) == ends_at
+        assert request.detoks[0].text == text

@@ -19,7 +19,6 @@ class IncrementalDetokenizer:
         self.prefix_offset, self.read_offset = 0, len(self.ids)
         self.stop, self.include_stop = stop or [], include_stop
         self.text = ""
-        self.search_from = 0  # text before this (made before min_tokens allowed a stop) is not searched
 
     def stable_text(self) -> str:
         """The text a stream may show before the end: a tail that could still become a stop string (and then be
@@ -28,7 +27,8 @@ class IncrementalDetokenizer:
         return self.text[:max(len(self.text) - hold, 0)]
 
     def add(self, token_id: int, find_stop: bool = True) -> str | None:
-        """Append one token; returns the stop string it completed, if any (then `text` is cut there)."""
+        """Append one token; returns the stop string it completed, if any (then `text` is cut there). With
+        find_stop False (before min_tokens) no stop string ends in this token's text."""
         self.ids.append(token_id)
         before = self.decode(self.ids[self.prefix_offset:self.read_offset])
         after = self.decode(self.ids[self.prefix_offset:])
@@ -38,11 +38,10 @@ class IncrementalDetokenizer:
         old_len = len(self.text)
         self.text += after[len(before):]
         if not find_stop:
-            self.search_from = len(self.text)
             return None
-        # a stop string can only end in the new text: start each search just far enough back
-        found = [(at, s) for s in self.stop
-                 if (at := self.text.find(s, max(self.search_from, old_len - len(s) + 1))) != -1]
+        # a stop string can only end in the new text: start each search just far enough back (as vLLM does, also
+        # into text made before min_tokens allowed a stop: a stop string may begin there and end here)
+        found = [(at, s) for s in self.stop if (at := self.text.find(s, max(0, old_len - len(s) + 1))) != -1]
         if not found:
             return None
         at, s = min(found)

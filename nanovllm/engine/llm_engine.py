@@ -85,8 +85,9 @@ class LLMEngine:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
         if not ids:
             raise ValueError("the prompt is empty")
-        if len(ids) > self.config.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens, longer than max_model_len={self.config.max_model_len}")
+        if len(ids) >= self.config.max_model_len:  # vLLM's rule, the server's too: room for one token at least
+            raise ValueError(f"the prompt has {len(ids)} tokens; with at least one token to generate that is longer "
+                             f"than max_model_len={self.config.max_model_len}")
         bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad:
             raise ValueError(f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")

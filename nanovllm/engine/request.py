@@ -73,15 +73,16 @@ class Request:
     def append(self, seq: Sequence, token: int, eos_token_ids: set[int],
                max_model_len: int) -> tuple[str, int | str | None] | None:
         """Add a sampled token to `seq` and its text; returns (finish reason, stop reason) if it ends the sequence:
-        a stop or EOS token (once min_tokens are out), a stop string, max_tokens or max_model_len."""
+        a stop or EOS token (once min_tokens are out), a stop string, max_tokens or max_model_len. As in vLLM, a
+        stop string may end in the tokens after the first min_tokens, and begin anywhere."""
         seq.token_ids.append(token)
         p, detok = seq.params, self.detoks[seq.index]
-        may_stop = seq.num_output_tokens >= p.min_tokens
-        if may_stop and (token in p.stop_token_ids or (not p.ignore_eos and token in eos_token_ids)):
+        n = seq.num_output_tokens
+        if n >= p.min_tokens and (token in p.stop_token_ids or (not p.ignore_eos and token in eos_token_ids)):
             if p.include_stop_str_in_output:  # as vLLM: a stop token's own text is left out unless asked for
                 detok.add(token, find_stop=False)
             return "stop", token if token in p.stop_token_ids else None
-        stop_str = detok.add(token, may_stop)
+        stop_str = detok.add(token, find_stop=n > p.min_tokens)
         if stop_str is not None:
             return "stop", stop_str
         if seq.num_output_tokens == p.max_tokens or seq.num_tokens >= max_model_len:
