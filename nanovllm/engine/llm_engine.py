@@ -45,8 +45,7 @@ class LLMEngine:
         if resolved.num_threads:
             torch.set_num_threads(resolved.num_threads)
         self.dtype = resolved.torch_dtype()
-        backend = ops.backend(resolved.ops)
-        ops.use(backend)
+        backend = ops.backend(resolved.ops)  # the model runner routes the ops to it
         workers = Workers(resolved) if resolved.tensor_parallel_size > 1 else None  # they load while we do
         try:
             loaded = load_model(path, self.dtype, resolved.device, resolved.max_model_len, hf_config,

@@ -56,7 +56,6 @@ def worker_main(config: EngineConfig, rank: int, port: int, conn) -> None:
             torch.set_num_threads(config.num_threads)
         init_distributed(config, rank, port)
         dtype, backend = config.torch_dtype(), ops.backend(config.ops)  # the config is rank 0's resolved one
-        ops.use(backend)
         loaded = load_model(config.model, dtype, config.device, config.max_model_len, None, config.tokenizer, backend)
         runner = ModelRunner(config, loaded.model, dtype, loaded.eos_token_ids)
         dist.barrier()  # loaded everywhere

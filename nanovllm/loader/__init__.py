@@ -113,7 +113,7 @@ def load_model(path: str, dtype: torch.dtype, device: str, max_positions: int, h
     model = model.to(dtype).to_empty(device=device)
     if model.tie_word_embeddings:  # to_empty gave the two their own storage
         model.lm_head.weight = model.model.embed_tokens.weight
-    if device == "cpu" and not getattr(backend, "packs_weights", lambda dtype: False)(dtype):
+    if device == "cpu" and not backend.packs_weights(dtype):
         place_in_huge_pages(model)  # (repacked weights live in their library's memory instead)
     params = dict(model.named_parameters())
     if is_gguf:
@@ -128,7 +128,7 @@ def load_model(path: str, dtype: torch.dtype, device: str, max_positions: int, h
     missing = model.expected_weights() - loaded
     if missing:
         raise ValueError(f"checkpoint {path!r} lacks weights: {', '.join(sorted(missing)[:8])}")
-    if is_gguf and device == "cpu" and getattr(backend, "keeps_gguf_blocks", lambda dtype: False)(dtype):
+    if is_gguf and device == "cpu" and backend.keeps_gguf_blocks(dtype):
         keep_gguf_blocks(model, path, index, cfg)
     model.rotary.build()  # after to_empty and the cast: the cos/sin tables are computed here, in fp32
     model.eval()
@@ -151,7 +151,7 @@ def keep_gguf_blocks(model: torch.nn.Module, path: str, index: list[dict], cfg) 
     for name, kind, blocks in gguf_blocks(path, index, cfg):
         if model.tie_word_embeddings and name == "model.embed_tokens.weight":
             name = "lm_head.weight"  # the LM head reads the embedding's blocks
-        target = model.param_name(name)
+        target = model.locate(name)[0]
         m = linears.get(target)
         if m is None or kinds.setdefault(target, kind) != kind:  # not a projection, or parts of two types
             kinds[target] = None

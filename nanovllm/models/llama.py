@@ -161,10 +161,6 @@ class LlamaForCausalLM(nn.Module):
                 return f"model.layers.{i}.{w.name}.{kind}", w, part
         return name, None, None
 
-    def param_name(self, name: str) -> str:
-        """Our parameter that the checkpoint tensor `name` fills (q/k/v and gate/up: a fused one)."""
-        return self.locate(name)[0]
-
     def load_weight(self, name: str, tensor, params: dict[str, nn.Parameter]) -> str | None:
         """Copy this rank's part of one checkpoint tensor (a tensor, or a lazy safetensors slice) into its
         (possibly fused) parameter; returns the name it filled."""

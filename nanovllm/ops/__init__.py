@@ -7,7 +7,8 @@ them. One backend serves every op, chosen once when the engine starts (`choose`,
 - cuda:  our Triton attention, torch elsewhere (cuda_ops.py).
 `EngineConfig(ops="torch")` or NANOVLLM_OPS=torch forces the reference.
 
-Each backend module has the ops below plus `prepare(model)` (after loading, e.g. repack weights) and
+Each backend module has the ops below plus what the loader and the model runner ask of it: `prepare(model)`
+(after loading, e.g. repack weights), `packs_weights(dtype)`, `keeps_gguf_blocks(dtype)` and
 `step_runner(runner, config)` (a faster way to run whole steps, such as CUDA graphs, or None)."""
 import os
 

@@ -50,6 +50,16 @@ def prepare(model: torch.nn.Module) -> None:
     """After loading: nothing to do, the weights stay as loaded."""
 
 
+def packs_weights(dtype: torch.dtype) -> bool:
+    """Whether prepare() repacks the weights (then the loader keeps them out of its 2 MB-page buffer)."""
+    return False
+
+
+def keeps_gguf_blocks(dtype: torch.dtype) -> bool:
+    """Whether the loader keeps a GGUF's quantized blocks beside the weights for this backend to read."""
+    return False
+
+
 def step_runner(runner, config) -> None:
     """No faster way to run whole steps than the model's forward."""
     return None
