@@ -263,7 +263,7 @@ def main() -> None:
     from nanovllm.config import EngineConfig
     from nanovllm.loader import default_model_path
     probe = EngineConfig(dtype=args.dtype)  # "auto" resolves exactly as the engine will resolve it
-    dtype, device = probe.torch_dtype(), probe.device
+    dtype, device = probe.torch_dtype(), probe.resolved_device()
     dtype_name = str(dtype).removeprefix("torch.")
 
     tmp = tempfile.TemporaryDirectory(prefix="nanovllm-bench-")
