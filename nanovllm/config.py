@@ -21,7 +21,9 @@ class EngineConfig:
     dtype: str = "auto"                   # auto | float32 | bfloat16 | float16
     device: str = "auto"                  # auto | cpu | cuda
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048    # per-step token budget; longer prompts are chunked
+    max_num_batched_tokens: int | None = None  # per-step token budget (default 2048); longer prompts are chunked
+    enable_chunked_prefill: bool = True   # False: a prompt is prefilled whole, in one step (the budget must hold
+                                          # max_model_len tokens; by default it is raised to)
     max_model_len: int | None = None      # default: the model's max_position_embeddings
     block_size: int = 16
     kv_cache_gib: float = 4.0             # KV pool size on CPU (per process)
@@ -34,14 +36,17 @@ class EngineConfig:
     num_threads: int | None = None        # CPU threads for torch; default: torch's choice
     enforce_eager: bool = False           # on CUDA: no CUDA graphs for decode steps
     ops: str = "auto"                     # auto | torch | cpu | cuda: who runs the accelerated ops (nanovllm/ops)
+    max_logprobs: int = 20                # the most logprobs a request may ask for
+    generation_config: str = "auto"       # sampling defaults: auto (the model folder's generation_config.json),
+                                          # vllm (none), or a folder holding one
 
     def __post_init__(self) -> None:
-        positive = ["max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"]
+        positive = ["max_num_seqs", "block_size", "tensor_parallel_size"]
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"EngineConfig.{name} must be an integer >= 1, got {value!r}")
-        for name in ["max_model_len", "num_kv_blocks", "num_threads"]:
+        for name in ["max_model_len", "num_kv_blocks", "num_threads", "max_num_batched_tokens"]:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"EngineConfig.{name} must be None or an integer >= 1, got {value!r}")

@@ -4,18 +4,19 @@ from collections.abc import Iterator, Sequence as Seq
 
 from tqdm.auto import tqdm
 
-from nanovllm.config import EngineConfig
 from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.engine_args import engine_config
 from nanovllm.engine.request import Prompt, chat_token_ids
 from nanovllm.outputs import DeltaTracker, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 
 
 class LLM:
-    """Offline generation with vLLM's API. `LLM()` loads the embedded SmolLM2-135M-Instruct."""
+    """Offline generation with vLLM's API. `LLM()` loads the embedded SmolLM2-135M-Instruct. The keyword arguments
+    are EngineConfig's and vLLM's engine arguments (nanovllm/engine_args.py, docs/from-vllm.md)."""
 
     def __init__(self, model: str | None = None, **engine_args):
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+        self.engine = LLMEngine(engine_config(model, **engine_args))
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
         self._streaming = False  # a stream() is open: it steps the engine itself
@@ -30,16 +31,31 @@ class LLM:
     def __exit__(self, *exc) -> None:
         self.shutdown()
 
+    @property
+    def llm_engine(self) -> LLMEngine:
+        return self.engine
+
     def get_tokenizer(self):
         return self.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation_config.json defaults (temperature, top_p, top_k, min_p,
+        repetition_penalty, max_new_tokens as max_tokens), as vLLM gives them; vLLM's defaults where it has none."""
+        return SamplingParams(**self.engine.generation_defaults)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix block; False (nothing done) while a request still holds blocks."""
+        return self.engine.block_manager.reset_prefix_cache()
+
     def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, lora_request=None) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in input order.
 
         Every prompt is validated before any starts: one bad prompt raises a ValueError naming its index
         and nothing is generated (as vLLM does)."""
         self._refuse_while_streaming()
+        if lora_request is not None:
+            raise ValueError("lora_request is not supported: nanovllm serves no LoRA adapters")
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params or SamplingParams()
@@ -57,13 +73,18 @@ class LLM:
         return self._run([r.request_id for r in requests], use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
-             use_tqdm: bool = True, add_generation_prompt: bool = True, chat_template: str | None = None,
-             **template_kwargs) -> list[RequestOutput]:
-        """One conversation (a list of messages) or many; each is rendered with the model's chat template."""
+             use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, lora_request=None, **template_kwargs) -> list[RequestOutput]:
+        """One conversation (a list of messages) or many; each is rendered with the model's chat template.
+        continue_final_message: the last (assistant) message is left open for the model to continue."""
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message=True needs add_generation_prompt=False (as in vLLM)")
+        if continue_final_message:
+            template_kwargs["continue_final_message"] = True
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [{"prompt_token_ids": self.apply_chat_template(c, add_generation_prompt, chat_template,
                                                                  **template_kwargs)} for c in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             chat_template: str | None = None, **kwargs) -> list[int]:

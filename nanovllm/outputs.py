@@ -24,6 +24,7 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     error: str | None = None  # why handling this request failed (it is finished, its outputs aborted)
+    metrics: object | None = None  # vLLM's field; no per-request timings are kept (the server's /metrics has them)
 
 
 class DeltaTracker:

@@ -1,9 +1,18 @@
+import copy
 from dataclasses import dataclass
+from enum import IntEnum
+
+
+class RequestOutputKind(IntEnum):
+    """What a streamed request's outputs hold (vLLM's names): all so far, only what is new, or only the final."""
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass
 class SamplingParams:
-    """Per-request sampling and stopping knobs, with vLLM's names and defaults."""
+    """Per-request sampling and stopping knobs, with vLLM's names, defaults and meaning."""
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
@@ -20,11 +29,25 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True  # as HF: only slow tokenizers put spaces there; ours are fast
+    detokenize: bool = True                      # False: token ids only, no text (and no stop strings)
+    truncate_prompt_tokens: int | None = None    # keep the prompt's last k tokens (-1: max_model_len - 1)
+    logit_bias: dict[int, float] | None = None   # added to those tokens' logits before sampling
+    allowed_token_ids: list[int] | None = None   # only these tokens may be sampled
+    bad_words: list[str] | None = None           # words never generated (their last token is banned after the rest)
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    logprobs: int | None = None                  # not supported yet
+    prompt_logprobs: int | None = None           # not supported yet
+    structured_outputs: object | None = None     # not supported yet
+    extra_args: dict | None = None               # for vLLM's custom logits processors; unused here
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, allowed: str) -> None:
             if not ok:
                 raise ValueError(f"SamplingParams.{name} must be {allowed}, got {getattr(self, name)!r}")
+        for name in ("logprobs", "prompt_logprobs", "structured_outputs"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"SamplingParams.{name} is not supported yet (nanovllm has no {name} so far)")
         check(isinstance(self.n, int) and self.n >= 1, "n", "an integer >= 1")
         check(self.temperature >= 0, "temperature", ">= 0")
         check(0 < self.top_p <= 1, "top_p", "in (0, 1]")
@@ -43,10 +66,25 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         check(all(isinstance(s, str) and s for s in self.stop), "stop", "a list of non-empty strings")
+        if self.stop and not self.detokenize:
+            raise ValueError("SamplingParams.stop needs detokenize=True: stop strings are found in the text")
         self.stop_token_ids = list(self.stop_token_ids or [])
         check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
               "a list of token ids >= 0")
+        check(self.truncate_prompt_tokens is None or (isinstance(self.truncate_prompt_tokens, int)
+                                                      and (self.truncate_prompt_tokens >= 1
+                                                           or self.truncate_prompt_tokens == -1)),
+              "truncate_prompt_tokens", "None, -1 or an integer >= 1")
+        self.logit_bias = {int(t): float(b) for t, b in (self.logit_bias or {}).items()} or None
+        check(self.allowed_token_ids is None or (len(self.allowed_token_ids) > 0 and all(
+            isinstance(t, int) and t >= 0 for t in self.allowed_token_ids)), "allowed_token_ids",
+              "None or a non-empty list of token ids")
+        check(all(isinstance(w, str) and w for w in self.bad_words or []), "bad_words", "a list of non-empty strings")
+        self.output_kind = RequestOutputKind(self.output_kind)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def clone(self) -> "SamplingParams":
+        return copy.deepcopy(self)

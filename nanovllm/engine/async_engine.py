@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from nanovllm.config import EngineConfig
 from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.engine.request import Prompt, Request, tokenize
-from nanovllm.outputs import RequestOutput
-from nanovllm.sampling_params import SamplingParams
+from nanovllm.outputs import DeltaTracker, RequestOutput
+from nanovllm.sampling_params import RequestOutputKind, SamplingParams
 
 
 class EngineDeadError(RuntimeError):
@@ -79,12 +79,15 @@ class AsyncEngine:
         """Validate and tokenize (with the callers' tokenizer) without queueing: raises ValueError on bad input."""
         self.check_alive()
         text, ids = tokenize(self.tokenizer, prompt)
-        return self.engine.make_request(request_id or f"req-{next(self._ids)}", {"prompt": text, "prompt_token_ids": ids},
-                                        params or SamplingParams())
+        prompt = {"prompt": text, "prompt_token_ids": ids}
+        return self.engine.make_request(request_id or f"req-{next(self._ids)}", prompt, params or SamplingParams())
 
     async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
-        """Queue a request (from make_request) and yield its cumulative outputs as they change, the last one
-        finished. Leaving the iteration early (or being cancelled) aborts the request and frees its blocks."""
+        """Queue a request (from make_request) and yield its outputs as they change, the last one finished: as
+        its SamplingParams.output_kind says, cumulative (the default), deltas, or the final one only. Leaving the
+        iteration early (or being cancelled) aborts the request and frees its blocks."""
+        kind = request.seqs[0].params.output_kind
+        delta = DeltaTracker() if kind == RequestOutputKind.DELTA else None
         stream = Stream(asyncio.Queue(), asyncio.get_running_loop(), time.perf_counter(),
                         num_prompt_tokens=len(request.prompt_token_ids))
         self._submit(lambda: self._add(request, stream), stream.put)
@@ -98,7 +101,8 @@ class AsyncEngine:
                     finished = not stream.added  # refused: there is nothing of ours to abort (its id may be another's)
                     raise item
                 finished = item.finished
-                yield item
+                if finished or kind != RequestOutputKind.FINAL_ONLY:
+                    yield delta(item) if delta else item
         finally:
             if not finished and self.error is None:
                 self._submit(lambda: self._abort(request.request_id, stream))

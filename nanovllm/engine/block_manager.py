@@ -101,6 +101,16 @@ class BlockManager:
                     self.free.move_to_end(block, last=False)
         seq.block_table = []
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block's key (a new model state, a benchmark's cold start); False while any block is
+        held, since a running sequence's blocks must stay as they are."""
+        if self.num_free != self.num_blocks:
+            return False
+        self.cached.clear()
+        self.keys = [None] * self.num_blocks
+        self.tokens = [None] * self.num_blocks
+        return True
+
     def check_all_free(self) -> None:
         """Invariant for tests: no block is held once no sequence is alive."""
         held = [b for b, r in enumerate(self.ref_counts) if r != 0]

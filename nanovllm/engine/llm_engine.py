@@ -10,9 +10,12 @@ from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.request import Prompt, Request, tokenize
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.workers import Workers, check_tensor_parallel
-from nanovllm.loader import default_model_path, load_hf_config, load_model
+from nanovllm.loader import default_model_path, generation_defaults, load_hf_config, load_model
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
+
+
+DEFAULT_BUDGET = 2048  # tokens a step computes, when not given: enough to keep a CPU's matmuls efficient
 
 
 def resolve(config: EngineConfig, hf_config) -> EngineConfig:
@@ -28,8 +31,15 @@ def resolve(config: EngineConfig, hf_config) -> EngineConfig:
         model_max = min(model_max, window)  # no sliding-window attention: stay inside one window
     if config.max_model_len is not None and config.max_model_len > model_max:
         raise ValueError(f"max_model_len={config.max_model_len} is longer than the model allows ({model_max})")
+    max_len, budget = config.max_model_len or model_max, config.max_num_batched_tokens
+    if not config.enable_chunked_prefill:  # as vLLM: a step must hold a whole prompt
+        if budget is not None and budget < max_len:
+            raise ValueError(f"max_num_batched_tokens={budget} is smaller than max_model_len={max_len}: without "
+                             f"chunked prefill a step must hold a whole prompt (enable_chunked_prefill=True, or a "
+                             f"larger max_num_batched_tokens)")
+        budget = budget or max(max_len, DEFAULT_BUDGET)
     return dataclasses.replace(config, device=device, ops=ops.choose(device, config.ops), num_threads=threads,
-                               max_model_len=config.max_model_len or model_max)
+                               max_model_len=max_len, max_num_batched_tokens=budget or DEFAULT_BUDGET)
 
 
 class LLMEngine:
@@ -70,6 +80,9 @@ class LLMEngine:
         self.scheduler = Scheduler(resolved, self.block_manager)
         self.requests: dict[str, Request] = {}
         self.vocab_size = hf_config.vocab_size
+        # what LLM.get_default_sampling_params and the server's requests start from
+        source = {"auto": path, "vllm": None}.get(resolved.generation_config, resolved.generation_config)
+        self.generation_defaults = generation_defaults(source) if source else {}
         self.last_step = (0, 0)  # (prefill tokens, decode tokens) of the last step, for progress reports
 
     # ---- requests -------------------------------------------------------------------------------------
@@ -79,6 +92,9 @@ class LLMEngine:
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"n={params.n} is more than max_num_seqs={self.config.max_num_seqs} sequences")
         text, ids = tokenize(self.tokenizer, prompt)
+        if params.truncate_prompt_tokens is not None:  # its last k tokens (-1: as many as leave room for one)
+            k = params.truncate_prompt_tokens
+            ids = ids[-(self.config.max_model_len - 1 if k == -1 else k):]
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
@@ -87,9 +103,10 @@ class LLMEngine:
         if len(ids) >= self.config.max_model_len:  # vLLM's rule, the server's too: room for one token at least
             raise ValueError(f"the prompt has {len(ids)} tokens; with at least one token to generate that is longer "
                              f"than max_model_len={self.config.max_model_len}")
-        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
-        if bad:
-            raise ValueError(f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        for name in ("stop_token_ids", "logit_bias", "allowed_token_ids"):
+            bad = [t for t in getattr(params, name) or [] if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"{name} {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
         return Request.make(request_id, text, ids, params, self.tokenizer, self.config.device)
 
     def add(self, request: Request) -> None:

@@ -108,6 +108,11 @@ class ModelRunner:
         # min_tokens: EOS and stop tokens cannot be drawn before it is reached (as in vLLM)
         b.banned = [(i, t) for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens
                     for t in (*self.eos_token_ids, *s.params.stop_token_ids)]
+        # a bad word's last token, where the output ends with the rest of it (as in vLLM)
+        b.banned += [(i, word[-1]) for i, s in enumerate(seqs) for word in s.bad_words
+                     if len(word) == 1 or s.output_token_ids[-(len(word) - 1):] == word[:-1]]
+        b.bias = [(i, t, v) for i, p in enumerate(ps) for t, v in (p.logit_bias or {}).items()]
+        b.allowed = [(i, p.allowed_token_ids) for i, p in enumerate(ps) if p.allowed_token_ids]
         return b
 
     def run(self, batch: ScheduledBatch, sample_rows: list[int]) -> list[int]:

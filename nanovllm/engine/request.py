@@ -47,6 +47,17 @@ def chat_token_ids(tokenizer, messages: list[dict], add_generation_prompt: bool 
     return tokenizer(text, add_special_tokens=False).input_ids  # the template already holds BOS etc.
 
 
+def bad_word_ids(tokenizer, words: list[str]) -> list[list[int]]:
+    """Each bad word's token ids as it would be generated: alone, and after a space where that tokenizes
+    differently into as many tokens (as vLLM does)."""
+    out = []
+    for word in words:
+        plain = tokenizer(word.lstrip(), add_special_tokens=False).input_ids
+        spaced = tokenizer(" " + word.lstrip(), add_special_tokens=False).input_ids
+        out += [plain] + ([spaced] if spaced[0] != plain[0] and len(spaced) == len(plain) else [])
+    return out
+
+
 @dataclass
 class Request:
     request_id: str
@@ -61,8 +72,9 @@ class Request:
              device: str) -> "Request":
         """n sequences of the same prompt; a seeded request's sequence i draws from its own generator (seed + i)."""
         seqs, detoks = [], []
+        bad_words = bad_word_ids(tokenizer, params.bad_words or [])
         for i in range(params.n):
-            seq = Sequence(request_id, i, list(ids), len(ids), params)
+            seq = Sequence(request_id, i, list(ids), len(ids), params, bad_words=bad_words)
             if params.seed is not None:
                 seq.generator = torch.Generator(device).manual_seed((params.seed + i) % 2**64)
             seqs.append(seq)
@@ -79,10 +91,10 @@ class Request:
         p, detok = seq.params, self.detoks[seq.index]
         n = seq.num_output_tokens
         if n >= p.min_tokens and (token in p.stop_token_ids or (not p.ignore_eos and token in eos_token_ids)):
-            if p.include_stop_str_in_output:  # as vLLM: a stop token's own text is left out unless asked for
+            if p.include_stop_str_in_output and p.detokenize:  # as vLLM: a stop token's text only if asked for
                 detok.add(token, find_stop=False)
             return "stop", token if token in p.stop_token_ids else None
-        stop_str = detok.add(token, find_stop=n > p.min_tokens)
+        stop_str = detok.add(token, find_stop=n > p.min_tokens) if p.detokenize else None
         if stop_str is not None:
             return "stop", stop_str
         if seq.num_output_tokens == p.max_tokens or seq.num_tokens >= max_model_len:

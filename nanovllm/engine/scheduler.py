@@ -24,6 +24,7 @@ class Scheduler:
     def __init__(self, config: EngineConfig, block_manager: BlockManager):
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.chunked_prefill = config.enable_chunked_prefill
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -60,6 +61,8 @@ class Scheduler:
             seq = self.waiting[0]
             hits = bm.match_prefix(seq) if not seq.block_table else []
             n = min(seq.num_tokens - seq.num_computed - len(hits) * bm.block_size, budget)
+            if not self.chunked_prefill and n < seq.num_tokens - seq.num_computed - len(hits) * bm.block_size:
+                break  # the whole prompt in one step, or wait for a step with room for it
             if not bm.can_allocate(seq, hits, n):
                 break
             self.waiting.popleft()

@@ -28,6 +28,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     generator: torch.Generator | None = None
+    bad_words: list[list[int]] = field(default_factory=list)  # SamplingParams.bad_words as token ids
 
     @property
     def num_tokens(self) -> int:

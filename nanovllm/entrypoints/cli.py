@@ -4,32 +4,52 @@ import os
 import sys
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None, help="HF folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--max-num-seqs", type=int, default=None,
+def add_engine_args(p: argparse.ArgumentParser, engine_seed: bool = False) -> None:
+    """The engine's knobs under vLLM's flag names, in vLLM's groups; the flags vLLM has and nanovllm need not
+    act on are accepted (docs/from-vllm.md), and the values it does not support are refused by engine_args.
+    engine_seed: --seed seeds the engine (serve), where generate and chat take it as the requests' seed."""
+    m = p.add_argument_group("ModelConfig")
+    m.add_argument("--model", default=None, help="HF folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    m.add_argument("--tokenizer", default=None, help="a tokenizer folder (default: the model's own)")
+    m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "half", "float"])
+    m.add_argument("--max-model-len", type=int, default=None)
+    if engine_seed:
+        m.add_argument("--seed", dest="engine_seed", type=int, default=0)
+    m.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs for decode steps")
+    m.add_argument("--trust-remote-code", action="store_true", help="accepted: no checkpoint code is ever run")
+    m.add_argument("--generation-config", default="auto",
+                   help="'auto': sampling defaults from the model's generation_config.json; 'vllm': none; or a "
+                        "folder holding a generation_config.json")
+    c = p.add_argument_group("CacheConfig")
+    c.add_argument("--block-size", type=int, default=16)
+    c.add_argument("--kv-cache-gib", type=float, default=4.0, help="CPU: the KV pool's size per process")
+    c.add_argument("--kv-cache-dtype", default="auto", help="'auto' only: the model's dtype")
+    c.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="CUDA: share of the GPU to use")
+    c.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    c.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", help=argparse.SUPPRESS)
+    s = p.add_argument_group("SchedulerConfig")
+    s.add_argument("--max-num-seqs", type=int, default=None,
                    help="default: generate, the number of prompts; chat, 1; serve, 256 (the KV pool is sized by it)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--kv-cache-gib", type=float, default=4.0)
-    g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--num-threads", type=int, default=None)
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="CUDA: share of the GPU to use")
-    g.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs for decode steps")
-    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+    s.add_argument("--max-num-batched-tokens", type=int, default=None, help="per-step token budget (default 2048)")
+    s.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+    q = p.add_argument_group("ParallelConfig")
+    q.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over this many processes (GPUs on CUDA)")
+    q.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch per process")
 
 
 def engine_kwargs(args: argparse.Namespace, seqs: int = 256) -> dict:
     """seqs: max_num_seqs unless given. The KV pool holds at most that many full-length sequences and is
     allocated (every page touched) at start-up, so a command that runs a few sequences starts sooner."""
-    return dict(dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs or seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-                kv_cache_gib=args.kv_cache_gib, enable_prefix_caching=not args.no_prefix_caching,
-                num_threads=args.num_threads, tensor_parallel_size=args.tensor_parallel_size,
-                gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager)
+    return dict(tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len,
+                seed=getattr(args, "engine_seed", 0),
+                max_num_seqs=args.max_num_seqs or seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                enable_chunked_prefill=args.enable_chunked_prefill, block_size=args.block_size,
+                kv_cache_gib=args.kv_cache_gib, kv_cache_dtype=args.kv_cache_dtype,
+                enable_prefix_caching=args.enable_prefix_caching, num_threads=args.num_threads,
+                tensor_parallel_size=args.tensor_parallel_size, gpu_memory_utilization=args.gpu_memory_utilization,
+                enforce_eager=args.enforce_eager, trust_remote_code=args.trust_remote_code,
+                generation_config=args.generation_config)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -112,14 +132,18 @@ def chat(args: argparse.Namespace) -> None:
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from nanovllm.config import EngineConfig
     from nanovllm.engine.async_engine import AsyncEngine
+    from nanovllm.engine_args import engine_config
     from nanovllm.entrypoints.server import build_app
     model = args.model_pos or args.model
-    engine = AsyncEngine(EngineConfig(model=model, **engine_kwargs(args)))
-    name = args.served_model_name or model or "SmolLM2-135M-Instruct"
-    app = build_app(engine, name, args.api_key or os.environ.get("NANOVLLM_API_KEY"))
-    print(f"nanovllm: serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    engine = AsyncEngine(engine_config(model, **engine_kwargs(args)))
+    names = args.served_model_name or [model or "SmolLM2-135M-Instruct"]
+    template = args.chat_template
+    if template and os.path.isfile(template):
+        with open(template) as f:
+            template = f.read()
+    app = build_app(engine, names, args.api_key or os.environ.get("NANOVLLM_API_KEY"), template)
+    print(f"nanovllm: serving {names[0]!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=2)
 
 
@@ -142,12 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server")
     sv.add_argument("model_pos", nargs="?", metavar="MODEL", help="same as --model")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (or $NANOVLLM_API_KEY)")
-    sv.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL)")
-    sv.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
-    add_engine_args(sv)
+    f = sv.add_argument_group("Frontend")
+    f.add_argument("--host", default="127.0.0.1")
+    f.add_argument("--port", type=int, default=8000)
+    f.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (or $NANOVLLM_API_KEY)")
+    f.add_argument("--served-model-name", nargs="+", default=None,
+                   help="the model names clients may use (default: MODEL); the first is reported")
+    f.add_argument("--chat-template", default=None, help="a chat template (a file or the template itself)")
+    f.add_argument("--uvicorn-log-level", "--log-level", dest="log_level", default="warning",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+    f.add_argument("--disable-log-requests", action="store_true", help="accepted: requests are not logged anyway")
+    add_engine_args(sv, engine_seed=True)
     sv.set_defaults(func=serve)
     return parser
 

@@ -26,7 +26,12 @@ from nanovllm.sampling_params import SamplingParams
 
 
 # ---- the app ---------------------------------------------------------------------------------------------
-def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
+def build_app(engine: AsyncEngine, model_names: str | list[str], api_key: str | None = None,
+              chat_template: str | None = None) -> FastAPI:
+    """model_names: the names clients may send (the first is the one reported); chat_template: the server's own,
+    in place of the model's, unless a request brings one."""
+    names = [model_names] if isinstance(model_names, str) else list(model_names)
+    model_name = names[0]
     app = FastAPI(title="nanovllm", docs_url=None, redoc_url=None)
     metrics = engine.metrics = ServerMetrics(lambda: engine.stats)
     max_len = engine.engine.config.max_model_len
@@ -77,13 +82,13 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
 
     @v1.get("/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "nanovllm", "max_model_len": max_len}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "nanovllm", "max_model_len": max_len} for name in names]}
 
     @app.post("/tokenize")
     async def tokenize_text(body: dict):
         if "messages" in body:
-            ids = render_chat(engine, body["messages"], body.get("add_generation_prompt", True))
+            ids = render_chat(engine, body["messages"], body.get("add_generation_prompt", True), chat_template)
         elif isinstance(body.get("prompt"), str):
             ids = engine.tokenizer(body["prompt"], add_special_tokens=body.get("add_special_tokens", True)).input_ids
         else:
@@ -102,8 +107,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
         return {"prompt": engine.tokenizer.decode(ids)}
 
     def check_model(name: str | None) -> None:
-        if name is not None and name != model_name:
-            raise APIError(400, f"the model {name!r} is not served here; this server serves {model_name!r}",
+        if name is not None and name not in names:
+            raise APIError(400, f"the model {name!r} is not served here; this server serves {', '.join(names)}",
                            param="model", code="model_not_found")
 
     @v1.post("/completions")
@@ -130,7 +135,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
         check_model(body.model)
         if body.logprobs:
             raise APIError(400, "logprobs are not supported by this engine yet", param="logprobs")
-        ids = render_chat(engine, body.messages, body.add_generation_prompt, body.chat_template)
+        ids = render_chat(engine, body.messages, body.add_generation_prompt, body.chat_template or chat_template)
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
         requests = make_requests(engine, body, [({"prompt_token_ids": ids}, len(ids))], default_max=None,
@@ -167,7 +172,7 @@ def render_chat(engine: AsyncEngine, messages: list, add_generation_prompt: bool
 def make_requests(engine: AsyncEngine, body: SamplingFields, items: list[tuple[dict, int]], default_max: int | None,
                   max_len: int) -> list[EngineRequest]:
     """Check every prompt and its token budget, then build the engine requests (nothing is queued yet)."""
-    requests, base = [], uuid.uuid4().hex
+    requests, base, defaults = [], uuid.uuid4().hex, engine.engine.generation_defaults
     for i, (prompt, n_prompt) in enumerate(items):
         if n_prompt >= max_len:
             raise APIError(400, f"the prompt has {n_prompt} tokens, but this model's maximum context length is "
@@ -179,12 +184,17 @@ def make_requests(engine: AsyncEngine, body: SamplingFields, items: list[tuple[d
             raise APIError(400, f"max_tokens={body.max_tokens} cannot fit: the prompt has {n_prompt} tokens and "
                                 f"max_model_len is {max_len}, so at most {room} tokens can be generated",
                            param="max_tokens", code="context_length_exceeded")
+        # the model's sampling defaults (generation_config.json, --generation-config) where the body sets none
+        given = {k: getattr(body, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
+        sampling = {**given, **{k: v for k, v in defaults.items() if k in given and k not in body.model_fields_set}}
+        default_max = min(defaults["max_tokens"], default_max or room) if "max_tokens" in defaults else default_max
         max_tokens = body.max_tokens if body.max_tokens is not None else min(default_max or room, room)
         try:
             params = SamplingParams(
-                n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k or -1, min_p=body.min_p,
-                presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                repetition_penalty=body.repetition_penalty, seed=body.seed, max_tokens=max_tokens,
+                n=body.n, temperature=sampling["temperature"], top_p=sampling["top_p"],
+                top_k=sampling["top_k"] or -1, min_p=sampling["min_p"], presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty, repetition_penalty=sampling["repetition_penalty"],
+                seed=body.seed, max_tokens=max_tokens,
                 min_tokens=body.min_tokens, stop=body.stop, stop_token_ids=body.stop_token_ids,
                 ignore_eos=body.ignore_eos, include_stop_str_in_output=body.include_stop_str_in_output,
                 skip_special_tokens=body.skip_special_tokens)

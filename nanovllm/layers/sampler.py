@@ -18,7 +18,9 @@ class SamplingBatch:
     frequency_penalty: torch.Tensor | None = None    # [B]
     prompt_ids: list[list[int]] | None = None
     output_ids: list[list[int]] | None = None
-    banned: list[tuple[int, int]] | None = None      # (row, token) pairs masked out (EOS before min_tokens)
+    banned: list[tuple[int, int]] | None = None      # (row, token) pairs masked out (EOS before min_tokens, bad words)
+    bias: list[tuple[int, int, float]] | None = None  # (row, token, value) added to a logit (logit_bias)
+    allowed: list[tuple[int, list[int]]] | None = None  # (row, tokens): only these may be drawn (allowed_token_ids)
 
 
 def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
@@ -65,6 +67,12 @@ def sample(logits: torch.Tensor, b: SamplingBatch, generator: torch.Generator | 
     greedy = b.temperature == 0
     copied = logits.dtype != torch.float32
     logits = logits.float()  # from here on a bf16 LM head's logits are our own copy, changed in place
+    for row, tokens in b.allowed or []:
+        logits[row] = logits[row].masked_fill(torch.ones_like(logits[row], dtype=torch.bool).index_fill_(
+            0, torch.tensor(tokens, device=logits.device), False), float("-inf"))
+    if b.bias:
+        rows, toks, values = zip(*b.bias)
+        logits[list(rows), list(toks)] += torch.tensor(values, device=logits.device)
     if b.banned:
         rows, toks = zip(*b.banned)
         logits[list(rows), list(toks)] = float("-inf")

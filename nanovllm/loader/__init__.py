@@ -204,3 +204,18 @@ def eos_ids(path: str, cfg, tokenizer) -> set[int]:
     for s in sources:
         ids.update([s] if isinstance(s, int) else (s or []))
     return ids
+
+
+# generation_config.json's sampling fields -> SamplingParams' names (the ones vLLM takes as the model's defaults)
+GENERATION_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                     "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def generation_defaults(path: str) -> dict:
+    """The sampling defaults a model folder's generation_config.json sets, under SamplingParams' names."""
+    file = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(file):
+        return {}
+    with open(file) as f:
+        cfg = json.load(f)
+    return {ours: cfg[theirs] for theirs, ours in GENERATION_FIELDS.items() if cfg.get(theirs) is not None}

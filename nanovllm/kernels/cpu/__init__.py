@@ -76,8 +76,8 @@ def amx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 
 BF16, Q4_1, Q8_0 = 0, 1, 2  # what linear_bf16 reads (kernels.h): the plain weight, or its GGUF blocks
-# decode_layers_bf16's table (decode_step.c), per layer: 6 weights in the order the layer applies them (input norm, qkv, o, post
-# norm, gate/up, down), each as (weight or GGUF blocks, bias or 0, type), then the K and V cache
+# decode_layers_bf16's table (decode_step.c), per layer: 6 weights in the order the layer applies them (input
+# norm, qkv, o, post norm, gate/up, down), each as (weight or GGUF blocks, bias or 0, type), then the K and V cache
 LAYER_POINTERS = 6 * 3 + 2
 BLOCK_BYTES = {Q4_1: 20, Q8_0: 34}  # per 32 weights: Q4_1 fp16 d, fp16 m, 32 x 4 bits of q; Q8_0 fp16 d, 32 x int8
 
