@@ -73,8 +73,9 @@ class LLM:
         return self._run([r.request_id for r in requests], use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
-             use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
-             continue_final_message: bool = False, lora_request=None, **template_kwargs) -> list[RequestOutput]:
+             use_tqdm: bool = True, lora_request=None, chat_template: str | None = None,
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             **template_kwargs) -> list[RequestOutput]:
         """One conversation (a list of messages) or many; each is rendered with the model's chat template.
         continue_final_message: the last (assistant) message is left open for the model to continue."""
         if continue_final_message and add_generation_prompt:

@@ -213,3 +213,12 @@ def test_without_chunked_prefill_a_prompt_is_one_step(tmp_path):
     for batch in steps:  # every prefill chunk is a whole prompt
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             assert n == 1 or n == seq.num_prompt_tokens - (seq.num_cached_tokens if seq.num_cached_tokens > 0 else 0)
+
+
+def test_chat_can_continue_the_final_message(tiny):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "The answer is"}]
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    out = tiny.chat(messages, params, add_generation_prompt=False, continue_final_message=True, use_tqdm=False)[0]
+    assert tiny.get_tokenizer().decode(out.prompt_token_ids).endswith("The answer is")
+    with pytest.raises(ValueError, match="continue_final_message=True needs add_generation_prompt=False"):
+        tiny.chat(messages, params, continue_final_message=True, use_tqdm=False)
