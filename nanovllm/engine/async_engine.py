@@ -80,7 +80,8 @@ class AsyncEngine:
         self.check_alive()
         text, ids = tokenize(self.tokenizer, prompt)
         prompt = {"prompt": text, "prompt_token_ids": ids}
-        return self.engine.make_request(request_id or f"req-{next(self._ids)}", prompt, params or SamplingParams())
+        return self.engine.make_request(request_id or f"req-{next(self._ids)}", prompt, params or SamplingParams(),
+                                        self.tokenizer)
 
     async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
         """Queue a request (from make_request) and yield its outputs as they change, the last one finished: as

@@ -86,12 +86,14 @@ class LLMEngine:
         self.last_step = (0, 0)  # (prefill tokens, decode tokens) of the last step, for progress reports
 
     # ---- requests -------------------------------------------------------------------------------------
-    def make_request(self, request_id: str, prompt: Prompt, params: SamplingParams) -> Request:
+    def make_request(self, request_id: str, prompt: Prompt, params: SamplingParams, tokenizer=None) -> Request:
         """Validate and tokenize without touching the engine: a batch can check every prompt before it starts.
-        (The request id is checked when the request is added.)"""
+        (The request id is checked when the request is added.) tokenizer: what encodes the prompt and the bad
+        words, the caller's own copy when it runs off the engine's thread (the async engine); default the engine's."""
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"n={params.n} is more than max_num_seqs={self.config.max_num_seqs} sequences")
-        text, ids = tokenize(self.tokenizer, prompt)
+        encoder = tokenizer or self.tokenizer
+        text, ids = tokenize(encoder, prompt)
         if params.truncate_prompt_tokens is not None:  # its last k tokens (-1: as many as leave room for one)
             k = params.truncate_prompt_tokens
             ids = ids[-(self.config.max_model_len - 1 if k == -1 else k):]
@@ -107,7 +109,7 @@ class LLMEngine:
             bad = [t for t in getattr(params, name) or [] if not 0 <= t < self.vocab_size]
             if bad:
                 raise ValueError(f"{name} {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
-        return Request.make(request_id, text, ids, params, self.tokenizer, self.config.device)
+        return Request.make(request_id, text, ids, params, self.tokenizer, self.config.device, encoder)
 
     def add(self, request: Request) -> None:
         """Queue a request; a ValueError (nothing queued) if its id is already in use."""

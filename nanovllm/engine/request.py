@@ -69,10 +69,11 @@ class Request:
 
     @classmethod
     def make(cls, request_id: str, text: str | None, ids: list[int], params: SamplingParams, tokenizer,
-             device: str) -> "Request":
-        """n sequences of the same prompt; a seeded request's sequence i draws from its own generator (seed + i)."""
+             device: str, encoder=None) -> "Request":
+        """n sequences of the same prompt; a seeded request's sequence i draws from its own generator (seed + i).
+        `tokenizer` decodes (on the engine's thread); `encoder` (default: the same) encodes the bad words."""
         seqs, detoks = [], []
-        bad_words = bad_word_ids(tokenizer, params.bad_words or [])
+        bad_words = bad_word_ids(encoder or tokenizer, params.bad_words or [])
         for i in range(params.n):
             seq = Sequence(request_id, i, list(ids), len(ids), params, bad_words=bad_words)
             if params.seed is not None:
