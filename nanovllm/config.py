@@ -20,7 +20,7 @@ class EngineConfig:
     tokenizer: str | None = None          # defaults to the model's own
     dtype: str = "auto"                   # auto | float32 | bfloat16 | float16
     device: str = "auto"                  # auto | cpu | cuda
-    max_num_seqs: int = 256
+    max_num_seqs: int | None = None       # default: 512 on CUDA (a big card's decode batch), 256 on CPU
     max_num_batched_tokens: int | None = None  # per-step token budget (default 2048); longer prompts are chunked
     enable_chunked_prefill: bool = True   # False: a prompt is prefilled whole, in one step (the budget must hold
                                           # max_model_len tokens; by default it is raised to)
@@ -41,12 +41,12 @@ class EngineConfig:
                                           # vllm (none), or a folder holding one
 
     def __post_init__(self) -> None:
-        positive = ["max_num_seqs", "block_size", "tensor_parallel_size"]
+        positive = ["block_size", "tensor_parallel_size"]
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"EngineConfig.{name} must be an integer >= 1, got {value!r}")
-        for name in ["max_model_len", "num_kv_blocks", "num_threads", "max_num_batched_tokens"]:
+        for name in ["max_num_seqs", "max_model_len", "num_kv_blocks", "num_threads", "max_num_batched_tokens"]:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"EngineConfig.{name} must be None or an integer >= 1, got {value!r}")
@@ -60,6 +60,8 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.device must be auto, cpu or cuda, got {self.device!r}")
         if self.ops not in ("auto", "torch", "cpu", "cuda"):
             raise ValueError(f"EngineConfig.ops must be auto, torch, cpu or cuda, got {self.ops!r}")
+        if self.max_num_seqs is None and self.device != "auto":  # the device's default once it is known (resolve)
+            object.__setattr__(self, "max_num_seqs", DEFAULT_MAX_NUM_SEQS[self.device])
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -75,4 +77,5 @@ class EngineConfig:
         return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
+DEFAULT_MAX_NUM_SEQS = {"cpu": 256, "cuda": 512}  # sequences a step may hold; CUDA graphs are captured up to it
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -85,7 +85,7 @@ def test_pool_smaller_than_max_model_len(model_path):
 
 
 def test_bad_engine_config():
-    with pytest.raises(ValueError, match="max_num_seqs must be an integer >= 1"):
+    with pytest.raises(ValueError, match="max_num_seqs must be None or an integer >= 1"):
         LLM("/nonexistent", max_num_seqs=0)
 
 

@@ -26,6 +26,7 @@ CASES = [  # block size, heads, kv heads, head dim, sequences (context, query to
     (16, 4, 1, 16, [(100, 1), (20, 20), (37, 5)]),                              # MQA
     (32, 6, 3, 24, [(65, 1), (64, 30), (3, 3)]),                                # head dim not a power of 2
     (4, 4, 2, 16, [(23, 1), (19, 7)]),                                          # small blocks
+    (16, 2, 1, 128, [(150, 100), (70, 70), (90, 1)]),                           # 128-query prefill tiles
 ]
 
 
@@ -50,21 +51,97 @@ def test_kernels_match_torch_backend(block_size, heads, kv_heads, head_dim, seqs
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_decode_splits_agree():
-    """Flash-decoding: however the context is split across programs, the combined result is the same."""
+def decode_case(heads, kv_heads, head_dim, contexts, block_size=16, seed=0):
+    """A decode-only step over scattered blocks, its inputs, and the reference output (layers/attention.py)."""
+    from nanovllm.layers.attention import decode_attention as reference
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks = sum(-(-c // block_size) for c in contexts) + 4
+    meta = make_step([(c, 1) for c in contexts], block_size, num_blocks, gen)
+    q = torch.randn(len(contexts), heads, head_dim, generator=gen).to(DEVICE)
+    k_cache, v_cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=gen).to(DEVICE)
+    expected = torch.empty_like(q)
+    reference(q, expected, k_cache, v_cache, meta, head_dim ** -0.5)
+    return meta, q, k_cache, v_cache, expected
+
+
+def run_decode(meta, q, k_cache, v_cache, **kw):
     from nanovllm.kernels.attention import decode_attention
-    gen = torch.Generator().manual_seed(1)
-    meta = make_step([(90, 1), (7, 1), (64, 1)], 8, 32, gen)
-    q = torch.randn(3, 4, 16, generator=gen).to(DEVICE)
-    k_cache, v_cache = torch.randn(2, 32, 8, 2, 16, generator=gen).to(DEVICE)
-    outs = []
-    for splits in (1, 3, 12):
-        out = torch.zeros_like(q)
-        decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.decode_rows,
-                         meta.decode_tokens, out, 0.25, max_context=90, num_splits=splits)
-        outs.append(out)
-    for out in outs[1:]:
-        torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-5)
+    out = torch.full_like(q, float("nan"))
+    decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.decode_rows,
+                     meta.decode_tokens, out, q.shape[-1] ** -0.5, meta.decode_max_context, **kw)
+    return out
+
+
+ONE_SPLIT = dict(num_splits=1, block_n=16)
+MANY_SPLITS = dict(num_splits=5, split_min=32, block_n=32)  # 100 tokens: 32 + 32 + 32 + 4, the fifth split empty
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(1, 1, 64), (2, 1, 128), (6, 2, 64), (4, 1, 128),
+                                                     (7, 1, 64), (8, 1, 128)])  # GQA groups 1, 2, 3, 4, 7, 8
+def test_decode_matches_reference(heads, kv_heads, head_dim):
+    """The query heads of a KV head as the rows of one tensor-core tile (padded to 16), contexts of 1 token
+    (shorter than any split), across a block edge and over several scattered blocks; in one split and in many."""
+    meta, q, k_cache, v_cache, expected = decode_case(heads, kv_heads, head_dim, [1, 17, 100], seed=heads)
+    for kw in (ONE_SPLIT, MANY_SPLITS):
+        torch.testing.assert_close(run_decode(meta, q, k_cache, v_cache, **kw), expected, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"{kw}: {m}")
+
+
+@pytest.mark.parametrize("kw", [dict(num_splits=3, split_min=64, block_n=32),  # tiles of 2 blocks, 2 per split
+                                dict(split_min=32, block_n=16),                # planned from the contexts: 3 splits
+                                dict(num_splits=2, split_min=16, block_n=64)],  # tiles longer than a context
+                         ids=["tiles of blocks", "planned", "long tiles"])
+def test_decode_split_shapes(kw):
+    meta, q, k_cache, v_cache, expected = decode_case(4, 2, 64, [3, 33, 70], seed=7)
+    torch.testing.assert_close(run_decode(meta, q, k_cache, v_cache, **kw), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_split_count_follows_the_batch_not_max_model_len():
+    """The split count: enough programs for the batch, no more than the longest context fills; under CUDA graphs
+    (max_context = max_model_len) bounded by the batch bucket alone, whatever max_model_len is."""
+    from nanovllm.kernels.attention import MAX_SPLITS, TARGET_PROGRAMS, num_splits_for
+    assert num_splits_for(128, 8, 1000) == 4  # a ~1,000-token step: 4 splits of 256 tokens, all busy
+    assert num_splits_for(128, 8, 2048) == num_splits_for(128, 8, 40960) == 4
+    assert num_splits_for(512, 8, 40960) == 1 and num_splits_for(1, 1, 40960) == MAX_SPLITS
+    assert num_splits_for(16, 8, 100) == 1  # a context shorter than one split
+    assert all(b * 8 * num_splits_for(b, 8, 40960) <= max(TARGET_PROGRAMS, b * 8) for b in (1, 8, 48, 256, 1024))
+
+
+def test_graph_bucket_grid():
+    """A decode batch padded to a CUDA graph's bucket: dummy rows of context 0 (or 1, reading block 0) after the
+    real ones, the split count planned from the bucket and max_model_len as a capture plans it. The real rows
+    get the eager result, the rows of context 0 zeros."""
+    from nanovllm.kernels.attention import MAX_SPLITS, decode_attention, num_splits_for
+    meta, q, k_cache, v_cache, expected = decode_case(2, 1, 64, [1, 40, 100], seed=5)
+    bucket, max_model_len = 6, 40960
+    lens = torch.cat([meta.context_lens, torch.tensor([0, 1, 0], device=DEVICE)])
+    tables = torch.cat([meta.block_tables, torch.zeros_like(meta.block_tables)])
+    rows = torch.arange(bucket, device=DEVICE)
+    qp = torch.cat([q, torch.randn(3, *q.shape[1:], device=DEVICE)])
+    splits = num_splits_for(bucket, 1, max_model_len)
+    assert splits == num_splits_for(bucket, 1, 4096) == MAX_SPLITS  # bounded by the batch, not max_model_len
+    for kw in (dict(num_splits=splits, split_min=32, block_n=32), dict(num_splits=1, block_n=32)):
+        out = torch.full_like(qp, float("nan"))
+        decode_attention(qp, k_cache, v_cache, tables, lens, rows, rows, out, 64 ** -0.5, max_model_len, **kw)
+        torch.testing.assert_close(out[:3], expected, rtol=1e-5, atol=1e-5)
+        assert torch.all(out[[3, 5]] == 0) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("block_m,block_n", [(128, 64), (64, 32)])
+def test_prefill_tile_shapes(block_m, block_n):
+    """Prefill over a cached prefix and a whole prompt, with the tile shapes the GPU defaults pick (128 x 64 in
+    bf16, 64 x 32 in fp32): the same result as the reference."""
+    from nanovllm.kernels.attention import prefill_attention
+    gen = torch.Generator().manual_seed(block_m)
+    meta = make_step([(150, 100), (70, 70)], 16, 20, gen)
+    q = torch.randn(170, 2, 64, generator=gen).to(DEVICE)
+    k, v = torch.randn(2, 170, 1, 64, generator=gen).to(DEVICE)
+    k_cache, v_cache = torch.randn(2, 20, 16, 1, 64, generator=gen).to(DEVICE)
+    expected = torch_attention(q, k, v, k_cache, v_cache, meta, 0.125)  # also stores k, v into the caches
+    out = torch.full_like(q, float("nan"))
+    prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start,
+                      meta.prefill_rows, out, 0.125, meta.prefill_max_query, block_m=block_m, block_n=block_n)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_padding_rows_write_and_see_nothing():

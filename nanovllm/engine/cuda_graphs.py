@@ -12,7 +12,9 @@ from nanovllm.layers.attention import AttentionMetadata
 class DecodeGraphs:
     """Decode-only steps of up to max(buckets) sequences replay a graph captured for the smallest bucket that
     holds them; the padded rows write nothing (slot -1) and attend to nothing (context 0). Block tables are
-    sized for max_model_len and the attention splits for it, so nothing in a capture depends on the step."""
+    sized for max_model_len; the decode attention's split count is set by the bucket alone and each sequence's
+    split length is derived on the device from its own context (kernels/attention.py), so nothing in a capture
+    depends on the step and a short context still fills its splits, whatever max_model_len is."""
 
     def __init__(self, runner, config: EngineConfig):
         start = time.perf_counter()
