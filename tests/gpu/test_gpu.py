@@ -31,6 +31,32 @@ def test_kernels_bf16_at_real_sizes(heads, kv_heads, block_size):
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("seqs", [1, 7, 128])
+def test_decode_splits_bf16_at_the_benchmark_shape(seqs):
+    """Qwen3-0.6B's heads, ~1,000-token contexts over scattered blocks: the eager plan, a CUDA graph capture's plan
+    (max_model_len 40960), and forced split counts and tile sizes all agree with the fp32 reference."""
+    from test_kernels import make_step
+
+    from nanovllm.kernels.attention import decode_attention
+    from nanovllm.layers.attention import decode_attention as reference
+    gen = torch.Generator().manual_seed(seqs)
+    lens = torch.randint(1, 1500, (seqs,), generator=gen).tolist()
+    num_blocks = sum(-(-c // 16) for c in lens) + 4
+    meta = make_step([(c, 1) for c in lens], 16, num_blocks, gen)
+    k_cache, v_cache = torch.randn(2, num_blocks, 16, 8, 128, generator=gen).to("cuda", torch.bfloat16)
+    q = torch.randn(seqs, 16, 128, generator=gen).to("cuda", torch.bfloat16)
+    expected = torch.empty(q.shape, device="cuda")
+    reference(q.float(), expected, k_cache.float(), v_cache.float(), meta, 128 ** -0.5)
+    longest = meta.decode_max_context
+    for max_context, kw in [(longest, {}), (40960, {}), (longest, dict(num_splits=1)),
+                            (longest, dict(num_splits=16, split_min=16, block_n=16)),
+                            (longest, dict(block_n=128, num_warps=8))]:
+        out = torch.full_like(q, float("nan"))
+        decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.decode_rows,
+                         meta.decode_tokens, out, 128 ** -0.5, max_context, **kw)
+        torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2, msg=lambda m: f"{kw}: {m}")
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_engine_equals_hf_greedy_fp32(arch, tmp_path):
     path = save_tiny_model(arch, str(tmp_path / arch))
