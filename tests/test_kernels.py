@@ -166,6 +166,19 @@ def test_padding_rows_write_and_see_nothing():
     assert torch.all(got[2:] == 0)
 
 
+def test_cuda_defaults_fit_a_big_card():
+    """max_num_seqs left open: 512 sequences a step on CUDA (CUDA graphs are captured up to it), 256 on CPU."""
+    from types import SimpleNamespace
+
+    from nanovllm.config import EngineConfig
+    from nanovllm.engine.llm_engine import resolve
+    model = SimpleNamespace(max_position_embeddings=128)
+    assert resolve(EngineConfig(device="cuda"), model).max_num_seqs == 512
+    assert resolve(EngineConfig(device="cpu", ops="torch"), model).max_num_seqs == 256
+    assert resolve(EngineConfig(device="cuda", max_num_seqs=8), model).max_num_seqs == 8
+    assert EngineConfig().max_num_seqs is None  # the user's config stays as given until the device is known
+
+
 def test_engine_with_triton_backend_equals_torch_backend(llm):
     """The whole engine (mixed batches, chunked prefill over a cached prefix) with the Triton kernels in place of
     the torch backend gives the same greedy tokens."""
