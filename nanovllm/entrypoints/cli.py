@@ -38,8 +38,8 @@ def add_engine_args(p: argparse.ArgumentParser, engine_seed: bool = False) -> No
     q.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch per process")
 
 
-def engine_kwargs(args: argparse.Namespace, seqs: int = 256) -> dict:
-    """seqs: max_num_seqs unless given. The KV pool holds at most that many full-length sequences and is
+def engine_kwargs(args: argparse.Namespace, seqs: int | None = None) -> dict:
+    """seqs: max_num_seqs unless given (None: the device's default, 512 on CUDA, 256 on CPU). The KV pool holds at most that many full-length sequences and is
     allocated (every page touched) at start-up, so a command that runs a few sequences starts sooner."""
     return dict(tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len,
                 seed=getattr(args, "engine_seed", 0),
