@@ -35,6 +35,8 @@ class EngineConfig:
     seed: int = 0
     num_threads: int | None = None        # CPU threads for torch; default: torch's choice
     enforce_eager: bool = False           # on CUDA: no CUDA graphs for decode steps
+    async_scheduling: bool = False        # schedule and prepare step N+1 while step N runs (its tokens stay on the
+                                          # device); stops are seen one step later, at most one token wasted
     ops: str = "auto"                     # auto | torch | cpu | cuda: who runs the accelerated ops (nanovllm/ops)
     max_logprobs: int = 20                # the most logprobs a request may ask for
     generation_config: str = "auto"       # sampling defaults: auto (the model folder's generation_config.json),

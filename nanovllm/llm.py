@@ -69,6 +69,7 @@ class LLM:
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
         for r in requests:
+            r.final_only = True  # only the final outputs are read (vLLM's generate sets FINAL_ONLY alike)
             self.engine.add(r)
         return self._run([r.request_id for r in requests], use_tqdm)
 

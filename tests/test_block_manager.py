@@ -14,9 +14,8 @@ def admit(bm: BlockManager, s: Sequence) -> list[int]:
     n = s.num_tokens - len(hits) * bm.block_size
     assert bm.can_allocate(s, hits, n)
     bm.allocate(s, hits, n)
-    prev = s.num_computed
     s.num_computed += n
-    bm.cache_full_blocks(s, prev)
+    bm.cache_full_blocks(s)
     return hits
 
 

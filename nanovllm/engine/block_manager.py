@@ -1,6 +1,7 @@
 from array import array
 from collections import OrderedDict
 
+import numpy as np
 import xxhash
 
 from nanovllm.engine.sequence import Sequence
@@ -16,10 +17,16 @@ class BlockManager:
 
     Free blocks keep their key until they are handed out again, so a later request with the same prefix
     revives them. The free list is an LRU: blocks without a key sit at its front and go first.
+
+    A sequence that holds blocks also holds a row of `tables`, its block table as the model runner reads it: a
+    step's tables are one gather of rows, and a table grows by one entry with each block, never rebuilt.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 max_num_seqs: int = 256, max_blocks_per_seq: int | None = None):
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.tables = np.zeros((max_num_seqs, max_blocks_per_seq or num_blocks), dtype=np.int64)
+        self.free_rows = list(range(max_num_seqs - 1, -1, -1))
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
         self.keys: list[int | None] = [None] * num_blocks
@@ -62,12 +69,18 @@ class BlockManager:
             self.prefix_query_tokens += seq.num_tokens
             self.prefix_hit_tokens += len(hits) * self.block_size
             seq.num_cached_tokens = len(hits) * self.block_size
+        if seq.row < 0:
+            seq.row = self.free_rows.pop()
+        table = self.tables[seq.row]
         for block in hits:
             if self.ref_counts[block] == 0:
                 del self.free[block]
             self.ref_counts[block] += 1
+            table[len(seq.block_table)] = block
             seq.block_table.append(block)
-        seq.num_computed += len(hits) * self.block_size
+        if hits:  # keyed already
+            seq.num_computed += len(hits) * self.block_size
+            seq.num_keyed_blocks = len(hits)
         for _ in range(self.blocks_for(seq.num_computed + num_new_tokens) - len(seq.block_table)):
             block, _ = self.free.popitem(last=False)
             if self.keys[block] is not None:
@@ -75,14 +88,18 @@ class BlockManager:
                     del self.cached[self.keys[block]]
                 self.keys[block] = self.tokens[block] = None
             self.ref_counts[block] = 1
+            table[len(seq.block_table)] = block
             seq.block_table.append(block)
 
-    def cache_full_blocks(self, seq: Sequence, prev_computed: int) -> None:
-        """Key the blocks that became full and computed in the last step, so later requests can share them."""
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Key the blocks that became full, computed (or launched) and known on the host since the last call, so
+        later requests can share them."""
+        bs = self.block_size
+        full = min(seq.num_computed, len(seq.token_ids)) // bs
+        start, seq.num_keyed_blocks = seq.num_keyed_blocks, full
         if not self.enable_prefix_caching:
             return
-        bs = self.block_size
-        for i in range(prev_computed // bs, seq.num_computed // bs):
+        for i in range(start, full):
             block = seq.block_table[i]
             if self.keys[block] is not None:  # a cache hit: already keyed
                 continue
@@ -100,6 +117,10 @@ class BlockManager:
                 if self.keys[block] is None:
                     self.free.move_to_end(block, last=False)
         seq.block_table = []
+        seq.num_keyed_blocks = 0
+        if seq.row >= 0:
+            self.free_rows.append(seq.row)
+            seq.row = -1
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block's key (a new model state, a benchmark's cold start); False while any block is

@@ -4,6 +4,8 @@ class IncrementalDetokenizer:
     Each new token is decoded together with a few tokens before it and only the difference is taken,
     so that tokenizers which drop a leading space or need several byte tokens for one character
     (the replacement character shows that it is not complete yet) give the same text as one full decode.
+    Without stop strings to look for, nothing needs the text until it is read: the tokens wait and are decoded
+    together then (an offline request's text is decoded once, at its end).
     """
 
     def __init__(self, tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True,
@@ -18,7 +20,13 @@ class IncrementalDetokenizer:
         self.ids = list(prompt_ids[-6:])  # context so the first output token decodes as in the middle of text
         self.prefix_offset, self.read_offset = 0, len(self.ids)
         self.stop, self.include_stop = stop or [], include_stop
-        self.text = ""
+        self._text = ""
+
+    @property
+    def text(self) -> str:
+        if len(self.ids) > self.read_offset:
+            self.catch_up()
+        return self._text
 
     def stable_text(self) -> str:
         """The text a stream may show before the end: a tail that could still become a stop string (and then be
@@ -30,20 +38,38 @@ class IncrementalDetokenizer:
         """Append one token; returns the stop string it completed, if any (then `text` is cut there). With
         find_stop False (before min_tokens) no stop string ends in this token's text."""
         self.ids.append(token_id)
-        before = self.decode(self.ids[self.prefix_offset:self.read_offset])
-        after = self.decode(self.ids[self.prefix_offset:])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
+        if not self.stop:
             return None
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        old_len = len(self.text)
-        self.text += after[len(before):]
-        if not find_stop:
+        old_len = len(self._text)
+        if not self.catch_up() or not find_stop:
             return None
         # a stop string can only end in the new text: start each search just far enough back (as vLLM does, also
         # into text made before min_tokens allowed a stop: a stop string may begin there and end here)
-        found = [(at, s) for s in self.stop if (at := self.text.find(s, max(0, old_len - len(s) + 1))) != -1]
+        found = [(at, s) for s in self.stop if (at := self._text.find(s, max(0, old_len - len(s) + 1))) != -1]
         if not found:
             return None
         at, s = min(found)
-        self.text = self.text[:at + len(s)] if self.include_stop else self.text[:at]
+        self._text = self._text[:at + len(s)] if self.include_stop else self._text[:at]
         return s
+
+    def catch_up(self) -> bool:
+        """Decode the tokens added since the last text was made; whether any text came of them. Together, unless
+        a character is not finished at their end: then one at a time, so the ones before it make their text."""
+        if len(self.ids) > self.read_offset + 1 and self.decode(self.ids[-1:]).endswith("\ufffd"):
+            waiting = self.ids[self.read_offset:]
+            del self.ids[self.read_offset:]
+            made = False
+            for token in waiting:
+                self.ids.append(token)
+                made = self.decode_new() or made
+            return made
+        return self.decode_new()
+
+    def decode_new(self) -> bool:
+        before = self.decode(self.ids[self.prefix_offset:self.read_offset])
+        after = self.decode(self.ids[self.prefix_offset:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return False
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        self._text += after[len(before):]
+        return True

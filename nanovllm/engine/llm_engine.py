@@ -6,7 +6,7 @@ import torch
 import nanovllm.ops as ops
 from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.model_runner import Launched, ModelRunner
 from nanovllm.engine.request import Prompt, Request, tokenize
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.workers import Workers, check_tensor_parallel
@@ -31,6 +31,9 @@ def resolve(config: EngineConfig, hf_config) -> EngineConfig:
         model_max = min(model_max, window)  # no sliding-window attention: stay inside one window
     if config.max_model_len is not None and config.max_model_len > model_max:
         raise ValueError(f"max_model_len={config.max_model_len} is longer than the model allows ({model_max})")
+    if config.async_scheduling and config.tensor_parallel_size > 1:
+        raise ValueError("async_scheduling=True is not supported with tensor_parallel_size > 1 (the workers would "
+                         "need each step's sampled tokens); use one or the other")
     max_len, budget = config.max_model_len or model_max, config.max_num_batched_tokens
     if not config.enable_chunked_prefill:  # as vLLM: a step must hold a whole prompt
         if budget is not None and budget < max_len:
@@ -76,7 +79,10 @@ class LLMEngine:
         self.config = resolved
         self.model_path, self.hf_config, self.eos_token_ids = path, hf_config, loaded.eos_token_ids
         self.tokenizer = loaded.tokenizer
-        self.block_manager = BlockManager(self.runner.num_blocks, resolved.block_size, resolved.enable_prefix_caching)
+        self.block_manager = BlockManager(self.runner.num_blocks, resolved.block_size, resolved.enable_prefix_caching,
+                                          resolved.max_num_seqs, -(-resolved.max_model_len // resolved.block_size))
+        self.runner.block_tables = self.block_manager.tables
+        self.in_flight: Launched | None = None  # async scheduling: the step launched last, not yet postprocessed
         self.scheduler = Scheduler(resolved, self.block_manager)
         self.requests: dict[str, Request] = {}
         self.vocab_size = hf_config.vocab_size
@@ -134,21 +140,38 @@ class LLMEngine:
 
     # ---- the loop -------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One forward over a scheduled batch; returns the outputs of the requests that changed."""
+        """Schedule and launch a step; returns the outputs of the requests that changed. With async scheduling
+        these are the previous step's: its sampled tokens were on their way while this step was scheduled and
+        prepared (its sequences' inputs read them on the device), and a sequence that stopped there has one
+        token computed here in vain, dropped when this step is postprocessed."""
+        outputs, prev = [], self.in_flight
+        if prev is not None and prev.needs_tokens:  # a draw of this step needs them on the host first
+            self.in_flight = None
+            outputs, prev = self.postprocess(prev), None
         batch = self.scheduler.schedule()
-        if not batch.seqs:
-            return []
-        sample_rows = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
-                       if s.num_computed + n == s.num_tokens]
-        tokens = self.runner.run(batch, sample_rows)
-        decodes = sum(1 for n in batch.num_new_tokens if n == 1)
-        self.last_step = (batch.num_tokens - decodes, decodes)
-        changed = self.scheduler.postprocess(batch, sample_rows, tokens, self.requests, self.eos_token_ids,
-                                             self.config.max_model_len)
-        outputs = [r.output() for r in changed]
-        for out in outputs:
-            if out.finished:
-                del self.requests[out.request_id]
+        launched = None
+        if batch.seqs:
+            launched = self.runner.run(batch, batch.sample_rows)
+            self.scheduler.launched(batch)
+            decodes = batch.num_new_tokens.count(1)
+            self.last_step = (batch.num_tokens - decodes, decodes)
+        if not self.config.async_scheduling:  # this step's own tokens, now
+            prev, launched = launched, None
+        self.in_flight = launched
+        return outputs + (self.postprocess(prev) if prev else [])
+
+    def postprocess(self, step: Launched) -> list[RequestOutput]:
+        """A launched step's sampled tokens, once on the host, appended; the outputs of the requests that changed
+        (of a FINAL_ONLY request only its last)."""
+        changed = self.scheduler.postprocess(step.batch, step.sample_rows, step.token_ids(), self.requests,
+                                             self.eos_token_ids, self.config.max_model_len)
+        outputs = []
+        for request in changed:
+            if request.finished:
+                del self.requests[request.request_id]
+                outputs.append(request.output())
+            elif not request.final_only:
+                outputs.append(request.output())
         return outputs
 
     def shutdown(self) -> None:

@@ -1,3 +1,5 @@
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -8,6 +10,41 @@ from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import AttentionMetadata
 from nanovllm.layers.sampler import SamplingBatch
+
+
+@dataclass
+class Step:
+    """A step's inputs on the device, unpacked."""
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    last: torch.Tensor                   # the flat-batch index of each sampled row's last token
+    sample_table_rows: np.ndarray        # each sampled row's row of the sampling table, on the host
+    sample_table_rows_dev: torch.Tensor  # and on the device
+
+
+@dataclass
+class Launched:
+    """A step on its way: its batch, and its sampled token ids on the device with their copy to the host."""
+    batch: ScheduledBatch
+    sample_rows: list[int]
+    tokens: torch.Tensor | None
+    host: torch.Tensor | None
+    event: object                        # the copy's CUDA event (None on CPU)
+    needs_tokens: bool                   # a sampled row's next draw depends on its token (penalties, a bad word
+                                         # of several tokens): the host must have it before the next step
+
+    def token_ids(self) -> list[int]:
+        """The sampled ids on the host (waits for their copy: the step's one transfer to the host)."""
+        if self.event is not None:
+            self.event.synchronize()
+        return [] if self.host is None else self.host.tolist()
+
+
+def needs_own_tokens(seq: Sequence) -> bool:
+    p = seq.params
+    return bool(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty
+                or any(len(w) > 1 for w in seq.bad_words))
 
 
 class ModelRunner:
@@ -32,6 +69,19 @@ class ModelRunner:
         for i, layer in enumerate(model.model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
+        # per row of the block manager's tables (one per sequence holding blocks), written when a sequence first
+        # samples in its row: temperature, top_k (the vocabulary for none), top_p, min_p and the three penalties
+        # (also on the device: the same memory on CPU); host-only flags: min_tokens, per-step lists (bad words,
+        # logit_bias, allowed_token_ids), penalties, seeded, needs its own tokens (see Launched)
+        rows = config.max_num_seqs
+        self.block_tables: np.ndarray | None = None  # the block manager's; the engine hands it over
+        self.sampling = np.zeros((rows, 7), dtype=np.float32)
+        self.sampling_flags = np.zeros((rows, 5), dtype=bool)
+        self.sampling_dev = (torch.from_numpy(self.sampling) if self.device.type == "cpu"
+                             else torch.zeros(rows, 7, device=self.device))
+        self.row_owner: list[Sequence | None] = [None] * rows
+        self.last_sampled = torch.zeros(rows, dtype=torch.long, device=self.device)  # per row, on the device
+        self.dirty_rows: list[int] = []
         self.step_runner = self.ops.step_runner(self, config)
 
     @property
@@ -41,39 +91,56 @@ class ModelRunner:
 
     def pack(self, batch: ScheduledBatch, sample_rows: list[int]) -> np.ndarray:
         """A step's inputs as one int64 array: what tensor-parallel workers receive, and what every rank
-        (rank 0 included) builds its tensors from. Layout: [T, B, W, D, S, decode_max_context], then input ids,
-        positions, slots (T each), query starts (B+1), context lengths (B), block tables (B*W), decode rows and
-        their token indices (D each), the rows whose logits are sampled (S)."""
-        input_ids, positions, slots, query_start, context_lens = [], [], [], [0], []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            start, end = seq.num_computed, seq.num_computed + n
-            input_ids += seq.token_ids[start:end]
-            positions += range(start, end)
-            for pos in range(start, end):
-                slots.append(seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size)
-            query_start.append(query_start[-1] + n)
-            context_lens.append(end)
-        width = max(len(seq.block_table) for seq in batch.seqs)
-        tables = [b for seq in batch.seqs for b in seq.block_table + [0] * (width - len(seq.block_table))]
-        decode_rows = [i for i, n in enumerate(batch.num_new_tokens) if n == 1]
-        decode_max = max((context_lens[i] for i in decode_rows), default=0)
-        last = [query_start[i + 1] - 1 for i in sample_rows]
-        header = [len(input_ids), len(batch.seqs), width, len(decode_rows), len(last), decode_max]
-        return np.array(header + input_ids + positions + slots + query_start + context_lens + tables + decode_rows
-                        + [query_start[i] for i in decode_rows] + last, dtype=np.int64)
+        (rank 0 included) builds its tensors from. Layout: [T, B, W, D, S, decode_max_context, P], then input
+        ids, positions, slots (T each), query starts (B+1), context lengths (B), block tables (B*W), decode rows
+        and their token indices (D each), the rows whose logits are sampled and their sampling-table rows (S each),
+        and for the P input tokens still on the device (async scheduling) where they go and their sequences' rows
+        (P each). Vectorized: no loop over tokens, one over sequences per field."""
+        seqs, bs = batch.seqs, self.block_size
+        n = np.array(batch.num_new_tokens, dtype=np.int64)
+        start = np.array([s.num_computed for s in seqs], dtype=np.int64)
+        table_rows = np.array([s.row for s in seqs], dtype=np.int64)
+        lens = np.array([len(s.token_ids) for s in seqs], dtype=np.int64)
+        B, ends = len(seqs), start + n
+        query_start = np.zeros(B + 1, dtype=np.int64)
+        np.cumsum(n, out=query_start[1:])
+        T = int(query_start[-1])
+        if T == B:  # decodes only: a sequence's one input token is its last one (a pending one is filled in later)
+            input_ids = [s.token_ids[-1] for s in seqs]
+            token_seq, positions = np.arange(B), start
+        else:  # a pending token's slice is empty: its placeholder 0, filled in on the device
+            input_ids = [t for s, a, k in zip(seqs, start.tolist(), batch.num_new_tokens)
+                         for t in s.token_ids[a:a + k] or [0]]
+            token_seq = np.repeat(np.arange(B), n)
+            positions = np.arange(T) - np.repeat(query_start[:-1] - start, n)
+        tables = self.block_tables[table_rows, :-(-int(ends.max()) // bs)]
+        slots = tables[token_seq, positions // bs] * bs + positions % bs
+        decode_rows = np.flatnonzero(n == 1)
+        decode_max = int(ends[decode_rows].max()) if len(decode_rows) else 0
+        sampled = np.array(sample_rows, dtype=np.int64)
+        pending = np.flatnonzero(start == lens)  # their last token is still on the device
+        dst, src = query_start[pending], table_rows[pending]
+        header = [T, B, tables.shape[1], len(decode_rows), len(sampled), decode_max, len(dst)]
+        return np.concatenate([header, input_ids, positions, slots, query_start, ends, tables.ravel(), decode_rows,
+                               query_start[decode_rows], query_start[sampled + 1] - 1, table_rows[sampled], dst, src
+                               ]).astype(np.int64, copy=False)
 
-    def unpack(self, packed: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        T, B, W, D, S, decode_max = packed[:6].tolist()
-        sizes = [T, T, T, B + 1, B, B * W, D, D, S]
-        host = np.split(packed[6:], np.cumsum(sizes)[:-1])
-        dev = torch.from_numpy(packed[6:].copy()).to(self.device).split(sizes)
-        input_ids, positions, slots, query_start, context_lens, tables, decode_rows, decode_tokens, last = dev
+    def unpack(self, packed: np.ndarray) -> Step:
+        """The packed inputs as tensors on the device; a pending input token is its row's last sampled token."""
+        T, B, W, D, S, decode_max, P = packed[:7].tolist()
+        sizes = [T, T, T, B + 1, B, B * W, D, D, S, S, P, P]
+        host = np.split(packed[7:], np.cumsum(sizes)[:-1])
+        dev = torch.from_numpy(packed[7:].copy()).to(self.device, non_blocking=True).split(sizes)
+        input_ids, positions, slots, query_start, context_lens, tables, decode_rows, decode_tokens, last = dev[:9]
+        if P:
+            input_ids[dev[10]] = self.last_sampled[dev[11]]
         meta = AttentionMetadata.for_step(query_start, context_lens, tables.view(B, W), slots, decode_rows,
                                           decode_tokens, host[3].tolist(), host[4].tolist(), decode_max)
-        return input_ids, positions, meta, last
+        return Step(input_ids, positions, meta, last, host[9], dev[9])
 
     def prepare(self, batch: ScheduledBatch, sample_rows: list[int] = ()):
-        return self.unpack(self.pack(batch, list(sample_rows)))
+        step = self.unpack(self.pack(batch, list(sample_rows)))
+        return step.input_ids, step.positions, step.meta, step.last
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 last: torch.Tensor) -> torch.Tensor | None:
@@ -91,42 +158,73 @@ class ModelRunner:
             hidden = self.model(input_ids, positions, meta)
             return self.model.compute_logits(hidden[last]) if last.numel() else None
 
-    def sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
-        ps = [s.params for s in seqs]
-        vocab = self.model.vocab_size  # a larger top_k is no limit (and may not fit in an int64)
-        f = lambda xs: torch.tensor(xs, dtype=torch.float32, device=self.device)
-        b = SamplingBatch(temperature=f([p.temperature for p in ps]),
-                          top_k=torch.tensor([min(p.top_k, vocab) for p in ps], device=self.device),
-                          top_p=f([p.top_p for p in ps]), min_p=f([p.min_p for p in ps]),
-                          generators=[s.generator for s in seqs])
-        if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in ps):
-            b.repetition_penalty = f([p.repetition_penalty for p in ps])
-            b.presence_penalty = f([p.presence_penalty for p in ps])
-            b.frequency_penalty = f([p.frequency_penalty for p in ps])
+    def sampling_batch(self, seqs: list[Sequence], rows: np.ndarray, rows_dev: torch.Tensor) -> SamplingBatch:
+        """The sampled sequences' parameters: their rows of the sampling table (written once per sequence, when it
+        first samples in its row) gathered on the device; what the sampler branches on is read here, on the host.
+        Only the rows that need it (min_tokens, bad words, logit_bias, allowed_token_ids, penalties, seeds) are
+        looked at one by one."""
+        for s in seqs:
+            if self.row_owner[s.row] is not s:
+                self.write_sampling_row(s)
+        if self.dirty_rows:  # on CUDA the device's copy of the table catches up (on CPU they are one)
+            idx = np.array(self.dirty_rows)
+            self.sampling_dev[torch.from_numpy(idx).to(self.device)] = torch.from_numpy(self.sampling[idx]).to(self.device)
+            self.dirty_rows.clear()
+        values, flags = self.sampling[rows], self.sampling_flags[rows]
+        t = self.sampling_dev[rows_dev]
+        top_k, vocab = values[:, 1], self.model.vocab_size
+        b = SamplingBatch(temperature=t[:, 0], top_k=t[:, 1], top_p=t[:, 2], min_p=t[:, 3], generators=None,
+                          all_greedy=not values[:, 0].any(), any_greedy=bool((values[:, 0] == 0).any()),
+                          top_k_width=int(top_k.max()) if (top_k < vocab).any() else 0,
+                          use_top_p=bool((values[:, 2] < 1).any()), use_min_p=bool((values[:, 3] > 0).any()))
+        if flags[:, 3].any():
+            b.generators = [s.generator for s in seqs]
+        if flags[:, 2].any():
+            b.repetition_penalty, b.presence_penalty, b.frequency_penalty = t[:, 4], t[:, 5], t[:, 6]
             b.prompt_ids = [s.token_ids[:s.num_prompt_tokens] for s in seqs]
             b.output_ids = [s.output_token_ids for s in seqs]
-        # min_tokens: EOS and stop tokens cannot be drawn before it is reached (as in vLLM)
-        b.banned = [(i, t) for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens
-                    for t in (*self.eos_token_ids, *s.params.stop_token_ids)]
-        # a bad word's last token, where the output ends with the rest of it (as in vLLM)
-        b.banned += [(i, word[-1]) for i, s in enumerate(seqs) for word in s.bad_words
-                     if len(word) == 1 or s.output_token_ids[-(len(word) - 1):] == word[:-1]]
-        b.bias = [(i, t, v) for i, p in enumerate(ps) for t, v in (p.logit_bias or {}).items()]
-        b.allowed = [(i, p.allowed_token_ids) for i, p in enumerate(ps) if p.allowed_token_ids]
+        b.banned, b.bias, b.allowed = [], [], []
+        for i in np.flatnonzero(flags[:, :2].any(axis=1)).tolist():
+            s = seqs[i]
+            p = s.params
+            # min_tokens: EOS and stop tokens cannot be drawn before it is reached (as in vLLM)
+            if s.num_output_tokens + (s.num_computed == len(s.token_ids)) < p.min_tokens:  # (+ a pending one)
+                b.banned += [(i, t) for t in (*self.eos_token_ids, *p.stop_token_ids)]
+            # a bad word's last token, where the output ends with the rest of it (as in vLLM)
+            b.banned += [(i, word[-1]) for word in s.bad_words
+                         if len(word) == 1 or s.output_token_ids[-(len(word) - 1):] == word[:-1]]
+            b.bias += [(i, t, v) for t, v in (p.logit_bias or {}).items()]
+            if p.allowed_token_ids:
+                b.allowed.append((i, p.allowed_token_ids))
         return b
 
-    def run(self, batch: ScheduledBatch, sample_rows: list[int]) -> list[int]:
-        """Forward the batch; sample a next token for the sequences at `sample_rows` (those whose whole
-        context is now computed), from the logits of their last scheduled token."""
+    def write_sampling_row(self, seq: Sequence) -> None:
+        p, vocab = seq.params, self.model.vocab_size
+        self.sampling[seq.row] = (p.temperature, min(p.top_k, vocab) if p.top_k > 0 else vocab, p.top_p, p.min_p,
+                                  p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
+        self.sampling_flags[seq.row] = (p.min_tokens > 0, bool(seq.bad_words or p.logit_bias or p.allowed_token_ids),
+                                        p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty,
+                                        seq.generator is not None, needs_own_tokens(seq))
+        self.row_owner[seq.row] = seq
+        if self.device.type != "cpu":
+            self.dirty_rows.append(seq.row)
+
+    def run(self, batch: ScheduledBatch, sample_rows: list[int]) -> Launched:
+        """Launch the batch's step: forward, and a next token sampled for the sequences at `sample_rows` (those
+        whose whole context is now computed) from the logits of their last scheduled token. The sampled ids stay
+        on the device, in their rows of `last_sampled` (where the next step reads the inputs the host does not
+        have yet, async scheduling), and start their one copy to the host."""
         if self.workers is None:
-            logits = self.forward(*self.prepare(batch, sample_rows))
+            step = self.unpack(self.pack(batch, sample_rows))
+            logits = self.forward(step.input_ids, step.positions, step.meta, step.last)
         else:
             if self.failed:
                 raise RuntimeError("tensor parallelism failed earlier; this engine cannot continue")
             try:
                 packed = self.pack(batch, sample_rows)
                 self.workers.send(packed)
-                logits = self.forward(*self.unpack(packed))
+                step = self.unpack(packed)
+                logits = self.forward(step.input_ids, step.positions, step.meta, step.last)
             except BaseException as e:  # the ranks are out of step now (Ctrl-C included): stop them all
                 self.failed = True
                 if isinstance(e, Exception):
@@ -134,10 +232,18 @@ class ModelRunner:
                 self.workers.kill()
                 raise
         if not sample_rows:
-            return []
+            return Launched(batch, sample_rows, None, None, None, False)
+        seqs = [batch.seqs[i] for i in sample_rows]
         with torch.inference_mode():
-            seqs = [batch.seqs[i] for i in sample_rows]
-            return ops.sample(logits, self.sampling_batch(seqs), self.generator).tolist()
+            b = self.sampling_batch(seqs, step.sample_table_rows, step.sample_table_rows_dev)
+            tokens = ops.sample(logits, b, self.generator)
+            self.last_sampled[step.sample_table_rows_dev] = tokens
+        host = tokens.to("cpu", non_blocking=True)
+        event = None
+        if tokens.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return Launched(batch, sample_rows, tokens, host, event, bool(self.sampling_flags[step.sample_table_rows, 4].any()))
 
     def shutdown(self) -> None:
         if self.workers is not None:

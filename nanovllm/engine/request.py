@@ -8,7 +8,7 @@ import torch
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
 from nanovllm.engine.sequence import Sequence
 from nanovllm.outputs import CompletionOutput, RequestOutput
-from nanovllm.sampling_params import SamplingParams
+from nanovllm.sampling_params import RequestOutputKind, SamplingParams
 
 # text; token ids; {"prompt": text} or {"prompt_token_ids": ids, "prompt": optional text} (vLLM's TextPrompt and
 # TokensPrompt); or a conversation: a list of {"role", "content"} messages, rendered with the chat template
@@ -66,6 +66,7 @@ class Request:
     seqs: list[Sequence]
     detoks: list[IncrementalDetokenizer]
     error: str | None = None  # set when handling this request failed; it is finished then
+    final_only: bool = False  # output_kind FINAL_ONLY: no output until it ends
 
     @classmethod
     def make(cls, request_id: str, text: str | None, ids: list[int], params: SamplingParams, tokenizer,
@@ -81,7 +82,8 @@ class Request:
             seqs.append(seq)
             detoks.append(IncrementalDetokenizer(tokenizer, ids, params.skip_special_tokens, params.stop,
                                                  params.include_stop_str_in_output))
-        return cls(request_id, text, ids, seqs, detoks)
+        return cls(request_id, text, ids, seqs, detoks,
+                   final_only=params.output_kind == RequestOutputKind.FINAL_ONLY)
 
     def append(self, seq: Sequence, token: int, eos_token_ids: set[int],
                max_model_len: int) -> tuple[str, int | str | None] | None:
@@ -98,7 +100,7 @@ class Request:
         stop_str = detok.add(token, find_stop=n > p.min_tokens) if p.detokenize else None
         if stop_str is not None:
             return "stop", stop_str
-        if seq.num_output_tokens == p.max_tokens or seq.num_tokens >= max_model_len:
+        if n == p.max_tokens or len(seq.token_ids) >= max_model_len:
             return "length", None
         return None
 

@@ -1,5 +1,5 @@
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
@@ -10,6 +10,7 @@ from nanovllm.engine.sequence import Sequence, Status
 class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]  # tokens of each sequence computed this step (1 for a decode, a chunk for a prefill)
+    sample_rows: list[int] = field(default_factory=list)  # the sequences whose whole context is computed after it
 
     @property
     def num_tokens(self) -> int:
@@ -38,24 +39,32 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         bm, budget = self.block_manager, self.max_num_batched_tokens
+        bs = bm.block_size
         batch = ScheduledBatch([], [])
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            while not bm.can_allocate(seq, [], n):
-                victim = self.running.pop()
-                self.preempt(victim)
-                preempted = True
-                if victim is seq:
-                    break
-            else:
-                bm.allocate(seq, [], n)
-                batch.seqs.append(seq)
-                batch.num_new_tokens.append(n)
-                budget -= n
-                i += 1
+            # a token still on the device (async scheduling; then all the others are computed) is computed like the
+            # others: the step reads it there
+            n = min(max(len(seq.token_ids) - seq.num_computed, 1), budget)
+            if (seq.num_computed + n + bs - 1) // bs > len(seq.block_table):  # it needs a block
+                while not bm.can_allocate(seq, [], n):
+                    victim = self.running.pop()
+                    self.preempt(victim)
+                    preempted = True
+                    if victim is seq:
+                        break
+                else:
+                    bm.allocate(seq, [], n)
+                if preempted and seq.status is Status.WAITING:
+                    continue
+            if seq.num_computed + n >= len(seq.token_ids):
+                batch.sample_rows.append(len(batch.seqs))
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(n)
+            budget -= n
+            i += 1
         # New sequences only when nothing had to be preempted: admitting them would just evict others again.
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -69,25 +78,34 @@ class Scheduler:
             bm.allocate(seq, hits, n)
             seq.status = Status.RUNNING
             self.running.append(seq)
+            if seq.num_computed + n == seq.num_tokens:
+                batch.sample_rows.append(len(batch.seqs))
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             budget -= n
         return batch
 
-    def postprocess(self, batch: ScheduledBatch, sample_rows: list[int], tokens: list[int], requests: dict,
-                    eos_token_ids: set[int], max_model_len: int) -> list:
-        """After a step: each sequence's newly computed tokens (full blocks keyed for the prefix cache), each
-        sampled token appended and checked for a stop, finished sequences out. Returns the requests that
-        changed. A request whose token cannot be handled (e.g. a tokenizer that cannot decode it) fails alone."""
+    @staticmethod
+    def launched(batch: ScheduledBatch) -> None:
+        """The batch's step is on its way: its tokens count as computed (a sampled sequence's new token is pending
+        until postprocess appends it)."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed += n
-            self.block_manager.cache_full_blocks(seq, seq.num_computed - n)
-        changed = {}
+
+    def postprocess(self, batch: ScheduledBatch, sample_rows: list[int], tokens: list[int], requests: dict,
+                    eos_token_ids: set[int], max_model_len: int) -> list:
+        """After a step's sampled tokens reached the host: each one appended and checked for a stop (unless its
+        sequence ended while the step ran: then it is dropped), newly full blocks keyed for the prefix cache,
+        finished sequences out. Returns the requests that changed (a FINAL_ONLY one only when a sequence of it
+        ended). A request whose token cannot be handled
+        (e.g. a tokenizer that cannot decode it) fails alone."""
+        bm, changed, finished = self.block_manager, {}, Status.FINISHED
+        bs, seqs = bm.block_size, batch.seqs
         for row, token in zip(sample_rows, tokens):
-            seq = batch.seqs[row]
-            request = changed[seq.request_id] = requests[seq.request_id]
-            if request.error:
+            seq = seqs[row]
+            if seq.status is finished:  # (a failed request's sequences are aborted: finished)
                 continue
+            request = requests[seq.request_id]
             try:
                 done = request.append(seq, token, eos_token_ids, max_model_len)
             except Exception as e:
@@ -95,9 +113,19 @@ class Scheduler:
                 for other in request.seqs:
                     if not other.finished:
                         self.finish(other, "abort")
+                changed[seq.request_id] = request
                 continue
+            if not request.final_only:
+                changed[seq.request_id] = request
+            if min(seq.num_computed, len(seq.token_ids)) // bs > seq.num_keyed_blocks:
+                bm.cache_full_blocks(seq)
             if done:
                 self.finish(seq, *done)
+                changed[seq.request_id] = request
+        if len(sample_rows) < len(batch.seqs):  # prefill chunks that sample nothing yet
+            for seq in batch.seqs:
+                if seq.status is Status.RUNNING and min(seq.num_computed, len(seq.token_ids)) // bs > seq.num_keyed_blocks:
+                    bm.cache_full_blocks(seq)
         return list(changed.values())
 
     def preempt(self, seq: Sequence) -> None:

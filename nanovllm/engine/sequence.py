@@ -15,7 +15,9 @@ class Status(Enum):
 @dataclass(eq=False)
 class Sequence:
     """One completion's state (a request with n > 1 has n of them). Tokens 0..num_computed-1 have their
-    K/V in the cache."""
+    K/V in the cache, or are on their way there in a launched step. With async scheduling a sampled token can
+    still be on the device: then num_computed == len(token_ids) (pending), the next step reads it there and the
+    host appends it one step later."""
     request_id: str
     index: int
     token_ids: list[int]
@@ -29,6 +31,8 @@ class Sequence:
     stop_reason: int | str | None = None
     generator: torch.Generator | None = None
     bad_words: list[list[int]] = field(default_factory=list)  # SamplingParams.bad_words as token ids
+    row: int = -1                        # its row in the block manager's tables while it holds blocks
+    num_keyed_blocks: int = 0            # leading blocks keyed for the prefix cache
 
     @property
     def num_tokens(self) -> int:

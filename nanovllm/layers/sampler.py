@@ -11,7 +11,7 @@ class SamplingBatch:
     top_k: torch.Tensor                # [B] int; -1 = off
     top_p: torch.Tensor                # [B] float
     min_p: torch.Tensor                # [B] float
-    generators: list                   # [B] torch.Generator for seeded rows, else None
+    generators: list | None            # [B] torch.Generator for seeded rows, else None (None: no row is seeded)
     # penalties: only built when some row uses one
     repetition_penalty: torch.Tensor | None = None   # [B]
     presence_penalty: torch.Tensor | None = None     # [B]
@@ -21,6 +21,23 @@ class SamplingBatch:
     banned: list[tuple[int, int]] | None = None      # (row, token) pairs masked out (EOS before min_tokens, bad words)
     bias: list[tuple[int, int, float]] | None = None  # (row, token, value) added to a logit (logit_bias)
     allowed: list[tuple[int, list[int]]] | None = None  # (row, tokens): only these may be drawn (allowed_token_ids)
+    # what the host knows of the rows, so that the sampler never waits on the device to ask (None: read off the
+    # tensors, a device sync each)
+    all_greedy: bool | None = None
+    any_greedy: bool | None = None
+    top_k_width: int | None = None     # topk's width: the largest top_k in use (2**62: some row has none), 0: none
+    use_top_p: bool | None = None
+    use_min_p: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.all_greedy is None:
+            greedy = self.temperature == 0
+            self.all_greedy, self.any_greedy = bool(greedy.all()), bool(greedy.any())
+        if self.top_k_width is None:
+            on = self.top_k > 0
+            self.top_k_width = 0 if not bool(on.any()) else int(self.top_k.max()) if bool(on.all()) else 2**62
+        if self.use_top_p is None:
+            self.use_top_p, self.use_min_p = bool((self.top_p < 1).any()), bool((self.min_p > 0).any())
 
 
 def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
@@ -42,18 +59,18 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, b: SamplingBatch) -> torch.Ten
     """Mask (to -inf) every token outside each row's top-k, top-p nucleus and min-p floor.
 
     Each filter depends on its own row only, so a row keeps the same tokens whatever shares its batch."""
-    if bool((b.top_k > 0).any()):  # a threshold at the k-th largest value (ties with it stay), no full sort
-        k = torch.where(b.top_k > 0, b.top_k, logits.shape[-1]).clamp(max=logits.shape[-1])
-        top = logits.topk(int(k.max()), dim=-1).values
+    if b.top_k_width:  # a threshold at the k-th largest value (ties with it stay), no full sort
+        k = torch.where(b.top_k > 0, b.top_k, logits.shape[-1]).clamp(max=logits.shape[-1]).long()
+        top = logits.topk(min(b.top_k_width, logits.shape[-1]), dim=-1).values
         logits = logits.masked_fill(logits < top.gather(-1, (k - 1)[:, None]), float("-inf"))
-    if bool((b.top_p < 1).any()):  # the nucleus needs the full order: a sort (slow over a large vocab)
+    if b.use_top_p:  # the nucleus needs the full order: a sort (slow over a large vocab)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs
         # keep the smallest prefix whose mass reaches top_p: a token goes once the mass before it does
         drop = (mass_before >= b.top_p[:, None]) & (b.top_p < 1)[:, None]
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    if bool((b.min_p > 0).any()):
+    if b.use_min_p:
         probs = logits.softmax(dim=-1)
         logits = logits.masked_fill(probs < b.min_p[:, None] * probs.max(dim=-1, keepdim=True).values,
                                     float("-inf"))
@@ -78,28 +95,27 @@ def sample(logits: torch.Tensor, b: SamplingBatch, generator: torch.Generator | 
         logits[list(rows), list(toks)] = float("-inf")
     if b.repetition_penalty is not None:
         logits = apply_penalties(logits, b)
-    if bool(greedy.all()):
+    if b.all_greedy:
         return logits.argmax(dim=-1)
-    any_greedy = bool(greedy.any())
-    argmax = logits.argmax(dim=-1) if any_greedy else None
+    argmax = logits.argmax(dim=-1) if b.any_greedy else None
     scale = torch.where(greedy, 1.0, b.temperature)[:, None]
     logits = logits.div_(scale) if copied else logits / scale
     logits = apply_top_k_top_p_min_p(logits, b)
     # unnormalized: the draw below scales its uniform number by each row's total
     weights = (logits - logits.max(dim=-1, keepdim=True).values).exp_()
     sampled = inverse_cdf(weights, uniform(b, generator, weights.device))
-    return torch.where(greedy, argmax, sampled) if any_greedy else sampled
+    return torch.where(greedy, argmax, sampled) if b.any_greedy else sampled
 
 
 def filtered(b: SamplingBatch) -> bool:
-    return bool((b.top_k > 0).any() or (b.top_p < 1).any() or (b.min_p > 0).any())
+    return bool(b.top_k_width or b.use_top_p or b.use_min_p)
 
 
 def uniform(b: SamplingBatch, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """One uniform number per row for an inverse-CDF draw (noise for the whole vocabulary costs ~40x more);
     a seeded row draws its number from its own generator."""
-    u = torch.rand(len(b.generators), generator=generator, device=device)
-    for i, g in enumerate(b.generators):
+    u = torch.rand(len(b.temperature), generator=generator, device=device)
+    for i, g in enumerate(b.generators or ()):
         if g is not None:
             u[i] = torch.rand(1, generator=g, device=device)
     return u
@@ -129,9 +145,7 @@ def inverse_cdf(weights: torch.Tensor, u: torch.Tensor, chunk: int = 256) -> tor
 
 
 def last_nonzero_if_past_end(index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """A rounded-up target can fall past the end of a row: take its last entry with any weight instead."""
-    past_end = index >= weights.shape[-1]
-    if bool(past_end.any()):
-        last_nonzero = weights.shape[-1] - 1 - (weights > 0).flip(-1).int().argmax(dim=-1)
-        index = torch.where(past_end, last_nonzero, index)
-    return index
+    """A rounded-up target can fall past the end of a row: take its last entry with any weight instead (always
+    computed: asking whether any row needs it would wait on the device)."""
+    last_nonzero = weights.shape[-1] - 1 - (weights > 0).flip(-1).int().argmax(dim=-1)
+    return torch.where(index >= weights.shape[-1], last_nonzero, index)

@@ -97,7 +97,7 @@ def sample(logits: torch.Tensor, b: SamplingBatch, generator: torch.Generator | 
     """Plain temperature sampling (no filter, penalty, bias or ban; not all greedy): one C pass per row over the logits,
     read in place. Everything else: the reference sampler."""
     if (b.repetition_penalty is None and not b.banned and not b.bias and not b.allowed and kernels.can_sample(logits)
-            and not bool((b.temperature == 0).all()) and not filtered(b)):
+            and not b.all_greedy and not filtered(b)):
         return kernels.sample(logits, b.temperature, uniform(b, generator, logits.device))
     return torch_ops.sample(logits, b, generator)
 
