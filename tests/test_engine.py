@@ -160,9 +160,11 @@ def test_stop_strings_end_after_min_tokens_and_may_begin_before():
     nine = tok("9").input_ids[0]
     results = []
     for stops in (["99"], ["99", "~~~~~~~~~~"]):
-        d = IncrementalDetokenizer(tok, [], stop=stops)
+        ids = []
+        d = IncrementalDetokenizer(tok, ids, stop=stops)
         for i in range(8):
-            if found := d.add(nine, find_stop=i >= 3):
+            ids.append(nine)
+            if found := d.add(find_stop=i >= 3):
                 break
         results.append((i, d.text, found))
     # the first three 9s were made before a stop was allowed; the fourth may end one, and "99" may begin before it

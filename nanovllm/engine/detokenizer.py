@@ -1,5 +1,5 @@
 class IncrementalDetokenizer:
-    """Turns a growing list of output ids into text, a piece at a time, and finds stop strings.
+    """Turns a sequence's growing token ids into the text of its output, a piece at a time, and finds stop strings.
 
     Each new token is decoded together with a few tokens before it and only the difference is taken,
     so that tokenizers which drop a leading space or need several byte tokens for one character
@@ -8,8 +8,10 @@ class IncrementalDetokenizer:
     together then (an offline request's text is decoded once, at its end).
     """
 
-    def __init__(self, tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True,
+    def __init__(self, tokenizer, ids: list[int], skip_special_tokens: bool = True,
                  stop: list[str] | None = None, include_stop: bool = False):
+        """ids: the sequence's token ids, the prompt so far: the list itself, which grows (read here, never
+        written)."""
         # the Rust tokenizer itself where transformers' decode would only wrap it (no space clean-up): its
         # argument handling costs more than the decode (two decodes per token)
         backend = getattr(tokenizer, "_tokenizer", None)
@@ -17,14 +19,16 @@ class IncrementalDetokenizer:
             self.decode = lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens)
         else:
             self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-        self.ids = list(prompt_ids[-6:])  # context so the first output token decodes as in the middle of text
-        self.prefix_offset, self.read_offset = 0, len(self.ids)
+        self.ids = ids
+        # 6 tokens of prompt as context, so that the first output token decodes as in the middle of text
+        self.prefix_offset, self.read_offset = max(len(ids) - 6, 0), len(ids)
+        self.end: int | None = None  # where the text ends, if before the last token (a stop token left out)
         self.stop, self.include_stop = stop or [], include_stop
         self._text = ""
 
     @property
     def text(self) -> str:
-        if len(self.ids) > self.read_offset:
+        if (self.end or len(self.ids)) > self.read_offset:
             self.catch_up()
         return self._text
 
@@ -34,10 +38,9 @@ class IncrementalDetokenizer:
         hold = max((len(s) for s in self.stop), default=1) - 1
         return self.text[:max(len(self.text) - hold, 0)]
 
-    def add(self, token_id: int, find_stop: bool = True) -> str | None:
-        """Append one token; returns the stop string it completed, if any (then `text` is cut there). With
+    def add(self, find_stop: bool = True) -> str | None:
+        """The ids grew by a token: returns the stop string it completed, if any (then `text` is cut there). With
         find_stop False (before min_tokens) no stop string ends in this token's text."""
-        self.ids.append(token_id)
         if not self.stop:
             return None
         old_len = len(self._text)
@@ -52,24 +55,23 @@ class IncrementalDetokenizer:
         self._text = self._text[:at + len(s)] if self.include_stop else self._text[:at]
         return s
 
+    def leave_out_last(self) -> None:
+        """The last token (a stop token) gets no text."""
+        self.end = len(self.ids) - 1
+
     def catch_up(self) -> bool:
         """Decode the tokens added since the last text was made; whether any text came of them. Together, unless
-        a character is not finished at their end: then one at a time, so the ones before it make their text."""
-        if len(self.ids) > self.read_offset + 1 and self.decode(self.ids[-1:]).endswith("\ufffd"):
-            waiting = self.ids[self.read_offset:]
-            del self.ids[self.read_offset:]
-            made = False
-            for token in waiting:
-                self.ids.append(token)
-                made = self.decode_new() or made
-            return made
-        return self.decode_new()
+        a character is not finished at their end: then one at a time, so that the ones before it make their text."""
+        end = self.end or len(self.ids)
+        if end > self.read_offset + 1 and self.decode(self.ids[end - 1:end]).endswith("\ufffd"):
+            return any([self.decode_to(i) for i in range(self.read_offset + 1, end + 1)])
+        return self.decode_to(end)
 
-    def decode_new(self) -> bool:
+    def decode_to(self, end: int) -> bool:
         before = self.decode(self.ids[self.prefix_offset:self.read_offset])
-        after = self.decode(self.ids[self.prefix_offset:])
+        after = self.decode(self.ids[self.prefix_offset:end])
         if len(after) <= len(before) or after.endswith("\ufffd"):
             return False
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        self.prefix_offset, self.read_offset = self.read_offset, end
         self._text += after[len(before):]
         return True

@@ -128,15 +128,17 @@ class ModelRunner:
     def unpack(self, packed: np.ndarray) -> Step:
         """The packed inputs as tensors on the device; a pending input token is its row's last sampled token."""
         T, B, W, D, S, decode_max, P = packed[:7].tolist()
-        sizes = [T, T, T, B + 1, B, B * W, D, D, S, S, P, P]
-        host = np.split(packed[7:], np.cumsum(sizes)[:-1])
-        dev = torch.from_numpy(packed[7:].copy()).to(self.device, non_blocking=True).split(sizes)
+        dev = torch.from_numpy(packed[7:].copy()).to(self.device, non_blocking=True).split(
+            [T, T, T, B + 1, B, B * W, D, D, S, S, P, P])
         input_ids, positions, slots, query_start, context_lens, tables, decode_rows, decode_tokens, last = dev[:9]
         if P:
             input_ids[dev[10]] = self.last_sampled[dev[11]]
+        at = 7 + 3 * T  # the query starts and context lengths on the host too, and the sampling-table rows
         meta = AttentionMetadata.for_step(query_start, context_lens, tables.view(B, W), slots, decode_rows,
-                                          decode_tokens, host[3].tolist(), host[4].tolist(), decode_max)
-        return Step(input_ids, positions, meta, last, host[9], dev[9])
+                                          decode_tokens, packed[at:at + B + 1].tolist(),
+                                          packed[at + B + 1:at + 2 * B + 1].tolist(), decode_max)
+        at += 2 * B + 1 + B * W + 2 * D + S
+        return Step(input_ids, positions, meta, last, packed[at:at + S], dev[9])
 
     def prepare(self, batch: ScheduledBatch, sample_rows: list[int] = ()):
         step = self.unpack(self.pack(batch, list(sample_rows)))
@@ -171,20 +173,21 @@ class ModelRunner:
             self.sampling_dev[torch.from_numpy(idx).to(self.device)] = torch.from_numpy(self.sampling[idx]).to(self.device)
             self.dirty_rows.clear()
         values, flags = self.sampling[rows], self.sampling_flags[rows]
+        (t_min, k_min, p_min, _, _, _, _), (t_max, k_max, _, min_p_max, _, _, _) = values.min(0), values.max(0)
+        any_flag = flags.any(0).tolist()
         t = self.sampling_dev[rows_dev]
-        top_k, vocab = values[:, 1], self.model.vocab_size
         b = SamplingBatch(temperature=t[:, 0], top_k=t[:, 1], top_p=t[:, 2], min_p=t[:, 3], generators=None,
-                          all_greedy=not values[:, 0].any(), any_greedy=bool((values[:, 0] == 0).any()),
-                          top_k_width=int(top_k.max()) if (top_k < vocab).any() else 0,
-                          use_top_p=bool((values[:, 2] < 1).any()), use_min_p=bool((values[:, 3] > 0).any()))
-        if flags[:, 3].any():
+                          all_greedy=bool(t_max == 0), any_greedy=bool(t_min == 0),
+                          top_k_width=int(k_max) if k_min < self.model.vocab_size else 0,
+                          use_top_p=bool(p_min < 1), use_min_p=bool(min_p_max > 0))
+        if any_flag[3]:
             b.generators = [s.generator for s in seqs]
-        if flags[:, 2].any():
+        if any_flag[2]:
             b.repetition_penalty, b.presence_penalty, b.frequency_penalty = t[:, 4], t[:, 5], t[:, 6]
             b.prompt_ids = [s.token_ids[:s.num_prompt_tokens] for s in seqs]
             b.output_ids = [s.output_token_ids for s in seqs]
         b.banned, b.bias, b.allowed = [], [], []
-        for i in np.flatnonzero(flags[:, :2].any(axis=1)).tolist():
+        for i in np.flatnonzero(flags[:, :2].any(axis=1)).tolist() if any_flag[0] or any_flag[1] else ():
             s = seqs[i]
             p = s.params
             # min_tokens: EOS and stop tokens cannot be drawn before it is reached (as in vLLM)

@@ -80,24 +80,26 @@ class Request:
             if params.seed is not None:
                 seq.generator = torch.Generator(device).manual_seed((params.seed + i) % 2**64)
             seqs.append(seq)
-            detoks.append(IncrementalDetokenizer(tokenizer, ids, params.skip_special_tokens, params.stop,
+            detoks.append(IncrementalDetokenizer(tokenizer, seq.token_ids, params.skip_special_tokens, params.stop,
                                                  params.include_stop_str_in_output))
         return cls(request_id, text, ids, seqs, detoks,
                    final_only=params.output_kind == RequestOutputKind.FINAL_ONLY)
 
-    def append(self, seq: Sequence, token: int, eos_token_ids: set[int],
-               max_model_len: int) -> tuple[str, int | str | None] | None:
-        """Add a sampled token to `seq` and its text; returns (finish reason, stop reason) if it ends the sequence:
-        a stop or EOS token (once min_tokens are out), a stop string, max_tokens or max_model_len. As in vLLM, a
-        stop string may end in the tokens after the first min_tokens, and begin anywhere."""
-        seq.token_ids.append(token)
+    def check(self, seq: Sequence, token: int, eos_token_ids: set[int],
+              max_model_len: int) -> tuple[str, int | str | None] | None:
+        """The token just appended to `seq` (its text made if a stop string is looked for); returns (finish reason,
+        stop reason) if it ends the sequence: a stop or EOS token (once min_tokens are out), a stop string,
+        max_tokens or max_model_len. As in vLLM, a stop string may end in the tokens after the first min_tokens,
+        and begin anywhere."""
         p, detok = seq.params, self.detoks[seq.index]
         n = seq.num_output_tokens
         if n >= p.min_tokens and (token in p.stop_token_ids or (not p.ignore_eos and token in eos_token_ids)):
             if p.include_stop_str_in_output and p.detokenize:  # as vLLM: a stop token's text only if asked for
-                detok.add(token, find_stop=False)
+                detok.add(find_stop=False)
+            else:
+                detok.leave_out_last()
             return "stop", token if token in p.stop_token_ids else None
-        stop_str = detok.add(token, find_stop=n > p.min_tokens) if p.detokenize else None
+        stop_str = detok.add(find_stop=n > p.min_tokens) if p.detokenize else None
         if stop_str is not None:
             return "stop", stop_str
         if n == p.max_tokens or len(seq.token_ids) >= max_model_len:

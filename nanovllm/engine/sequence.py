@@ -31,8 +31,17 @@ class Sequence:
     stop_reason: int | str | None = None
     generator: torch.Generator | None = None
     bad_words: list[list[int]] = field(default_factory=list)  # SamplingParams.bad_words as token ids
+    # what postprocess asks of each token: whether every one needs a look (stop strings and tokens, min_tokens),
+    # and the length at which max_tokens ends it
+    checks_every_token: bool = field(init=False)
+    max_tokens_len: int = field(init=False)
     row: int = -1                        # its row in the block manager's tables while it holds blocks
     num_keyed_blocks: int = 0            # leading blocks keyed for the prefix cache
+
+    def __post_init__(self) -> None:
+        p = self.params
+        self.checks_every_token = bool(p.stop or p.stop_token_ids or p.min_tokens)
+        self.max_tokens_len = self.num_prompt_tokens + p.max_tokens if p.max_tokens else 2**62
 
     @property
     def num_tokens(self) -> int:

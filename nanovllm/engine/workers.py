@@ -66,7 +66,8 @@ def worker_main(config: EngineConfig, rank: int, port: int, conn) -> None:
                 break
             if not step:
                 break
-            runner.forward(*runner.unpack(np.frombuffer(step, dtype=np.int64)))
+            inputs = runner.unpack(np.frombuffer(step, dtype=np.int64))
+            runner.forward(inputs.input_ids, inputs.positions, inputs.meta, inputs.last)
     except BaseException:
         try:
             conn.send(f"worker {rank}: {traceback.format_exc()}")

@@ -32,6 +32,7 @@ def add_engine_args(p: argparse.ArgumentParser, engine_seed: bool = False) -> No
                    help="default: generate, the number of prompts; chat, 1; serve, 256 (the KV pool is sized by it)")
     s.add_argument("--max-num-batched-tokens", type=int, default=None, help="per-step token budget (default 2048)")
     s.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+    s.add_argument("--async-scheduling", action="store_true", help="schedule step N+1 while step N runs")
     q = p.add_argument_group("ParallelConfig")
     q.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over this many processes (GPUs on CUDA)")
@@ -49,7 +50,7 @@ def engine_kwargs(args: argparse.Namespace, seqs: int | None = None) -> dict:
                 enable_prefix_caching=args.enable_prefix_caching, num_threads=args.num_threads,
                 tensor_parallel_size=args.tensor_parallel_size, gpu_memory_utilization=args.gpu_memory_utilization,
                 enforce_eager=args.enforce_eager, trust_remote_code=args.trust_remote_code,
-                generation_config=args.generation_config)
+                generation_config=args.generation_config, async_scheduling=args.async_scheduling)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
