@@ -54,19 +54,21 @@ def test_async_engine_batches_clients_and_isolates_a_failing_request(llm, monkey
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     expected = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
     from nanovllm.engine.request import Request
-    real_append = Request.append
+    real_check = Request.check
 
-    def append(self, seq, token, *args):
+    def check(self, seq, token, *args):
         if seq.request_id == "bad" and seq.num_output_tokens == 4:
             raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "cannot decode this token")
-        return real_append(self, seq, token, *args)
+        return real_check(self, seq, token, *args)
 
-    monkeypatch.setattr(Request, "append", append)
+    monkeypatch.setattr(Request, "check", check)
     running = []
 
     async def bad():
         with pytest.raises(RuntimeError, match="request bad failed: UnicodeDecodeError"):
-            async for _ in engine.generate(engine.make_request("the bad one", params, "bad")):
+            # (a stop string: each of its tokens is checked, and the patched check fails the fourth)
+            async for _ in engine.generate(engine.make_request("the bad one", SamplingParams(
+                    temperature=0, max_tokens=20, ignore_eos=True, stop=["never said"]), "bad")):
                 running.append(engine.stats["running"])
 
     async def main():

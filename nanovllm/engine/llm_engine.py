@@ -167,11 +167,17 @@ class LLMEngine:
                                              self.eos_token_ids, self.config.max_model_len)
         outputs = []
         for request in changed:
-            if request.finished:
+            if request.final_only and not request.finished:
+                continue
+            out = request.output()
+            if request.error and not request.finished:  # its text could not be made: it fails alone
+                for seq in request.seqs:
+                    if not seq.finished:
+                        self.scheduler.finish(seq, "abort")
+                out = request.output()
+            if out.finished:
                 del self.requests[request.request_id]
-                outputs.append(request.output())
-            elif not request.final_only:
-                outputs.append(request.output())
+            outputs.append(out)
         return outputs
 
     def shutdown(self) -> None:

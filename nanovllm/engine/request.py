@@ -111,8 +111,13 @@ class Request:
         return all(s.finished for s in self.seqs)
 
     def output(self) -> RequestOutput:
-        """The outputs so far: while a sequence runs, its text without a tail that could still become a stop."""
-        outs = [CompletionOutput(i, d.text if s.finished else d.stable_text(), s.output_token_ids, s.finish_reason,
-                                 s.stop_reason) for i, (s, d) in enumerate(zip(self.seqs, self.detoks))]
+        """The outputs so far: while a sequence runs, its text without a tail that could still become a stop. Text
+        its tokenizer cannot make fails this request (the engine then aborts it)."""
+        try:
+            texts = [d.text if s.finished else d.stable_text() for s, d in zip(self.seqs, self.detoks)]
+        except Exception as e:
+            self.error, texts = self.error or f"{type(e).__name__}: {e}", [""] * len(self.seqs)
+        outs = [CompletionOutput(i, text, s.output_token_ids, s.finish_reason, s.stop_reason)
+                for i, (s, text) in enumerate(zip(self.seqs, texts))]
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.finished,
                              max(self.seqs[0].num_cached_tokens, 0), self.error)
