@@ -114,7 +114,8 @@ class Request:
         """The outputs so far: while a sequence runs, its text without a tail that could still become a stop. Text
         its tokenizer cannot make fails this request (the engine then aborts it)."""
         try:
-            texts = [d.text if s.finished else d.stable_text() for s, d in zip(self.seqs, self.detoks)]
+            texts = ([d.text if s.finished else d.stable_text() for s, d in zip(self.seqs, self.detoks)]
+                     if self.seqs[0].params.detokenize else [""] * len(self.seqs))
         except Exception as e:
             self.error, texts = self.error or f"{type(e).__name__}: {e}", [""] * len(self.seqs)
         outs = [CompletionOutput(i, text, s.output_token_ids, s.finish_reason, s.stop_reason)
