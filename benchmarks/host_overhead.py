@@ -5,11 +5,12 @@ sampler, stop checks, detokenization, outputs) around a stub forward that return
     python benchmarks/host_overhead.py --sizes 256 --profile    # and where the time goes (cProfile)
     python benchmarks/host_overhead.py --async-scheduling       # the overlapped loop
 
-The model is a tiny random-weight Llama with a byte-level BPE tokenizer (258 tokens): the stub's logits are that
-wide, so the sampler's arithmetic over the vocabulary (the device's work on a GPU) costs next to nothing and what
-is timed is the host's. The requests are the throughput benchmark's (temperature 0.6, ignore_eos, detokenized,
-prompts of 100-500 random tokens); they are generated with output_kind FINAL_ONLY, as LLM.generate runs them.
-Each size: prompts prefilled, 5 decode steps of warm-up, then --steps decode steps timed; the median is printed.
+The model is a tiny random-weight Llama with a byte-level BPE tokenizer (258 tokens), the stub's logits that wide.
+The requests are the throughput benchmark's (temperature 0.6, ignore_eos, detokenized, prompts of 100-500 random
+tokens), run with output_kind FINAL_ONLY, as LLM.generate runs them. Each size: prompts prefilled, 5 decode steps
+of warm-up, then --steps decode steps timed; the median is printed. Timed: the thread's CPU time (other processes
+on a shared machine do not count), less the time inside ops.sample, the sampler's arithmetic over the logits (the
+device's work on a GPU; printed apart). One torch thread: the host's loop is one thread.
 """
 import argparse
 import cProfile
@@ -36,7 +37,7 @@ def tiny_model(path: str) -> str:
     return path
 
 
-def measure(path: str, n: int, steps: int, async_scheduling: bool, profile: bool) -> float:
+def measure(path: str, n: int, steps: int, async_scheduling: bool, profile: bool) -> tuple[float, float]:
     import nanovllm.ops as ops
     from nanovllm import SamplingParams
     from nanovllm.config import EngineConfig

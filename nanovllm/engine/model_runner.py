@@ -165,12 +165,11 @@ class ModelRunner:
         first samples in its row) gathered on the device; what the sampler branches on is read here, on the host.
         Only the rows that need it (min_tokens, bad words, logit_bias, allowed_token_ids, penalties, seeds) are
         looked at one by one."""
-        for s in seqs:
-            if self.row_owner[s.row] is not s:
-                self.write_sampling_row(s)
+        for s in [s for s in seqs if self.row_owner[s.row] is not s]:
+            self.write_sampling_row(s)
         if self.dirty_rows:  # on CUDA the device's copy of the table catches up (on CPU they are one)
-            idx = np.array(self.dirty_rows)
-            self.sampling_dev[torch.from_numpy(idx).to(self.device)] = torch.from_numpy(self.sampling[idx]).to(self.device)
+            idx = torch.tensor(self.dirty_rows)
+            self.sampling_dev[idx.to(self.device)] = torch.from_numpy(self.sampling[idx.numpy()]).to(self.device)
             self.dirty_rows.clear()
         values, flags = self.sampling[rows], self.sampling_flags[rows]
         (t_min, k_min, p_min, _, _, _, _), (t_max, k_max, _, min_p_max, _, _, _) = values.min(0), values.max(0)
@@ -246,7 +245,8 @@ class ModelRunner:
         if tokens.is_cuda:
             event = torch.cuda.Event()
             event.record()
-        return Launched(batch, sample_rows, tokens, host, event, bool(self.sampling_flags[step.sample_table_rows, 4].any()))
+        needs_tokens = bool(self.sampling_flags[step.sample_table_rows, 4].any())
+        return Launched(batch, sample_rows, tokens, host, event, needs_tokens)
 
     def shutdown(self) -> None:
         if self.workers is not None:
