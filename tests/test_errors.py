@@ -182,7 +182,8 @@ def test_a_stop_string_may_begin_before_min_tokens_and_end_after():
         request = Request.make("r", None, [tok("x").input_ids[0]], params, tok, "cpu")
         seq = request.seqs[0]
         for n, token in enumerate(ids, start=1):
-            if done := request.append(seq, token, set(), max_model_len=64):
+            seq.token_ids.append(token)  # what Scheduler.postprocess does before the check
+            if done := request.check(seq, token, set(), max_model_len=64):
                 break
         # "cd" begins in token 3 (made before min_tokens allowed a stop) and ends in token 4: found there;
         # "bc" ends in token 3, before a stop may end: never found
