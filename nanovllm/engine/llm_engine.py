@@ -109,6 +109,12 @@ class LLMEngine:
             bad = [t for t in getattr(params, name) or [] if not 0 <= t < self.vocab_size]
             if bad:
                 raise ValueError(f"{name} {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        cap = self.vocab_size if self.config.max_logprobs == -1 else self.config.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):  # -1 asks for the whole vocabulary (as in vLLM)
+            asked = getattr(params, name)
+            if asked is not None and (self.vocab_size if asked == -1 else asked) > cap:
+                raise ValueError(f"SamplingParams.{name} ({asked}) is more than this engine allows: max_logprobs="
+                                 f"{self.config.max_logprobs} (an engine argument; -1 allows the whole vocabulary)")
         return Request.make(request_id, text, ids, params, self.tokenizer, self.config.device, encoder)
 
     def add(self, request: Request) -> None:
@@ -140,11 +146,11 @@ class LLMEngine:
             return []
         sample_rows = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
                        if s.num_computed + n == s.num_tokens]
-        tokens = self.runner.run(batch, sample_rows)
+        tokens, logprobs = self.runner.run(batch, sample_rows)
         decodes = sum(1 for n in batch.num_new_tokens if n == 1)
         self.last_step = (batch.num_tokens - decodes, decodes)
         changed = self.scheduler.postprocess(batch, sample_rows, tokens, self.requests, self.eos_token_ids,
-                                             self.config.max_model_len)
+                                             self.config.max_model_len, logprobs)
         outputs = [r.output() for r in changed]
         for out in outputs:
             if out.finished:

@@ -7,7 +7,7 @@ from nanovllm.engine import kv_cache
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import AttentionMetadata
-from nanovllm.layers.sampler import SamplingBatch
+from nanovllm.layers.sampler import SamplingBatch, StepLogprobs, logprobs_of
 
 
 class ModelRunner:
@@ -39,11 +39,13 @@ class ModelRunner:
         """The CUDA graphs, where the step runner is them."""
         return self.step_runner if self.ops.NAME == "cuda" else None
 
-    def pack(self, batch: ScheduledBatch, sample_rows: list[int]) -> np.ndarray:
+    def pack(self, batch: ScheduledBatch, sample_rows: list[int],
+             prompt_positions: dict[int, range] | None = None) -> np.ndarray:
         """A step's inputs as one int64 array: what tensor-parallel workers receive, and what every rank
         (rank 0 included) builds its tensors from. Layout: [T, B, W, D, S, decode_max_context], then input ids,
         positions, slots (T each), query starts (B+1), context lengths (B), block tables (B*W), decode rows and
-        their token indices (D each), the rows whose logits are sampled (S)."""
+        their token indices (D each), the tokens whose logits are computed (S): the sampled rows' last ones and
+        the `prompt_positions` of rows that asked for prompt logprobs, in token order."""
         input_ids, positions, slots, query_start, context_lens = [], [], [], [0], []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start, end = seq.num_computed, seq.num_computed + n
@@ -58,6 +60,9 @@ class ModelRunner:
         decode_rows = [i for i, n in enumerate(batch.num_new_tokens) if n == 1]
         decode_max = max((context_lens[i] for i in decode_rows), default=0)
         last = [query_start[i + 1] - 1 for i in sample_rows]
+        if prompt_positions:  # in token order, as a step runner returns logits
+            last = sorted(last + [query_start[i] + p - batch.seqs[i].num_computed
+                                  for i, positions in prompt_positions.items() for p in positions])
         header = [len(input_ids), len(batch.seqs), width, len(decode_rows), len(last), decode_max]
         return np.array(header + input_ids + positions + slots + query_start + context_lens + tables + decode_rows
                         + [query_start[i] for i in decode_rows] + last, dtype=np.int64)
@@ -72,8 +77,8 @@ class ModelRunner:
                                           decode_tokens, host[3].tolist(), host[4].tolist(), decode_max)
         return input_ids, positions, meta, last
 
-    def prepare(self, batch: ScheduledBatch, sample_rows: list[int] = ()):
-        return self.unpack(self.pack(batch, list(sample_rows)))
+    def prepare(self, batch: ScheduledBatch, sample_rows: list[int] = (), prompt_positions: dict | None = None):
+        return self.unpack(self.pack(batch, list(sample_rows), prompt_positions))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 last: torch.Tensor) -> torch.Tensor | None:
@@ -115,16 +120,18 @@ class ModelRunner:
         b.allowed = [(i, p.allowed_token_ids) for i, p in enumerate(ps) if p.allowed_token_ids]
         return b
 
-    def run(self, batch: ScheduledBatch, sample_rows: list[int]) -> list[int]:
+    def run(self, batch: ScheduledBatch, sample_rows: list[int]) -> tuple[list[int], StepLogprobs | None]:
         """Forward the batch; sample a next token for the sequences at `sample_rows` (those whose whole
-        context is now computed), from the logits of their last scheduled token."""
+        context is now computed), from the logits of their last scheduled token. The logprobs of the rows that
+        asked for them (None if none did)."""
+        prompt_positions = prompt_logprob_positions(batch)
         if self.workers is None:
-            logits = self.forward(*self.prepare(batch, sample_rows))
+            logits = self.forward(*self.prepare(batch, sample_rows, prompt_positions))
         else:
             if self.failed:
                 raise RuntimeError("tensor parallelism failed earlier; this engine cannot continue")
             try:
-                packed = self.pack(batch, sample_rows)
+                packed = self.pack(batch, sample_rows, prompt_positions)
                 self.workers.send(packed)
                 logits = self.forward(*self.unpack(packed))
             except BaseException as e:  # the ranks are out of step now (Ctrl-C included): stop them all
@@ -133,12 +140,69 @@ class ModelRunner:
                     raise self.workers.failure(e) from e
                 self.workers.kill()
                 raise
-        if not sample_rows:
-            return []
+        if not sample_rows and not prompt_positions:
+            return [], None
         with torch.inference_mode():
+            if prompt_positions:
+                sample_at, prompt_at = logit_rows(len(batch.seqs), sample_rows, prompt_positions)
+                logits, prompt_logits = logits[sample_at], logits[prompt_at]
             seqs = [batch.seqs[i] for i in sample_rows]
-            return ops.sample(logits, self.sampling_batch(seqs), self.generator).tolist()
+            asked = [j for j, s in enumerate(seqs) if s.logprobs is not None]
+            raw = logits[asked] if asked else None  # a copy: the sampler may change the logits in place
+            tokens = ops.sample(logits, self.sampling_batch(seqs), self.generator) if seqs else torch.zeros(0)
+            if not asked and not prompt_positions:
+                return tokens.tolist(), None
+            step = StepLogprobs({}, {})
+            if asked:
+                entries = self.logprobs(raw, tokens[asked], [seqs[j].params.logprobs for j in asked])
+                step.sampled = {sample_rows[j]: e for j, e in zip(asked, entries)}
+            if prompt_positions:
+                rows = list(prompt_positions)
+                targets = [batch.seqs[i].token_ids[p + 1] for i in rows for p in prompt_positions[i]]
+                entries = self.logprobs(prompt_logits, torch.tensor(targets, device=logits.device),
+                                        [batch.seqs[i].params.prompt_logprobs for i in rows
+                                         for _ in prompt_positions[i]])
+                at = np.cumsum([0] + [len(prompt_positions[i]) for i in rows]).tolist()
+                step.prompt = {i: entries[at[k]:at[k + 1]] for k, i in enumerate(rows)}
+            return tokens.tolist(), step
+
+    @staticmethod
+    def logprobs(logits: torch.Tensor, chosen: torch.Tensor, nums: list[int]) -> list[tuple]:
+        """Per row: (ids, logprobs, rank) of the chosen token and that row's number of most likely ones (-1: the
+        whole vocabulary)."""
+        vocab = logits.shape[-1]
+        nums = [vocab if k == -1 else k for k in nums]
+        ids, values, ranks = logprobs_of(logits, chosen.long(), max(nums))
+        return [(i[:k + 1], v[:k + 1], r) for i, v, r, k in zip(ids, values, ranks, nums)]
 
     def shutdown(self) -> None:
         if self.workers is not None:
             self.workers.shutdown()
+
+
+def prompt_logprob_positions(batch: ScheduledBatch) -> dict[int, range]:
+    """Per row of a request that asked for prompt logprobs (its first sequence computes them): this step's
+    positions whose logits give one (those that predict a prompt token) and that are not recorded yet, so that a
+    preempted request's recompute adds none twice."""
+    out = {}
+    for i in [i for i, seq in enumerate(batch.seqs) if seq.prompt_logprobs is not None]:
+        seq, n = batch.seqs[i], batch.num_new_tokens[i]
+        positions = range(max(seq.num_computed, len(seq.prompt_logprobs) - 1),
+                          min(seq.num_computed + n, seq.num_prompt_tokens - 1))
+        if positions:
+            out[i] = positions
+    return out
+
+
+def logit_rows(num_rows: int, sample_rows: list[int], prompt_positions: dict[int, range]) -> tuple[list, list]:
+    """Where the sampled rows' logits and the prompt positions' logits are among a step's logits (token order:
+    each row's prompt positions, then its last token if it is sampled)."""
+    sampled, sample_at, prompt_at, j = set(sample_rows), [], [], 0
+    for i in range(num_rows):
+        n = len(prompt_positions.get(i, ()))
+        prompt_at += range(j, j + n)
+        j += n
+        if i in sampled:
+            sample_at.append(j)
+            j += 1
+    return sample_at, prompt_at

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import Sequence, Status
+from nanovllm.layers.sampler import StepLogprobs
 
 
 @dataclass
@@ -60,6 +61,8 @@ class Scheduler:
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             hits = bm.match_prefix(seq) if not seq.block_table else []
+            if seq.prompt_logprobs is not None:  # positions whose prompt logprobs are still to come are computed
+                hits = hits[:(len(seq.prompt_logprobs) - 1) // bm.block_size]
             n = min(seq.num_tokens - seq.num_computed - len(hits) * bm.block_size, budget)
             if not self.chunked_prefill and n < seq.num_tokens - seq.num_computed - len(hits) * bm.block_size:
                 break  # the whole prompt in one step, or wait for a step with room for it
@@ -75,30 +78,43 @@ class Scheduler:
         return batch
 
     def postprocess(self, batch: ScheduledBatch, sample_rows: list[int], tokens: list[int], requests: dict,
-                    eos_token_ids: set[int], max_model_len: int) -> list:
-        """After a step: each sequence's newly computed tokens (full blocks keyed for the prefix cache), each
-        sampled token appended and checked for a stop, finished sequences out. Returns the requests that
-        changed. A request whose token cannot be handled (e.g. a tokenizer that cannot decode it) fails alone."""
+                    eos_token_ids: set[int], max_model_len: int, logprobs: StepLogprobs | None = None) -> list:
+        """After a step: each sequence's newly computed tokens (full blocks keyed for the prefix cache), the
+        logprobs computed for it, each sampled token appended and checked for a stop, finished sequences out.
+        Returns the requests that changed. A request whose token cannot be handled (e.g. a tokenizer that cannot
+        decode it) fails alone."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed += n
             self.block_manager.cache_full_blocks(seq, seq.num_computed - n)
         changed = {}
+        for row, entries in logprobs.prompt.items() if logprobs else ():
+            seq = batch.seqs[row]
+            try:
+                requests[seq.request_id].add_prompt_logprobs(seq, entries)
+            except Exception as e:
+                self.fail(changed.setdefault(seq.request_id, requests[seq.request_id]), e)
         for row, token in zip(sample_rows, tokens):
             seq = batch.seqs[row]
             request = changed[seq.request_id] = requests[seq.request_id]
             if request.error:
                 continue
             try:
+                if seq.logprobs is not None:
+                    request.add_logprobs(seq, *logprobs.sampled[row])
                 done = request.append(seq, token, eos_token_ids, max_model_len)
             except Exception as e:
-                request.error = f"{type(e).__name__}: {e}"
-                for other in request.seqs:
-                    if not other.finished:
-                        self.finish(other, "abort")
+                self.fail(request, e)
                 continue
             if done:
                 self.finish(seq, *done)
         return list(changed.values())
+
+    def fail(self, request, error: Exception) -> None:
+        """Handling this request failed: it ends now, with the error in its output."""
+        request.error = f"{type(error).__name__}: {error}"
+        for seq in request.seqs:
+            if not seq.finished:
+                self.finish(seq, "abort")
 
     def preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1

@@ -29,6 +29,9 @@ class Sequence:
     stop_reason: int | str | None = None
     generator: torch.Generator | None = None
     bad_words: list[list[int]] = field(default_factory=list)  # SamplingParams.bad_words as token ids
+    logprobs: list | None = None          # per output token {token id: Logprob}, when SamplingParams.logprobs is set
+    cumulative_logprob: float | None = None
+    prompt_logprobs: list | None = None   # the request's, held (and computed) by its first sequence only
 
     @property
     def num_tokens(self) -> int:

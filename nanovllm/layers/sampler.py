@@ -23,6 +23,15 @@ class SamplingBatch:
     allowed: list[tuple[int, list[int]]] | None = None  # (row, tokens): only these may be drawn (allowed_token_ids)
 
 
+@dataclass
+class StepLogprobs:
+    """The logprobs a step computed, by batch row, each as (token ids: the chosen one first, then the most likely;
+    their logprobs; the chosen one's rank): of the token sampled for each row that asked, and of the prompt tokens
+    that row's positions predict, in order."""
+    sampled: dict[int, tuple[list[int], list[float], int]]
+    prompt: dict[int, list[tuple[list[int], list[float], int]]]
+
+
 def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     """vLLM's semantics: repetition over prompt+output tokens, presence/frequency over output tokens only."""
     rows, vocab = logits.shape
@@ -135,3 +144,16 @@ def last_nonzero_if_past_end(index: torch.Tensor, weights: torch.Tensor) -> torc
         last_nonzero = weights.shape[-1] - 1 - (weights > 0).flip(-1).int().argmax(dim=-1)
         index = torch.where(past_end, last_nonzero, index)
     return index
+
+
+def logprobs_of(logits: torch.Tensor, chosen: torch.Tensor, num: int) -> tuple[list, list, list]:
+    """Per row of raw logits [R, V] (before temperature, penalties and filters: the model's own distribution, vLLM's
+    default raw_logprobs), in fp32: the ids of the chosen token [R] followed by the `num` most likely tokens, their
+    log-probabilities, and the chosen token's rank (how many tokens are at least as likely, as vLLM counts it)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = chosen[:, None]
+    chosen_lp = logprobs.gather(-1, chosen)
+    ranks = (logprobs >= chosen_lp).sum(dim=-1)
+    top = logprobs.topk(num, dim=-1)
+    ids, values = torch.cat([chosen, top.indices], dim=1), torch.cat([chosen_lp, top.values], dim=1)
+    return ids.tolist(), values.tolist(), ranks.tolist()
