@@ -334,3 +334,5 @@ def test_every_known_unsupported_field_is_refused_by_name_and_documented():
             assert e.value.status == 400 and e.value.param == name
             for off in model.unsupported[name]:  # the values that ask for nothing are accepted
                 model(**base, **{name: off})
+        with pytest.raises(APIError, match="continuous_usage_stats"):
+            model(**base, stream_options={"continuous_usage_stats": True})

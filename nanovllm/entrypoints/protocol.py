@@ -27,6 +27,14 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: usage in every chunk (not implemented: refused)
+
+    @model_validator(mode="after")
+    def refuse_unsupported(self):
+        if self.continuous_usage_stats:
+            raise APIError(400, "stream_options.continuous_usage_stats is not supported by nanovllm",
+                           param="stream_options")
+        return self
 
 
 # Known OpenAI and vLLM request fields that nanovllm does not implement, with the values that ask for nothing
