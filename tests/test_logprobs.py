@@ -336,3 +336,19 @@ def test_every_known_unsupported_field_is_refused_by_name_and_documented():
                 model(**base, **{name: off})
         with pytest.raises(APIError, match="continuous_usage_stats"):
             model(**base, stream_options={"continuous_usage_stats": True})
+
+
+def test_tensor_parallel_logprobs_equal_one_process(tmp_path):
+    # vocab 259: the last vocabulary range is padded; a small budget and pool: chunks and preemption on 2 ranks
+    path = save_tiny_model("llama", str(tmp_path / "llama"), vocab_size=259)
+    prompts = random_prompts(3, 30, 50, seed=6)
+    params = greedy(logprobs=3, prompt_logprobs=2, max_tokens=30)
+    ref = LLM(path, dtype="float32", max_model_len=128).generate(prompts, params, use_tqdm=False)
+    with LLM(path, dtype="float32", max_model_len=128, tensor_parallel_size=2, num_kv_blocks=10,
+             max_num_batched_tokens=24) as llm:
+        out = llm.generate(prompts, params, use_tqdm=False)
+        assert llm.engine.stats()["preemptions"] > 0
+    for a, b in zip(out, ref):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for x, y in zip(a.prompt_logprobs[1:] + a.outputs[0].logprobs, b.prompt_logprobs[1:] + b.outputs[0].logprobs):
+            assert x.keys() == y.keys() and all(abs(x[t].logprob - y[t].logprob) <= TOL for t in x)
