@@ -73,6 +73,13 @@ def linear(x: torch.Tensor, layer) -> torch.Tensor:
     return y if layer.bias is None else y + layer.bias
 
 
+def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor) -> torch.Tensor:
+    """The reference's grouped product (one matmul per expert that has tokens: a decode step reads only the
+    experts its tokens chose)."""
+    return torch_ops.fused_experts(x, w13, w2, topk_weights, topk_ids)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
               meta: reference.AttentionMetadata, scale: float) -> torch.Tensor:
     """The reference's interface (layers/attention.py). Decodes: our kernel reads the blocks in place (any dtype
