@@ -70,7 +70,7 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch
     run). Sized by the worst case, so the shapes depend only on the number of pairs."""
     flat = topk_ids.flatten()
     n = flat.numel()
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    counts = flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat))  # (bincount would sync)
     padded = (counts + block_m - 1) // block_m * block_m
     ends = padded.cumsum(0)
     order = flat.argsort(stable=True)

@@ -19,7 +19,8 @@ import nanovllm.ops as ops
 from nanovllm.layers.attention import AttentionMetadata
 from nanovllm.layers.linear import Linear
 from nanovllm.layers.norm import RMSNorm
-from nanovllm.layers.parallel import all_gather, all_reduce, embed, gather_logits, shard, tp_rank, tp_size, vocab_range
+from nanovllm.layers.parallel import (all_gather, all_reduce, embed, gather_logits, shard, tp_rank, tp_size,
+                                      vocab_range)
 from nanovllm.layers.rotary import Rotary
 from nanovllm.models.moe import (MoeRouting, SparseMoeBlock, expected_expert_parts, expert_slice, is_sparse,
                                  locate_expert)
@@ -116,8 +117,9 @@ class Model(nn.Module):
         self.vocab_size, self.rotary = cfg.vocab_size, rotary
         vocab = vocab_range(cfg.vocab_size)[1]  # given a weight, nn.Embedding skips its random init (see Linear)
         self.embed_tokens = nn.Embedding(vocab, cfg.hidden_size, _weight=torch.empty(vocab, cfg.hidden_size))
-        self.layers = nn.ModuleList(DecoderLayer(cfg, head_dim, qkv_bias, qk_norm, moe if moe and is_sparse(cfg, i)
-                                                 else None) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, head_dim, qkv_bias, qk_norm, moe if moe and is_sparse(cfg, i) else None)
+            for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -73,11 +73,9 @@ def linear(x: torch.Tensor, layer) -> torch.Tensor:
     return y if layer.bias is None else y + layer.bias
 
 
-def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor) -> torch.Tensor:
-    """The reference's grouped product (one matmul per expert that has tokens: a decode step reads only the
-    experts its tokens chose)."""
-    return torch_ops.fused_experts(x, w13, w2, topk_weights, topk_ids)
+# the reference's grouped product: one matmul per expert that has tokens, so a decode step reads only the experts
+# its tokens chose
+fused_experts = torch_ops.fused_experts
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
