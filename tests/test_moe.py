@@ -1,7 +1,8 @@
 """Mixture-of-experts models (Qwen3-MoE, Mixtral, OLMoE): greedy token for token what HF transformers gives in fp32,
 under prefix caching, chunked prefill, preemption and TP=2; the grouped expert product (the torch reference and the
-fused MoE Triton kernel, in Triton's interpreter) against a per-token reference; a tiny MoE GGUF (quantized
-experts) against transformers' logits for the same file."""
+fused MoE Triton kernel, in Triton's interpreter) against a per-token reference, and in bf16 on CPU reading only
+the experts a decode step selected; a tiny MoE GGUF (quantized experts) against transformers' logits for the same
+file."""
 import os
 
 import pytest
@@ -95,6 +96,25 @@ def test_grouped_experts_equal_per_token_reference(tokens, hidden, inter, expert
         for name, fused in kernels():
             got = fused(*(t.to(device) if name == "triton" else t for t in (x, w13, w2, weights, ids))).cpu()
             assert (got - expected).abs().max().item() < 1e-4, (case, name)
+
+
+def test_cpu_bf16_decode_reads_only_the_selected_experts():
+    """The unselected experts hold NaN: any product that touched them (a dense compute-all-then-mask would) would
+    carry NaN into the output."""
+    import nanovllm.ops.cpu_ops as cpu_ops
+    g = torch.Generator().manual_seed(1)
+    experts, hidden, inter = 16, 64, 32
+    w13 = (torch.randn(experts, 2 * inter, hidden, generator=g) * 0.2).bfloat16()
+    w2 = (torch.randn(experts, hidden, inter, generator=g) * 0.2).bfloat16()
+    x = torch.randn(4, hidden, generator=g).bfloat16()  # a decode step of 4 sequences, top 2
+    ids = torch.tensor([[0, 5], [5, 9], [0, 12], [9, 5]])
+    weights = torch.rand(ids.shape, generator=g).bfloat16()
+    expected = per_token(x.float(), w13.float(), w2.float(), weights.float(), ids)
+    unselected = torch.ones(experts, dtype=torch.bool)
+    unselected[ids.unique()] = False
+    w13[unselected], w2[unselected] = float("nan"), float("nan")
+    got = cpu_ops.fused_experts(x, w13, w2, weights, ids).float()
+    assert got.isfinite().all() and (got - expected).abs().max().item() < 0.05
 
 
 # ---- GGUF --------------------------------------------------------------------------------------------------
