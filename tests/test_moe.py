@@ -83,7 +83,8 @@ def kernels():
     yield "triton", triton_fused_experts
 
 
-@pytest.mark.parametrize("tokens,hidden,inter,experts,k", [(7, 48, 40, 6, 2), (70, 32, 24, 8, 3)])
+# the last: enough pairs per expert for the kernel's 64-row tiles
+@pytest.mark.parametrize("tokens,hidden,inter,experts,k", [(7, 48, 40, 6, 2), (70, 32, 24, 8, 3), (100, 32, 24, 4, 3)])
 def test_grouped_experts_equal_per_token_reference(tokens, hidden, inter, experts, k):
     g = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, hidden, generator=g)

@@ -7,7 +7,9 @@ BLOCK_M rows then belongs to one expert, read from the stacked weights.
   silu(gate) * up into an intermediate buffer (one row per sorted pair).
 - _down: per tile and per BLOCK_N columns of the hidden size, the intermediate rows @ the expert's down rows,
   times the pair's routing weight, into the pair's output row; the k rows of a token are summed after.
-Accumulation in fp32 (ieee dots: exact in fp32, the interpreter tests); inputs fp32, bf16 or fp16.
+Accumulation in fp32 (ieee dots: exact in fp32, the interpreter tests); inputs fp32, bf16 or fp16. Compiled for
+sm_90 in bf16 without a GPU (Triton's ptxas): 16-row tiles on mma.sync, 64-row tiles on wgmma, no spills; never run
+on a GPU yet.
 """
 import torch
 import triton
@@ -89,14 +91,17 @@ def triton_fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, t
     (t, hidden), (num_experts, inter2, _), top_k = x.shape, w13.shape, topk_ids.shape[1]
     inter, n = inter2 // 2, t * top_k
     block_m = 64 if n >= 64 * num_experts else 16  # decode steps: a few rows per expert
+    warps = 8 if block_m == 64 else 4  # sm_90, bf16: 64-row gate/up tiles spill with 4 warps, not with 8
     sorted_ids, tile_experts = align(topk_ids, num_experts, block_m)
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
     h = x.new_empty(len(sorted_ids), inter)
     grid = (len(tile_experts), triton.cdiv(inter, 64))
     _gate_up[grid](x, w13, h, sorted_ids, tile_experts, n, top_k, hidden, inter, num_experts, x.stride(0),
-                   w13.stride(0), w13.stride(1), h.stride(0), BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32)
+                   w13.stride(0), w13.stride(1), h.stride(0), BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32,
+                   num_warps=warps)
     out = torch.empty(n, hidden, device=x.device, dtype=topk_weights.dtype)  # Mixtral: the product in fp32
     grid = (len(tile_experts), triton.cdiv(hidden, 64))
     _down[grid](h, w2, out, topk_weights.contiguous(), sorted_ids, tile_experts, n, hidden, inter, num_experts,
-                h.stride(0), w2.stride(0), w2.stride(1), out.stride(0), BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32)
+                h.stride(0), w2.stride(0), w2.stride(1), out.stride(0), BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32,
+                num_warps=warps)
     return out.to(x.dtype).view(t, top_k, hidden).sum(dim=1)
