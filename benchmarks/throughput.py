@@ -5,6 +5,8 @@
     python benchmarks/throughput.py --preset cpu-tp --tensor-parallel-size 1 2 --skip-hf
                                                           # SmolLM2-135M shape with 8 heads (TP=2 splits
                                                           # them), random weights: tensor-parallel overhead
+    python benchmarks/throughput.py --preset moe          # Qwen3-MoE shape scaled down (128 experts, top 8),
+                                                          # random weights, 16 prompts
     python benchmarks/throughput.py --preset cpu --vllm-python PATH --repeat 3
                                                           # vLLM-CPU as a peer; medians of 3 runs each
 
@@ -29,6 +31,7 @@ PRESETS = {  # (num_prompts, input_len, output_len)
     "cpu": (64, 512, 256),
     "cpu-tp": (64, 512, 256),
     "nano-vllm": (256, 1024, 1024),
+    "moe": (16, 256, 128),
 }
 TEMPERATURE = 0.6
 
@@ -45,8 +48,13 @@ def random_model(folder: str, preset: str) -> str:
     """A model with random weights, plus a placeholder tokenizer: nothing is downloaded. nano-vllm: Qwen3-0.6B's
     architecture; cpu-tp: SmolLM2-135M's sizes but 8 heads / 4 KV heads (its 9 / 3 do not split in two)."""
     from tokenizers import Tokenizer, models
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen3Config
-    if preset == "nano-vllm":
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3MoeConfig
+    if preset == "moe":  # Qwen3-30B-A3B's routing (128 experts, top 8, normalized) at a quarter of its width
+        config = Qwen3MoeConfig(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                                head_dim=64, intermediate_size=1536, moe_intermediate_size=192, num_experts=128,
+                                num_experts_per_tok=8, norm_topk_prob=True, vocab_size=32768,
+                                max_position_embeddings=4096, tie_word_embeddings=False, rope_theta=1000000)
+    elif preset == "nano-vllm":
         config = Qwen3Config(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
                              head_dim=128, intermediate_size=3072, vocab_size=151936, max_position_embeddings=40960,
                              tie_word_embeddings=True, rope_theta=1000000)
@@ -80,13 +88,19 @@ def matmul_roof(dtype: torch.dtype, device: str, m: int, k: int, n: int, seconds
 
 
 def run_engine(model: str | None, dtype: str, max_model_len: int, prompts: list[list[int]],
-               max_tokens: list[int], tp: int) -> tuple[int, float, int, list[tuple[float, int, int]], float]:
-    """(output tokens, seconds, engine steps, decode-only steps as (seconds, sequences, context tokens), start-up
-    seconds) for our engine; only generate() is timed."""
+               max_tokens: list[int], tp: int) -> tuple[int, float, int, list[tuple[float, int, int, int]], float]:
+    """(output tokens, seconds, engine steps, decode-only steps as (seconds, sequences, context tokens, bytes of the
+    experts the step's tokens selected on rank 0), start-up seconds) for our engine; only generate() is timed."""
     from nanovllm import LLM, SamplingParams
+    from nanovllm.layers.moe import FusedMoE
     start = time.perf_counter()
     with LLM(model, dtype=dtype, max_model_len=max_model_len, tensor_parallel_size=tp) as llm:
         startup = time.perf_counter() - start
+        reads = []  # per MoE layer of this step: the bytes of the experts its tokens selected
+        for m in llm.engine.runner.model.modules():
+            if isinstance(m, FusedMoE):
+                m.register_forward_hook(lambda m, args, out: reads.append(
+                    args[2].unique().numel() * (m.w13_weight[0].nbytes + m.w2_weight[0].nbytes)))
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
         params = [SamplingParams(temperature=TEMPERATURE, ignore_eos=True, max_tokens=m) for m in max_tokens]
         steps, step, decodes, sched = [0], llm.engine.step, [], llm.engine.scheduler
@@ -95,10 +109,11 @@ def run_engine(model: str | None, dtype: str, max_model_len: int, prompts: list[
             steps[0] += 1
             decode_only = not sched.waiting and all(s.num_computed == s.num_tokens - 1 for s in sched.running)
             context = sum(s.num_tokens for s in sched.running)
+            reads.clear()
             t = time.perf_counter()
             out = step()  # returns after sampling, which waits for the device
             if decode_only and llm.engine.last_step[0] == 0:
-                decodes.append((time.perf_counter() - t, len(sched.running), context))
+                decodes.append((time.perf_counter() - t, len(sched.running), context, sum(reads)))
             return out
         llm.engine.step = counted_step
         start = time.perf_counter()
@@ -121,13 +136,15 @@ def copy_bandwidth(device: str, mib: int = 512) -> float:
     return 2 * x.numel() * n / (time.perf_counter() - start) / 1e9
 
 
-def count_parameters(model: str) -> int:
-    """The whole model's parameters (tied weights once), whatever the tensor-parallel split."""
+def count_parameters(model: str) -> tuple[int, int]:
+    """The whole model's parameters (tied weights once), whatever the tensor-parallel split, and how many of them
+    are mixture-of-experts experts."""
     from nanovllm.loader import load_hf_config
     from nanovllm.models.llama import MODELS
     cfg = load_hf_config(model)
     with torch.device("meta"):
-        return sum(p.numel() for p in MODELS[cfg.architectures[0]](cfg, 16).parameters())
+        params = dict(MODELS[cfg.architectures[0]](cfg, 16).named_parameters())
+    return sum(p.numel() for p in params.values()), sum(p.numel() for n, p in params.items() if ".experts." in n)
 
 
 def load_hf(model: str, dtype: torch.dtype, device: str):
@@ -272,6 +289,8 @@ def main() -> None:
     else:
         model = default_model_path() if args.preset == "cpu" else random_model(tmp.name, args.preset)
     label = model if args.model or args.preset == "cpu" else {
+        "moe": "Qwen3-MoE shape: hidden 512, 8 layers, 8 heads / 4 KV heads of 64, 128 experts of 192, top 8, "
+               "vocab 32768, random weights",
         "nano-vllm": "Qwen3-0.6B shape, random weights",
         "cpu-tp": "SmolLM2-135M shape with 8 heads / 4 KV heads, random weights"}[args.preset]
     prompts, max_tokens = make_workload(n, lin, lout)
@@ -294,7 +313,10 @@ def main() -> None:
     roof = matmul_roof(dtype, device, m, k, n_)
     print(f"roof:    {roof:.1f} GFLOP/s (matmul {m}x{k} @ {k}x{n_}, {dtype_name})\n")
 
-    results, n_params = [], count_parameters(model)
+    results, (n_params, n_experts) = [], count_parameters(model)
+    # a token computes with its top-k experts only
+    experts = getattr(hf_cfg, "num_experts", None) or getattr(hf_cfg, "num_local_experts", None)
+    n_active = n_params - n_experts + (n_experts * hf_cfg.num_experts_per_tok // experts if experts else 0)
     bandwidth = copy_bandwidth(device)
     kv_bytes_per_token = (2 * hf_cfg.num_hidden_layers * (getattr(hf_cfg, "num_key_value_heads", None)
                                                          or hf_cfg.num_attention_heads)
@@ -315,11 +337,14 @@ def main() -> None:
         r = {"engine": "nanovllm" + (f" TP={tp}" if len(args.tensor_parallel_size) > 1 or tp > 1 else ""),
              "output_tokens": out_tokens, "seconds": seconds, "runs": runs, "steps": steps, "startup_s": startup}
         if decodes:
-            # the floor of a decode step: every weight and every cached K/V byte read once, at copy bandwidth
-            t, seqs, ctx = (sum(x) / len(decodes) for x in zip(*decodes))
-            floor = (n_params * dtype.itemsize + ctx * kv_bytes_per_token) / (bandwidth * 1e9)
+            # the floor of a decode step: every weight (of a MoE layer's experts, those the step's tokens selected)
+            # and every cached K/V byte read once, at copy bandwidth
+            t, seqs, ctx, experts = (sum(x) / len(decodes) for x in zip(*decodes))
+            floor = ((n_params - n_experts) * dtype.itemsize + experts + ctx * kv_bytes_per_token) / (bandwidth * 1e9)
             r.update(decode_steps=len(decodes), decode_step_ms=t * 1000, decode_seqs=seqs,
                      decode_floor_ms=floor * 1000)
+            if n_experts:
+                r["decode_expert_share"] = experts / (n_experts * dtype.itemsize)
         results.append(r)
         print(f"{r['engine']}: {out_tokens} tokens in {seconds:.1f} s = {out_tokens / seconds:.1f} tok/s", flush=True)
     if device == "cuda":
@@ -344,14 +369,15 @@ def main() -> None:
     for r in results:
         r["vs_vllm"] = r["tok_per_s"] / vllm_tps if vllm_tps else None
         # MFU counts the useful tokens only: prompts once, plus the outputs the workload asked for
-        r["mfu"] = 2 * n_params * (prompt_tokens + r["output_tokens"]) / r["seconds"] / (roof * 1e9)
+        r["mfu"] = 2 * n_active * (prompt_tokens + r["output_tokens"]) / r["seconds"] / (roof * 1e9)
         r["vs_hf"] = r["tok_per_s"] / hf_tps if hf_tps else None
         ratio = f"{r['vs_hf']:.2f}x" if hf_tps else "-"
         per_step = f"{r['seconds'] / r['steps'] * 1000:.1f}" if "steps" in r else "-"
         vs_vllm = f"{r['vs_vllm']:.2f}x" if vllm_tps else "-"
         print(f"{r['engine']:<28} {r['output_tokens']:>10} {r['seconds']:>9.1f} {r['tok_per_s']:>10.1f} "
               f"{ratio:>7} {vs_vllm:>8} {r['mfu']:>7.1%} {per_step:>8}")
-    print(f"\n({n_params / 1e6:.1f}M parameters; MFU = 2 x parameters x (prompt + output tokens) / time / roof)")
+    print(f"\n({n_params / 1e6:.1f}M parameters, {n_active / 1e6:.1f}M active per token; MFU = 2 x active parameters "
+          "x (prompt + output tokens) / time / roof)")
     for r in results:
         if len(r.get("runs", [])) > 1:
             print(f"{r['engine']}: runs " + ", ".join(f"{x:.1f} s" for x in r["runs"]) + " (the table: the median)")
@@ -360,7 +386,9 @@ def main() -> None:
         if "decode_steps" in r:
             print(f"{r['engine']}: {r['decode_steps']} decode-only steps, mean {r['decode_step_ms']:.1f} ms at "
                   f"{r['decode_seqs']:.0f} sequences; floor (weights + KV read once at copy bandwidth) "
-                  f"{r['decode_floor_ms']:.1f} ms = {r['decode_floor_ms'] / r['decode_step_ms']:.0%} of the step")
+                  f"{r['decode_floor_ms']:.1f} ms = {r['decode_floor_ms'] / r['decode_step_ms']:.0%} of the step"
+                  + (f" (the selected experts: {r['decode_expert_share']:.0%} of the experts' bytes)"
+                     if "decode_expert_share" in r else ""))
 
     if args.json:
         report = {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -38,7 +38,7 @@ class EngineConfig:
     async_scheduling: bool = False        # schedule and prepare step N+1 while step N runs (its tokens stay on the
                                           # device); stops are seen one step later, at most one token wasted
     ops: str = "auto"                     # auto | torch | cpu | cuda: who runs the accelerated ops (nanovllm/ops)
-    max_logprobs: int = 20                # the most logprobs a request may ask for
+    max_logprobs: int = 20                # the most logprobs a request may ask for (-1: the whole vocabulary)
     generation_config: str = "auto"       # sampling defaults: auto (the model folder's generation_config.json),
                                           # vllm (none), or a folder holding one
 
@@ -54,6 +54,9 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be None or an integer >= 1, got {value!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"EngineConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
+            raise ValueError(f"EngineConfig.max_logprobs must be -1 (the whole vocabulary) or an integer >= 0, got "
+                             f"{self.max_logprobs!r}")
         if self.kv_cache_gib <= 0:
             raise ValueError(f"EngineConfig.kv_cache_gib must be > 0, got {self.kv_cache_gib}")
         if self.dtype not in DTYPES:

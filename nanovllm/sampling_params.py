@@ -36,8 +36,8 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None   # only these tokens may be sampled
     bad_words: list[str] | None = None           # words never generated (their last token is banned after the rest)
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
-    logprobs: int | None = None                  # not supported yet
-    prompt_logprobs: int | None = None           # not supported yet
+    logprobs: int | None = None                  # per generated token: its logprob and the N most likely (-1: all)
+    prompt_logprobs: int | None = None           # the same for each prompt token (its cached prefix is recomputed)
     structured_outputs: object | None = None     # not supported yet
     extra_args: dict | None = None               # for vLLM's custom logits processors; unused here
 
@@ -45,9 +45,13 @@ class SamplingParams:
         def check(ok: bool, name: str, allowed: str) -> None:
             if not ok:
                 raise ValueError(f"SamplingParams.{name} must be {allowed}, got {getattr(self, name)!r}")
-        for name in ("logprobs", "prompt_logprobs", "structured_outputs"):
-            if getattr(self, name) is not None:
-                raise ValueError(f"SamplingParams.{name} is not supported yet (nanovllm has no {name} so far)")
+        if self.structured_outputs is not None:
+            raise ValueError("SamplingParams.structured_outputs is not supported yet (nanovllm has no "
+                             "structured_outputs so far)")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= -1), name,
+                  "None, -1 (the whole vocabulary) or an integer >= 0")
         check(isinstance(self.n, int) and self.n >= 1, "n", "an integer >= 1")
         check(self.temperature >= 0, "temperature", ">= 0")
         check(0 < self.top_p <= 1, "top_p", "in (0, 1]")

@@ -99,7 +99,8 @@ VOCAB = 258
 
 
 def tiny_config(arch: str, **overrides):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (LlamaConfig, MistralConfig, MixtralConfig, OlmoeConfig, Qwen2Config, Qwen3Config,
+                              Qwen3MoeConfig)
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   bos_token_id=0, eos_token_id=1, initializer_range=0.2)
@@ -113,6 +114,16 @@ def tiny_config(arch: str, **overrides):
         cfg = Qwen2Config(**common, tie_word_embeddings=True)
     elif arch == "qwen3":
         cfg = Qwen3Config(**common, head_dim=32, tie_word_embeddings=False)
+    elif arch == "qwen3_moe":  # 3 layers, the middle one dense (mlp_only_layers), the others 8 experts, top 3
+        cfg = Qwen3MoeConfig(**{**common, "num_hidden_layers": 3}, head_dim=32, tie_word_embeddings=False,
+                             moe_intermediate_size=48, num_experts=8, num_experts_per_tok=3, norm_topk_prob=True,
+                             mlp_only_layers=[1])
+    elif arch == "mixtral":
+        cfg = MixtralConfig(**{**common, "intermediate_size": 48}, tie_word_embeddings=False, num_local_experts=6,
+                            num_experts_per_tok=2, sliding_window=None)
+    elif arch == "olmoe":  # norm_topk_prob False, as OLMoE-1B-7B
+        cfg = OlmoeConfig(**{**common, "intermediate_size": 48}, tie_word_embeddings=False, num_experts=8,
+                          num_experts_per_tok=2, norm_topk_prob=False, pad_token_id=None)
     else:
         raise ValueError(arch)
     for k, v in overrides.items():

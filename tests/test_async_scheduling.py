@@ -120,3 +120,28 @@ def test_abort_mid_flight_drops_the_token_in_flight(model_path):
 def test_refused_with_tensor_parallelism(model_path):
     with pytest.raises(ValueError, match="async_scheduling=True is not supported with tensor_parallel_size > 1"):
         LLM(model_path, dtype="float32", async_scheduling=True, tensor_parallel_size=2)
+
+
+@pytest.mark.parametrize("feature", FEATURES)
+def test_logprobs_equal_the_plain_loop(model_path, feature):
+    """A step that computed logprobs is postprocessed before the next is scheduled (one step without overlap);
+    requests beside it that did not ask keep theirs, and get none."""
+    def logprobs(outs):
+        return [([{t: (round(p.logprob, 4), p.rank) for t, p in pos.items()} for pos in o.outputs[0].logprobs or []],
+                 [pos and {t: (round(p.logprob, 4), p.rank) for t, p in pos.items()} for pos in o.prompt_logprobs or []])
+                for o in outs]
+    shared = random_prompts(1, 24, 24, seed=5)[0]
+    prompts = random_prompts(4, 3, 20, seed=2, prefix=shared)
+    params = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=1, max_tokens=16, ignore_eos=True, logprobs=0, prompt_logprobs=3),
+              SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, prompt_logprobs=1)]
+    plain, overlapped = pair(model_path, **FEATURES[feature])
+    run = lambda llm: llm.generate(prompts[:1], params[:1], use_tqdm=False) + llm.generate(prompts, params,
+                                                                                          use_tqdm=False)
+    got, want = run(overlapped), run(plain)
+    assert results(got) == results(want)
+    assert logprobs(got) == logprobs(want)
+    assert len(got[1].outputs[0].logprobs) == 16 and got[2].outputs[0].logprobs is None
+    assert got[2].prompt_logprobs is None and got[4].outputs[0].logprobs is None
+    assert len(got[3].prompt_logprobs) == len(prompts[2]) and len(got[4].prompt_logprobs) == len(prompts[3])

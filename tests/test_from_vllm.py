@@ -70,9 +70,6 @@ def test_sampling_params_have_vllms_fields():
     q = p.clone()
     q.temperature = 0.1
     assert p.temperature == 0.7 and q.logit_bias == {5: 2.0} and q is not p
-    for name in ("logprobs", "prompt_logprobs"):
-        with pytest.raises(ValueError, match=f"SamplingParams.{name} is not supported yet"):
-            SamplingParams(**{name: 1})
     with pytest.raises(ValueError, match="stop needs detokenize=True"):
         SamplingParams(stop=["a"], detokenize=False)
 

@@ -115,6 +115,12 @@ class LLMEngine:
             bad = [t for t in getattr(params, name) or [] if not 0 <= t < self.vocab_size]
             if bad:
                 raise ValueError(f"{name} {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        cap = self.vocab_size if self.config.max_logprobs == -1 else self.config.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):  # -1 asks for the whole vocabulary (as in vLLM)
+            asked = getattr(params, name)
+            if asked is not None and (self.vocab_size if asked == -1 else asked) > cap:
+                raise ValueError(f"SamplingParams.{name} ({asked}) is more than this engine allows: max_logprobs="
+                                 f"{self.config.max_logprobs} (an engine argument; -1 allows the whole vocabulary)")
         return Request.make(request_id, text, ids, params, self.tokenizer, self.config.device, encoder)
 
     def add(self, request: Request) -> None:
@@ -145,7 +151,7 @@ class LLMEngine:
         prepared (its sequences' inputs read them on the device), and a sequence that stopped there has one
         token computed here in vain, dropped when this step is postprocessed."""
         outputs, prev = [], self.in_flight
-        if prev is not None and prev.needs_tokens:  # a draw of this step needs them on the host first
+        if prev is not None and prev.needs_tokens:  # a draw (or logprobs) of this step needs them on the host first
             self.in_flight = None
             outputs, prev = self.postprocess(prev), None
         batch = self.scheduler.schedule()
@@ -164,7 +170,7 @@ class LLMEngine:
         """A launched step's sampled tokens, once on the host, appended; the outputs of the requests that changed
         (of a FINAL_ONLY request only its last)."""
         changed = self.scheduler.postprocess(step.batch, step.sample_rows, step.token_ids(), self.requests,
-                                             self.eos_token_ids, self.config.max_model_len)
+                                             self.eos_token_ids, self.config.max_model_len, step.logprobs)
         outputs = []
         for request in changed:
             if request.final_only and not request.finished:

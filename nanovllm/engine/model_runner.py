@@ -9,7 +9,7 @@ from nanovllm.engine import kv_cache
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import AttentionMetadata
-from nanovllm.layers.sampler import SamplingBatch
+from nanovllm.layers.sampler import SamplingBatch, StepLogprobs, logprobs_of
 
 
 @dataclass
@@ -32,7 +32,9 @@ class Launched:
     host: torch.Tensor | None
     event: object                        # the copy's CUDA event (None on CPU)
     needs_tokens: bool                   # a sampled row's next draw depends on its token (penalties, a bad word
-                                         # of several tokens): the host must have it before the next step
+                                         # of several tokens), or the step computed logprobs: the host must have
+                                         # them before the next step is scheduled
+    logprobs: StepLogprobs | None = None  # on the host already, for the rows that asked (None if none did)
 
     def token_ids(self) -> list[int]:
         """The sampled ids on the host (waits for their copy: the step's one transfer to the host)."""
@@ -72,11 +74,11 @@ class ModelRunner:
         # per row of the block manager's tables (one per sequence holding blocks), written when a sequence first
         # samples in its row: temperature, top_k (the vocabulary for none), top_p, min_p and the three penalties
         # (also on the device: the same memory on CPU); host-only flags: min_tokens, per-step lists (bad words,
-        # logit_bias, allowed_token_ids), penalties, seeded, needs its own tokens (see Launched)
+        # logit_bias, allowed_token_ids), penalties, seeded, needs its own tokens (see Launched), asks for logprobs
         rows = config.max_num_seqs
         self.block_tables: np.ndarray | None = None  # the block manager's; the engine hands it over
         self.sampling = np.zeros((rows, 7), dtype=np.float32)
-        self.sampling_flags = np.zeros((rows, 5), dtype=bool)
+        self.sampling_flags = np.zeros((rows, 6), dtype=bool)
         self.sampling_dev = (torch.from_numpy(self.sampling) if self.device.type == "cpu"
                              else torch.zeros(rows, 7, device=self.device))
         self.row_owner: list[Sequence | None] = [None] * rows
@@ -89,13 +91,15 @@ class ModelRunner:
         """The CUDA graphs, where the step runner is them."""
         return self.step_runner if self.ops.NAME == "cuda" else None
 
-    def pack(self, batch: ScheduledBatch, sample_rows: list[int]) -> np.ndarray:
+    def pack(self, batch: ScheduledBatch, sample_rows: list[int],
+             prompt_positions: dict[int, range] | None = None) -> np.ndarray:
         """A step's inputs as one int64 array: what tensor-parallel workers receive, and what every rank
-        (rank 0 included) builds its tensors from. Layout: [T, B, W, D, S, decode_max_context, P], then input
+        (rank 0 included) builds its tensors from. Layout: [T, B, W, D, S, decode_max_context, P, L], then input
         ids, positions, slots (T each), query starts (B+1), context lengths (B), block tables (B*W), decode rows
-        and their token indices (D each), the rows whose logits are sampled and their sampling-table rows (S each),
-        and for the P input tokens still on the device (async scheduling) where they go and their sequences' rows
-        (P each). Vectorized: no loop over tokens, one over sequences per field."""
+        and their token indices (D each), the tokens whose logits are computed (L, in token order: the sampled
+        rows' last ones and the `prompt_positions` of rows that asked for prompt logprobs), the sampled rows'
+        sampling-table rows (S), and for the P input tokens still on the device (async scheduling) where they go
+        and their sequences' rows (P each). Vectorized: no loop over tokens, one over sequences per field."""
         seqs, bs = batch.seqs, self.block_size
         n = np.array(batch.num_new_tokens, dtype=np.int64)
         start = np.array([s.num_computed for s in seqs], dtype=np.int64)
@@ -120,24 +124,28 @@ class ModelRunner:
         sampled = np.array(sample_rows, dtype=np.int64)
         pending = np.flatnonzero(start == lens)  # their last token is still on the device
         dst, src = query_start[pending], table_rows[pending]
-        header = [T, B, tables.shape[1], len(decode_rows), len(sampled), decode_max, len(dst)]
+        last = query_start[sampled + 1] - 1
+        if prompt_positions:  # in token order, as a step runner returns logits
+            last = np.sort(np.concatenate([last, [query_start[i] + p - seqs[i].num_computed
+                                                  for i, ps in prompt_positions.items() for p in ps]]))
+        header = [T, B, tables.shape[1], len(decode_rows), len(sampled), decode_max, len(dst), len(last)]
         return np.concatenate([header, input_ids, positions, slots, query_start, ends, tables.ravel(), decode_rows,
-                               query_start[decode_rows], query_start[sampled + 1] - 1, table_rows[sampled], dst, src
+                               query_start[decode_rows], last, table_rows[sampled], dst, src
                                ]).astype(np.int64, copy=False)
 
     def unpack(self, packed: np.ndarray) -> Step:
         """The packed inputs as tensors on the device; a pending input token is its row's last sampled token."""
-        T, B, W, D, S, decode_max, P = packed[:7].tolist()
-        dev = torch.from_numpy(packed[7:].copy()).to(self.device, non_blocking=True).split(
-            [T, T, T, B + 1, B, B * W, D, D, S, S, P, P])
+        T, B, W, D, S, decode_max, P, L = packed[:8].tolist()
+        dev = torch.from_numpy(packed[8:].copy()).to(self.device, non_blocking=True).split(
+            [T, T, T, B + 1, B, B * W, D, D, L, S, P, P])
         input_ids, positions, slots, query_start, context_lens, tables, decode_rows, decode_tokens, last = dev[:9]
         if P:
             input_ids[dev[10]] = self.last_sampled[dev[11]]
-        at = 7 + 3 * T  # the query starts and context lengths on the host too, and the sampling-table rows
+        at = 8 + 3 * T  # the query starts and context lengths on the host too, and the sampling-table rows
         meta = AttentionMetadata.for_step(query_start, context_lens, tables.view(B, W), slots, decode_rows,
                                           decode_tokens, packed[at:at + B + 1].tolist(),
                                           packed[at + B + 1:at + 2 * B + 1].tolist(), decode_max)
-        at += 2 * B + 1 + B * W + 2 * D + S
+        at += 2 * B + 1 + B * W + 2 * D + L
         return Step(input_ids, positions, meta, last, packed[at:at + S], dev[9])
 
     def prepare(self, batch: ScheduledBatch, sample_rows: list[int] = ()):
@@ -206,7 +214,7 @@ class ModelRunner:
                                   p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
         self.sampling_flags[seq.row] = (p.min_tokens > 0, bool(seq.bad_words or p.logit_bias or p.allowed_token_ids),
                                         p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty,
-                                        seq.generator is not None, needs_own_tokens(seq))
+                                        seq.generator is not None, needs_own_tokens(seq), seq.logprobs is not None)
         self.row_owner[seq.row] = seq
         if self.device.type != "cpu":
             self.dirty_rows.append(seq.row)
@@ -215,15 +223,18 @@ class ModelRunner:
         """Launch the batch's step: forward, and a next token sampled for the sequences at `sample_rows` (those
         whose whole context is now computed) from the logits of their last scheduled token. The sampled ids stay
         on the device, in their rows of `last_sampled` (where the next step reads the inputs the host does not
-        have yet, async scheduling), and start their one copy to the host."""
+        have yet, async scheduling), and start their one copy to the host. The logprobs of the rows that asked
+        for them (sampled tokens' and prompt tokens') are computed from the raw logits and read at once: a second
+        copy, only in steps where a request asked."""
+        prompt_positions = prompt_logprob_positions(batch)
         if self.workers is None:
-            step = self.unpack(self.pack(batch, sample_rows))
+            step = self.unpack(self.pack(batch, sample_rows, prompt_positions))
             logits = self.forward(step.input_ids, step.positions, step.meta, step.last)
         else:
             if self.failed:
                 raise RuntimeError("tensor parallelism failed earlier; this engine cannot continue")
             try:
-                packed = self.pack(batch, sample_rows)
+                packed = self.pack(batch, sample_rows, prompt_positions)
                 self.workers.send(packed)
                 step = self.unpack(packed)
                 logits = self.forward(step.input_ids, step.positions, step.meta, step.last)
@@ -233,21 +244,77 @@ class ModelRunner:
                     raise self.workers.failure(e) from e
                 self.workers.kill()
                 raise
-        if not sample_rows:
+        if not sample_rows and not prompt_positions:
             return Launched(batch, sample_rows, None, None, None, False)
-        seqs = [batch.seqs[i] for i in sample_rows]
+        seqs, tokens, host, event, raw, asked = [batch.seqs[i] for i in sample_rows], None, None, None, None, []
         with torch.inference_mode():
-            b = self.sampling_batch(seqs, step.sample_table_rows, step.sample_table_rows_dev)
-            tokens = ops.sample(logits, b, self.generator)
-            self.last_sampled[step.sample_table_rows_dev] = tokens
-        host = tokens.to("cpu", non_blocking=True)
-        event = None
-        if tokens.is_cuda:
-            event = torch.cuda.Event()
-            event.record()
-        needs_tokens = bool(self.sampling_flags[step.sample_table_rows, 4].any())
-        return Launched(batch, sample_rows, tokens, host, event, needs_tokens)
+            if prompt_positions:
+                sample_at, prompt_at = logit_rows(len(batch.seqs), sample_rows, prompt_positions)
+                logits, prompt_logits = logits[sample_at], logits[prompt_at]
+            if seqs:
+                b = self.sampling_batch(seqs, step.sample_table_rows, step.sample_table_rows_dev)
+                asked = np.flatnonzero(self.sampling_flags[step.sample_table_rows, 5]).tolist()
+                raw = logits[asked] if asked else None  # a copy: the sampler may change the logits in place
+                tokens = ops.sample(logits, b, self.generator)
+                self.last_sampled[step.sample_table_rows_dev] = tokens
+                host = tokens.to("cpu", non_blocking=True)
+                if tokens.is_cuda:
+                    event = torch.cuda.Event()
+                    event.record()
+            if not asked and not prompt_positions:
+                needs_tokens = bool(self.sampling_flags[step.sample_table_rows, 4].any())
+                return Launched(batch, sample_rows, tokens, host, event, needs_tokens)
+            logprobs = StepLogprobs({}, {})
+            if asked:
+                entries = self.logprobs(raw, tokens[asked], [seqs[j].params.logprobs for j in asked])
+                logprobs.sampled = {sample_rows[j]: e for j, e in zip(asked, entries)}
+            if prompt_positions:
+                rows = list(prompt_positions)
+                targets = [batch.seqs[i].token_ids[p + 1] for i in rows for p in prompt_positions[i]]
+                entries = self.logprobs(prompt_logits, torch.tensor(targets, device=prompt_logits.device),
+                                        [batch.seqs[i].params.prompt_logprobs for i in rows
+                                         for _ in prompt_positions[i]])
+                at = np.cumsum([0] + [len(prompt_positions[i]) for i in rows]).tolist()
+                logprobs.prompt = {i: entries[at[k]:at[k + 1]] for k, i in enumerate(rows)}
+        return Launched(batch, sample_rows, tokens, host, event, True, logprobs)
+
+    @staticmethod
+    def logprobs(logits: torch.Tensor, chosen: torch.Tensor, nums: list[int]) -> list[tuple]:
+        """Per row: (ids, logprobs, rank) of the chosen token and that row's number of most likely ones (-1: the
+        whole vocabulary)."""
+        vocab = logits.shape[-1]
+        nums = [vocab if k == -1 else k for k in nums]
+        ids, values, ranks = logprobs_of(logits, chosen.long(), max(nums))
+        return [(i[:k + 1], v[:k + 1], r) for i, v, r, k in zip(ids, values, ranks, nums)]
 
     def shutdown(self) -> None:
         if self.workers is not None:
             self.workers.shutdown()
+
+
+def prompt_logprob_positions(batch: ScheduledBatch) -> dict[int, range]:
+    """Per row of a request that asked for prompt logprobs (its first sequence computes them): this step's
+    positions whose logits give one (those that predict a prompt token) and that are not recorded yet, so that a
+    preempted request's recompute adds none twice."""
+    out = {}
+    for i in [i for i, seq in enumerate(batch.seqs) if seq.prompt_logprobs is not None]:
+        seq, n = batch.seqs[i], batch.num_new_tokens[i]
+        positions = range(max(seq.num_computed, len(seq.prompt_logprobs) - 1),
+                          min(seq.num_computed + n, seq.num_prompt_tokens - 1))
+        if positions:
+            out[i] = positions
+    return out
+
+
+def logit_rows(num_rows: int, sample_rows: list[int], prompt_positions: dict[int, range]) -> tuple[list, list]:
+    """Where the sampled rows' logits and the prompt positions' logits are among a step's logits (token order:
+    each row's prompt positions, then its last token if it is sampled)."""
+    sampled, sample_at, prompt_at, j = set(sample_rows), [], [], 0
+    for i in range(num_rows):
+        n = len(prompt_positions.get(i, ()))
+        prompt_at += range(j, j + n)
+        j += n
+        if i in sampled:
+            sample_at.append(j)
+            j += 1
+    return sample_at, prompt_at

@@ -7,6 +7,7 @@ import torch
 
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
 from nanovllm.engine.sequence import Sequence
+from nanovllm.logprobs import logprob_dict
 from nanovllm.outputs import CompletionOutput, RequestOutput
 from nanovllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -44,6 +45,12 @@ def chat_token_ids(tokenizer, messages: list[dict], add_generation_prompt: bool 
         raise ValueError("this model has no chat template: pass chat_template=... or use generate()")
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                          chat_template=chat_template, tokenize=False, **kwargs)
+    # a template that does not know a role may leave its messages out without a word (assistant messages are not
+    # checked: templates rewrite them, e.g. drop an earlier turn's reasoning)
+    for m in messages:
+        content = m.get("content")
+        if m.get("role") != "assistant" and isinstance(content, str) and content.strip() not in text:
+            raise ValueError(f"the chat template does not know the role {m.get('role')!r}: it left that message out")
     return tokenizer(text, add_special_tokens=False).input_ids  # the template already holds BOS etc.
 
 
@@ -58,6 +65,11 @@ def bad_word_ids(tokenizer, words: list[str]) -> list[list[int]]:
     return out
 
 
+def copy(entries: list | None) -> list | None:
+    """A snapshot of a growing list for an output (the caller may hold it while the list grows)."""
+    return None if entries is None else list(entries)
+
+
 @dataclass
 class Request:
     request_id: str
@@ -67,6 +79,7 @@ class Request:
     detoks: list[IncrementalDetokenizer]
     error: str | None = None  # set when handling this request failed; it is finished then
     final_only: bool = False  # output_kind FINAL_ONLY: no output until it ends
+    tokenizer: object = None  # decodes the tokens of logprobs
 
     @classmethod
     def make(cls, request_id: str, text: str | None, ids: list[int], params: SamplingParams, tokenizer,
@@ -79,11 +92,30 @@ class Request:
             seq = Sequence(request_id, i, list(ids), len(ids), params, bad_words=bad_words)
             if params.seed is not None:
                 seq.generator = torch.Generator(device).manual_seed((params.seed + i) % 2**64)
+            if params.logprobs is not None:
+                seq.logprobs, seq.cumulative_logprob = [], 0.0
+            if params.prompt_logprobs is not None and i == 0:
+                seq.prompt_logprobs = [None]
             seqs.append(seq)
             detoks.append(IncrementalDetokenizer(tokenizer, seq.token_ids, params.skip_special_tokens, params.stop,
                                                  params.include_stop_str_in_output))
         return cls(request_id, text, ids, seqs, detoks,
-                   final_only=params.output_kind == RequestOutputKind.FINAL_ONLY)
+                   final_only=params.output_kind == RequestOutputKind.FINAL_ONLY, tokenizer=tokenizer)
+
+    def add_logprobs(self, seq: Sequence, ids: list[int], values: list[float], rank: int) -> None:
+        """The logprobs of the token `seq` is about to append (ids[0]) and of the most likely ones."""
+        seq.logprobs.append(logprob_dict(ids, values, rank, self.decode_each(seq, ids)))
+        seq.cumulative_logprob += values[0]
+
+    def add_prompt_logprobs(self, seq: Sequence, entries: list[tuple[list[int], list[float], int]]) -> None:
+        """The logprobs of the next prompt tokens, in order, each with the most likely tokens at its position."""
+        decoded = iter(self.decode_each(seq, [t for ids, _, _ in entries for t in ids]))  # one call for all
+        seq.prompt_logprobs += [logprob_dict(ids, values, rank, [next(decoded) for _ in ids])
+                                for ids, values, rank in entries]
+
+    def decode_each(self, seq: Sequence, ids: list[int]) -> list[str | None]:
+        """Each token's text alone (vLLM's decoded_token); None without detokenize."""
+        return self.tokenizer.batch_decode([[t] for t in ids]) if seq.params.detokenize else [None] * len(ids)
 
     def check(self, seq: Sequence, token: int, eos_token_ids: set[int],
               max_model_len: int) -> tuple[str, int | str | None] | None:
@@ -118,7 +150,9 @@ class Request:
                      if self.seqs[0].params.detokenize else [""] * len(self.seqs))
         except Exception as e:
             self.error, texts = self.error or f"{type(e).__name__}: {e}", [""] * len(self.seqs)
-        outs = [CompletionOutput(i, text, s.output_token_ids, s.finish_reason, s.stop_reason)
+        outs = [CompletionOutput(i, text, s.output_token_ids, s.finish_reason, s.stop_reason,
+                                 s.cumulative_logprob, copy(s.logprobs))
                 for i, (s, text) in enumerate(zip(self.seqs, texts))]
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.finished,
-                             max(self.seqs[0].num_cached_tokens, 0), self.error)
+                             max(self.seqs[0].num_cached_tokens, 0), self.error,
+                             prompt_logprobs=copy(self.seqs[0].prompt_logprobs))

@@ -6,6 +6,7 @@ import numpy as np
 from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import Sequence, Status
+from nanovllm.layers.sampler import StepLogprobs
 
 
 @dataclass
@@ -81,6 +82,8 @@ class Scheduler:
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             hits = bm.match_prefix(seq) if not seq.block_table else []
+            if seq.prompt_logprobs is not None:  # positions whose prompt logprobs are still to come are computed
+                hits = hits[:(len(seq.prompt_logprobs) - 1) // bm.block_size]
             n = min(seq.num_tokens - seq.num_computed - len(hits) * bm.block_size, budget)
             if not self.chunked_prefill and n < seq.num_tokens - seq.num_computed - len(hits) * bm.block_size:
                 break  # the whole prompt in one step, or wait for a step with room for it
@@ -105,21 +108,26 @@ class Scheduler:
             seq.num_computed += n
 
     def postprocess(self, batch: ScheduledBatch, sample_rows: list[int], tokens: list[int], requests: dict,
-                    eos_token_ids: set[int], max_model_len: int) -> list:
+                    eos_token_ids: set[int], max_model_len: int, logprobs: StepLogprobs | None = None) -> list:
         """After a step's sampled tokens reached the host: each one appended (unless its sequence ended while the
-        step ran: then it is dropped), newly full blocks keyed for the prefix cache, a look for a stop where one
+        step ran: then it is dropped) with its logprobs where asked (and prompt logprobs), newly full blocks keyed
+        for the prefix cache, a look for a stop where one
         may have come, finished sequences out. Returns the requests that changed (a FINAL_ONLY one only when a
         sequence of it ended). A request whose token cannot be handled (e.g. a tokenizer that cannot decode it)
         fails alone. Per token only list comprehensions: a loop's statements cost ~0.5 us each here."""
         bm, finished = self.block_manager, Status.FINISHED
         bs, seqs = bm.block_size, batch.seqs
+        failed = {}
+        if logprobs:
+            self.add_logprobs(seqs, logprobs, requests, failed)
         live = [(seqs[row], token) for row, token in zip(sample_rows, tokens) if seqs[row].status is not finished]
         for seq, token in live:
             seq.token_ids.append(token)
         for seq in [s for s in seqs if min(s.num_computed, len(s.token_ids)) // bs > s.num_keyed_blocks
                     and s.status is not finished]:
             bm.cache_full_blocks(seq)
-        changed = {s.request_id: requests[s.request_id] for s, _ in live if not requests[s.request_id].final_only}
+        changed = failed | {s.request_id: requests[s.request_id] for s, _ in live
+                            if not requests[s.request_id].final_only}
         # only where a stop may have come: stop strings and tokens, min_tokens, EOS, the length limits
         for seq, token in [(s, t) for s, t in live if s.checks_every_token or t in eos_token_ids
                            or len(s.token_ids) >= s.max_tokens_len or len(s.token_ids) >= max_model_len]:
@@ -129,16 +137,38 @@ class Scheduler:
             try:
                 done = request.check(seq, token, eos_token_ids, max_model_len)
             except Exception as e:
-                request.error = f"{type(e).__name__}: {e}"
-                for other in request.seqs:
-                    if not other.finished:
-                        self.finish(other, "abort")
+                self.fail(request, e)
                 changed[seq.request_id] = request
                 continue
             if done:
                 self.finish(seq, *done)
                 changed[seq.request_id] = request
         return list(changed.values())
+
+    def add_logprobs(self, seqs: list[Sequence], logprobs: StepLogprobs, requests: dict, failed: dict) -> None:
+        """A step's logprobs to their sequences (the prompt's first; none for a sequence that ended while the step
+        ran); a request whose logprobs cannot be decoded fails alone, into `failed`."""
+        for row, prompt, entries in [*((r, True, e) for r, e in logprobs.prompt.items()),
+                                     *((r, False, e) for r, e in logprobs.sampled.items())]:
+            seq = seqs[row]
+            if seq.status is Status.FINISHED:
+                continue
+            request = requests[seq.request_id]
+            try:
+                if prompt:
+                    request.add_prompt_logprobs(seq, entries)
+                else:
+                    request.add_logprobs(seq, *entries)
+            except Exception as e:
+                self.fail(request, e)
+                failed[seq.request_id] = request
+
+    def fail(self, request, error: Exception) -> None:
+        """Handling this request failed: it ends now, with the error in its output."""
+        request.error = f"{type(error).__name__}: {error}"
+        for seq in request.seqs:
+            if not seq.finished:
+                self.finish(seq, "abort")
 
     def preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1

@@ -31,6 +31,9 @@ class Sequence:
     stop_reason: int | str | None = None
     generator: torch.Generator | None = None
     bad_words: list[list[int]] = field(default_factory=list)  # SamplingParams.bad_words as token ids
+    logprobs: list | None = None          # per output token {token id: Logprob}, when SamplingParams.logprobs is set
+    cumulative_logprob: float | None = None
+    prompt_logprobs: list | None = None   # the request's, held (and computed) by its first sequence only
     # what postprocess asks of each token: whether every one needs a look (stop strings and tokens, min_tokens),
     # and the length at which max_tokens ends it
     checks_every_token: bool = field(init=False)

@@ -17,6 +17,7 @@ def add_engine_args(p: argparse.ArgumentParser, engine_seed: bool = False) -> No
         m.add_argument("--seed", dest="engine_seed", type=int, default=0)
     m.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs for decode steps")
     m.add_argument("--trust-remote-code", action="store_true", help="accepted: no checkpoint code is ever run")
+    m.add_argument("--max-logprobs", type=int, default=20, help="the most logprobs a request may ask for (-1: all)")
     m.add_argument("--generation-config", default="auto",
                    help="'auto': sampling defaults from the model's generation_config.json; 'vllm': none; or a "
                         "folder holding a generation_config.json")
@@ -50,7 +51,8 @@ def engine_kwargs(args: argparse.Namespace, seqs: int | None = None) -> dict:
                 enable_prefix_caching=args.enable_prefix_caching, num_threads=args.num_threads,
                 tensor_parallel_size=args.tensor_parallel_size, gpu_memory_utilization=args.gpu_memory_utilization,
                 enforce_eager=args.enforce_eager, trust_remote_code=args.trust_remote_code,
-                generation_config=args.generation_config, async_scheduling=args.async_scheduling)
+                generation_config=args.generation_config, async_scheduling=args.async_scheduling,
+                max_logprobs=args.max_logprobs)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -1,7 +1,10 @@
-"""The OpenAI API's request bodies as nanovllm serves them (unknown fields are ignored, as vLLM does), and its
-error shape {"error": {"message", "type", "param", "code"}}."""
+"""The OpenAI API's request bodies as nanovllm serves them (unknown fields are ignored, as OpenAI does; known ones
+that nanovllm does not implement are refused), and its error shape {"error": {"message", "type", "param",
+"code"}}."""
+from typing import ClassVar
+
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 
 class APIError(Exception):
@@ -24,15 +27,45 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: usage in every chunk (not implemented: refused)
+
+    @model_validator(mode="after")
+    def refuse_unsupported(self):
+        if self.continuous_usage_stats:
+            raise APIError(400, "stream_options.continuous_usage_stats is not supported by nanovllm",
+                           param="stream_options")
+        return self
+
+
+# Known OpenAI and vLLM request fields that nanovllm does not implement, with the values that ask for nothing
+# (what clients send by default): any other value is a 400 naming the field, never silently ignored.
+UNSUPPORTED = {"best_of": (1,), "use_beam_search": (False,), "length_penalty": (1.0,), "tools": ([],),
+               "tool_choice": ("none", "auto"), "functions": ([],), "function_call": ("none", "auto"),
+               "prediction": (), "audio": (), "modalities": (["text"],), "web_search_options": (),
+               "reasoning_effort": (), "verbosity": (), "priority": (0,), "cache_salt": (), "kv_transfer_params": (),
+               "vllm_xargs": (), "logits_processors": ([],), "prompt_embeds": (), "mm_processor_kwargs": ({},),
+               "return_token_ids": (False,)}
 
 
 class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
+    unsupported: ClassVar[dict] = UNSUPPORTED
 
     @model_validator(mode="before")
     @classmethod
     def nulls_mean_defaults(cls, data):  # clients send "temperature": null for "not set"
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+    @model_validator(mode="before")
+    @classmethod
+    def refuse_unsupported(cls, data):
+        for name, off in cls.unsupported.items() if isinstance(data, dict) else ():
+            if data.get(name) is not None and data[name] not in off:
+                raise APIError(400, f"{name} is not supported by nanovllm (got {repr(data[name])[:80]})", param=name)
+        if isinstance(data, dict) and data.get("stream") and data.get("prompt_logprobs") is not None:
+            raise APIError(400, "prompt_logprobs are not available when stream=true (as in vLLM)",
+                           param="prompt_logprobs")
+        return data
     model: str | None = None
     max_tokens: int | None = None
     temperature: float = 1.0
@@ -53,17 +86,48 @@ class SamplingFields(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = None
+    logit_bias: dict[int, float] | None = None  # OpenAI's keys are token ids as strings
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    prompt_logprobs: int | None = None
+    return_tokens_as_token_ids: bool = False
+
+    @field_validator("logit_bias")
+    @classmethod
+    def clamp_bias(cls, bias: dict[int, float] | None) -> dict[int, float] | None:  # OpenAI's range, as vLLM
+        return {t: min(100.0, max(-100.0, b)) for t, b in bias.items()} if bias else bias
 
 
 class CompletionRequest(SamplingFields):
+    unsupported: ClassVar[dict] = {**UNSUPPORTED, "suffix": ("",), "add_special_tokens": (True,)}
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     logprobs: int | None = None
 
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
+
+    def num_prompt_logprobs(self) -> int | None:
+        """vLLM's prompt_logprobs, else with echo the logprobs asked for (echo shows the prompt's)."""
+        return self.prompt_logprobs if self.prompt_logprobs is not None else self.logprobs if self.echo else None
+
 
 class ChatRequest(SamplingFields):
+    unsupported: ClassVar[dict] = {**UNSUPPORTED, "echo": (False,), "continue_final_message": (False,),
+                                   "add_special_tokens": (False,), "documents": ([],), "chat_template_kwargs": ({},)}
     messages: list[dict]
     max_completion_tokens: int | None = None
     logprobs: bool = False
+    top_logprobs: int | None = None
     chat_template: str | None = None
     add_generation_prompt: bool = True
+
+    def num_logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def num_prompt_logprobs(self) -> int | None:
+        return self.prompt_logprobs

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 from nanovllm.engine.async_engine import AsyncEngine, EngineDeadError
 from nanovllm.engine.request import Request as EngineRequest, tokenize
 from nanovllm.entrypoints.metrics import ServerMetrics
+from nanovllm.entrypoints.openai_logprobs import ChoiceContent, prompt_logprobs_json
 from nanovllm.entrypoints.protocol import (APIError, ChatRequest, CompletionRequest, SamplingFields, error_body,
                                            error_response)
 from nanovllm.outputs import DeltaTracker, RequestOutput
@@ -114,10 +115,9 @@ def build_app(engine: AsyncEngine, model_names: str | list[str], api_key: str | 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, raw: Request):
         check_model(body.model)
-        if body.echo:
-            raise APIError(400, "echo is not supported", param="echo")
-        if body.logprobs is not None:
-            raise APIError(400, "logprobs are not supported by this engine yet", param="logprobs")
+        score_only = body.echo and body.max_tokens == 0  # the prompt's logprobs: one token generated, not shown
+        if score_only:
+            body.max_tokens = 1
         prompts = body.prompt
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -128,13 +128,11 @@ def build_app(engine: AsyncEngine, model_names: str | list[str], api_key: str | 
             text, ids = tokenize(engine.tokenizer, p)
             items.append(({"prompt": text, "prompt_token_ids": ids}, len(ids)))
         requests = make_requests(engine, body, items, default_max=16, max_len=max_len)
-        return await respond(engine, body, requests, model_name, raw, chat=False)
+        return await respond(engine, body, requests, model_name, raw, chat=False, score_only=score_only)
 
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatRequest, raw: Request):
         check_model(body.model)
-        if body.logprobs:
-            raise APIError(400, "logprobs are not supported by this engine yet", param="logprobs")
         ids = render_chat(engine, body.messages, body.add_generation_prompt, body.chat_template or chat_template)
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
@@ -197,7 +195,11 @@ def make_requests(engine: AsyncEngine, body: SamplingFields, items: list[tuple[d
                 seed=body.seed, max_tokens=max_tokens,
                 min_tokens=body.min_tokens, stop=body.stop, stop_token_ids=body.stop_token_ids,
                 ignore_eos=body.ignore_eos, include_stop_str_in_output=body.include_stop_str_in_output,
-                skip_special_tokens=body.skip_special_tokens)
+                skip_special_tokens=body.skip_special_tokens,
+                spaces_between_special_tokens=body.spaces_between_special_tokens,
+                truncate_prompt_tokens=body.truncate_prompt_tokens, logit_bias=body.logit_bias,
+                allowed_token_ids=body.allowed_token_ids, bad_words=body.bad_words, logprobs=body.num_logprobs(),
+                prompt_logprobs=body.num_prompt_logprobs())
             requests.append(engine.make_request(prompt, params, f"{base}-{i}"))
         except ValueError as e:
             raise APIError(400, str(e), param=_param_of(str(e))) from None
@@ -245,14 +247,15 @@ async def merged(engine: AsyncEngine, requests: list[EngineRequest]) -> AsyncIte
 
 
 async def respond(engine: AsyncEngine, body: SamplingFields, requests: list[EngineRequest], model: str,
-                  raw: Request, chat: bool):
+                  raw: Request, chat: bool, score_only: bool = False):
     n, created = body.n, int(time.time())
     rid = ("chatcmpl-" if chat else "cmpl-") + requests[0].request_id.split("-")[0]
     obj = "chat.completion" if chat else "text_completion"
+    shown = ChoiceContent(engine.tokenizer, body, chat, score_only)
 
     def usage(outs: dict[int, RequestOutput]) -> dict:
         prompt = sum(len(r.prompt_token_ids) for r in requests)
-        completion = sum(len(c.token_ids) for o in outs.values() for c in o.outputs)
+        completion = 0 if score_only else sum(len(c.token_ids) for o in outs.values() for c in o.outputs)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     if not body.stream:
@@ -274,12 +277,16 @@ async def respond(engine: AsyncEngine, body: SamplingFields, requests: list[Engi
         choices = []
         for i in range(len(requests)):
             for c in final[i].outputs:
-                choice = {"index": i * n + c.index, "logprobs": None, "finish_reason": c.finish_reason,
-                          "stop_reason": c.stop_reason}
-                choice.update({"message": {"role": "assistant", "content": c.text}} if chat else {"text": c.text})
+                text, logprobs = shown(i * n + c.index, c, final[i])
+                choice = {"index": i * n + c.index, "logprobs": logprobs,
+                          "finish_reason": "length" if score_only else c.finish_reason, "stop_reason": c.stop_reason}
+                choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+                if body.prompt_logprobs is not None and not chat:  # vLLM's extra, per choice (chat: per response)
+                    choice["prompt_logprobs"] = prompt_logprobs_json(final[i].prompt_logprobs)
                 choices.append(choice)
+        extra = {"prompt_logprobs": prompt_logprobs_json(final[0].prompt_logprobs)} if chat else {}
         return {"id": rid, "object": obj, "created": created, "model": model, "choices": choices,
-                "usage": usage(final)}
+                "usage": usage(final), **extra}
 
     chunk_obj = "chat.completion.chunk" if chat else "text_completion"
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -291,15 +298,17 @@ async def respond(engine: AsyncEngine, body: SamplingFields, requests: list[Engi
     def delta_choices(i: int, out: RequestOutput, tracker: DeltaTracker) -> list[dict]:
         choices = []
         for c in tracker(out).outputs:
-            if not c.text and c.finish_reason is None:  # tokens that show no text yet: nothing to send
+            text, logprobs = shown(i * n + c.index, c, out)
+            if not text and c.finish_reason is None and logprobs is None:  # tokens that show no text yet
                 continue
-            choice = {"index": i * n + c.index, "logprobs": None, "finish_reason": c.finish_reason}
+            choice = {"index": i * n + c.index, "logprobs": logprobs,
+                      "finish_reason": c.finish_reason and ("length" if score_only else c.finish_reason)}
             if c.finish_reason is not None:
                 choice["stop_reason"] = c.stop_reason
             if chat:
-                choice["delta"] = {"content": c.text} if c.text else {}
+                choice["delta"] = {"content": text} if text else {}
             else:
-                choice["text"] = c.text
+                choice["text"] = text
             choices.append(choice)
         return choices
 

@@ -24,6 +24,15 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's [T, n] side by side, rank order: [T, n * tp] on every rank."""
+    if tp_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(tp_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=-1)
+
+
 def vocab_range(vocab_size: int) -> tuple[int, int]:
     """[start, start + rows) of the vocabulary this rank holds; every rank has `rows` (padded) rows."""
     rows = -(-vocab_size // tp_size())

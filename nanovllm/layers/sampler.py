@@ -40,6 +40,15 @@ class SamplingBatch:
             self.use_top_p, self.use_min_p = bool((self.top_p < 1).any()), bool((self.min_p > 0).any())
 
 
+@dataclass
+class StepLogprobs:
+    """The logprobs a step computed, by batch row, each as (token ids: the chosen one first, then the most likely;
+    their logprobs; the chosen one's rank): of the token sampled for each row that asked, and of the prompt tokens
+    that row's positions predict, in order."""
+    sampled: dict[int, tuple[list[int], list[float], int]]
+    prompt: dict[int, list[tuple[list[int], list[float], int]]]
+
+
 def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     """vLLM's semantics: repetition over prompt+output tokens, presence/frequency over output tokens only."""
     rows, vocab = logits.shape
@@ -149,3 +158,16 @@ def last_nonzero_if_past_end(index: torch.Tensor, weights: torch.Tensor) -> torc
     computed: asking whether any row needs it would wait on the device)."""
     last_nonzero = weights.shape[-1] - 1 - (weights > 0).flip(-1).int().argmax(dim=-1)
     return torch.where(index >= weights.shape[-1], last_nonzero, index)
+
+
+def logprobs_of(logits: torch.Tensor, chosen: torch.Tensor, num: int) -> tuple[list, list, list]:
+    """Per row of raw logits [R, V] (before temperature, penalties and filters: the model's own distribution, vLLM's
+    default raw_logprobs), in fp32: the ids of the chosen token [R] followed by the `num` most likely tokens, their
+    log-probabilities, and the chosen token's rank (how many tokens are at least as likely, as vLLM counts it)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = chosen[:, None]
+    chosen_lp = logprobs.gather(-1, chosen)
+    ranks = (logprobs >= chosen_lp).sum(dim=-1)
+    top = logprobs.topk(num, dim=-1)
+    ids, values = torch.cat([chosen, top.indices], dim=1), torch.cat([chosen_lp, top.values], dim=1)
+    return ids.tolist(), values.tolist(), ranks.tolist()

@@ -54,8 +54,11 @@ def gguf_converted(path: str) -> str:
     where, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
     cfg = AutoConfig.from_pretrained(where, gguf_file=name)
     arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM"}.get(cfg.model_type)
+            "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}.get(cfg.model_type)
     cfg.architectures = [arch or cfg.model_type]
+    experts = [t["shape"] for t in index if t["name"].endswith("ffn_gate_exps.weight")]
+    if cfg.model_type == "qwen3_moe" and experts:  # transformers does not map expert_feed_forward_length
+        cfg.moe_intermediate_size = experts[0][1]
     tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
     try:
         os.makedirs(os.path.dirname(folder), exist_ok=True)

@@ -15,6 +15,9 @@ LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    # a mixture-of-experts layer: the router, and every expert's matrices in one [E, rows, cols] tensor each
+    "ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.experts.gate_proj", "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
 }
 GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
@@ -61,20 +64,25 @@ def hf_rows(name: str, w: np.ndarray, hf_config) -> np.ndarray:
 
 def gguf_weights(path: str, index: list[dict], hf_config, threads: int = 1) -> Iterator[tuple[str, torch.Tensor]]:
     """Dequantized tensors with HF names, read from a memory map; `threads` tensors are dequantized at once
-    (numpy releases the GIL in its array loops)."""
+    (numpy releases the GIL in its array loops). A stacked experts tensor comes as each expert's HF tensor
+    (dequantized at load: quantized experts' blocks are not kept for the CPU kernels)."""
     data = np.memmap(path, np.uint8, mode="r")
 
-    def load(t: dict) -> tuple[str, torch.Tensor]:
+    def load(t: dict) -> list[tuple[str, torch.Tensor]]:
         name, qtype = hf_name(t["name"]), gguf.GGMLQuantizationType(t["type"])
         try:
             w = gguf.dequantize(data[t["offset"]:t["offset"] + t["nbytes"]], qtype).reshape(t["shape"])
         except Exception as e:
             raise ValueError(f"cannot dequantize GGUF tensor {t['name']} ({qtype.name}): {e}") from None
         w = hf_rows(name, w, hf_config)
-        return name, torch.from_numpy(w if w.flags.writeable and w.flags.c_contiguous else w.copy())
+        w = torch.from_numpy(w if w.flags.writeable and w.flags.c_contiguous else w.copy())
+        if ".mlp.experts." in name:  # mlp.experts.gate_proj [E, I, H] -> each mlp.experts.E.gate_proj [I, H]
+            return [(name.replace(".experts.", f".experts.{e}."), w[e]) for e in range(w.shape[0])]
+        return [(name, w)]
 
     with ThreadPoolExecutor(threads) as pool:
-        yield from pool.map(load, index)
+        for tensors in pool.map(load, index):
+            yield from tensors
 
 
 KEPT_TYPES = {gguf.GGMLQuantizationType.Q4_1: Q4_1, gguf.GGMLQuantizationType.Q8_0: Q8_0}

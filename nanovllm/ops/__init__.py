@@ -14,7 +14,8 @@ import os
 
 import nanovllm.ops.torch_ops as torch_ops
 
-OPS = ("rms_norm", "add_rms_norm", "rotary", "silu_and_mul", "linear", "attention", "sample")
+OPS = ("rms_norm", "add_rms_norm", "rotary", "silu_and_mul", "linear", "fused_experts", "attention",
+       "sample")
 BACKENDS = ("torch", "cpu", "cuda")
 
 # the ops themselves: the reference until an engine chooses (use() rebinds them)
@@ -23,6 +24,7 @@ add_rms_norm = torch_ops.add_rms_norm    # (x, residual, weight, eps) -> (RMSNor
 rotary = torch_ops.rotary                # (q, k, cos, sin) -> (q, k) rotated
 silu_and_mul = torch_ops.silu_and_mul    # ([gate | up]) -> silu(gate) * up
 linear = torch_ops.linear                # (x, Linear) -> x W^T + b
+fused_experts = torch_ops.fused_experts  # (x, w13, w2, topk_weights, topk_ids) -> sum_j weight_j * expert_j(x)
 attention = torch_ops.attention          # (q, k, v, k_cache, v_cache, meta, scale) -> o; stores k, v
 sample = torch_ops.sample                # (logits, SamplingBatch, generator) -> token ids
 active = torch_ops

@@ -73,6 +73,11 @@ def linear(x: torch.Tensor, layer) -> torch.Tensor:
     return y if layer.bias is None else y + layer.bias
 
 
+# the reference's grouped product: one matmul per expert that has tokens, so a decode step reads only the experts
+# its tokens chose
+fused_experts = torch_ops.fused_experts
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
               meta: reference.AttentionMetadata, scale: float) -> torch.Tensor:
     """The reference's interface (layers/attention.py). Decodes: our kernel reads the blocks in place (any dtype

@@ -1,6 +1,8 @@
 """The CUDA ops: our Triton paged attention (kernels/attention.py: KV store, flash-decoding, chunked prefill over a
-cached prefix), torch elsewhere, and decode steps replayed from CUDA graphs (engine/cuda_graphs.py)."""
+cached prefix) and fused mixture-of-experts (kernels/moe.py), torch elsewhere, and decode steps replayed from CUDA
+graphs (engine/cuda_graphs.py)."""
 from nanovllm.kernels.attention import triton_attention as attention  # noqa: F401 (an op of this backend)
+from nanovllm.kernels.moe import triton_fused_experts as fused_experts  # noqa: F401 (an op of this backend)
 from nanovllm.ops.torch_ops import (add_rms_norm, keeps_gguf_blocks, linear, packs_weights, prepare,  # noqa: F401
                                     rms_norm, rotary, sample, silu_and_mul)
 

@@ -1,0 +1,24 @@
+"""A mixture-of-experts layer's experts, stacked (vLLM's FusedMoE): w13 [E, 2I, H] holds each expert's gate rows
+then its up rows (fused as in the dense MLP), w2 [E, H, I] its down projection. The loader fills them expert by
+expert from the checkpoint's per-expert tensors (models/moe.py). The grouped product over the experts the tokens
+chose runs behind the ops seam (ops.fused_experts).
+Under tensor parallelism each rank holds every expert's share of the intermediate size (I / tp rows of gate and
+of up, I / tp columns of down): a rank's output is a partial sum, all-reduced by the caller like the dense MLP's."""
+import torch
+from torch import nn
+
+import nanovllm.ops as ops
+from nanovllm.layers.parallel import tp_size
+
+
+class FusedMoE(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        size = intermediate_size // tp_size()
+        self.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * size, hidden_size))
+        self.w2_weight = nn.Parameter(torch.empty(num_experts, hidden_size, size))
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """x [T, H]; topk_ids [T, k] the experts each token chose, topk_weights [T, k] their weights:
+        sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t])."""
+        return ops.fused_experts(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)

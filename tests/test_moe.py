@@ -1,0 +1,188 @@
+"""Mixture-of-experts models (Qwen3-MoE, Mixtral, OLMoE): greedy token for token what HF transformers gives in fp32,
+under prefix caching, chunked prefill, preemption and TP=2; the grouped expert product (the torch reference and the
+fused MoE Triton kernel, in Triton's interpreter) against a per-token reference, and in bf16 on CPU reading only
+the experts a decode step selected; a tiny MoE GGUF (quantized experts) against transformers' logits for the same
+file."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+from conftest import byte_tokenizer, hf_greedy, random_prompts, save_tiny_model
+from nanovllm import LLM, SamplingParams
+from nanovllm.layers.moe import FusedMoE
+from nanovllm.ops import torch_ops
+
+ARCHS = ["qwen3_moe", "mixtral", "olmoe"]
+GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def moe_model(request, tmp_path_factory) -> tuple[str, list[list[int]], list[list[int]]]:
+    """(the tiny model's folder, prompts of mixed lengths, four sharing a 40-token prefix, HF's greedy tokens)."""
+    path = save_tiny_model(request.param, str(tmp_path_factory.mktemp(request.param)))
+    shared = random_prompts(1, 40, 40, seed=5)[0]
+    prompts = random_prompts(5, 5, 60, seed=1) + random_prompts(4, 3, 20, seed=2, prefix=shared)
+    return path, prompts, hf_greedy(path, prompts, GREEDY.max_tokens)
+
+
+def test_greedy_equals_hf_with_prefix_cache_chunks_and_preemption(moe_model):
+    path, prompts, ref = moe_model
+    with LLM(path, dtype="float32", num_kv_blocks=14, max_num_batched_tokens=48) as llm:
+        counts = []  # tokens per expert, per MoE layer call
+        for m in llm.engine.runner.model.modules():
+            if isinstance(m, FusedMoE):
+                m.register_forward_hook(lambda m, args, out: counts.append(
+                    torch.bincount(args[2].flatten(), minlength=m.w13_weight.shape[0])))
+        out = llm.generate(prompts, GREEDY, use_tqdm=False)
+        stats = llm.engine.stats()
+    assert [o.outputs[0].token_ids for o in out] == ref
+    assert stats["preemptions"] > 0 and stats["prefix_cache_hits"] > 0
+    # the batches routed unevenly: some step left an expert without a token, and some expert had several
+    assert any((c == 0).any() for c in counts) and max(int(c.max()) for c in counts) > 1
+
+
+# each rank holds every expert's half (Mixtral's split is Qwen3-MoE's code); OLMoE's q/k norm spans both ranks
+@pytest.mark.parametrize("moe_model", ["qwen3_moe", "olmoe"], indirect=True)
+def test_tp2_greedy_equals_hf(moe_model):
+    path, prompts, ref = moe_model
+    with LLM(path, dtype="float32", tensor_parallel_size=2, max_num_batched_tokens=48) as llm:
+        out = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in out] == ref
+
+
+def per_token(x, w13, w2, weights, ids):
+    """The equation, one token and one choice at a time."""
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            gate, up = (w13[ids[t, j]] @ x[t]).chunk(2)
+            out[t] += weights[t, j] * (w2[ids[t, j]] @ (F.silu(gate) * up))
+    return out
+
+
+def routing_cases(g: torch.Generator, tokens: int, experts: int, k: int):
+    """(name, topk_ids): random distinct choices avoiding expert 3 (zero tokens); every token's first choice on
+    expert 1 (one expert gets all tokens); k = 1 and every token on expert 0."""
+    draw = lambda pool: torch.stack([pool[torch.randperm(len(pool), generator=g)[:k]] for _ in range(tokens)])
+    pool = torch.tensor([e for e in range(experts) if e != 3])
+    one = draw(torch.tensor([e for e in range(experts) if e != 1]))
+    one[:, 0] = 1
+    return [("expert 3 empty", draw(pool)), ("all on expert 1", one),
+            ("k=1, all on expert 0", torch.zeros(tokens, 1, dtype=torch.long))]
+
+
+def kernels():
+    yield "torch", torch_ops.fused_experts
+    pytest.importorskip("triton")
+    from nanovllm.kernels.moe import triton_fused_experts
+    yield "triton", triton_fused_experts
+
+
+# the last: enough pairs per expert for the kernel's 64-row tiles
+@pytest.mark.parametrize("tokens,hidden,inter,experts,k", [(7, 48, 40, 6, 2), (70, 32, 24, 8, 3), (100, 32, 24, 4, 3)])
+def test_grouped_experts_equal_per_token_reference(tokens, hidden, inter, experts, k):
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, hidden, generator=g)
+    w13 = torch.randn(experts, 2 * inter, hidden, generator=g) * 0.2
+    w2 = torch.randn(experts, hidden, inter, generator=g) * 0.2
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for case, ids in routing_cases(g, tokens, experts, k):
+        weights = torch.rand(ids.shape, generator=g)
+        expected = per_token(x, w13, w2, weights, ids)
+        for name, fused in kernels():
+            got = fused(*(t.to(device) if name == "triton" else t for t in (x, w13, w2, weights, ids))).cpu()
+            assert (got - expected).abs().max().item() < 1e-4, (case, name)
+
+
+def test_cpu_bf16_decode_reads_only_the_selected_experts():
+    """The unselected experts hold NaN: any product that touched them (a dense compute-all-then-mask would) would
+    carry NaN into the output."""
+    import nanovllm.ops.cpu_ops as cpu_ops
+    g = torch.Generator().manual_seed(1)
+    experts, hidden, inter = 16, 64, 32
+    w13 = (torch.randn(experts, 2 * inter, hidden, generator=g) * 0.2).bfloat16()
+    w2 = (torch.randn(experts, hidden, inter, generator=g) * 0.2).bfloat16()
+    x = torch.randn(4, hidden, generator=g).bfloat16()  # a decode step of 4 sequences, top 2
+    ids = torch.tensor([[0, 5], [5, 9], [0, 12], [9, 5]])
+    weights = torch.rand(ids.shape, generator=g).bfloat16()
+    expected = per_token(x.float(), w13.float(), w2.float(), weights.float(), ids)
+    unselected = torch.ones(experts, dtype=torch.bool)
+    unselected[ids.unique()] = False
+    w13[unselected], w2[unselected] = float("nan"), float("nan")
+    got = cpu_ops.fused_experts(x, w13, w2, weights, ids).float()
+    assert got.isfinite().all() and (got - expected).abs().max().item() < 0.05
+
+
+# ---- GGUF --------------------------------------------------------------------------------------------------
+LAYER_TENSORS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+                 "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                 "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp"}
+EXPERT_TENSORS = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+
+
+def write_moe_gguf(folder: str, file: str) -> None:
+    """An HF Qwen3-MoE folder as llama.cpp's qwen3moe GGUF: experts stacked [E, rows, cols] in Q8_0, the rest
+    F32, the byte tokenizer as a gpt2 vocabulary."""
+    import gguf
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+    cfg, sd = AutoConfig.from_pretrained(folder), load_file(os.path.join(folder, "model.safetensors"))
+    w = gguf.GGUFWriter(file, "qwen3moe")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_expert_count(cfg.num_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    vocab = sorted(byte_tokenizer().get_vocab().items(), key=lambda item: item[1])
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([t for t, _ in vocab])
+    w.add_token_types([3 if i < 2 else 1 for i in range(len(vocab))])  # <s>, </s>: control
+    w.add_token_scores([0.0] * len(vocab))
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    for hf, name in (("model.embed_tokens", "token_embd"), ("model.norm", "output_norm"), ("lm_head", "output")):
+        w.add_tensor(f"{name}.weight", sd[f"{hf}.weight"].numpy())
+    for i in range(cfg.num_hidden_layers):
+        layer = f"model.layers.{i}."
+        for hf, name in LAYER_TENSORS.items():
+            w.add_tensor(f"blk.{i}.{name}.weight", sd[f"{layer}{hf}.weight"].numpy())
+        for hf, name in EXPERT_TENSORS.items():
+            stacked = torch.stack([sd[f"{layer}mlp.experts.{e}.{hf}.weight"] for e in range(cfg.num_experts)])
+            q8 = gguf.quantize(stacked.numpy(), gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(f"blk.{i}.{name}.weight", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_moe_gguf_logits_match_transformers(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from test_embedded import our_logits
+    # every layer sparse, as llama.cpp's qwen3moe has them; sizes in whole Q8_0 blocks of 32
+    folder = save_tiny_model("qwen3_moe", str(tmp_path / "hf"), moe_intermediate_size=64, mlp_only_layers=[])
+    write_moe_gguf(folder, str(tmp_path / "moe.gguf"))
+    llm = LLM(str(tmp_path / "moe.gguf"), dtype="float32")
+    # transformers reads the GGUF itself, but does not map expert_feed_forward_length: given here
+    cfg = AutoConfig.from_pretrained(tmp_path, gguf_file="moe.gguf")
+    cfg.moe_intermediate_size = 64
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="moe.gguf", config=cfg, dtype=torch.float32).eval()
+    ids = random_prompts(1, 24, 24, seed=3)[0]
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids])).logits[0]
+    got = our_logits(llm, ids)
+    assert (got - expected).abs().max().item() < 1e-4
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
