@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import nanovllm.ops as ops
-from nanovllm import SamplingParams
+from conftest import hf_greedy, random_prompts
+from nanovllm import LLM, SamplingParams
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
 from nanovllm.engine.sequence import Sequence
@@ -79,3 +80,12 @@ def test_a_request_whose_text_cannot_be_made_fails_alone(llm, monkeypatch):
         outs.update((o.request_id, o) for o in engine.step())
     assert outs["bad"].finished and "cannot decode this token" in outs["bad"].error
     assert outs["good"].error is None and len(outs["good"].outputs[0].token_ids) == 5
+
+
+def test_a_one_token_prefill_chunk_beside_decodes(model_path):
+    """A step of one token per sequence is not all decodes when a prompt's chunk is one token: its input is the
+    prompt's next token, not its last."""
+    prompts = random_prompts(2, 6, 6, seed=4)
+    llm = LLM(model_path, dtype="float32", max_num_batched_tokens=2)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(model_path, prompts, 8)

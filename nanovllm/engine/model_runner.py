@@ -109,7 +109,9 @@ class ModelRunner:
         query_start = np.zeros(B + 1, dtype=np.int64)
         np.cumsum(n, out=query_start[1:])
         T = int(query_start[-1])
-        if T == B:  # decodes only: a sequence's one input token is its last one (a pending one is filled in later)
+        # decodes only (not a prefill chunk of one token): a sequence's one input token is its last one (a pending
+        # one is filled in later)
+        if T == B and (ends >= lens).all():
             input_ids = [s.token_ids[-1] for s in seqs]
             token_seq, positions = np.arange(B), start
         else:  # a pending token's slice is empty: its placeholder 0, filled in on the device
