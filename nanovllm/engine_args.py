@@ -31,7 +31,6 @@ ONLY = {
     "data_parallel_size": ((1,), "1"),
     "enable_lora": ((False, None), "no LoRA adapters"),
     "cpu_offload_gb": ((0, 0.0), "0 (the weights stay on their device)"),
-    "speculative_config": ((None,), "none yet (speculative decoding is not supported yet)"),
     "revision": ((None, "main"), "a local folder's one version (None or 'main')"),
     "load_format": (("auto", "safetensors", "gguf"), "'auto': safetensors folders and .gguf files"),
     "distributed_executor_backend": ((None, "mp"), "worker processes ('mp')"),
@@ -42,6 +41,9 @@ ONLY = {
 def engine_config(model: str | None = None, **kwargs) -> EngineConfig:
     """`LLM(model, **kwargs)`'s arguments, vLLM's names and ours, as one EngineConfig."""
     ours = {f.name for f in fields(EngineConfig)}
+    if kwargs.get("speculative_config") and kwargs.get("async_scheduling"):  # as vLLM refused it
+        raise ValueError("speculative_config cannot be combined with async_scheduling=True: a step's proposals "
+                         "depend on the tokens the step before sampled")
     args = {}
     for name, value in kwargs.items():
         if name == "kv_cache_memory_bytes" and value is not None:  # vLLM's pool size in bytes: ours in GiB

@@ -13,6 +13,9 @@ from nanovllm.engine.workers import Workers, check_tensor_parallel
 from nanovllm.loader import default_model_path, generation_defaults, load_hf_config, load_model
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.spec.config import SpeculativeConfig
+from nanovllm.spec.draft import DraftProposer
+from nanovllm.spec.speculator import Speculator
 
 
 DEFAULT_BUDGET = 2048  # tokens a step computes, when not given: enough to keep a CPU's matmuls efficient
@@ -78,6 +81,13 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         self.block_manager = BlockManager(self.runner.num_blocks, resolved.block_size, resolved.enable_prefix_caching)
         self.scheduler = Scheduler(resolved, self.block_manager)
+        self.speculator = None  # speculative decoding (nanovllm/spec), when speculative_config asks for it
+        if resolved.speculative_config:
+            spec = SpeculativeConfig.from_dict(resolved.speculative_config)
+            draft = DraftProposer(resolved, spec.model, self.runner.num_blocks, hf_config.vocab_size, self.dtype,
+                                  backend) if spec.model else None
+            self.speculator = Speculator(spec, resolved.max_model_len, draft)
+            self.scheduler.on_free = self.speculator.free
         self.requests: dict[str, Request] = {}
         self.vocab_size = hf_config.vocab_size
         # what LLM.get_default_sampling_params and the server's requests start from
@@ -141,12 +151,16 @@ class LLMEngine:
     # ---- the loop -------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One forward over a scheduled batch; returns the outputs of the requests that changed."""
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running, self.scheduler.waiting)
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
         sample_rows = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
-                       if s.num_computed + n == s.num_tokens]
+                       if s.num_computed + n == s.num_tokens + len(s.spec_token_ids)]
         tokens, logprobs = self.runner.run(batch, sample_rows)
+        if self.speculator is not None:
+            self.speculator.record([batch.seqs[i] for i in sample_rows], tokens)
         decodes = sum(1 for n in batch.num_new_tokens if n == 1)
         self.last_step = (batch.num_tokens - decodes, decodes)
         changed = self.scheduler.postprocess(batch, sample_rows, tokens, self.requests, self.eos_token_ids,
@@ -166,4 +180,4 @@ class LLMEngine:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "num_blocks": bm.num_blocks, "free_blocks": bm.num_free,
                 "prefix_cache_queries": bm.prefix_query_tokens, "prefix_cache_hits": bm.prefix_hit_tokens,
-                "preemptions": self.scheduler.num_preemptions}
+                "preemptions": self.scheduler.num_preemptions, **(self.speculator.metrics() if self.speculator else {})}

@@ -8,6 +8,7 @@ from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import AttentionMetadata
 from nanovllm.layers.sampler import SamplingBatch, StepLogprobs, logprobs_of
+from nanovllm.spec import rejection
 
 
 class ModelRunner:
@@ -44,12 +45,13 @@ class ModelRunner:
         """A step's inputs as one int64 array: what tensor-parallel workers receive, and what every rank
         (rank 0 included) builds its tensors from. Layout: [T, B, W, D, S, decode_max_context], then input ids,
         positions, slots (T each), query starts (B+1), context lengths (B), block tables (B*W), decode rows and
-        their token indices (D each), the tokens whose logits are computed (S): the sampled rows' last ones and
-        the `prompt_positions` of rows that asked for prompt logprobs, in token order."""
+        their token indices (D each), the tokens whose logits are computed (S): the sampled rows' last ones (and
+        each speculative proposal's before them) and the `prompt_positions` of rows that asked for prompt
+        logprobs, in token order."""
         input_ids, positions, slots, query_start, context_lens = [], [], [], [0], []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start, end = seq.num_computed, seq.num_computed + n
-            input_ids += seq.token_ids[start:end]
+            input_ids += seq.token_ids[start:end] + seq.spec_token_ids  # proposals follow the last token
             positions += range(start, end)
             for pos in range(start, end):
                 slots.append(seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size)
@@ -59,7 +61,8 @@ class ModelRunner:
         tables = [b for seq in batch.seqs for b in seq.block_table + [0] * (width - len(seq.block_table))]
         decode_rows = [i for i, n in enumerate(batch.num_new_tokens) if n == 1]
         decode_max = max((context_lens[i] for i in decode_rows), default=0)
-        last = [query_start[i + 1] - 1 for i in sample_rows]
+        last = [j for i in sample_rows
+                for j in range(query_start[i + 1] - 1 - len(batch.seqs[i].spec_token_ids), query_start[i + 1])]
         if prompt_positions:  # in token order, as a step runner returns logits
             last = sorted(last + [query_start[i] + p - batch.seqs[i].num_computed
                                   for i, positions in prompt_positions.items() for p in positions])
@@ -120,10 +123,11 @@ class ModelRunner:
         b.allowed = [(i, p.allowed_token_ids) for i, p in enumerate(ps) if p.allowed_token_ids]
         return b
 
-    def run(self, batch: ScheduledBatch, sample_rows: list[int]) -> tuple[list[int], StepLogprobs | None]:
-        """Forward the batch; sample a next token for the sequences at `sample_rows` (those whose whole
-        context is now computed), from the logits of their last scheduled token. The logprobs of the rows that
-        asked for them (None if none did)."""
+    def run(self, batch: ScheduledBatch, sample_rows: list[int]) -> tuple[list[list[int]], StepLogprobs | None]:
+        """Forward the batch; sample the next tokens of the sequences at `sample_rows` (those whose whole
+        context is now computed), from the logits of their last scheduled token: one each, or for a sequence
+        with speculative proposals the ones the target keeps and one more (nanovllm/spec/rejection.py). The
+        logprobs of the rows that asked for them (None if none did)."""
         prompt_positions = prompt_logprob_positions(batch)
         if self.workers is None:
             logits = self.forward(*self.prepare(batch, sample_rows, prompt_positions))
@@ -147,11 +151,13 @@ class ModelRunner:
                 sample_at, prompt_at = logit_rows(len(batch.seqs), sample_rows, prompt_positions)
                 logits, prompt_logits = logits[sample_at], logits[prompt_at]
             seqs = [batch.seqs[i] for i in sample_rows]
+            if any(s.spec_token_ids for s in seqs):  # never beside logprobs (see Speculator.propose)
+                return rejection.verify(logits, seqs, self.sampling_batch, self.generator), None
             asked = [j for j, s in enumerate(seqs) if s.logprobs is not None]
             raw = logits[asked] if asked else None  # a copy: the sampler may change the logits in place
             tokens = ops.sample(logits, self.sampling_batch(seqs), self.generator) if seqs else torch.zeros(0)
             if not asked and not prompt_positions:
-                return tokens.tolist(), None
+                return [[t] for t in tokens.tolist()], None
             step = StepLogprobs({}, {})
             if asked:
                 entries = self.logprobs(raw, tokens[asked], [seqs[j].params.logprobs for j in asked])
@@ -164,7 +170,7 @@ class ModelRunner:
                                          for _ in prompt_positions[i]])
                 at = np.cumsum([0] + [len(prompt_positions[i]) for i in rows]).tolist()
                 step.prompt = {i: entries[at[k]:at[k + 1]] for k, i in enumerate(rows)}
-            return tokens.tolist(), step
+            return [[t] for t in tokens.tolist()], step
 
     @staticmethod
     def logprobs(logits: torch.Tensor, chosen: torch.Tensor, nums: list[int]) -> list[tuple]:

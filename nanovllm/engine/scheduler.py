@@ -10,7 +10,8 @@ from nanovllm.layers.sampler import StepLogprobs
 @dataclass
 class ScheduledBatch:
     seqs: list[Sequence]
-    num_new_tokens: list[int]  # tokens of each sequence computed this step (1 for a decode, a chunk for a prefill)
+    num_new_tokens: list[int]  # tokens of each sequence computed this step (1 for a decode, a chunk for a prefill,
+                               # 1 + k for a decode verifying k proposals)
 
     @property
     def num_tokens(self) -> int:
@@ -30,6 +31,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.on_free = None  # speculative decoding's hook: a sequence left the running batch (its draft blocks go)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -44,7 +46,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = min(seq.num_tokens - seq.num_computed + len(seq.spec_token_ids), budget)
+            if seq.spec_token_ids and not bm.can_allocate(seq, [], n):  # speculation never preempts
+                n = 1
+            del seq.spec_token_ids[max(n - 1, 0):]  # the proposals the budget leaves room for
             while not bm.can_allocate(seq, [], n):
                 victim = self.running.pop()
                 self.preempt(victim)
@@ -77,15 +82,16 @@ class Scheduler:
             budget -= n
         return batch
 
-    def postprocess(self, batch: ScheduledBatch, sample_rows: list[int], tokens: list[int], requests: dict,
+    def postprocess(self, batch: ScheduledBatch, sample_rows: list[int], tokens: list[list[int]], requests: dict,
                     eos_token_ids: set[int], max_model_len: int, logprobs: StepLogprobs | None = None) -> list:
         """After a step: each sequence's newly computed tokens (full blocks keyed for the prefix cache), the
         logprobs computed for it, each sampled token appended and checked for a stop, finished sequences out.
         Returns the requests that changed. A request whose token cannot be handled (e.g. a tokenizer that cannot
         decode it) fails alone."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed += n
-            self.block_manager.cache_full_blocks(seq, seq.num_computed - n)
+            computed = seq.num_computed
+            seq.num_computed += n - len(seq.spec_token_ids)  # proposals count once kept (keep_accepted)
+            self.block_manager.cache_full_blocks(seq, computed)
         changed = {}
         for row, entries in logprobs.prompt.items() if logprobs else ():
             seq = batch.seqs[row]
@@ -93,7 +99,7 @@ class Scheduler:
                 requests[seq.request_id].add_prompt_logprobs(seq, entries)
             except Exception as e:
                 self.fail(changed.setdefault(seq.request_id, requests[seq.request_id]), e)
-        for row, token in zip(sample_rows, tokens):
+        for row, new_tokens in zip(sample_rows, tokens):
             seq = batch.seqs[row]
             request = changed[seq.request_id] = requests[seq.request_id]
             if request.error:
@@ -101,12 +107,16 @@ class Scheduler:
             try:
                 if seq.logprobs is not None:
                     request.add_logprobs(seq, *logprobs.sampled[row])
-                done = request.append(seq, token, eos_token_ids, max_model_len)
+                for token in new_tokens:  # several when proposals were kept (never with logprobs); none after a stop
+                    if done := request.append(seq, token, eos_token_ids, max_model_len):
+                        break
             except Exception as e:
                 self.fail(request, e)
                 continue
             if done:
                 self.finish(seq, *done)
+            elif seq.spec_token_ids:
+                self.keep_accepted(seq)
         return list(changed.values())
 
     def fail(self, request, error: Exception) -> None:
@@ -115,10 +125,18 @@ class Scheduler:
         for seq in request.seqs:
             if not seq.finished:
                 self.finish(seq, "abort")
+    def keep_accepted(self, seq: Sequence) -> None:
+        """After a verification: the KV of the kept proposals stays computed, the blocks that held only rejected
+        ones go back, and the blocks the kept ones filled are keyed for the prefix cache."""
+        verified_from = seq.num_computed
+        seq.num_computed = seq.num_tokens - 1
+        self.block_manager.truncate(seq, seq.num_tokens)
+        self.block_manager.cache_full_blocks(seq, verified_from)
+        seq.spec_token_ids, seq.spec_probs = [], None
 
     def preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1
-        self.block_manager.free_blocks(seq)
+        self.release(seq)
         seq.num_computed = 0
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
@@ -130,4 +148,10 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self.release(seq)
+
+    def release(self, seq: Sequence) -> None:
         self.block_manager.free_blocks(seq)
+        seq.spec_token_ids, seq.spec_probs = [], None
+        if self.on_free is not None:
+            self.on_free(seq)

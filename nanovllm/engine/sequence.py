@@ -32,6 +32,10 @@ class Sequence:
     logprobs: list | None = None          # per output token {token id: Logprob}, when SamplingParams.logprobs is set
     cumulative_logprob: float | None = None
     prompt_logprobs: list | None = None   # the request's, held (and computed) by its first sequence only
+    # speculative decoding (nanovllm/spec): the tokens proposed after token_ids, verified in this step, and the
+    # draft's distributions they were drawn from [k, V] (None: a point mass, as n-gram or a greedy draft)
+    spec_token_ids: list[int] = field(default_factory=list)
+    spec_probs: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

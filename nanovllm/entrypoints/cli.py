@@ -1,5 +1,6 @@
 """`nanovllm generate | chat | serve`: one CLI; errors are one line on stderr, not a traceback."""
 import argparse
+import json
 import os
 import sys
 
@@ -37,6 +38,11 @@ def add_engine_args(p: argparse.ArgumentParser, engine_seed: bool = False) -> No
     q.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over this many processes (GPUs on CUDA)")
     q.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch per process")
+    v = p.add_argument_group("VllmConfig")
+    v.add_argument("--speculative-config", "-sc", type=json.loads, default=None,
+                   help='speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 4, '
+                        '"prompt_lookup_max": 4, "prompt_lookup_min": 2} or {"model": DRAFT, '
+                        '"num_speculative_tokens": 4}')
 
 
 def engine_kwargs(args: argparse.Namespace, seqs: int | None = None) -> dict:
@@ -50,7 +56,8 @@ def engine_kwargs(args: argparse.Namespace, seqs: int | None = None) -> dict:
                 enable_prefix_caching=args.enable_prefix_caching, num_threads=args.num_threads,
                 tensor_parallel_size=args.tensor_parallel_size, gpu_memory_utilization=args.gpu_memory_utilization,
                 enforce_eager=args.enforce_eager, trust_remote_code=args.trust_remote_code,
-                generation_config=args.generation_config, max_logprobs=args.max_logprobs)
+                generation_config=args.generation_config, max_logprobs=args.max_logprobs,
+                speculative_config=args.speculative_config)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -75,18 +75,7 @@ def sample(logits: torch.Tensor, b: SamplingBatch, generator: torch.Generator | 
     depend on what else is in the batch."""
     greedy = b.temperature == 0
     copied = logits.dtype != torch.float32
-    logits = logits.float()  # from here on a bf16 LM head's logits are our own copy, changed in place
-    for row, tokens in b.allowed or []:
-        logits[row] = logits[row].masked_fill(torch.ones_like(logits[row], dtype=torch.bool).index_fill_(
-            0, torch.tensor(tokens, device=logits.device), False), float("-inf"))
-    if b.bias:
-        rows, toks, values = zip(*b.bias)
-        logits[list(rows), list(toks)] += torch.tensor(values, device=logits.device)
-    if b.banned:
-        rows, toks = zip(*b.banned)
-        logits[list(rows), list(toks)] = float("-inf")
-    if b.repetition_penalty is not None:
-        logits = apply_penalties(logits, b)
+    logits = adjust(logits.float(), b)  # from here on a bf16 LM head's logits are our own copy, changed in place
     if bool(greedy.all()):
         return logits.argmax(dim=-1)
     any_greedy = bool(greedy.any())
@@ -98,6 +87,23 @@ def sample(logits: torch.Tensor, b: SamplingBatch, generator: torch.Generator | 
     weights = (logits - logits.max(dim=-1, keepdim=True).values).exp_()
     sampled = inverse_cdf(weights, uniform(b, generator, weights.device))
     return torch.where(greedy, argmax, sampled) if any_greedy else sampled
+
+
+def adjust(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """The logits [B, V] (fp32, changed in place where it can) after allowed tokens, bias, bans and penalties:
+    what temperature and the filters then act on (the sampler, and speculative decoding's verification)."""
+    for row, tokens in b.allowed or []:
+        logits[row] = logits[row].masked_fill(torch.ones_like(logits[row], dtype=torch.bool).index_fill_(
+            0, torch.tensor(tokens, device=logits.device), False), float("-inf"))
+    if b.bias:
+        rows, toks, values = zip(*b.bias)
+        logits[list(rows), list(toks)] += torch.tensor(values, device=logits.device)
+    if b.banned:
+        rows, toks = zip(*b.banned)
+        logits[list(rows), list(toks)] = float("-inf")
+    if b.repetition_penalty is not None:
+        logits = apply_penalties(logits, b)
+    return logits
 
 
 def filtered(b: SamplingBatch) -> bool:
