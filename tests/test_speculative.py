@@ -221,3 +221,18 @@ def test_rejection_sampling_keeps_the_targets_distribution(draft):
     assert chi_square(firsts, p[0]) < CHI2_5_DOF_P001
     assert chi_square(seconds, p[1]) < CHI2_5_DOF_P001
     assert chi_square(firsts, q[0]) > 10 * CHI2_5_DOF_P001  # and the test could tell the two apart
+
+
+def test_spec_decode_metrics(plain_and_self_draft):
+    from prometheus_client import generate_latest
+
+    from nanovllm.entrypoints.metrics import ServerMetrics
+    plain, spec = plain_and_self_draft
+    spec.generate([{"prompt_token_ids": repeating_prompts(1, seed=8)[0]}], GREEDY, use_tqdm=False)
+    s = spec.engine.stats()
+    text = generate_latest(ServerMetrics(spec.engine.stats).registry).decode()
+    assert f"nanovllm:spec_decode_num_drafts_total {float(s['spec_decode_num_drafts'])}" in text
+    assert f"nanovllm:spec_decode_num_accepted_tokens_total {float(s['spec_decode_num_accepted_tokens'])}" in text
+    assert 'nanovllm:spec_decode_num_accepted_tokens_per_pos_total{position="3"}' in text
+    assert "nanovllm:spec_decode_acceptance_rate 1.0" in text
+    assert "spec_decode" not in generate_latest(ServerMetrics(plain.engine.stats).registry).decode()

@@ -65,3 +65,23 @@ class _EngineStats:
             ("num_preemptions", "Sequences preempted for lack of KV blocks", s["preemptions"]),
         ]:
             yield CounterMetricFamily(f"nanovllm:{name}", doc, value=value)
+        if "spec_decode_num_drafts" in s:  # speculative decoding is on
+            yield from _spec_decode_metrics(s)
+
+
+def _spec_decode_metrics(s: dict):
+    """vLLM's spec_decode counters, and the two figures read off them."""
+    for name, doc in [("num_drafts", "Verifications: steps of a sequence with proposals"),
+                      ("num_draft_tokens", "Proposed tokens checked by the target"),
+                      ("num_accepted_tokens", "Proposed tokens the target kept")]:
+        yield CounterMetricFamily(f"nanovllm:spec_decode_{name}", doc, value=s[f"spec_decode_{name}"])
+    per_pos = CounterMetricFamily("nanovllm:spec_decode_num_accepted_tokens_per_pos",
+                                  "Proposed tokens kept, by position in the proposal", labels=["position"])
+    for position, value in enumerate(s["spec_decode_num_accepted_tokens_per_pos"]):
+        per_pos.add_metric([str(position)], value)
+    yield per_pos
+    yield GaugeMetricFamily("nanovllm:spec_decode_acceptance_rate", "Proposed tokens kept / checked",
+                            value=s["spec_decode_acceptance_rate"])
+    yield GaugeMetricFamily("nanovllm:spec_decode_mean_acceptance_length",
+                            "Tokens a verification yields (the target's own included)",
+                            value=s["spec_decode_mean_acceptance_length"])
