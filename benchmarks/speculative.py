@@ -81,10 +81,12 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--lookup-max", type=int, default=4)
     ap.add_argument("--lookup-min", type=int, default=2)
+    ap.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
     spec = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": args.lookup_max,
             "prompt_lookup_min": args.lookup_min}
-    plain, fast = LLM(max_num_seqs=8, kv_cache_gib=1), LLM(max_num_seqs=8, kv_cache_gib=1, speculative_config=spec)
+    engine_args = dict(max_num_seqs=8, kv_cache_gib=1, num_threads=args.num_threads)
+    plain, fast = LLM(**engine_args), LLM(**engine_args, speculative_config=spec)
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads, embedded SmolLM2-135M-Instruct ({plain.engine.dtype}), greedy, {args.output_len} tokens, "
