@@ -161,8 +161,10 @@ class LLMEngine:
         tokens, logprobs = self.runner.run(batch, sample_rows)
         if self.speculator is not None:
             self.speculator.record([batch.seqs[i] for i in sample_rows], tokens)
-        decodes = sum(1 for n in batch.num_new_tokens if n == 1)
-        self.last_step = (batch.num_tokens - decodes, decodes)
+        # decode rows (a verification of proposals is one): the tokens they computed, and the tokens they gave
+        decoding = {i: len(new) for i, new in zip(sample_rows, tokens)
+                    if batch.num_new_tokens[i] == 1 + len(batch.seqs[i].spec_token_ids)}
+        self.last_step = (batch.num_tokens - sum(batch.num_new_tokens[i] for i in decoding), sum(decoding.values()))
         changed = self.scheduler.postprocess(batch, sample_rows, tokens, self.requests, self.eos_token_ids,
                                              self.config.max_model_len, logprobs)
         outputs = [r.output() for r in changed]
