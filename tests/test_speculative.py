@@ -236,3 +236,17 @@ def test_spec_decode_metrics(plain_and_self_draft):
     assert 'nanovllm:spec_decode_num_accepted_tokens_per_pos_total{position="3"}' in text
     assert "nanovllm:spec_decode_acceptance_rate 1.0" in text
     assert "spec_decode" not in generate_latest(ServerMetrics(plain.engine.stats).registry).decode()
+
+
+def test_no_proposals_while_logprobs_are_asked_for(llama):
+    """Logprobs are computed one token per sequence and step: while a request asks for them nothing is proposed,
+    and the output is as without speculation."""
+    spec, plain = LLM(llama, dtype="float32", speculative_config=NGRAM), LLM(llama, dtype="float32")
+    prompts = [{"prompt_token_ids": p} for p in repeating_prompts(2, seed=9)]
+    params = [SamplingParams(temperature=0, max_tokens=12, logprobs=2), GREEDY]
+    got, want = spec.generate(prompts, params, use_tqdm=False), plain.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert got[0].outputs[0].logprobs == want[0].outputs[0].logprobs and len(got[0].outputs[0].logprobs) == 12
+    drafts = spec.engine.stats()["spec_decode_num_drafts"]
+    spec.generate(prompts[1:], GREEDY, use_tqdm=False)  # alone again: proposals again
+    assert spec.engine.stats()["spec_decode_num_drafts"] > drafts
