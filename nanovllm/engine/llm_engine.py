@@ -1,5 +1,6 @@
 import dataclasses
 import os
+from concurrent.futures import FIRST_COMPLETED, wait
 
 import torch
 
@@ -13,6 +14,7 @@ from nanovllm.engine.workers import Workers, check_tensor_parallel
 from nanovllm.loader import default_model_path, generation_defaults, load_hf_config, load_model
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.structured_outputs import StructuredOutputManager
 
 
 DEFAULT_BUDGET = 2048  # tokens a step computes, when not given: enough to keep a CPU's matmuls efficient
@@ -80,6 +82,7 @@ class LLMEngine:
         self.scheduler = Scheduler(resolved, self.block_manager)
         self.requests: dict[str, Request] = {}
         self.vocab_size = hf_config.vocab_size
+        self.structured_outputs = StructuredOutputManager(self.runner.model.vocab_size, loaded.eos_token_ids)
         # what LLM.get_default_sampling_params and the server's requests start from
         source = {"auto": path, "vllm": None}.get(resolved.generation_config, resolved.generation_config)
         self.generation_defaults = generation_defaults(source) if source else {}
@@ -115,7 +118,9 @@ class LLMEngine:
             if asked is not None and (self.vocab_size if asked == -1 else asked) > cap:
                 raise ValueError(f"SamplingParams.{name} ({asked}) is more than this engine allows: max_logprobs="
                                  f"{self.config.max_logprobs} (an engine argument; -1 allows the whole vocabulary)")
-        return Request.make(request_id, text, ids, params, self.tokenizer, self.config.device, encoder)
+        so = params.structured_outputs  # its grammar compiles on another thread from here on
+        grammar = self.structured_outputs.compile(so, encoder) if so else None
+        return Request.make(request_id, text, ids, params, self.tokenizer, self.config.device, encoder, grammar)
 
     def add(self, request: Request) -> None:
         """Queue a request; a ValueError (nothing queued) if its id is already in use."""
@@ -142,7 +147,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One forward over a scheduled batch; returns the outputs of the requests that changed."""
         batch = self.scheduler.schedule()
-        if not batch.seqs:
+        if not batch.seqs:  # all that waits, waits for a grammar: sleep until one compiles (briefly: a request may come)
+            pending = [s.constraint.grammar for s in self.scheduler.waiting if s.constraint and not s.constraint.ready]
+            wait(pending, timeout=0.01, return_when=FIRST_COMPLETED)
             return []
         sample_rows = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
                        if s.num_computed + n == s.num_tokens]
@@ -160,6 +167,7 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers, if any (also done when the engine is garbage-collected)."""
         self.runner.shutdown()
+        self.structured_outputs.shutdown()
 
     def stats(self) -> dict:
         bm = self.block_manager

@@ -4,6 +4,7 @@ from enum import Enum, auto
 import torch
 
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.structured_outputs import Constraint
 
 
 class Status(Enum):
@@ -32,6 +33,7 @@ class Sequence:
     logprobs: list | None = None          # per output token {token id: Logprob}, when SamplingParams.logprobs is set
     cumulative_logprob: float | None = None
     prompt_logprobs: list | None = None   # the request's, held (and computed) by its first sequence only
+    constraint: Constraint | None = None  # its structured-output grammar and matcher
 
     @property
     def num_tokens(self) -> int:

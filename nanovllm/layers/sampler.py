@@ -21,6 +21,9 @@ class SamplingBatch:
     banned: list[tuple[int, int]] | None = None      # (row, token) pairs masked out (EOS before min_tokens, bad words)
     bias: list[tuple[int, int, float]] | None = None  # (row, token, value) added to a logit (logit_bias)
     allowed: list[tuple[int, list[int]]] | None = None  # (row, tokens): only these may be drawn (allowed_token_ids)
+    constrained: list[int] | None = None              # rows with a structured-output grammar
+    token_bitmask: torch.Tensor | None = None         # [len(constrained), ceil(V / 32)] int32 on the CPU: bit t set
+                                                      # where that row's grammar allows token t
 
 
 @dataclass
@@ -76,6 +79,8 @@ def sample(logits: torch.Tensor, b: SamplingBatch, generator: torch.Generator | 
     greedy = b.temperature == 0
     copied = logits.dtype != torch.float32
     logits = logits.float()  # from here on a bf16 LM head's logits are our own copy, changed in place
+    if b.token_bitmask is not None:
+        apply_token_bitmask(logits, b.constrained, b.token_bitmask)
     for row, tokens in b.allowed or []:
         logits[row] = logits[row].masked_fill(torch.ones_like(logits[row], dtype=torch.bool).index_fill_(
             0, torch.tensor(tokens, device=logits.device), False), float("-inf"))
@@ -98,6 +103,16 @@ def sample(logits: torch.Tensor, b: SamplingBatch, generator: torch.Generator | 
     weights = (logits - logits.max(dim=-1, keepdim=True).values).exp_()
     sampled = inverse_cdf(weights, uniform(b, generator, weights.device))
     return torch.where(greedy, argmax, sampled) if any_greedy else sampled
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
+    """-inf, in place, on every token of `rows` that its row of `bitmask` does not allow (bit t of a row's little-endian
+    int32 words = token t); the other rows are not read."""
+    bits = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+    allowed = (bitmask.view(torch.uint8)[:, :, None] & bits).view(len(rows), -1)[:, :logits.shape[-1]]
+    index = torch.tensor(rows, device=logits.device)
+    logits.index_copy_(0, index, logits.index_select(0, index).masked_fill_(allowed.to(logits.device) == 0,
+                                                                            float("-inf")))
 
 
 def filtered(b: SamplingBatch) -> bool:
