@@ -156,8 +156,9 @@ def test_server_response_format_and_vllms_fields(client):
                                            max_tokens=40, response_format={"type": "json_schema", "json_schema": {
                                                "name": "pick", "schema": schema}})
     jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
-    stream = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, temperature=0,
-                                            max_tokens=40, response_format={"type": "json_object"}, stream=True)
+    stream = client.chat.completions.create(model="SmolLM2-135M-Instruct", temperature=0, max_tokens=40, stream=True,
+                                            messages=[{"role": "user", "content": 'Reply with {"ok": true}'}],
+                                            response_format={"type": "json_object"})
     assert isinstance(json.loads("".join(c.choices[0].delta.content or "" for c in stream if c.choices)), dict)
     for extra, check in [({"guided_choice": ["yes", "no"]}, lambda t: t in ("yes", "no")),
                          ({"guided_regex": DATE}, lambda t: re.fullmatch(DATE, t)),
