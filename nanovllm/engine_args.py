@@ -35,6 +35,9 @@ ONLY = {
     "load_format": (("auto", "safetensors", "gguf"), "'auto': safetensors folders and .gguf files"),
     "distributed_executor_backend": ((None, "mp"), "worker processes ('mp')"),
     "enable_expert_parallel": ((False,), "no expert parallelism"),
+    "guided_decoding_backend": (("auto", "xgrammar"), "'xgrammar' (or 'auto'): structured outputs use xgrammar"),
+    "structured_outputs_config": ((None, {"backend": "auto"}, {"backend": "xgrammar"}),
+                                  "{'backend': 'xgrammar'} (or 'auto'): structured outputs use xgrammar"),
 }
 
 

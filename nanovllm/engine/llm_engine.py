@@ -1,5 +1,6 @@
 import dataclasses
 import os
+from concurrent.futures import FIRST_COMPLETED, wait
 
 import torch
 
@@ -16,6 +17,7 @@ from nanovllm.sampling_params import SamplingParams
 from nanovllm.spec.config import SpeculativeConfig
 from nanovllm.spec.draft import DraftProposer
 from nanovllm.spec.speculator import Speculator
+from nanovllm.structured_outputs import StructuredOutputManager
 
 
 DEFAULT_BUDGET = 2048  # tokens a step computes, when not given: enough to keep a CPU's matmuls efficient
@@ -90,6 +92,7 @@ class LLMEngine:
             self.scheduler.on_free = self.speculator.free
         self.requests: dict[str, Request] = {}
         self.vocab_size = hf_config.vocab_size
+        self.structured_outputs = StructuredOutputManager(self.runner.model.vocab_size, loaded.eos_token_ids)
         # what LLM.get_default_sampling_params and the server's requests start from
         source = {"auto": path, "vllm": None}.get(resolved.generation_config, resolved.generation_config)
         self.generation_defaults = generation_defaults(source) if source else {}
@@ -125,7 +128,9 @@ class LLMEngine:
             if asked is not None and (self.vocab_size if asked == -1 else asked) > cap:
                 raise ValueError(f"SamplingParams.{name} ({asked}) is more than this engine allows: max_logprobs="
                                  f"{self.config.max_logprobs} (an engine argument; -1 allows the whole vocabulary)")
-        return Request.make(request_id, text, ids, params, self.tokenizer, self.config.device, encoder)
+        so = params.structured_outputs  # its grammar compiles on another thread from here on
+        grammar = self.structured_outputs.compile(so, encoder) if so else None
+        return Request.make(request_id, text, ids, params, self.tokenizer, self.config.device, encoder, grammar)
 
     def add(self, request: Request) -> None:
         """Queue a request; a ValueError (nothing queued) if its id is already in use."""
@@ -154,7 +159,9 @@ class LLMEngine:
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running, self.scheduler.waiting)
         batch = self.scheduler.schedule()
-        if not batch.seqs:
+        if not batch.seqs:  # all that waits, waits for a grammar: sleep until one compiles (briefly: a request may come)
+            pending = [s.constraint.grammar for s in self.scheduler.waiting if s.constraint and not s.constraint.ready]
+            wait(pending, timeout=0.01, return_when=FIRST_COMPLETED)
             return []
         sample_rows = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
                        if s.num_computed + n == s.num_tokens + len(s.spec_token_ids)]
@@ -176,6 +183,7 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers, if any (also done when the engine is garbage-collected)."""
         self.runner.shutdown()
+        self.structured_outputs.shutdown()
 
     def stats(self) -> dict:
         bm = self.block_manager

@@ -121,6 +121,12 @@ class ModelRunner:
                      if len(word) == 1 or s.output_token_ids[-(len(word) - 1):] == word[:-1]]
         b.bias = [(i, t, v) for i, p in enumerate(ps) for t, v in (p.logit_bias or {}).items()]
         b.allowed = [(i, p.allowed_token_ids) for i, p in enumerate(ps) if p.allowed_token_ids]
+        # structured outputs: the constrained rows' grammars' masks (the other rows pay nothing)
+        b.constrained = [i for i, s in enumerate(seqs) if s.constraint is not None and s.constraint.usable]
+        if b.constrained:
+            b.token_bitmask = torch.empty(len(b.constrained), (vocab + 31) // 32, dtype=torch.int32)
+            for row, i in enumerate(b.constrained):
+                seqs[i].constraint.fill(b.token_bitmask, row)
         return b
 
     def run(self, batch: ScheduledBatch, sample_rows: list[int]) -> tuple[list[list[int]], StepLogprobs | None]:

@@ -64,7 +64,10 @@ class Scheduler:
                 i += 1
         # New sequences only when nothing had to be preempted: admitting them would just evict others again.
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+            # the first in line whose structured-output grammar (if any) is compiled: the others wait for theirs
+            seq = next((s for s in self.waiting if s.constraint is None or s.constraint.ready), None)
+            if seq is None:
+                break
             hits = bm.match_prefix(seq) if not seq.block_table else []
             if seq.prompt_logprobs is not None:  # positions whose prompt logprobs are still to come are computed
                 hits = hits[:(len(seq.prompt_logprobs) - 1) // bm.block_size]
@@ -73,7 +76,7 @@ class Scheduler:
                 break  # the whole prompt in one step, or wait for a step with room for it
             if not bm.can_allocate(seq, hits, n):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             bm.allocate(seq, hits, n)
             seq.status = Status.RUNNING
             self.running.append(seq)

@@ -4,6 +4,7 @@ from enum import Enum, auto
 import torch
 
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.structured_outputs import Constraint
 
 
 class Status(Enum):
@@ -36,6 +37,7 @@ class Sequence:
     # draft's distributions they were drawn from [k, V] (None: a point mass, as n-gram or a greedy draft)
     spec_token_ids: list[int] = field(default_factory=list)
     spec_probs: torch.Tensor | None = None
+    constraint: Constraint | None = None  # its structured-output grammar and matcher
 
     @property
     def num_tokens(self) -> int:

@@ -1,10 +1,13 @@
 """The OpenAI API's request bodies as nanovllm serves them (unknown fields are ignored, as OpenAI does; known ones
 that nanovllm does not implement are refused), and its error shape {"error": {"message", "type", "param",
 "code"}}."""
-from typing import ClassVar
+import asyncio
+from typing import ClassVar, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from nanovllm.sampling_params import StructuredOutputsParams
 
 
 class APIError(Exception):
@@ -45,6 +48,18 @@ UNSUPPORTED = {"best_of": (1,), "use_beam_search": (False,), "length_penalty": (
                "reasoning_effort": (), "verbosity": (), "priority": (0,), "cache_salt": (), "kv_transfer_params": (),
                "vllm_xargs": (), "logits_processors": ([],), "prompt_embeds": (), "mm_processor_kwargs": ({},),
                "return_token_ids": (False,)}
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str | None = None
+    schema_: dict | None = Field(None, alias="schema")  # "schema" would shadow a BaseModel method
+    description: str | None = None
+    strict: bool | None = None  # xgrammar's JSON schemas are always strict: no properties the schema does not name
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class SamplingFields(BaseModel):
@@ -98,6 +113,51 @@ class SamplingFields(BaseModel):
     @classmethod
     def clamp_bias(cls, bias: dict[int, float] | None) -> dict[int, float] | None:  # OpenAI's range, as vLLM
         return {t: min(100.0, max(-100.0, b)) for t, b in bias.items()} if bias else bias
+    # structured outputs: OpenAI's response_format, or one of vLLM's extras
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_json: str | dict | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def structured(self) -> tuple[StructuredOutputsParams | None, str | None]:
+        """The structured-output constraint this body asks for and the field that asks; at most one may."""
+        fmt = self.response_format
+        asked = {"structured_outputs": self.structured_outputs, "guided_json": self.guided_json,
+                 "guided_regex": self.guided_regex, "guided_choice": self.guided_choice,
+                 "guided_grammar": self.guided_grammar, "response_format": fmt if fmt and fmt.type != "text" else None}
+        asked = {k: v for k, v in asked.items() if v is not None}
+        if len(asked) > 1:
+            raise APIError(400, f"give one structured-output constraint, not {len(asked)}: {', '.join(asked)}",
+                           param=list(asked)[1])
+        if not asked:
+            return None, None
+        field, value = asked.popitem()
+        if field == "structured_outputs":
+            return value, field
+        if field != "response_format":
+            kind = {field.removeprefix("guided_"): value}  # guided_json -> json, guided_regex -> regex, ...
+        elif fmt.type == "json_object":
+            kind = {"json_object": True}
+        elif fmt.json_schema and fmt.json_schema.schema_ is not None:
+            kind = {"json": fmt.json_schema.schema_}
+        else:
+            raise APIError(400, "response_format of type json_schema needs json_schema.schema", param=field)
+        try:
+            return StructuredOutputsParams(**kind), field
+        except ValueError as e:
+            raise APIError(400, f"{field}: {e}", param=field) from None
+
+    async def grammars_compiled(self, grammars: list) -> None:
+        """Wait (not blocking the event loop) for the requests' grammars, which compile off the engine's loop: an
+        invalid one is a 400 naming the field that asked for it."""
+        try:
+            for grammar in grammars:
+                if grammar is not None:
+                    await asyncio.wrap_future(grammar)
+        except ValueError as e:
+            raise APIError(400, str(e), param=self.structured()[1]) from None
 
 
 class CompletionRequest(SamplingFields):

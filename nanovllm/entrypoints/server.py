@@ -199,7 +199,8 @@ def make_requests(engine: AsyncEngine, body: SamplingFields, items: list[tuple[d
                 spaces_between_special_tokens=body.spaces_between_special_tokens,
                 truncate_prompt_tokens=body.truncate_prompt_tokens, logit_bias=body.logit_bias,
                 allowed_token_ids=body.allowed_token_ids, bad_words=body.bad_words, logprobs=body.num_logprobs(),
-                prompt_logprobs=body.num_prompt_logprobs())
+                prompt_logprobs=body.num_prompt_logprobs(),
+                structured_outputs=body.structured()[0])
             requests.append(engine.make_request(prompt, params, f"{base}-{i}"))
         except ValueError as e:
             raise APIError(400, str(e), param=_param_of(str(e))) from None
@@ -248,6 +249,7 @@ async def merged(engine: AsyncEngine, requests: list[EngineRequest]) -> AsyncIte
 
 async def respond(engine: AsyncEngine, body: SamplingFields, requests: list[EngineRequest], model: str,
                   raw: Request, chat: bool, score_only: bool = False):
+    await body.grammars_compiled([r.grammar for r in requests])
     n, created = body.n, int(time.time())
     rid = ("chatcmpl-" if chat else "cmpl-") + requests[0].request_id.split("-")[0]
     obj = "chat.completion" if chat else "text_completion"

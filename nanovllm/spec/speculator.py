@@ -25,7 +25,8 @@ class Speculator:
     def propose(self, running: list[Sequence], waiting: Iterable[Sequence]) -> None:
         """Proposals for every sequence about to decode, up to k and no further than it may still grow (the
         target's token after them must fit max_tokens and max_model_len). None while a request that asks for
-        logprobs or prompt logprobs is running or waiting: those are computed one token per sequence and step."""
+        logprobs or prompt logprobs is running or waiting: those are computed one token per sequence and step.
+        None for a sequence under a grammar (structured outputs): its matcher accepts the tokens one by one."""
         for seq in running:
             seq.spec_token_ids, seq.spec_probs = [], None
         if any(s.params.logprobs is not None or s.params.prompt_logprobs is not None for s in (*running, *waiting)):
@@ -36,7 +37,7 @@ class Speculator:
             if seq.params.max_tokens is not None:
                 room = min(room, seq.params.max_tokens - seq.num_output_tokens)
             k = min(self.config.num_speculative_tokens, room - 1)
-            if seq.num_tokens - seq.num_computed == 1 and k > 0:
+            if seq.num_tokens - seq.num_computed == 1 and k > 0 and seq.constraint is None:
                 rows.append((seq, k))
         if self.draft is not None:
             self.draft.propose(rows)
