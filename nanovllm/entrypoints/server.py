@@ -1,7 +1,9 @@
 """`nanovllm serve`: the OpenAI HTTP API (completions, chat completions, streaming) over the async engine.
 
-Every request is checked before it reaches the engine, so a bad one is answered 400 without touching the
-batch in flight; errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}."""
+Every request is checked before it reaches the engine, so a bad one is answered 4xx without touching the
+batch in flight (ServerLimits: what one request may ask of a public server); errors use OpenAI's shape
+{"error": {"message", "type", "param", "code"}}. A request the engine fails while serving is a 500; once the
+engine loop is dead, /health and every new request are 503 (and `nanovllm serve` exits, see cli.py)."""
 import asyncio
 import hmac
 import json
@@ -9,6 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,24 +19,67 @@ from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
-from nanovllm.engine.async_engine import AsyncEngine, EngineDeadError
+from nanovllm.engine.async_engine import AsyncEngine, EngineBusyError, EngineDeadError, RequestTimeoutError
 from nanovllm.engine.request import Request as EngineRequest, tokenize
 from nanovllm.entrypoints.metrics import ServerMetrics
 from nanovllm.entrypoints.openai_logprobs import ChoiceContent, prompt_logprobs_json
-from nanovllm.entrypoints.protocol import (APIError, ChatRequest, CompletionRequest, SamplingFields, error_body,
-                                           error_response)
+from nanovllm.entrypoints.protocol import (ERROR_RESPONSES, APIError, ChatRequest, CompletionRequest,
+                                           DetokenizeRequest, SamplingFields, TokenizeRequest, documented,
+                                           error_body, error_response)
 from nanovllm.outputs import DeltaTracker, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 
 
+@dataclass
+class ServerLimits:
+    """What one request may ask (each a flag of `nanovllm serve`); max_tokens is bounded by max_model_len."""
+    max_request_body_bytes: int = 4 * 2**20
+    max_n: int = 16
+    max_stop_strings: int = 16
+    max_stop_string_length: int = 256
+    max_waiting_requests: int | None = None  # sequences waiting for the batch; None: no limit (as vLLM)
+
+
+def limit_body(app, max_bytes: int):
+    """ASGI middleware: a body over max_bytes is a 413 before anything parses it, whether it says its length or
+    not. The body is read here and handed on; later receives (a client hanging up) pass through."""
+    async def guarded(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        too_large = error_response(413, f"the request body is larger than this server's limit of {max_bytes} bytes "
+                                        f"(--max-request-body-bytes)", code="request_too_large")
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > max_bytes:
+            return await too_large(scope, receive, send)
+        chunks, size, message = [], 0, {"more_body": True}
+        while message.get("more_body"):
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before its body arrived
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > max_bytes:
+                return await too_large(scope, receive, send)
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay():
+            nonlocal body
+            message, body = body or await receive(), None
+            return message
+        await app(scope, replay, send)
+    return guarded
+
+
 # ---- the app ---------------------------------------------------------------------------------------------
 def build_app(engine: AsyncEngine, model_names: str | list[str], api_key: str | None = None,
-              chat_template: str | None = None) -> FastAPI:
+              chat_template: str | None = None, limits: ServerLimits | None = None) -> FastAPI:
     """model_names: the names clients may send (the first is the one reported); chat_template: the server's own,
     in place of the model's, unless a request brings one."""
     names = [model_names] if isinstance(model_names, str) else list(model_names)
     model_name = names[0]
-    app = FastAPI(title="nanovllm", docs_url=None, redoc_url=None)
+    limits = limits or ServerLimits()
+    app = FastAPI(title="nanovllm", docs_url=None, redoc_url=None, responses=ERROR_RESPONSES)
+    app.add_middleware(limit_body, max_bytes=limits.max_request_body_bytes)
     metrics = engine.metrics = ServerMetrics(lambda: engine.stats)
     max_len = engine.engine.config.max_model_len
 
@@ -61,46 +107,48 @@ def build_app(engine: AsyncEngine, model_names: str | list[str], api_key: str | 
     @app.exception_handler(HTTPException)
     async def http_error(_, e: HTTPException):
         message = f"no such path: {_.url.path}" if e.status_code == 404 else str(e.detail)
-        return error_response(e.status_code, message)
+        return error_response(e.status_code, message, headers=e.headers)  # 405's Allow
 
     @app.exception_handler(EngineDeadError)
     async def engine_dead(_, e: EngineDeadError):
-        return error_response(503, str(e))
+        return error_response(503, str(e), code="engine_dead")
+
+    @app.exception_handler(EngineBusyError)
+    async def engine_busy(_, e: EngineBusyError):
+        return error_response(503, str(e), code="too_many_waiting_requests", headers={"Retry-After": "1"})
 
     @app.exception_handler(Exception)
     async def internal(_, e: Exception):
         return error_response(500, f"internal error: {type(e).__name__}: {e}")
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response, responses=documented("health"))
     async def health():
         if engine.dead:
-            return error_response(503, f"the engine loop has stopped: {engine.error!r}")
+            return error_response(503, f"the engine loop has stopped: {engine.error!r}", code="engine_dead")
         return Response(status_code=200)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses=documented("metrics"))
     async def get_metrics():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @v1.get("/models")
+    @v1.get("/models", responses=documented("models"))
     async def models():
         return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()),
                                             "owned_by": "nanovllm", "max_model_len": max_len} for name in names]}
 
-    @app.post("/tokenize")
-    async def tokenize_text(body: dict):
-        if "messages" in body:
-            ids = render_chat(engine, body["messages"], body.get("add_generation_prompt", True), chat_template)
-        elif isinstance(body.get("prompt"), str):
-            ids = engine.tokenizer(body["prompt"], add_special_tokens=body.get("add_special_tokens", True)).input_ids
+    @app.post("/tokenize", responses=documented("tokenize"))
+    async def tokenize_text(body: TokenizeRequest):
+        if body.messages is not None:
+            ids = render_chat(engine, body.messages, body.add_generation_prompt, chat_template)
+        elif body.prompt is not None:
+            ids = engine.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens).input_ids
         else:
             raise APIError(400, "send 'prompt' (a string) or 'messages'", param="prompt")
         return {"tokens": ids, "count": len(ids), "max_model_len": max_len}
 
-    @app.post("/detokenize")
-    async def detokenize_ids(body: dict):
-        ids = body.get("tokens")
-        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-            raise APIError(400, "'tokens' must be a list of token ids", param="tokens")
+    @app.post("/detokenize", responses=documented("detokenize"))
+    async def detokenize_ids(body: DetokenizeRequest):
+        ids = body.tokens
         bad = [t for t in ids if not 0 <= t < engine.engine.vocab_size]
         if bad:
             raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {engine.engine.vocab_size})",
@@ -112,9 +160,10 @@ def build_app(engine: AsyncEngine, model_names: str | list[str], api_key: str | 
             raise APIError(400, f"the model {name!r} is not served here; this server serves {', '.join(names)}",
                            param="model", code="model_not_found")
 
-    @v1.post("/completions")
+    @v1.post("/completions", responses=documented("completions"))
     async def completions(body: CompletionRequest, raw: Request):
         check_model(body.model)
+        check_limits(body, limits)
         score_only = body.echo and body.max_tokens == 0  # the prompt's logprobs: one token generated, not shown
         if score_only:
             body.max_tokens = 1
@@ -128,17 +177,19 @@ def build_app(engine: AsyncEngine, model_names: str | list[str], api_key: str | 
             text, ids = tokenize(engine.tokenizer, p)
             items.append(({"prompt": text, "prompt_token_ids": ids}, len(ids)))
         requests = make_requests(engine, body, items, default_max=16, max_len=max_len)
-        return await respond(engine, body, requests, model_name, raw, chat=False, score_only=score_only)
+        return await respond(engine, body, requests, model_name, raw, chat=False, limits=limits,
+                             score_only=score_only)
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", responses=documented("chat"))
     async def chat_completions(body: ChatRequest, raw: Request):
         check_model(body.model)
+        check_limits(body, limits)
         ids = render_chat(engine, body.messages, body.add_generation_prompt, body.chat_template or chat_template)
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
         requests = make_requests(engine, body, [({"prompt_token_ids": ids}, len(ids))], default_max=None,
                                  max_len=max_len)
-        return await respond(engine, body, requests, model_name, raw, chat=True)
+        return await respond(engine, body, requests, model_name, raw, chat=True, limits=limits)
 
     app.include_router(v1)
     return app
@@ -165,6 +216,20 @@ def render_chat(engine: AsyncEngine, messages: list, add_generation_prompt: bool
         return tokenize(engine.tokenizer, flat, chat_template, add_generation_prompt)[1]
     except Exception as e:  # a template that rejects the conversation (roles out of order, ...)
         raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from None
+
+
+def check_limits(body: SamplingFields, limits: ServerLimits) -> None:
+    if body.n > limits.max_n:
+        raise APIError(400, f"n={body.n} is more than this server's limit of {limits.max_n} completions per prompt "
+                            f"(--max-n)", param="n")
+    stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    if len(stops) > limits.max_stop_strings:
+        raise APIError(400, f"{len(stops)} stop strings are more than this server's limit of "
+                            f"{limits.max_stop_strings} (--max-stop-strings)", param="stop")
+    longest = max(stops, key=len, default="")
+    if len(longest) > limits.max_stop_string_length:
+        raise APIError(400, f"a stop string of {len(longest)} characters is longer than this server's limit of "
+                            f"{limits.max_stop_string_length} (--max-stop-string-length)", param="stop")
 
 
 def make_requests(engine: AsyncEngine, body: SamplingFields, items: list[tuple[dict, int]], default_max: int | None,
@@ -212,26 +277,28 @@ def _param_of(message: str) -> str | None:
     return None
 
 
-async def merged(engine: AsyncEngine, requests: list[EngineRequest]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """The outputs of several requests as they come, tagged with the request's position. Outputs are
-    cumulative, so only the newest of each is kept for a slow reader. Closing this (a client that went away)
-    cancels the readers, and each reader's exit aborts its request."""
+async def merged(engine: AsyncEngine, requests: list[EngineRequest],
+                 readers: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """The outputs of several queued requests (engine.submit's readers) as they come, tagged with the request's
+    position. Outputs are cumulative, so only the newest of each is kept for a slow reader. Closing this (a
+    client that went away) cancels the readers, and the requests not finished are aborted: a reader's own exit
+    does it, and for one cancelled before it ever ran, the abort here."""
     newest: dict[int, RequestOutput | Exception] = {}
     ready = asyncio.Event()
+    finished: set[int] = set()
 
-    async def read(i: int, request: EngineRequest) -> None:
+    async def read(i: int, outputs: AsyncIterator[RequestOutput]) -> None:
         try:
-            async for out in engine.generate(request):
+            async for out in outputs:
                 newest[i] = out
                 ready.set()
         except Exception as e:
             newest[i] = e
             ready.set()
 
-    tasks = [asyncio.create_task(read(i, r)) for i, r in enumerate(requests)]
+    tasks = [asyncio.create_task(read(i, r)) for i, r in enumerate(readers)]
     try:
-        left = len(tasks)
-        while left:
+        while len(finished) < len(tasks):
             await ready.wait()
             ready.clear()
             items = list(newest.items())
@@ -239,15 +306,29 @@ async def merged(engine: AsyncEngine, requests: list[EngineRequest]) -> AsyncIte
             for i, item in items:
                 if isinstance(item, Exception):
                     raise item
-                left -= item.finished
+                if item.finished:
+                    finished.add(i)
                 yield i, item
     finally:
         for t in tasks:
             t.cancel()
+        for i, request in enumerate(requests):
+            if i not in finished:
+                engine.abort(request.request_id)
+
+
+def failure(e: Exception) -> APIError:
+    """What a request that failed while the engine served it answers."""
+    if isinstance(e, RequestTimeoutError):
+        return APIError(408, str(e), code="request_timeout")
+    if isinstance(e, EngineDeadError):
+        return APIError(500, f"the engine failed while serving this request ({e})", code="engine_dead")
+    return APIError(500, str(e) if isinstance(e, RuntimeError) else f"internal error: {type(e).__name__}: {e}")
 
 
 async def respond(engine: AsyncEngine, body: SamplingFields, requests: list[EngineRequest], model: str,
-                  raw: Request, chat: bool, score_only: bool = False):
+                  raw: Request, chat: bool, limits: ServerLimits, score_only: bool = False):
+    readers = engine.submit(requests, limits.max_waiting_requests)  # queued now, or 503 before any answer
     n, created = body.n, int(time.time())
     rid = ("chatcmpl-" if chat else "cmpl-") + requests[0].request_id.split("-")[0]
     obj = "chat.completion" if chat else "text_completion"
@@ -260,7 +341,7 @@ async def respond(engine: AsyncEngine, body: SamplingFields, requests: list[Engi
 
     if not body.stream:
         async def collect() -> dict[int, RequestOutput]:
-            async with aclosing(merged(engine, requests)) as outs:
+            async with aclosing(merged(engine, requests, readers)) as outs:
                 return {i: out async for i, out in outs}  # the last output of each wins
         task = asyncio.create_task(collect())
         while not task.done():  # a client that hangs up is not waited for: its requests are aborted
@@ -270,10 +351,8 @@ async def respond(engine: AsyncEngine, body: SamplingFields, requests: list[Engi
                 return Response(status_code=499)
         try:
             final = task.result()
-        except EngineDeadError:
-            raise
-        except RuntimeError as e:
-            raise APIError(500, str(e)) from None
+        except Exception as e:
+            raise failure(e) from None
         choices = []
         for i in range(len(requests)):
             for c in final[i].outputs:
@@ -319,14 +398,14 @@ async def respond(engine: AsyncEngine, body: SamplingFields, requests: list[Engi
             yield sse([{"index": i * n + j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                         "finish_reason": None} for i in range(len(requests)) for j in range(n)])
         try:
-            async with aclosing(merged(engine, requests)) as outs:
+            async with aclosing(merged(engine, requests, readers)) as outs:
                 async for i, out in outs:
                     final[i] = out
                     if choices := delta_choices(i, out, trackers[i]):
                         yield sse(choices)
         except Exception as e:  # the headers are sent: the error goes in the stream
-            status = 503 if isinstance(e, EngineDeadError) else 500
-            yield f"data: {json.dumps(error_body(status, str(e)))}\n\n"
+            error = failure(e)
+            yield f"data: {json.dumps(error_body(error.status, error.message, code=error.code))}\n\n"
         else:
             if include_usage:
                 yield sse([], usage=usage(final))
