@@ -16,14 +16,14 @@ CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,re
          "response_schema_conformance"
 
 
-def fuzz(url: str, examples: int, timeout: float) -> subprocess.CompletedProcess:
+def fuzz(url: str, examples: int, timeout: float, cwd: str) -> subprocess.CompletedProcess:
     """`schemathesis run` over every operation of url's /openapi.json, the checks on what the server answers.
     (Its request-side checks are left out: the document cannot state every rule of a valid request, such as
     a prompt plus max_tokens within max_model_len.)"""
     return subprocess.run([shutil.which("schemathesis") or "schemathesis", "run", f"{url}/openapi.json",
                            "--max-examples", str(examples), "--generation-deterministic", "--request-timeout", "60",
                            "--checks", CHECKS, "--workers", "2"],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd)  # its cache goes to cwd
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -34,10 +34,10 @@ def metrics(url: str) -> dict[str, float]:
 
 
 @pytest.mark.skipif(shutil.which("schemathesis") is None, reason="pip install schemathesis (the test extra)")
-def test_every_operation_answers_as_documented(model_path):
+def test_every_operation_answers_as_documented(model_path, tmp_path):
     proc, url = start_server([model_path, "--dtype", "float32", "--max-model-len", "64", "--max-num-seqs", "32"])
     try:
-        run = fuzz(url, examples=8, timeout=300)
+        run = fuzz(url, examples=8, timeout=300, cwd=str(tmp_path))
         assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
         assert "7 selected / 7 total" in run.stdout  # every operation
         m = metrics(url)  # and the server is left as it was: alive, nothing running, every KV block free

@@ -30,7 +30,7 @@ def serving(model_path: str, limits: ServerLimits | None = None, request_timeout
             step_delay: float = 0.0, api_key: str | None = None, **config):
     """An in-process server (uvicorn on a thread) over a fresh engine; step_delay slows every step, so that
     requests overlap for as long as a test needs."""
-    engine = LLMEngine(EngineConfig(model_path, dtype="float32", max_model_len=128, **config))
+    engine = LLMEngine(EngineConfig(model_path, dtype="float32", max_model_len=128, **{"kv_cache_gib": 0.05, **config}))
     run = engine.runner.run
     engine.runner.run = lambda *a: (time.sleep(step_delay), run(*a))[1]
     deaths = []
@@ -275,3 +275,14 @@ def test_tp_worker_death_fails_requests_and_serve_exits_nonzero(model_path):
     finally:
         proc.terminate()
         wait_exit(proc)
+
+
+def test_short_soak_leaves_nothing_behind(model_path):
+    """scripts/soak.py in small: a few hundred requests from 32 clients, streamed, dropped mid-stream, invalid."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("soak", os.path.join(os.path.dirname(__file__), "..", "scripts",
+                                                                       "soak.py"))
+    soak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak)
+    assert soak.main(["--model", model_path, "--requests", "240", "--clients", "32", "--max-tokens", "6",
+                      "--max-model-len", "128"]) == 0

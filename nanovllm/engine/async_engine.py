@@ -197,7 +197,7 @@ class AsyncEngine:
     def _loop(self, engine: LLMEngine | EngineConfig, built: threading.Event) -> None:
         try:
             self.engine = engine if isinstance(engine, LLMEngine) else LLMEngine(engine)
-            self.stats = self.engine.stats()  # a snapshot, refreshed after every step
+            self.stats = self._snapshot()  # refreshed after every step
         except BaseException as e:
             self.error = e
             return
@@ -212,7 +212,7 @@ class AsyncEngine:
                 self._expire()
                 if self.engine.has_unfinished():
                     self._dispatch(self.engine.step())
-                self.stats = self.engine.stats()
+                self.stats = self._snapshot()
         except BaseException as e:  # the engine's state is unknown now: fail everything, refuse what comes
             self.error = e
             dead = self._dead_error()
@@ -224,6 +224,10 @@ class AsyncEngine:
                 self.on_death(e)
             if not isinstance(e, Exception):
                 raise
+
+    def _snapshot(self) -> dict:
+        """The engine's stats, and the requests it or this loop holds any state for (0 when idle: none leaked)."""
+        return {**self.engine.stats(), "requests": len(self.engine.requests.keys() | self.streams.keys())}
 
     def _idle(self) -> None:
         """Sleep until there is work; meanwhile notice a tensor-parallel worker that died (its engine is broken

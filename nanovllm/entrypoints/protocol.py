@@ -7,6 +7,8 @@ from typing import Any, ClassVar
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
+from nanovllm.engine.async_engine import EngineDeadError, RequestTimeoutError
+
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
@@ -21,6 +23,15 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"), "param": param, "code": code}}
+
+
+def engine_failure(e: Exception) -> APIError:
+    """What a request that failed while the engine served it answers."""
+    if isinstance(e, RequestTimeoutError):
+        return APIError(408, str(e), code="request_timeout")
+    if isinstance(e, EngineDeadError):
+        return APIError(500, f"the engine failed while serving this request ({e})", code="engine_dead")
+    return APIError(500, str(e) if isinstance(e, RuntimeError) else f"internal error: {type(e).__name__}: {e}")
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,

@@ -1,9 +1,8 @@
 """`nanovllm serve`: the OpenAI HTTP API (completions, chat completions, streaming) over the async engine.
 
-Every request is checked before it reaches the engine, so a bad one is answered 4xx without touching the
-batch in flight (ServerLimits: what one request may ask of a public server); errors use OpenAI's shape
-{"error": {"message", "type", "param", "code"}}. A request the engine fails while serving is a 500; once the
-engine loop is dead, /health and every new request are 503 (and `nanovllm serve` exits, see cli.py)."""
+Every request is checked (limits.py too) before it reaches the engine, so a bad one is answered 4xx without
+touching the batch in flight; errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}. A
+request the engine fails while serving is a 500; a dead engine makes /health and new requests 503."""
 import asyncio
 import hmac
 import json
@@ -11,7 +10,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,55 +17,16 @@ from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
-from nanovllm.engine.async_engine import AsyncEngine, EngineBusyError, EngineDeadError, RequestTimeoutError
+from nanovllm.engine.async_engine import AsyncEngine, EngineBusyError, EngineDeadError
 from nanovllm.engine.request import Request as EngineRequest, tokenize
+from nanovllm.entrypoints.limits import ServerLimits, check_limits, limit_body
 from nanovllm.entrypoints.metrics import ServerMetrics
 from nanovllm.entrypoints.openai_logprobs import ChoiceContent, prompt_logprobs_json
 from nanovllm.entrypoints.protocol import (ERROR_RESPONSES, APIError, ChatRequest, CompletionRequest,
                                            DetokenizeRequest, SamplingFields, TokenizeRequest, documented,
-                                           error_body, error_response)
+                                           engine_failure, error_body, error_response)
 from nanovllm.outputs import DeltaTracker, RequestOutput
 from nanovllm.sampling_params import SamplingParams
-
-
-@dataclass
-class ServerLimits:
-    """What one request may ask (each a flag of `nanovllm serve`); max_tokens is bounded by max_model_len."""
-    max_request_body_bytes: int = 4 * 2**20
-    max_n: int = 16
-    max_stop_strings: int = 16
-    max_stop_string_length: int = 256
-    max_waiting_requests: int | None = None  # sequences waiting for the batch; None: no limit (as vLLM)
-
-
-def limit_body(app, max_bytes: int):
-    """ASGI middleware: a body over max_bytes is a 413 before anything parses it, whether it says its length or
-    not. The body is read here and handed on; later receives (a client hanging up) pass through."""
-    async def guarded(scope, receive, send):
-        if scope["type"] != "http":
-            return await app(scope, receive, send)
-        too_large = error_response(413, f"the request body is larger than this server's limit of {max_bytes} bytes "
-                                        f"(--max-request-body-bytes)", code="request_too_large")
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > max_bytes:
-            return await too_large(scope, receive, send)
-        chunks, size, message = [], 0, {"more_body": True}
-        while message.get("more_body"):
-            message = await receive()
-            if message["type"] != "http.request":  # the client left before its body arrived
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > max_bytes:
-                return await too_large(scope, receive, send)
-        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-
-        async def replay():
-            nonlocal body
-            message, body = body or await receive(), None
-            return message
-        await app(scope, replay, send)
-    return guarded
 
 
 # ---- the app ---------------------------------------------------------------------------------------------
@@ -110,12 +69,11 @@ def build_app(engine: AsyncEngine, model_names: str | list[str], api_key: str | 
         return error_response(e.status_code, message, headers=e.headers)  # 405's Allow
 
     @app.exception_handler(EngineDeadError)
-    async def engine_dead(_, e: EngineDeadError):
-        return error_response(503, str(e), code="engine_dead")
-
     @app.exception_handler(EngineBusyError)
-    async def engine_busy(_, e: EngineBusyError):
-        return error_response(503, str(e), code="too_many_waiting_requests", headers={"Retry-After": "1"})
+    async def unavailable(_, e: RuntimeError):  # a dead engine, or a full waiting queue: retry (elsewhere)
+        busy = isinstance(e, EngineBusyError)
+        return error_response(503, str(e), code="too_many_waiting_requests" if busy else "engine_dead",
+                              headers={"Retry-After": "1"} if busy else None)
 
     @app.exception_handler(Exception)
     async def internal(_, e: Exception):
@@ -163,7 +121,6 @@ def build_app(engine: AsyncEngine, model_names: str | list[str], api_key: str | 
     @v1.post("/completions", responses=documented("completions"))
     async def completions(body: CompletionRequest, raw: Request):
         check_model(body.model)
-        check_limits(body, limits)
         score_only = body.echo and body.max_tokens == 0  # the prompt's logprobs: one token generated, not shown
         if score_only:
             body.max_tokens = 1
@@ -183,7 +140,6 @@ def build_app(engine: AsyncEngine, model_names: str | list[str], api_key: str | 
     @v1.post("/chat/completions", responses=documented("chat"))
     async def chat_completions(body: ChatRequest, raw: Request):
         check_model(body.model)
-        check_limits(body, limits)
         ids = render_chat(engine, body.messages, body.add_generation_prompt, body.chat_template or chat_template)
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
@@ -216,20 +172,6 @@ def render_chat(engine: AsyncEngine, messages: list, add_generation_prompt: bool
         return tokenize(engine.tokenizer, flat, chat_template, add_generation_prompt)[1]
     except Exception as e:  # a template that rejects the conversation (roles out of order, ...)
         raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from None
-
-
-def check_limits(body: SamplingFields, limits: ServerLimits) -> None:
-    if body.n > limits.max_n:
-        raise APIError(400, f"n={body.n} is more than this server's limit of {limits.max_n} completions per prompt "
-                            f"(--max-n)", param="n")
-    stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
-    if len(stops) > limits.max_stop_strings:
-        raise APIError(400, f"{len(stops)} stop strings are more than this server's limit of "
-                            f"{limits.max_stop_strings} (--max-stop-strings)", param="stop")
-    longest = max(stops, key=len, default="")
-    if len(longest) > limits.max_stop_string_length:
-        raise APIError(400, f"a stop string of {len(longest)} characters is longer than this server's limit of "
-                            f"{limits.max_stop_string_length} (--max-stop-string-length)", param="stop")
 
 
 def make_requests(engine: AsyncEngine, body: SamplingFields, items: list[tuple[dict, int]], default_max: int | None,
@@ -279,10 +221,9 @@ def _param_of(message: str) -> str | None:
 
 async def merged(engine: AsyncEngine, requests: list[EngineRequest],
                  readers: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """The outputs of several queued requests (engine.submit's readers) as they come, tagged with the request's
-    position. Outputs are cumulative, so only the newest of each is kept for a slow reader. Closing this (a
-    client that went away) cancels the readers, and the requests not finished are aborted: a reader's own exit
-    does it, and for one cancelled before it ever ran, the abort here."""
+    """The outputs of queued requests (engine.submit's readers) as they come, tagged with the request's position;
+    only the newest of each is kept for a slow reader (they are cumulative). Closing this (a client that went
+    away) cancels the readers and aborts the unfinished requests (also those whose reader never ran)."""
     newest: dict[int, RequestOutput | Exception] = {}
     ready = asyncio.Event()
     finished: set[int] = set()
@@ -317,17 +258,9 @@ async def merged(engine: AsyncEngine, requests: list[EngineRequest],
                 engine.abort(request.request_id)
 
 
-def failure(e: Exception) -> APIError:
-    """What a request that failed while the engine served it answers."""
-    if isinstance(e, RequestTimeoutError):
-        return APIError(408, str(e), code="request_timeout")
-    if isinstance(e, EngineDeadError):
-        return APIError(500, f"the engine failed while serving this request ({e})", code="engine_dead")
-    return APIError(500, str(e) if isinstance(e, RuntimeError) else f"internal error: {type(e).__name__}: {e}")
-
-
 async def respond(engine: AsyncEngine, body: SamplingFields, requests: list[EngineRequest], model: str,
                   raw: Request, chat: bool, limits: ServerLimits, score_only: bool = False):
+    check_limits(body, limits)
     readers = engine.submit(requests, limits.max_waiting_requests)  # queued now, or 503 before any answer
     n, created = body.n, int(time.time())
     rid = ("chatcmpl-" if chat else "cmpl-") + requests[0].request_id.split("-")[0]
@@ -352,7 +285,7 @@ async def respond(engine: AsyncEngine, body: SamplingFields, requests: list[Engi
         try:
             final = task.result()
         except Exception as e:
-            raise failure(e) from None
+            raise engine_failure(e) from None
         choices = []
         for i in range(len(requests)):
             for c in final[i].outputs:
@@ -404,7 +337,7 @@ async def respond(engine: AsyncEngine, body: SamplingFields, requests: list[Engi
                     if choices := delta_choices(i, out, trackers[i]):
                         yield sse(choices)
         except Exception as e:  # the headers are sent: the error goes in the stream
-            error = failure(e)
+            error = engine_failure(e)
             yield f"data: {json.dumps(error_body(error.status, error.message, code=error.code))}\n\n"
         else:
             if include_usage:
