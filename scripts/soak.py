@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -49,6 +50,8 @@ class Report:
     answers: dict = field(default_factory=dict)    # (path, prompt, max_tokens) -> the first greedy text
     rss_mib: list = field(default_factory=list)    # (seconds, server RSS) samples
     tokens: int = 0
+    done: int = 0
+    aborted: int = 0  # sequences the server aborted (dropped streams it saw go before they finished)
 
 
 def rss_mib(pid: int) -> float:
@@ -133,10 +136,14 @@ async def soak(url: str, pid: int, requests: int, clients: int, max_tokens: int,
                 await one(client, kind, rng, report, chat, max_tokens)
             except Exception as e:  # a dropped or refused connection: a failure, not the end of the soak
                 report.failures.append(f"{kind}: {type(e).__name__}: {e}")
+            report.done += 1
 
     async def sample(stop: asyncio.Event) -> None:
         while not stop.is_set():
             report.rss_mib.append((time.perf_counter() - start, rss_mib(pid)))
+            if len(report.rss_mib) % 30 == 0:
+                print(f"  {report.rss_mib[-1][0]:.0f} s: {report.done} of {requests} done, server RSS "
+                      f"{report.rss_mib[-1][1]:.0f} MiB, {len(report.failures)} failures", file=sys.stderr, flush=True)
             await asyncio.sleep(1)
 
     stop = asyncio.Event()
@@ -158,7 +165,7 @@ async def soak(url: str, pid: int, requests: int, clients: int, max_tokens: int,
             report.failures.append(f"state left after the soak: {left}")
             break
         await asyncio.sleep(0.2)
-    aborted = m.get('nanovllm:request_success_total{finished_reason="abort"}', 0)
+    report.aborted = aborted = int(m.get('nanovllm:request_success_total{finished_reason="abort"}', 0))
     if report.sent.get("dropped") and not aborted:
         report.failures.append("no dropped stream was aborted")
     return report
@@ -208,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                    str(args.max_model_len), "--max-num-seqs", str(args.clients), "--kv-cache-gib", "1",
                    "--max-request-body-bytes", str(BODY_LIMIT)]
     proc, url = start_server(server_args)
+    sigterm = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the server is stopped on the way out
     try:
         report = asyncio.run(soak(url, proc.pid, args.requests, args.clients, args.max_tokens, args.seed))
         middle, growth = rss_growth(report)
@@ -215,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             report.failures.append(f"RSS grew {growth:.1f} MiB over the second half (from {middle:.0f} MiB)")
         seconds = report.sent.pop("seconds")
         print(f"{args.requests} requests, {args.clients} clients, {seconds} s: {report.sent}; "
-              f"{report.tokens} tokens answered ({report.tokens / seconds:.0f} tokens/s); server RSS "
+              f"{report.tokens} tokens answered ({report.tokens / seconds:.0f} tokens/s), {report.aborted} "
+              f"sequences aborted by the server; server RSS "
               f"{report.rss_mib[0][1]:.0f} MiB at start, {middle:.0f} at the middle, {report.rss_mib[-1][1]:.0f} "
               f"at the end ({growth:+.1f} MiB over the second half); {len(report.failures)} failures")
         for line in report.failures[:20]:
@@ -232,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                 report.failures.append("schemathesis found failures")
         return 1 if report.failures else 0
     finally:
+        signal.signal(signal.SIGTERM, sigterm)
         proc.terminate()
         proc.wait(30)
 

@@ -238,9 +238,11 @@ def test_serve_exits_nonzero_when_the_engine_fails(model_path, tmp_path):
     (tmp_path / "sitecustomize.py").write_text(FAULT)  # imported at start-up by the server process
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     proc, url = start_server([model_path, "--dtype", "float32", "--max-model-len", "128"], env=env)
-    error = stream_until_error(url, {"prompt": PROMPT, "max_tokens": 50, "ignore_eos": True})
-    assert error["code"] == "engine_dead" and "injected fault" in error["message"]
-    assert wait_exit(proc) == 1
+    try:
+        error = stream_until_error(url, {"prompt": PROMPT, "max_tokens": 50, "ignore_eos": True})
+        assert error["code"] == "engine_dead" and "injected fault" in error["message"]
+    finally:
+        assert wait_exit(proc) == 1
     assert "the engine loop has stopped: RuntimeError: injected fault" in proc.stdout.read()
 
 
@@ -256,9 +258,11 @@ def test_tp_worker_death_fails_requests_and_serve_exits_nonzero(model_path):
     # killed mid-stream: the stream's answer is the 500, and the server exits 1
     proc, url = start_server(args)
     body = {"prompt": PROMPT, "max_tokens": 480, "ignore_eos": True}
-    error = stream_until_error(url, body, lambda: [os.kill(p, signal.SIGKILL) for p in worker_pids(proc)])
-    assert error["code"] == "engine_dead" and "worker 1 died" in error["message"], error
-    assert wait_exit(proc) == 1
+    try:
+        error = stream_until_error(url, body, lambda: [os.kill(p, signal.SIGKILL) for p in worker_pids(proc)])
+        assert error["code"] == "engine_dead" and "worker 1 died" in error["message"], error
+    finally:
+        assert wait_exit(proc) == 1
     # killed while idle, staying up (--no-exit-on-engine-death): /health notices, new requests are refused
     proc, url = start_server(args + ["--no-exit-on-engine-death"])
     try:
