@@ -210,6 +210,7 @@ class AsyncEngine:
                 while not self.inbox.empty():
                     self.inbox.get_nowait()[0]()
                 self._expire()
+                self.stats = self._snapshot()  # the requests just taken count as waiting now, not after the step
                 if self.engine.has_unfinished():
                     self._dispatch(self.engine.step())
                 self.stats = self._snapshot()
