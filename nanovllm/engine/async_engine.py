@@ -271,3 +271,42 @@ class AsyncEngine:
                 if self.metrics:
                     stream.reasons = ["error"] if out.error else [c.finish_reason for c in out.outputs]
                     self.metrics.on_finish(stream)
+
+
+async def merged(engine: AsyncEngine, requests: list[Request],
+                 readers: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """The outputs of queued requests (engine.submit's readers) as they come, tagged with the request's position;
+    only the newest of each is kept for a slow reader (they are cumulative). Closing this (a client that went
+    away) cancels the readers and aborts the unfinished requests (also those whose reader never ran)."""
+    newest: dict[int, RequestOutput | Exception] = {}
+    ready = asyncio.Event()
+    finished: set[int] = set()
+
+    async def read(i: int, outputs: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in outputs:
+                newest[i] = out
+                ready.set()
+        except Exception as e:
+            newest[i] = e
+            ready.set()
+
+    tasks = [asyncio.create_task(read(i, r)) for i, r in enumerate(readers)]
+    try:
+        while len(finished) < len(tasks):
+            await ready.wait()
+            ready.clear()
+            items = list(newest.items())
+            newest.clear()
+            for i, item in items:
+                if isinstance(item, Exception):
+                    raise item
+                if item.finished:
+                    finished.add(i)
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for i, request in enumerate(requests):
+            if i not in finished:
+                engine.abort(request.request_id)

@@ -17,7 +17,7 @@ from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
-from nanovllm.engine.async_engine import AsyncEngine, EngineBusyError, EngineDeadError
+from nanovllm.engine.async_engine import AsyncEngine, EngineBusyError, EngineDeadError, merged
 from nanovllm.engine.request import Request as EngineRequest, tokenize
 from nanovllm.entrypoints.limits import ServerLimits, check_limits, limit_body
 from nanovllm.entrypoints.metrics import ServerMetrics
@@ -217,45 +217,6 @@ def _param_of(message: str) -> str | None:
     if message.startswith("SamplingParams."):
         return message.split(".", 1)[1].split(" ", 1)[0]
     return None
-
-
-async def merged(engine: AsyncEngine, requests: list[EngineRequest],
-                 readers: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """The outputs of queued requests (engine.submit's readers) as they come, tagged with the request's position;
-    only the newest of each is kept for a slow reader (they are cumulative). Closing this (a client that went
-    away) cancels the readers and aborts the unfinished requests (also those whose reader never ran)."""
-    newest: dict[int, RequestOutput | Exception] = {}
-    ready = asyncio.Event()
-    finished: set[int] = set()
-
-    async def read(i: int, outputs: AsyncIterator[RequestOutput]) -> None:
-        try:
-            async for out in outputs:
-                newest[i] = out
-                ready.set()
-        except Exception as e:
-            newest[i] = e
-            ready.set()
-
-    tasks = [asyncio.create_task(read(i, r)) for i, r in enumerate(readers)]
-    try:
-        while len(finished) < len(tasks):
-            await ready.wait()
-            ready.clear()
-            items = list(newest.items())
-            newest.clear()
-            for i, item in items:
-                if isinstance(item, Exception):
-                    raise item
-                if item.finished:
-                    finished.add(i)
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
-        for i, request in enumerate(requests):
-            if i not in finished:
-                engine.abort(request.request_id)
 
 
 async def respond(engine: AsyncEngine, body: SamplingFields, requests: list[EngineRequest], model: str,
