@@ -52,6 +52,7 @@ class _EngineStats:
         for name, doc, value in [
             ("num_requests_running", "Sequences in the running batch", s["running"]),
             ("num_requests_waiting", "Sequences waiting to be admitted", s["waiting"]),
+            ("num_requests_in_engine", "Requests the engine holds any state for (0 when idle)", s["requests"]),
             ("kv_cache_usage_perc", "Fraction of KV blocks in use (1 = full)",
              1 - s["free_blocks"] / s["num_blocks"]),
             ("num_free_blocks", "KV blocks in the free pool", s["free_blocks"]),
