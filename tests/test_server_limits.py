@@ -12,10 +12,8 @@ import time
 from contextlib import contextmanager
 
 import httpx2 as httpx
-import pytest
-import uvicorn
 
-from conftest import start_server
+from conftest import serve_in_thread, start_server
 from nanovllm import LLM, SamplingParams
 from nanovllm.config import EngineConfig
 from nanovllm.engine.async_engine import AsyncEngine
@@ -36,12 +34,7 @@ def serving(model_path: str, limits: ServerLimits | None = None, request_timeout
     deaths = []
     async_engine = AsyncEngine(engine, request_timeout, on_death=deaths.append)
     app = build_app(async_engine, "tiny", api_key, limits=limits)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    server, thread, url = serve_in_thread(app)
     try:
         yield url, async_engine, deaths
     finally:

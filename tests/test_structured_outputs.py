@@ -3,16 +3,14 @@ regex matched in full, any JSON object; unconstrained requests in the same batch
 the step loop and cached; preemption does not advance a matcher twice; an invalid schema, regex or grammar is a
 ValueError offline and a 400 on the server, and the engine goes on serving."""
 import json
-import os
 import re
-import subprocess
 import threading
 
 import jsonschema
 import openai
 import pytest
 
-from conftest import start_server
+from conftest import start_server, stop_server
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine.sequence import Status
 from nanovllm.sampling_params import GuidedDecodingParams, StructuredOutputsParams
@@ -155,11 +153,7 @@ def test_constrained_rows_are_not_speculated_on(embedded_llm):
 def client():
     proc, url = start_server(["--dtype", "float32", "--max-model-len", "512", "--kv-cache-gib", "0.1"], timeout=900)
     yield openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_server(proc)
 
 
 def test_server_response_format_and_vllms_fields(client):
