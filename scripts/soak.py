@@ -175,8 +175,9 @@ def rss_growth(report: Report) -> tuple[float, float]:
     """(RSS at the middle of the run, MiB grown over the second half: the mean of its last quarter minus that
     of its third, so one sample's noise does not count)."""
     samples = [mib for _, mib in report.rss_mib]
-    q = max(1, len(samples) // 4)
-    middle = samples[len(samples) // 2]
+    q, middle = len(samples) // 4, samples[len(samples) // 2]
+    if q == 0:  # a run too short for quarters: the last sample against the middle one
+        return middle, samples[-1] - middle
     return middle, sum(samples[-q:]) / q - sum(samples[2 * q:3 * q]) / q
 
 

@@ -188,6 +188,7 @@ class LLMEngine:
     def stats(self) -> dict:
         bm = self.block_manager
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "requests": len(self.requests),
                 "num_blocks": bm.num_blocks, "free_blocks": bm.num_free,
                 "prefix_cache_queries": bm.prefix_query_tokens, "prefix_cache_hits": bm.prefix_hit_tokens,
                 "preemptions": self.scheduler.num_preemptions, **(self.speculator.metrics() if self.speculator else {})}
