@@ -3,6 +3,8 @@ from dataclasses import dataclass
 
 import torch
 
+from nanovllm.spec.config import SpeculativeConfig
+
 
 def cache_dir(kind: str) -> str:
     """Where nanovllm keeps what it builds once per machine: `kernels` (compiled C), `gguf` (converted configs and
@@ -41,6 +43,8 @@ class EngineConfig:
     max_logprobs: int = 20                # the most logprobs a request may ask for (-1: the whole vocabulary)
     generation_config: str = "auto"       # sampling defaults: auto (the model folder's generation_config.json),
                                           # vllm (none), or a folder holding one
+    speculative_config: dict | None = None  # vLLM's: {"method": "ngram", "num_speculative_tokens": k, ...} or
+                                            # {"model": DRAFT, "num_speculative_tokens": k} (nanovllm/spec)
 
     def __post_init__(self) -> None:
         positive = ["block_size", "tensor_parallel_size"]
@@ -67,6 +71,11 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.ops must be auto, torch, cpu or cuda, got {self.ops!r}")
         if self.max_num_seqs is None and self.device != "auto":  # the device's default once it is known (resolve)
             object.__setattr__(self, "max_num_seqs", DEFAULT_MAX_NUM_SEQS[self.device])
+        if self.speculative_config is not None:
+            SpeculativeConfig.from_dict(self.speculative_config)  # checked here, read by the engine
+            if self.async_scheduling:  # as vLLM refused it
+                raise ValueError("speculative_config cannot be combined with async_scheduling=True: a step's "
+                                 "proposals depend on the tokens the step before sampled")
 
     def resolved_device(self) -> str:
         if self.device != "auto":

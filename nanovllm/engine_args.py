@@ -31,11 +31,13 @@ ONLY = {
     "data_parallel_size": ((1,), "1"),
     "enable_lora": ((False, None), "no LoRA adapters"),
     "cpu_offload_gb": ((0, 0.0), "0 (the weights stay on their device)"),
-    "speculative_config": ((None,), "none yet (speculative decoding is not supported yet)"),
     "revision": ((None, "main"), "a local folder's one version (None or 'main')"),
     "load_format": (("auto", "safetensors", "gguf"), "'auto': safetensors folders and .gguf files"),
     "distributed_executor_backend": ((None, "mp"), "worker processes ('mp')"),
     "enable_expert_parallel": ((False,), "no expert parallelism"),
+    "guided_decoding_backend": (("auto", "xgrammar"), "'xgrammar' (or 'auto'): structured outputs use xgrammar"),
+    "structured_outputs_config": ((None, {"backend": "auto"}, {"backend": "xgrammar"}),
+                                  "{'backend': 'xgrammar'} (or 'auto'): structured outputs use xgrammar"),
 }
 
 

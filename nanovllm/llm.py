@@ -66,6 +66,7 @@ class LLM:
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             try:
                 requests.append(self.engine.make_request(str(next(self._ids)), prompt, p))
+                requests[-1].check_grammar()  # an invalid schema, regex or grammar: a ValueError before any starts
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
         for r in requests:
@@ -102,6 +103,7 @@ class LLM:
             raise RuntimeError("LLM.stream runs one request at a time and another is still in flight; for "
                                "concurrent streams use the AsyncEngine (nanovllm.engine.async_engine) or the server")
         request = self.engine.make_request(str(next(self._ids)), prompt, sampling_params or SamplingParams())
+        request.check_grammar()
         self.engine.add(request)
         self._streaming = True
         delta = DeltaTracker()

@@ -1,4 +1,5 @@
 import copy
+import json as json_module
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -8,6 +9,51 @@ class RequestOutputKind(IntEnum):
     CUMULATIVE = 0
     DELTA = 1
     FINAL_ONLY = 2
+
+
+@dataclass
+class StructuredOutputsParams:
+    """vLLM's structured-output constraint: exactly one of `json` (a JSON schema, as a dict or a JSON string),
+    `regex`, `choice` (one of these strings), `grammar` (EBNF/GBNF, or Lark) or `json_object` (any JSON object).
+    nanovllm/structured_outputs.py compiles it (with xgrammar) and masks every token it does not allow."""
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_fallback: bool = False                # one backend, so never a fallback
+    disable_any_whitespace: bool = False          # JSON without whitespace between its tokens
+    disable_additional_properties: bool = False   # what xgrammar does anyway: only the schema's properties
+    whitespace_pattern: str | None = None         # outlines' knob: refused
+    structural_tag: str | None = None             # refused
+
+    def __post_init__(self) -> None:
+        kinds = [k for k in ("json", "regex", "choice", "grammar", "json_object")
+                 if getattr(self, k) not in (None, False)]
+        if len(kinds) != 1:
+            raise ValueError(f"StructuredOutputsParams needs exactly one of json, regex, choice, grammar, json_object; "
+                             f"got {', '.join(kinds) or 'none'}")
+        for name in ("whitespace_pattern", "structural_tag"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"StructuredOutputsParams.{name} is not supported (nanovllm's grammar library, "
+                                 f"xgrammar, has no {name}; disable_any_whitespace=True gives compact JSON)")
+        if isinstance(self.json, str):
+            try:
+                json_module.loads(self.json)
+            except ValueError as e:
+                raise ValueError(f"StructuredOutputsParams.json is not valid JSON: {e}") from None
+        elif self.json is not None and not isinstance(self.json, dict):
+            raise ValueError(f"StructuredOutputsParams.json must be a JSON schema (a dict or a JSON string), got "
+                             f"{type(self.json).__name__}")
+        if self.choice is not None and not (isinstance(self.choice, list) and self.choice
+                                            and all(isinstance(c, str) for c in self.choice)):
+            raise ValueError(f"StructuredOutputsParams.choice must be a non-empty list of strings, got {self.choice!r}")
+        for name in ("regex", "grammar"):
+            if getattr(self, name) is not None and not (isinstance(getattr(self, name), str) and getattr(self, name)):
+                raise ValueError(f"StructuredOutputsParams.{name} must be a non-empty string")
+
+
+GuidedDecodingParams = StructuredOutputsParams  # vLLM's name before 0.11
 
 
 @dataclass
@@ -38,16 +84,14 @@ class SamplingParams:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     logprobs: int | None = None                  # per generated token: its logprob and the N most likely (-1: all)
     prompt_logprobs: int | None = None           # the same for each prompt token (its cached prefix is recomputed)
-    structured_outputs: object | None = None     # not supported yet
+    structured_outputs: StructuredOutputsParams | None = None  # a grammar the output must follow
+    guided_decoding: StructuredOutputsParams | None = None     # vLLM's name before 0.11 (moved to structured_outputs)
     extra_args: dict | None = None               # for vLLM's custom logits processors; unused here
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, allowed: str) -> None:
             if not ok:
                 raise ValueError(f"SamplingParams.{name} must be {allowed}, got {getattr(self, name)!r}")
-        if self.structured_outputs is not None:
-            raise ValueError("SamplingParams.structured_outputs is not supported yet (nanovllm has no "
-                             "structured_outputs so far)")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= -1), name,
@@ -85,6 +129,12 @@ class SamplingParams:
               "None or a non-empty list of token ids")
         check(all(isinstance(w, str) and w for w in self.bad_words or []), "bad_words", "a list of non-empty strings")
         self.output_kind = RequestOutputKind(self.output_kind)
+        if self.guided_decoding is not None:
+            if self.structured_outputs is not None:
+                raise ValueError("SamplingParams: give structured_outputs or guided_decoding (its old name), not both")
+            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
+        check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+              "structured_outputs", "None or a StructuredOutputsParams")
 
     @property
     def greedy(self) -> bool:

@@ -47,6 +47,18 @@ def timer(device: str):
     return once
 
 
+def timed(bench, run, out: torch.Tensor, expected: torch.Tensor, kw: dict) -> tuple[float, float] | None:
+    """(seconds per call of run(), its largest error against the reference), or None (said) where the compiler
+    refuses the configuration (shared memory): the other variants still run."""
+    try:
+        run()
+        seconds = bench(run)
+    except Exception as e:
+        print(f"  {str(kw):<60} {type(e).__name__}: {str(e)[:60]}")
+        return None
+    return seconds, float((out.float() - expected).abs().max())
+
+
 def decode_sweep(args, device: str, dtype: torch.dtype, deadline: float) -> None:
     from nanovllm.kernels.attention import decode_attention, num_splits_for
     from nanovllm.layers.attention import decode_attention as reference
@@ -82,13 +94,9 @@ def decode_sweep(args, device: str, dtype: torch.dtype, deadline: float) -> None
             def run():
                 decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.decode_rows,
                                  meta.decode_tokens, out, dim ** -0.5, max_context, **kw)
-            try:
-                run()
-                seconds = bench(run)
-            except Exception as e:  # a configuration the compiler refuses (shared memory): the others still run
-                print(f"  {str(kw):<60} {type(e).__name__}: {str(e)[:60]}")
+            if (result := timed(bench, run, out, expected, kw)) is None:
                 continue
-            err = float((out.float() - expected).abs().max())
+            seconds, err = result
             splits = kw["num_splits"] or num_splits_for(seqs, kv_heads, max_context)
             print(f"  {str(kw['block_n'] or 'auto'):>7} {kw['num_warps']:>5} {kw['num_stages']:>6} {splits:>6} "
                   f"{max_context:>11} {seconds * 1e6:>9.1f} {gbytes / seconds / 1e3:>6.2f} {err:>8.1e}", flush=True)
@@ -131,13 +139,9 @@ def prefill_sweep(args, device: str, dtype: torch.dtype, deadline: float) -> Non
             def run():
                 prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start,
                                   meta.prefill_rows, out, dim ** -0.5, chunk, **kw)
-            try:
-                run()
-                seconds = bench(run)
-            except Exception as e:
-                print(f"  {str(kw):<60} {type(e).__name__}: {str(e)[:60]}")
+            if (result := timed(bench, run, out, expected, kw)) is None:
                 continue
-            err = float((out.float() - expected).abs().max())
+            seconds, err = result
             print(f"  {str(kw['block_m'] or 'auto'):>7} {str(kw['block_n'] or 'auto'):>7} "
                   f"{str(kw['num_warps'] or 'auto'):>5} {kw['num_stages']:>6} {seconds * 1e6:>9.1f} "
                   f"{flops / seconds / 1e12:>8.1f} {err:>8.1e}", flush=True)

@@ -47,6 +47,29 @@ def llm(model_path):
     return LLM(model_path, dtype="float32")
 
 
+def serve_in_thread(app):
+    """A uvicorn server for `app` on a free port of 127.0.0.1, run by a daemon thread: (server, thread, base url)."""
+    import threading
+    import time
+    import uvicorn
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    return server, thread, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+
+
+def stop_server(proc) -> None:
+    """Terminate a server from start_server; kill it if it does not stop within 10 s."""
+    import subprocess
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def start_server(args: list[str], env: dict | None = None, timeout: float = 180):
     """`nanovllm serve ARGS` on a free port of 127.0.0.1, once /health answers: (process, base url)."""
     import socket

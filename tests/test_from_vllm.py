@@ -35,7 +35,7 @@ def test_every_engine_argument_is_treated_as_documented(name, value, kind):
     config = engine_config(**{name: value})
     if kind == "implemented":
         field = "kv_cache_gib" if name == "kv_cache_memory_bytes" else RENAMED.get(name, name)
-        expected = {"half": "float16"}.get(value, value) if name != "kv_cache_memory_bytes" else value / 2**30
+        expected = ("float16" if value == "half" else value) if name != "kv_cache_memory_bytes" else value / 2**30
         assert getattr(config, field) == expected
     else:
         assert config == EngineConfig()  # nothing changes

@@ -5,13 +5,12 @@ server shows them (completions' legacy format with echo, chat's content list), s
 client parses them. Also: the server's known-but-unsupported fields are refused by name."""
 import asyncio
 import json
-import subprocess
 
 import openai
 import pytest
 import torch
 
-from conftest import VOCAB, random_prompts, save_tiny_model, start_server
+from conftest import VOCAB, random_prompts, save_tiny_model, start_server, stop_server
 from nanovllm import LLM, SamplingParams
 
 TOL = 1e-4
@@ -167,11 +166,7 @@ def llama(tmp_path_factory) -> str:
 def served(llama):
     proc, url = start_server([llama, "--dtype", "float32", "--max-model-len", "256", "--kv-cache-gib", "0.05"])
     yield url, openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")

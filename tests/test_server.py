@@ -3,7 +3,6 @@ its greedy outputs equal offline LLM.generate, streamed or not, for one client o
 import asyncio
 import json
 import os
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -11,7 +10,7 @@ import urllib.request
 import openai
 import pytest
 
-from conftest import start_server
+from conftest import start_server, stop_server
 from nanovllm import SamplingParams
 
 KEY = "test-key"
@@ -23,11 +22,7 @@ def server():
     proc, url = start_server(["--dtype", "float32", "--max-model-len", str(MAX_LEN), "--kv-cache-gib", "0.5"],
                              env={**os.environ, "NANOVLLM_API_KEY": KEY})
     yield url
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,13 @@ import asyncio
 import os
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
+from conftest import serve_in_thread
 from nanovllm import SamplingParams
 from nanovllm.engine.async_engine import AsyncEngine, EngineDeadError
 
@@ -81,17 +81,10 @@ def test_async_engine_batches_clients_and_isolates_a_failing_request(llm, monkey
 
 
 def test_dead_loop_fails_fast_and_health_says_503(llm, monkeypatch):
-    import uvicorn
-
     from nanovllm.entrypoints.server import build_app
     engine = AsyncEngine(llm.engine)
     app = build_app(engine, "tiny")
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    server, thread, url = serve_in_thread(app)
     try:
         assert urllib.request.urlopen(url + "/health").status == 200
         real_run = llm.engine.runner.run

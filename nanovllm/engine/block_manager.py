@@ -109,16 +109,22 @@ class BlockManager:
             self.cached.setdefault(self.keys[block], block)
 
     def free_blocks(self, seq: Sequence) -> None:
-        # Tail blocks are freed first so that an LRU eviction takes a prefix's end before its start.
-        for block in reversed(seq.block_table):
+        self.truncate(seq, 0)
+
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Keep only the blocks of the first `num_tokens` tokens (speculative decoding: the blocks that held only
+        rejected proposals go back). Tail blocks are freed first so that an LRU eviction takes a prefix's end
+        before its start."""
+        keep = self.blocks_for(num_tokens)
+        for block in reversed(seq.block_table[keep:]):
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
                 self.free[block] = None
                 if self.keys[block] is None:
                     self.free.move_to_end(block, last=False)
-        seq.block_table = []
-        seq.num_keyed_blocks = 0
-        if seq.row >= 0:
+        seq.block_table = seq.block_table[:keep]  # the table row's later entries are never read
+        seq.num_keyed_blocks = min(seq.num_keyed_blocks, keep)
+        if keep == 0 and seq.row >= 0:
             self.free_rows.append(seq.row)
             seq.row = -1
 

@@ -1,5 +1,6 @@
 import dataclasses
 import os
+from concurrent.futures import FIRST_COMPLETED, wait
 
 import torch
 
@@ -13,6 +14,10 @@ from nanovllm.engine.workers import Workers, check_tensor_parallel
 from nanovllm.loader import default_model_path, generation_defaults, load_hf_config, load_model
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.spec.config import SpeculativeConfig
+from nanovllm.spec.draft import DraftProposer
+from nanovllm.spec.speculator import Speculator
+from nanovllm.structured_outputs import StructuredOutputManager
 
 
 DEFAULT_BUDGET = 2048  # tokens a step computes, when not given: enough to keep a CPU's matmuls efficient
@@ -84,8 +89,16 @@ class LLMEngine:
         self.runner.block_tables = self.block_manager.tables
         self.in_flight: Launched | None = None  # async scheduling: the step launched last, not yet postprocessed
         self.scheduler = Scheduler(resolved, self.block_manager)
+        self.speculator = None  # speculative decoding (nanovllm/spec), when speculative_config asks for it
+        if resolved.speculative_config:
+            spec = SpeculativeConfig.from_dict(resolved.speculative_config)
+            draft = DraftProposer(resolved, spec.model, self.runner.num_blocks, hf_config.vocab_size, self.dtype,
+                                  backend) if spec.model else None
+            self.speculator = Speculator(spec, resolved.max_model_len, draft, resolved.device)
+            self.scheduler.on_free, self.scheduler.speculative = self.speculator.free, True
         self.requests: dict[str, Request] = {}
         self.vocab_size = hf_config.vocab_size
+        self.structured_outputs = StructuredOutputManager(self.runner.model.vocab_size, loaded.eos_token_ids)
         # what LLM.get_default_sampling_params and the server's requests start from
         source = {"auto": path, "vllm": None}.get(resolved.generation_config, resolved.generation_config)
         self.generation_defaults = generation_defaults(source) if source else {}
@@ -121,7 +134,9 @@ class LLMEngine:
             if asked is not None and (self.vocab_size if asked == -1 else asked) > cap:
                 raise ValueError(f"SamplingParams.{name} ({asked}) is more than this engine allows: max_logprobs="
                                  f"{self.config.max_logprobs} (an engine argument; -1 allows the whole vocabulary)")
-        return Request.make(request_id, text, ids, params, self.tokenizer, self.config.device, encoder)
+        so = params.structured_outputs  # its grammar compiles on another thread from here on
+        grammar = self.structured_outputs.compile(so, encoder) if so else None
+        return Request.make(request_id, text, ids, params, self.tokenizer, self.config.device, encoder, grammar)
 
     def add(self, request: Request) -> None:
         """Queue a request; a ValueError (nothing queued) if its id is already in use."""
@@ -149,18 +164,28 @@ class LLMEngine:
         """Schedule and launch a step; returns the outputs of the requests that changed. With async scheduling
         these are the previous step's: its sampled tokens were on their way while this step was scheduled and
         prepared (its sequences' inputs read them on the device), and a sequence that stopped there has one
-        token computed here in vain, dropped when this step is postprocessed."""
+        token computed here in vain, dropped when this step is postprocessed. With speculative decoding (never
+        async) each decoding sequence first gets its proposals, verified in this step."""
         outputs, prev = [], self.in_flight
         if prev is not None and prev.needs_tokens:  # a draw (or logprobs) of this step needs them on the host first
             self.in_flight = None
             outputs, prev = self.postprocess(prev), None
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running, self.scheduler.waiting)
         batch = self.scheduler.schedule()
         launched = None
         if batch.seqs:
             launched = self.runner.run(batch, batch.sample_rows)
             self.scheduler.launched(batch)
-            decodes = batch.num_new_tokens.count(1)
-            self.last_step = (batch.num_tokens - decodes, decodes)
+            if batch.verifies:  # a verifying row is a decode step of its sequence (the tokens it gave: postprocess)
+                decodes = [n for s, n in zip(batch.seqs, batch.num_new_tokens) if n == 1 + len(s.spec_token_ids)]
+                self.last_step = (batch.num_tokens - sum(decodes), len(decodes))
+            else:
+                decodes = batch.num_new_tokens.count(1)
+                self.last_step = (batch.num_tokens - decodes, decodes)
+        elif prev is None:  # all that waits, waits for a grammar: sleep until one compiles (briefly: a request may come)
+            pending = [s.constraint.grammar for s in self.scheduler.waiting if s.constraint and not s.constraint.ready]
+            wait(pending, timeout=0.01, return_when=FIRST_COMPLETED)
         if not self.config.async_scheduling:  # this step's own tokens, now
             prev, launched = launched, None
         self.in_flight = launched
@@ -169,7 +194,12 @@ class LLMEngine:
     def postprocess(self, step: Launched) -> list[RequestOutput]:
         """A launched step's sampled tokens, once on the host, appended; the outputs of the requests that changed
         (of a FINAL_ONLY request only its last)."""
-        changed = self.scheduler.postprocess(step.batch, step.sample_rows, step.token_ids(), self.requests,
+        tokens = step.token_ids()
+        if step.batch.verifies:
+            self.speculator.record([step.batch.seqs[i] for i in step.sample_rows], tokens)
+            decoded = [len(new) for i, new in zip(step.sample_rows, tokens) if step.batch.seqs[i].spec_token_ids]
+            self.last_step = (self.last_step[0], self.last_step[1] + sum(decoded) - len(decoded))
+        changed = self.scheduler.postprocess(step.batch, step.sample_rows, tokens, self.requests,
                                              self.eos_token_ids, self.config.max_model_len, step.logprobs)
         outputs = []
         for request in changed:
@@ -189,10 +219,12 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers, if any (also done when the engine is garbage-collected)."""
         self.runner.shutdown()
+        self.structured_outputs.shutdown()
 
     def stats(self) -> dict:
         bm = self.block_manager
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "requests": len(self.requests),
                 "num_blocks": bm.num_blocks, "free_blocks": bm.num_free,
                 "prefix_cache_queries": bm.prefix_query_tokens, "prefix_cache_hits": bm.prefix_hit_tokens,
-                "preemptions": self.scheduler.num_preemptions}
+                "preemptions": self.scheduler.num_preemptions, **(self.speculator.metrics() if self.speculator else {})}

@@ -10,6 +10,8 @@ from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import AttentionMetadata
 from nanovllm.layers.sampler import SamplingBatch, StepLogprobs, logprobs_of
+from nanovllm.sampling_params import SamplingParams
+from nanovllm.spec import rejection
 
 
 @dataclass
@@ -35,18 +37,23 @@ class Launched:
                                          # of several tokens), or the step computed logprobs: the host must have
                                          # them before the next step is scheduled
     logprobs: StepLogprobs | None = None  # on the host already, for the rows that asked (None if none did)
+    kept: list[list[int]] | None = None   # a verification's tokens per sampled row (on the host)
 
-    def token_ids(self) -> list[int]:
-        """The sampled ids on the host (waits for their copy: the step's one transfer to the host)."""
+    def token_ids(self) -> list[list[int]]:
+        """Each sampled row's new tokens on the host: one, or a verification's kept proposals and one more (waits
+        for their copy: the step's one transfer to the host)."""
+        if self.kept is not None:
+            return self.kept
         if self.event is not None:
             self.event.synchronize()
-        return [] if self.host is None else self.host.tolist()
+        return [] if self.host is None else [[t] for t in self.host.tolist()]
 
 
 def needs_own_tokens(seq: Sequence) -> bool:
+    """Its next draw depends on the token before (penalties, a bad word of several tokens, a grammar)."""
     p = seq.params
     return bool(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty
-                or any(len(w) > 1 for w in seq.bad_words))
+                or any(len(w) > 1 for w in seq.bad_words) or seq.constraint is not None)
 
 
 class ModelRunner:
@@ -74,14 +81,15 @@ class ModelRunner:
         # per row of the block manager's tables (one per sequence holding blocks), written when a sequence first
         # samples in its row: temperature, top_k (the vocabulary for none), top_p, min_p and the three penalties
         # (also on the device: the same memory on CPU); host-only flags: min_tokens, per-step lists (bad words,
-        # logit_bias, allowed_token_ids), penalties, seeded, needs its own tokens (see Launched), asks for logprobs
+        # logit_bias, allowed_token_ids), penalties, seeded, needs its own tokens (see Launched), asks for
+        # logprobs, has a grammar
         rows = config.max_num_seqs
         self.block_tables: np.ndarray | None = None  # the block manager's; the engine hands it over
         self.sampling = np.zeros((rows, 7), dtype=np.float32)
-        self.sampling_flags = np.zeros((rows, 6), dtype=bool)
+        self.sampling_flags = np.zeros((rows, 7), dtype=bool)
         self.sampling_dev = (torch.from_numpy(self.sampling) if self.device.type == "cpu"
                              else torch.zeros(rows, 7, device=self.device))
-        self.row_owner: list[Sequence | None] = [None] * rows
+        self.row_owner: list[SamplingParams | None] = [None] * rows  # whose parameters a row holds
         self.last_sampled = torch.zeros(rows, dtype=torch.long, device=self.device)  # per row, on the device
         self.dirty_rows: list[int] = []
         self.step_runner = self.ops.step_runner(self, config)
@@ -97,9 +105,10 @@ class ModelRunner:
         (rank 0 included) builds its tensors from. Layout: [T, B, W, D, S, decode_max_context, P, L], then input
         ids, positions, slots (T each), query starts (B+1), context lengths (B), block tables (B*W), decode rows
         and their token indices (D each), the tokens whose logits are computed (L, in token order: the sampled
-        rows' last ones and the `prompt_positions` of rows that asked for prompt logprobs), the sampled rows'
-        sampling-table rows (S), and for the P input tokens still on the device (async scheduling) where they go
-        and their sequences' rows (P each). Vectorized: no loop over tokens, one over sequences per field."""
+        rows' last ones, each speculative proposal's before them, and the `prompt_positions` of rows that asked
+        for prompt logprobs), the sampled rows' sampling-table rows (S), and for the P input tokens still on the
+        device (async scheduling) where they go and their sequences' rows (P each). Vectorized: no loop over
+        tokens, one over sequences per field."""
         seqs, bs = batch.seqs, self.block_size
         n = np.array(batch.num_new_tokens, dtype=np.int64)
         start = np.array([s.num_computed for s in seqs], dtype=np.int64)
@@ -109,24 +118,27 @@ class ModelRunner:
         query_start = np.zeros(B + 1, dtype=np.int64)
         np.cumsum(n, out=query_start[1:])
         T = int(query_start[-1])
+        sampled = np.array(sample_rows, dtype=np.int64)
+        last = query_start[sampled + 1] - 1
         # decodes only (not a prefill chunk of one token): a sequence's one input token is its last one (a pending
         # one is filled in later)
         if T == B and (ends >= lens).all():
             input_ids = [s.token_ids[-1] for s in seqs]
             token_seq, positions = np.arange(B), start
-        else:  # a pending token's slice is empty: its placeholder 0, filled in on the device
+        else:  # a pending token's slice is empty: its placeholder 0, filled in on the device; proposals follow
             input_ids = [t for s, a, k in zip(seqs, start.tolist(), batch.num_new_tokens)
-                         for t in s.token_ids[a:a + k] or [0]]
+                         for t in (s.token_ids[a:a + k] + s.spec_token_ids) or [0]]
             token_seq = np.repeat(np.arange(B), n)
             positions = np.arange(T) - np.repeat(query_start[:-1] - start, n)
+            if batch.verifies:  # a verifying row's logits: its last token's and each proposal's
+                k = [len(seqs[i].spec_token_ids) for i in sample_rows]
+                last = np.concatenate([np.arange(e - j, e + 1) for e, j in zip(last.tolist(), k)])
         tables = self.block_tables[table_rows, :-(-int(ends.max()) // bs)]
         slots = tables[token_seq, positions // bs] * bs + positions % bs
         decode_rows = np.flatnonzero(n == 1)
         decode_max = int(ends[decode_rows].max()) if len(decode_rows) else 0
-        sampled = np.array(sample_rows, dtype=np.int64)
         pending = np.flatnonzero(start == lens)  # their last token is still on the device
         dst, src = query_start[pending], table_rows[pending]
-        last = query_start[sampled + 1] - 1
         if prompt_positions:  # in token order, as a step runner returns logits
             last = np.sort(np.concatenate([last, [query_start[i] + p - seqs[i].num_computed
                                                   for i, ps in prompt_positions.items() for p in ps]]))
@@ -175,7 +187,7 @@ class ModelRunner:
         first samples in its row) gathered on the device; what the sampler branches on is read here, on the host.
         Only the rows that need it (min_tokens, bad words, logit_bias, allowed_token_ids, penalties, seeds) are
         looked at one by one."""
-        for s in [s for s in seqs if self.row_owner[s.row] is not s]:
+        for s in [s for s in seqs if self.row_owner[s.row] is not s.params]:
             self.write_sampling_row(s)
         if self.dirty_rows:  # on CUDA the device's copy of the table catches up (on CPU they are one)
             idx = torch.tensor(self.dirty_rows)
@@ -208,16 +220,30 @@ class ModelRunner:
             b.bias += [(i, t, v) for t, v in (p.logit_bias or {}).items()]
             if p.allowed_token_ids:
                 b.allowed.append((i, p.allowed_token_ids))
+        # structured outputs: the constrained rows' grammars' masks (the other rows pay nothing)
+        b.constrained = [i for i in np.flatnonzero(flags[:, 6]).tolist() if seqs[i].constraint.usable]
+        if b.constrained:
+            b.token_bitmask = torch.empty(len(b.constrained), (self.model.vocab_size + 31) // 32, dtype=torch.int32)
+            for row, i in enumerate(b.constrained):
+                seqs[i].constraint.fill(b.token_bitmask, row)
         return b
 
+    def sampling_batch_of(self, seqs: list[Sequence]) -> SamplingBatch:
+        """sampling_batch for sequences as they are (speculative decoding: each verified position's)."""
+        rows = np.array([s.row for s in seqs], dtype=np.int64)
+        return self.sampling_batch(seqs, rows, torch.from_numpy(rows).to(self.device))
+
     def write_sampling_row(self, seq: Sequence) -> None:
+        """A sequence's row of the sampling table: all it holds follows from the request's parameters, so the
+        row is written again only when a sequence of other parameters takes it."""
         p, vocab = seq.params, self.model.vocab_size
         self.sampling[seq.row] = (p.temperature, min(p.top_k, vocab) if p.top_k > 0 else vocab, p.top_p, p.min_p,
                                   p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
         self.sampling_flags[seq.row] = (p.min_tokens > 0, bool(seq.bad_words or p.logit_bias or p.allowed_token_ids),
                                         p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty,
-                                        seq.generator is not None, needs_own_tokens(seq), seq.logprobs is not None)
-        self.row_owner[seq.row] = seq
+                                        seq.generator is not None, needs_own_tokens(seq), seq.logprobs is not None,
+                                        seq.constraint is not None)
+        self.row_owner[seq.row] = p
         if self.device.type != "cpu":
             self.dirty_rows.append(seq.row)
 
@@ -227,7 +253,8 @@ class ModelRunner:
         on the device, in their rows of `last_sampled` (where the next step reads the inputs the host does not
         have yet, async scheduling), and start their one copy to the host. The logprobs of the rows that asked
         for them (sampled tokens' and prompt tokens') are computed from the raw logits and read at once: a second
-        copy, only in steps where a request asked."""
+        copy, only in steps where a request asked. A step that verifies speculative proposals (never beside
+        logprobs, never async) keeps what the target agrees with, and one token more (nanovllm/spec/rejection.py)."""
         prompt_positions = prompt_logprob_positions(batch)
         if self.workers is None:
             step = self.unpack(self.pack(batch, sample_rows, prompt_positions))
@@ -253,6 +280,9 @@ class ModelRunner:
             if prompt_positions:
                 sample_at, prompt_at = logit_rows(len(batch.seqs), sample_rows, prompt_positions)
                 logits, prompt_logits = logits[sample_at], logits[prompt_at]
+            if batch.verifies:
+                kept = rejection.verify(logits, seqs, self.sampling_batch_of, self.generator)
+                return Launched(batch, sample_rows, None, None, None, True, kept=kept)
             if seqs:
                 b = self.sampling_batch(seqs, step.sample_table_rows, step.sample_table_rows_dev)
                 asked = np.flatnonzero(self.sampling_flags[step.sample_table_rows, 5]).tolist()

@@ -1,6 +1,7 @@
 """One request: its prompt as token ids, its n sequences with their detokenizers, how each one stops, and the
 RequestOutput it shows. `tokenize` is the one way a prompt (text, ids, a dict, or chat messages) becomes token
 ids, for the offline front, the async engine and the server alike."""
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +11,7 @@ from nanovllm.engine.sequence import Sequence
 from nanovllm.logprobs import logprob_dict
 from nanovllm.outputs import CompletionOutput, RequestOutput
 from nanovllm.sampling_params import RequestOutputKind, SamplingParams
+from nanovllm.structured_outputs import Constraint
 
 # text; token ids; {"prompt": text} or {"prompt_token_ids": ids, "prompt": optional text} (vLLM's TextPrompt and
 # TokensPrompt); or a conversation: a list of {"role", "content"} messages, rendered with the chat template
@@ -83,13 +85,15 @@ class Request:
 
     @classmethod
     def make(cls, request_id: str, text: str | None, ids: list[int], params: SamplingParams, tokenizer,
-             device: str, encoder=None) -> "Request":
+             device: str, encoder=None, grammar: Future | None = None) -> "Request":
         """n sequences of the same prompt; a seeded request's sequence i draws from its own generator (seed + i).
-        `tokenizer` decodes (on the engine's thread); `encoder` (default: the same) encodes the bad words."""
+        `tokenizer` decodes (on the engine's thread); `encoder` (default: the same) encodes the bad words.
+        `grammar`: the structured-output grammar being compiled; each sequence gets its own matcher of it."""
         seqs, detoks = [], []
         bad_words = bad_word_ids(encoder or tokenizer, params.bad_words or [])
         for i in range(params.n):
-            seq = Sequence(request_id, i, list(ids), len(ids), params, bad_words=bad_words)
+            seq = Sequence(request_id, i, list(ids), len(ids), params, bad_words=bad_words,
+                           constraint=Constraint(grammar) if grammar else None)
             if params.seed is not None:
                 seq.generator = torch.Generator(device).manual_seed((params.seed + i) % 2**64)
             if params.logprobs is not None:
@@ -122,7 +126,10 @@ class Request:
         """The token just appended to `seq` (its text made if a stop string is looked for); returns (finish reason,
         stop reason) if it ends the sequence: a stop or EOS token (once min_tokens are out), a stop string,
         max_tokens or max_model_len. As in vLLM, a stop string may end in the tokens after the first min_tokens,
-        and begin anywhere."""
+        and begin anywhere. A structured output advances its grammar here, and ends when the grammar has accepted
+        its end; a token the grammar refuses is a ValueError."""
+        if seq.constraint is not None:  # advanced here only: a recomputed (preempted) sequence samples no old token
+            seq.constraint.accept(token)
         p, detok = seq.params, self.detoks[seq.index]
         n = seq.num_output_tokens
         if n >= p.min_tokens and (token in p.stop_token_ids or (not p.ignore_eos and token in eos_token_ids)):
@@ -131,6 +138,8 @@ class Request:
             else:
                 detok.leave_out_last()
             return "stop", token if token in p.stop_token_ids else None
+        if seq.constraint is not None and seq.constraint.terminated:  # its EOS, with ignore_eos
+            return "stop", None
         stop_str = detok.add(find_stop=n > p.min_tokens) if p.detokenize else None
         if stop_str is not None:
             return "stop", stop_str
@@ -141,6 +150,16 @@ class Request:
     @property
     def finished(self) -> bool:
         return all(s.finished for s in self.seqs)
+
+    @property
+    def grammar(self) -> Future | None:
+        """The structured-output grammar (compiled on another thread), if the request has one."""
+        return self.seqs[0].constraint.grammar if self.seqs[0].constraint else None
+
+    def check_grammar(self) -> None:
+        """Wait for the structured-output grammar, if any, to compile: a ValueError naming the problem if it cannot."""
+        if self.grammar is not None:
+            self.grammar.result()
 
     def output(self) -> RequestOutput:
         """The outputs so far: while a sequence runs, its text without a tail that could still become a stop. Text

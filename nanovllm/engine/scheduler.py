@@ -12,8 +12,10 @@ from nanovllm.layers.sampler import StepLogprobs
 @dataclass
 class ScheduledBatch:
     seqs: list[Sequence]
-    num_new_tokens: list[int]  # tokens of each sequence computed this step (1 for a decode, a chunk for a prefill)
+    num_new_tokens: list[int]  # tokens of each sequence computed this step (1 for a decode, a chunk for a prefill,
+                               # 1 + k for a decode verifying k proposals)
     sample_rows: list[int] = field(default_factory=list)  # the sequences whose whole context is computed after it
+    verifies: bool = False  # some sequence's speculative proposals are in it
 
     @property
     def num_tokens(self) -> int:
@@ -33,6 +35,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.speculative = False  # speculative decoding: sequences may come with proposals
+        self.on_free = None  # speculative decoding's hook: a sequence left the running batch (its draft blocks go)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -44,9 +48,12 @@ class Scheduler:
         bm, budget, running = self.block_manager, self.max_num_batched_tokens, self.running
         bs = bm.block_size
         # Running sequences that fit the budget whole, at once: each computes what it has left (a token still on
-        # the device, async scheduling, counts as one: all the others are computed then) and is sampled; only
+        # the device, async scheduling, counts as one: all the others are computed then; proposals count too) and
+        # is sampled; only
         # those that need a block are looked at one by one. Where one cannot get it, the loop below takes over.
         left = [len(s.token_ids) - s.num_computed or 1 for s in running]
+        if self.speculative:
+            left = [n + len(s.spec_token_ids) for s, n in zip(running, left)]
         i = int(np.searchsorted(np.cumsum(left), budget, side="right"))
         for j in [j for j, (s, n) in enumerate(zip(running[:i], left)) if s.num_computed + n > len(s.block_table) * bs]:
             if not bm.can_allocate(running[j], [], left[j]):
@@ -60,7 +67,10 @@ class Scheduler:
             seq = self.running[i]
             # a token still on the device (async scheduling; then all the others are computed) is computed like the
             # others: the step reads it there
-            n = min(len(seq.token_ids) - seq.num_computed or 1, budget)
+            n = min((len(seq.token_ids) - seq.num_computed or 1) + len(seq.spec_token_ids), budget)
+            if seq.spec_token_ids and not bm.can_allocate(seq, [], n):  # speculation never preempts
+                n = 1
+            del seq.spec_token_ids[max(n - 1, 0):]  # the proposals the budget leaves room for
             if (seq.num_computed + n + bs - 1) // bs > len(seq.block_table):  # it needs a block
                 while not bm.can_allocate(seq, [], n):
                     victim = self.running.pop()
@@ -80,7 +90,10 @@ class Scheduler:
             i += 1
         # New sequences only when nothing had to be preempted: admitting them would just evict others again.
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+            # the first in line whose structured-output grammar (if any) is compiled: the others wait for theirs
+            seq = next((s for s in self.waiting if s.constraint is None or s.constraint.ready), None)
+            if seq is None:
+                break
             hits = bm.match_prefix(seq) if not seq.block_table else []
             if seq.prompt_logprobs is not None:  # positions whose prompt logprobs are still to come are computed
                 hits = hits[:(len(seq.prompt_logprobs) - 1) // bm.block_size]
@@ -89,7 +102,7 @@ class Scheduler:
                 break  # the whole prompt in one step, or wait for a step with room for it
             if not bm.can_allocate(seq, hits, n):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             bm.allocate(seq, hits, n)
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -98,44 +111,53 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             budget -= n
+        batch.verifies = self.speculative and any(s.spec_token_ids for s in batch.seqs)
         return batch
 
     @staticmethod
     def launched(batch: ScheduledBatch) -> None:
         """The batch's step is on its way: its tokens count as computed (a sampled sequence's new token is pending
-        until postprocess appends it)."""
+        until postprocess appends it; proposals until postprocess knows which were kept)."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed += n
 
-    def postprocess(self, batch: ScheduledBatch, sample_rows: list[int], tokens: list[int], requests: dict,
+    def postprocess(self, batch: ScheduledBatch, sample_rows: list[int], tokens: list[list[int]], requests: dict,
                     eos_token_ids: set[int], max_model_len: int, logprobs: StepLogprobs | None = None) -> list:
-        """After a step's sampled tokens reached the host: each one appended (unless its sequence ended while the
-        step ran: then it is dropped) with its logprobs where asked (and prompt logprobs), newly full blocks keyed
-        for the prefix cache, a look for a stop where one
-        may have come, finished sequences out. Returns the requests that changed (a FINAL_ONLY one only when a
-        sequence of it ended). A request whose token cannot be handled (e.g. a tokenizer that cannot decode it)
-        fails alone. Per token only list comprehensions: a loop's statements cost ~0.5 us each here."""
+        """After a step's sampled tokens reached the host: each row's new tokens (one, or the proposals kept and
+        one more) appended unless its sequence ended while the step ran (then they are dropped), with its logprobs
+        where asked (and prompt logprobs); a verification's rejected proposals out of the KV; newly full blocks
+        keyed for the prefix cache; a look for a stop where one may have come (token by token in a kept run);
+        finished sequences out. Returns the requests that changed (a FINAL_ONLY one only when a sequence of it
+        ended). A request whose token cannot be handled (e.g. a tokenizer that cannot decode it) fails alone. Per
+        token only list comprehensions: a loop's statements cost ~0.5 us each here."""
         bm, finished = self.block_manager, Status.FINISHED
         bs, seqs = bm.block_size, batch.seqs
         failed = {}
         if logprobs:
             self.add_logprobs(seqs, logprobs, requests, failed)
-        live = [(seqs[row], token) for row, token in zip(sample_rows, tokens) if seqs[row].status is not finished]
-        for seq, token in live:
-            seq.token_ids.append(token)
+        live = [(seqs[row], new) for row, new in zip(sample_rows, tokens) if seqs[row].status is not finished]
+        for seq, new in live:
+            seq.token_ids += new
+        for seq in [s for s, _ in live if s.spec_token_ids] if batch.verifies else ():
+            self.keep_accepted(seq)
         for seq in [s for s in seqs if min(s.num_computed, len(s.token_ids)) // bs > s.num_keyed_blocks
                     and s.status is not finished]:
             bm.cache_full_blocks(seq)
         changed = failed | {s.request_id: requests[s.request_id] for s, _ in live
                             if not requests[s.request_id].final_only}
-        # only where a stop may have come: stop strings and tokens, min_tokens, EOS, the length limits
-        for seq, token in [(s, t) for s, t in live if s.checks_every_token or t in eos_token_ids
-                           or len(s.token_ids) >= s.max_tokens_len or len(s.token_ids) >= max_model_len]:
+        # only where a stop may have come: stop strings and tokens, min_tokens, EOS, the length limits, a kept run
+        for seq, new in [(s, n) for s, n in live if len(n) > 1 or s.checks_every_token or n[0] in eos_token_ids
+                         or len(s.token_ids) >= s.max_tokens_len or len(s.token_ids) >= max_model_len]:
             if seq.status is finished:  # its request failed on another sequence's token
                 continue
             request = requests[seq.request_id]
             try:
-                done = request.check(seq, token, eos_token_ids, max_model_len)
+                del seq.token_ids[len(seq.token_ids) - len(new) + 1:]  # a kept run's tokens checked one by one
+                for j, token in enumerate(new):
+                    if j:
+                        seq.token_ids.append(token)
+                    if done := request.check(seq, token, eos_token_ids, max_model_len):
+                        break
             except Exception as e:
                 self.fail(request, e)
                 changed[seq.request_id] = request
@@ -170,9 +192,16 @@ class Scheduler:
             if not seq.finished:
                 self.finish(seq, "abort")
 
+    def keep_accepted(self, seq: Sequence) -> None:
+        """After a verification (its kept tokens appended): the KV of the kept proposals stays computed, the blocks
+        that held only rejected ones go back."""
+        seq.num_computed = seq.num_tokens - 1
+        self.block_manager.truncate(seq, seq.num_tokens)
+        seq.spec_token_ids, seq.spec_probs = [], None
+
     def preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1
-        self.block_manager.free_blocks(seq)
+        self.release(seq)
         seq.num_computed = 0
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
@@ -184,4 +213,10 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self.release(seq)
+
+    def release(self, seq: Sequence) -> None:
         self.block_manager.free_blocks(seq)
+        seq.spec_token_ids, seq.spec_probs = [], None
+        if self.on_free is not None:
+            self.on_free(seq)

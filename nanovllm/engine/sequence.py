@@ -4,6 +4,7 @@ from enum import Enum, auto
 import torch
 
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.structured_outputs import Constraint
 
 
 class Status(Enum):
@@ -34,16 +35,21 @@ class Sequence:
     logprobs: list | None = None          # per output token {token id: Logprob}, when SamplingParams.logprobs is set
     cumulative_logprob: float | None = None
     prompt_logprobs: list | None = None   # the request's, held (and computed) by its first sequence only
-    # what postprocess asks of each token: whether every one needs a look (stop strings and tokens, min_tokens),
-    # and the length at which max_tokens ends it
+    # what postprocess asks of each token: whether every one needs a look (stop strings and tokens, min_tokens, a
+    # grammar to advance), and the length at which max_tokens ends it
     checks_every_token: bool = field(init=False)
     max_tokens_len: int = field(init=False)
     row: int = -1                        # its row in the block manager's tables while it holds blocks
     num_keyed_blocks: int = 0            # leading blocks keyed for the prefix cache
+    # speculative decoding (nanovllm/spec): the tokens proposed after token_ids, verified in this step, and the
+    # draft's distributions they were drawn from [k, V] (None: a point mass, as n-gram or a greedy draft)
+    spec_token_ids: list[int] = field(default_factory=list)
+    spec_probs: torch.Tensor | None = None
+    constraint: Constraint | None = None  # its structured-output grammar and matcher
 
     def __post_init__(self) -> None:
         p = self.params
-        self.checks_every_token = bool(p.stop or p.stop_token_ids or p.min_tokens)
+        self.checks_every_token = bool(p.stop or p.stop_token_ids or p.min_tokens or self.constraint is not None)
         self.max_tokens_len = self.num_prompt_tokens + p.max_tokens if p.max_tokens else 2**62
 
     @property

@@ -1,5 +1,6 @@
 """`nanovllm generate | chat | serve`: one CLI; errors are one line on stderr, not a traceback."""
 import argparse
+import json
 import os
 import sys
 
@@ -38,6 +39,11 @@ def add_engine_args(p: argparse.ArgumentParser, engine_seed: bool = False) -> No
     q.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over this many processes (GPUs on CUDA)")
     q.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch per process")
+    v = p.add_argument_group("VllmConfig")
+    v.add_argument("--speculative-config", "-sc", type=json.loads, default=None,
+                   help='speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 4, '
+                        '"prompt_lookup_max": 4, "prompt_lookup_min": 2} or {"model": DRAFT, '
+                        '"num_speculative_tokens": 4}')
 
 
 def engine_kwargs(args: argparse.Namespace, seqs: int | None = None) -> dict:
@@ -52,7 +58,7 @@ def engine_kwargs(args: argparse.Namespace, seqs: int | None = None) -> dict:
                 tensor_parallel_size=args.tensor_parallel_size, gpu_memory_utilization=args.gpu_memory_utilization,
                 enforce_eager=args.enforce_eager, trust_remote_code=args.trust_remote_code,
                 generation_config=args.generation_config, async_scheduling=args.async_scheduling,
-                max_logprobs=args.max_logprobs)
+                max_logprobs=args.max_logprobs, speculative_config=args.speculative_config)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -137,17 +143,29 @@ def serve(args: argparse.Namespace) -> None:
 
     from nanovllm.engine.async_engine import AsyncEngine
     from nanovllm.engine_args import engine_config
-    from nanovllm.entrypoints.server import build_app
+    from nanovllm.entrypoints.server import ServerLimits, build_app
     model = args.model_pos or args.model
-    engine = AsyncEngine(engine_config(model, **engine_kwargs(args)))
+    server = None
+
+    def on_death(error: BaseException) -> None:  # on the engine's thread, once every request has its 500
+        print(f"nanovllm: the engine loop has stopped: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        if args.exit_on_engine_death and server is not None:
+            server.should_exit = True  # uvicorn finishes the answers in flight, then serve() exits non-zero
+    engine = AsyncEngine(engine_config(model, **engine_kwargs(args)), args.request_timeout, on_death)
     names = args.served_model_name or [model or "SmolLM2-135M-Instruct"]
     template = args.chat_template
     if template and os.path.isfile(template):
         with open(template) as f:
             template = f.read()
-    app = build_app(engine, names, args.api_key or os.environ.get("NANOVLLM_API_KEY"), template)
+    limits = ServerLimits(args.max_request_body_bytes, args.max_n, args.max_stop_strings,
+                          args.max_stop_string_length, args.max_waiting_requests)
+    app = build_app(engine, names, args.api_key or os.environ.get("NANOVLLM_API_KEY"), template, limits)
     print(f"nanovllm: serving {names[0]!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=2)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=2))
+    server.run()
+    if engine.dead and args.exit_on_engine_death:
+        sys.exit(1)  # a supervisor restarts the server
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,6 +197,19 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--uvicorn-log-level", "--log-level", dest="log_level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     f.add_argument("--disable-log-requests", action="store_true", help="accepted: requests are not logged anyway")
+    f.add_argument("--exit-on-engine-death", action=argparse.BooleanOptionalAction, default=True,
+                   help="exit with status 1 once the engine loop has failed, so a supervisor restarts the server "
+                        "(off: stay up, /health and new requests answered 503)")
+    lim = sv.add_argument_group("Limits", "what one request may ask; over a limit is a 4xx naming it")
+    lim.add_argument("--max-request-body-bytes", type=int, default=4 * 2**20, help="else 413 (default 4 MiB)")
+    lim.add_argument("--max-n", type=int, default=16, help="completions per prompt (`n`)")
+    lim.add_argument("--max-stop-strings", type=int, default=16, help="stop strings per request")
+    lim.add_argument("--max-stop-string-length", type=int, default=256, help="characters per stop string")
+    lim.add_argument("--max-waiting-requests", type=int, default=None,
+                     help="sequences waiting for the batch; beyond it 503 with Retry-After (default: no limit)")
+    lim.add_argument("--request-timeout", type=float, default=None,
+                     help="seconds from arrival to last token; beyond it the request is aborted, its blocks freed, "
+                          "and answered 408 (default: none)")
     add_engine_args(sv, engine_seed=True)
     sv.set_defaults(func=serve)
     return parser

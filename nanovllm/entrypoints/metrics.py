@@ -52,6 +52,7 @@ class _EngineStats:
         for name, doc, value in [
             ("num_requests_running", "Sequences in the running batch", s["running"]),
             ("num_requests_waiting", "Sequences waiting to be admitted", s["waiting"]),
+            ("num_requests_in_engine", "Requests the engine holds any state for (0 when idle)", s["requests"]),
             ("kv_cache_usage_perc", "Fraction of KV blocks in use (1 = full)",
              1 - s["free_blocks"] / s["num_blocks"]),
             ("num_free_blocks", "KV blocks in the free pool", s["free_blocks"]),
@@ -65,3 +66,23 @@ class _EngineStats:
             ("num_preemptions", "Sequences preempted for lack of KV blocks", s["preemptions"]),
         ]:
             yield CounterMetricFamily(f"nanovllm:{name}", doc, value=value)
+        if "spec_decode_num_drafts" in s:  # speculative decoding is on
+            yield from _spec_decode_metrics(s)
+
+
+def _spec_decode_metrics(s: dict):
+    """vLLM's spec_decode counters, and the two figures read off them."""
+    for name, doc in [("num_drafts", "Verifications: steps of a sequence with proposals"),
+                      ("num_draft_tokens", "Proposed tokens checked by the target"),
+                      ("num_accepted_tokens", "Proposed tokens the target kept")]:
+        yield CounterMetricFamily(f"nanovllm:spec_decode_{name}", doc, value=s[f"spec_decode_{name}"])
+    per_pos = CounterMetricFamily("nanovllm:spec_decode_num_accepted_tokens_per_pos",
+                                  "Proposed tokens kept, by position in the proposal", labels=["position"])
+    for position, value in enumerate(s["spec_decode_num_accepted_tokens_per_pos"]):
+        per_pos.add_metric([str(position)], value)
+    yield per_pos
+    yield GaugeMetricFamily("nanovllm:spec_decode_acceptance_rate", "Proposed tokens kept / checked",
+                            value=s["spec_decode_acceptance_rate"])
+    yield GaugeMetricFamily("nanovllm:spec_decode_mean_acceptance_length",
+                            "Tokens a verification yields (the target's own included)",
+                            value=s["spec_decode_mean_acceptance_length"])

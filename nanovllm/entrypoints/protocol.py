@@ -1,10 +1,16 @@
 """The OpenAI API's request bodies as nanovllm serves them (unknown fields are ignored, as OpenAI does; known ones
-that nanovllm does not implement are refused), and its error shape {"error": {"message", "type", "param",
-"code"}}."""
-from typing import ClassVar
+that nanovllm does not implement are refused), its error shape {"error": {"message", "type", "param", "code"}},
+and what the OpenAPI document (/openapi.json) says each route answers: the responses are built as plain dicts,
+so these models describe them without filtering."""
+import asyncio
+from typing import Any, ClassVar, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from nanovllm.sampling_params import StructuredOutputsParams
+
+from nanovllm.engine.async_engine import EngineDeadError, RequestTimeoutError
 
 
 class APIError(Exception):
@@ -14,15 +20,26 @@ class APIError(Exception):
 
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 500: "internal_error", 503: "service_unavailable"}
+               405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
+               500: "internal_error", 503: "service_unavailable"}
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"), "param": param, "code": code}}
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status_code=status)
+def engine_failure(e: Exception) -> APIError:
+    """What a request that failed while the engine served it answers."""
+    if isinstance(e, RequestTimeoutError):
+        return APIError(408, str(e), code="request_timeout")
+    if isinstance(e, EngineDeadError):
+        return APIError(500, f"the engine failed while serving this request ({e})", code="engine_dead")
+    return APIError(500, str(e) if isinstance(e, RuntimeError) else f"internal error: {type(e).__name__}: {e}")
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
 class StreamOptions(BaseModel):
@@ -45,6 +62,18 @@ UNSUPPORTED = {"best_of": (1,), "use_beam_search": (False,), "length_penalty": (
                "reasoning_effort": (), "verbosity": (), "priority": (0,), "cache_salt": (), "kv_transfer_params": (),
                "vllm_xargs": (), "logits_processors": ([],), "prompt_embeds": (), "mm_processor_kwargs": ({},),
                "return_token_ids": (False,)}
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str | None = None
+    schema_: dict | None = Field(None, alias="schema")  # "schema" would shadow a BaseModel method
+    description: str | None = None
+    strict: bool | None = None  # xgrammar's JSON schemas are always strict: no properties the schema does not name
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class SamplingFields(BaseModel):
@@ -98,6 +127,51 @@ class SamplingFields(BaseModel):
     @classmethod
     def clamp_bias(cls, bias: dict[int, float] | None) -> dict[int, float] | None:  # OpenAI's range, as vLLM
         return {t: min(100.0, max(-100.0, b)) for t, b in bias.items()} if bias else bias
+    # structured outputs: OpenAI's response_format, or one of vLLM's extras
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_json: str | dict | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def structured(self) -> tuple[StructuredOutputsParams | None, str | None]:
+        """The structured-output constraint this body asks for and the field that asks; at most one may."""
+        fmt = self.response_format
+        asked = {"structured_outputs": self.structured_outputs, "guided_json": self.guided_json,
+                 "guided_regex": self.guided_regex, "guided_choice": self.guided_choice,
+                 "guided_grammar": self.guided_grammar, "response_format": fmt if fmt and fmt.type != "text" else None}
+        asked = {k: v for k, v in asked.items() if v is not None}
+        if len(asked) > 1:
+            raise APIError(400, f"give one structured-output constraint, not {len(asked)}: {', '.join(asked)}",
+                           param=list(asked)[1])
+        if not asked:
+            return None, None
+        field, value = asked.popitem()
+        if field == "structured_outputs":
+            return value, field
+        if field != "response_format":
+            kind = {field.removeprefix("guided_"): value}  # guided_json -> json, guided_regex -> regex, ...
+        elif fmt.type == "json_object":
+            kind = {"json_object": True}
+        elif fmt.json_schema and fmt.json_schema.schema_ is not None:
+            kind = {"json": fmt.json_schema.schema_}
+        else:
+            raise APIError(400, "response_format of type json_schema needs json_schema.schema", param=field)
+        try:
+            return StructuredOutputsParams(**kind), field
+        except ValueError as e:
+            raise APIError(400, f"{field}: {e}", param=field) from None
+
+    async def grammars_compiled(self, grammars: list) -> None:
+        """Wait (not blocking the event loop) for the requests' grammars, which compile off the engine's loop: an
+        invalid one is a 400 naming the field that asked for it."""
+        try:
+            for grammar in grammars:
+                if grammar is not None:
+                    await asyncio.wrap_future(grammar)
+        except ValueError as e:
+            raise APIError(400, str(e), param=self.structured()[1]) from None
 
 
 class CompletionRequest(SamplingFields):
@@ -131,3 +205,95 @@ class ChatRequest(SamplingFields):
 
     def num_prompt_logprobs(self) -> int | None:
         return self.prompt_logprobs
+
+class TokenizeRequest(BaseModel):  # vLLM's /tokenize: a prompt, or chat messages
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    tokens: list[int]
+
+
+# ---- what the OpenAPI document says the routes answer ---------------------------------------------------
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Choice(BaseModel):  # a completion's `text` or a chat's `message`; in a stream, `text` or `delta`
+    model_config = ConfigDict(extra="allow")
+    index: int
+    finish_reason: str | None
+    logprobs: Any = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: str
+    data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+ERROR_RESPONSES = {  # every route: "4XX" also stands in for FastAPI's 422, which this server never answers
+    "4XX": {"model": ErrorResponse, "description": "the request is invalid or over a limit; the message names it "
+                                                   "(401 API key, 404 no such path, 408 request timeout, 413 body "
+                                                   "too large)"},
+    "5XX": {"model": ErrorResponse, "description": "500: the engine failed while serving the request; 503: the "
+                                                   "engine is dead, or the waiting queue is full (Retry-After)"},
+}
+_STREAM = {"text/event-stream": {"schema": {"type": "string", "description": "with \"stream\": true: server-sent "
+                                            "events, each a chunk of the JSON shape above, then [DONE]"}}}
+
+
+def documented(route: str) -> dict:
+    """The 200 response of a route for the OpenAPI document (the errors are ERROR_RESPONSES, on every route)."""
+    return {200: {
+        "health": {"description": "the engine is alive (503 when its loop has stopped)", "content": None},
+        "metrics": {"description": "Prometheus metrics", "content": {"text/plain": {"schema": {"type": "string"}}}},
+        "models": {"model": ModelList},
+        "tokenize": {"model": TokenizeResponse},
+        "detokenize": {"model": DetokenizeResponse},
+        "completions": {"model": CompletionResponse, "content": _STREAM},
+        "chat": {"model": CompletionResponse, "content": _STREAM},
+    }[route]}

@@ -1,7 +1,8 @@
 """`nanovllm serve`: the OpenAI HTTP API (completions, chat completions, streaming) over the async engine.
 
-Every request is checked before it reaches the engine, so a bad one is answered 400 without touching the
-batch in flight; errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}."""
+Every request is checked (limits.py too) before it reaches the engine, so a bad one is answered 4xx without
+touching the batch in flight; errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}. A
+request the engine fails while serving is a 500; a dead engine makes /health and new requests 503."""
 import asyncio
 import hmac
 import json
@@ -16,24 +17,28 @@ from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
-from nanovllm.engine.async_engine import AsyncEngine, EngineDeadError
+from nanovllm.engine.async_engine import AsyncEngine, EngineBusyError, EngineDeadError, merged
 from nanovllm.engine.request import Request as EngineRequest, tokenize
+from nanovllm.entrypoints.limits import ServerLimits, check_limits, limit_body
 from nanovllm.entrypoints.metrics import ServerMetrics
 from nanovllm.entrypoints.openai_logprobs import ChoiceContent, prompt_logprobs_json
-from nanovllm.entrypoints.protocol import (APIError, ChatRequest, CompletionRequest, SamplingFields, error_body,
-                                           error_response)
+from nanovllm.entrypoints.protocol import (ERROR_RESPONSES, APIError, ChatRequest, CompletionRequest,
+                                           DetokenizeRequest, SamplingFields, TokenizeRequest, documented,
+                                           engine_failure, error_body, error_response)
 from nanovllm.outputs import DeltaTracker, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 
 
 # ---- the app ---------------------------------------------------------------------------------------------
 def build_app(engine: AsyncEngine, model_names: str | list[str], api_key: str | None = None,
-              chat_template: str | None = None) -> FastAPI:
+              chat_template: str | None = None, limits: ServerLimits | None = None) -> FastAPI:
     """model_names: the names clients may send (the first is the one reported); chat_template: the server's own,
     in place of the model's, unless a request brings one."""
     names = [model_names] if isinstance(model_names, str) else list(model_names)
     model_name = names[0]
-    app = FastAPI(title="nanovllm", docs_url=None, redoc_url=None)
+    limits = limits or ServerLimits()
+    app = FastAPI(title="nanovllm", docs_url=None, redoc_url=None, responses=ERROR_RESPONSES)
+    app.add_middleware(limit_body, max_bytes=limits.max_request_body_bytes)
     metrics = engine.metrics = ServerMetrics(lambda: engine.stats)
     max_len = engine.engine.config.max_model_len
 
@@ -61,46 +66,47 @@ def build_app(engine: AsyncEngine, model_names: str | list[str], api_key: str | 
     @app.exception_handler(HTTPException)
     async def http_error(_, e: HTTPException):
         message = f"no such path: {_.url.path}" if e.status_code == 404 else str(e.detail)
-        return error_response(e.status_code, message)
+        return error_response(e.status_code, message, headers=e.headers)  # 405's Allow
 
     @app.exception_handler(EngineDeadError)
-    async def engine_dead(_, e: EngineDeadError):
-        return error_response(503, str(e))
+    @app.exception_handler(EngineBusyError)
+    async def unavailable(_, e: RuntimeError):  # a dead engine, or a full waiting queue: retry (elsewhere)
+        busy = isinstance(e, EngineBusyError)
+        return error_response(503, str(e), code="too_many_waiting_requests" if busy else "engine_dead",
+                              headers={"Retry-After": "1"} if busy else None)
 
     @app.exception_handler(Exception)
     async def internal(_, e: Exception):
         return error_response(500, f"internal error: {type(e).__name__}: {e}")
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response, responses=documented("health"))
     async def health():
         if engine.dead:
-            return error_response(503, f"the engine loop has stopped: {engine.error!r}")
+            return error_response(503, f"the engine loop has stopped: {engine.error!r}", code="engine_dead")
         return Response(status_code=200)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses=documented("metrics"))
     async def get_metrics():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @v1.get("/models")
+    @v1.get("/models", responses=documented("models"))
     async def models():
         return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()),
                                             "owned_by": "nanovllm", "max_model_len": max_len} for name in names]}
 
-    @app.post("/tokenize")
-    async def tokenize_text(body: dict):
-        if "messages" in body:
-            ids = render_chat(engine, body["messages"], body.get("add_generation_prompt", True), chat_template)
-        elif isinstance(body.get("prompt"), str):
-            ids = engine.tokenizer(body["prompt"], add_special_tokens=body.get("add_special_tokens", True)).input_ids
+    @app.post("/tokenize", responses=documented("tokenize"))
+    async def tokenize_text(body: TokenizeRequest):
+        if body.messages is not None:
+            ids = render_chat(engine, body.messages, body.add_generation_prompt, chat_template)
+        elif body.prompt is not None:
+            ids = engine.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens).input_ids
         else:
             raise APIError(400, "send 'prompt' (a string) or 'messages'", param="prompt")
         return {"tokens": ids, "count": len(ids), "max_model_len": max_len}
 
-    @app.post("/detokenize")
-    async def detokenize_ids(body: dict):
-        ids = body.get("tokens")
-        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-            raise APIError(400, "'tokens' must be a list of token ids", param="tokens")
+    @app.post("/detokenize", responses=documented("detokenize"))
+    async def detokenize_ids(body: DetokenizeRequest):
+        ids = body.tokens
         bad = [t for t in ids if not 0 <= t < engine.engine.vocab_size]
         if bad:
             raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {engine.engine.vocab_size})",
@@ -112,7 +118,7 @@ def build_app(engine: AsyncEngine, model_names: str | list[str], api_key: str | 
             raise APIError(400, f"the model {name!r} is not served here; this server serves {', '.join(names)}",
                            param="model", code="model_not_found")
 
-    @v1.post("/completions")
+    @v1.post("/completions", responses=documented("completions"))
     async def completions(body: CompletionRequest, raw: Request):
         check_model(body.model)
         score_only = body.echo and body.max_tokens == 0  # the prompt's logprobs: one token generated, not shown
@@ -128,9 +134,10 @@ def build_app(engine: AsyncEngine, model_names: str | list[str], api_key: str | 
             text, ids = tokenize(engine.tokenizer, p)
             items.append(({"prompt": text, "prompt_token_ids": ids}, len(ids)))
         requests = make_requests(engine, body, items, default_max=16, max_len=max_len)
-        return await respond(engine, body, requests, model_name, raw, chat=False, score_only=score_only)
+        return await respond(engine, body, requests, model_name, raw, chat=False, limits=limits,
+                             score_only=score_only)
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", responses=documented("chat"))
     async def chat_completions(body: ChatRequest, raw: Request):
         check_model(body.model)
         ids = render_chat(engine, body.messages, body.add_generation_prompt, body.chat_template or chat_template)
@@ -138,7 +145,7 @@ def build_app(engine: AsyncEngine, model_names: str | list[str], api_key: str | 
             body.max_tokens = body.max_completion_tokens
         requests = make_requests(engine, body, [({"prompt_token_ids": ids}, len(ids))], default_max=None,
                                  max_len=max_len)
-        return await respond(engine, body, requests, model_name, raw, chat=True)
+        return await respond(engine, body, requests, model_name, raw, chat=True, limits=limits)
 
     app.include_router(v1)
     return app
@@ -199,7 +206,8 @@ def make_requests(engine: AsyncEngine, body: SamplingFields, items: list[tuple[d
                 spaces_between_special_tokens=body.spaces_between_special_tokens,
                 truncate_prompt_tokens=body.truncate_prompt_tokens, logit_bias=body.logit_bias,
                 allowed_token_ids=body.allowed_token_ids, bad_words=body.bad_words, logprobs=body.num_logprobs(),
-                prompt_logprobs=body.num_prompt_logprobs())
+                prompt_logprobs=body.num_prompt_logprobs(),
+                structured_outputs=body.structured()[0])
             requests.append(engine.make_request(prompt, params, f"{base}-{i}"))
         except ValueError as e:
             raise APIError(400, str(e), param=_param_of(str(e))) from None
@@ -212,42 +220,11 @@ def _param_of(message: str) -> str | None:
     return None
 
 
-async def merged(engine: AsyncEngine, requests: list[EngineRequest]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """The outputs of several requests as they come, tagged with the request's position. Outputs are
-    cumulative, so only the newest of each is kept for a slow reader. Closing this (a client that went away)
-    cancels the readers, and each reader's exit aborts its request."""
-    newest: dict[int, RequestOutput | Exception] = {}
-    ready = asyncio.Event()
-
-    async def read(i: int, request: EngineRequest) -> None:
-        try:
-            async for out in engine.generate(request):
-                newest[i] = out
-                ready.set()
-        except Exception as e:
-            newest[i] = e
-            ready.set()
-
-    tasks = [asyncio.create_task(read(i, r)) for i, r in enumerate(requests)]
-    try:
-        left = len(tasks)
-        while left:
-            await ready.wait()
-            ready.clear()
-            items = list(newest.items())
-            newest.clear()
-            for i, item in items:
-                if isinstance(item, Exception):
-                    raise item
-                left -= item.finished
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
 async def respond(engine: AsyncEngine, body: SamplingFields, requests: list[EngineRequest], model: str,
-                  raw: Request, chat: bool, score_only: bool = False):
+                  raw: Request, chat: bool, limits: ServerLimits, score_only: bool = False):
+    check_limits(body, limits)
+    await body.grammars_compiled([r.grammar for r in requests])
+    readers = engine.submit(requests, limits.max_waiting_requests)  # queued now, or 503 before any answer
     n, created = body.n, int(time.time())
     rid = ("chatcmpl-" if chat else "cmpl-") + requests[0].request_id.split("-")[0]
     obj = "chat.completion" if chat else "text_completion"
@@ -260,7 +237,7 @@ async def respond(engine: AsyncEngine, body: SamplingFields, requests: list[Engi
 
     if not body.stream:
         async def collect() -> dict[int, RequestOutput]:
-            async with aclosing(merged(engine, requests)) as outs:
+            async with aclosing(merged(engine, requests, readers)) as outs:
                 return {i: out async for i, out in outs}  # the last output of each wins
         task = asyncio.create_task(collect())
         while not task.done():  # a client that hangs up is not waited for: its requests are aborted
@@ -270,10 +247,8 @@ async def respond(engine: AsyncEngine, body: SamplingFields, requests: list[Engi
                 return Response(status_code=499)
         try:
             final = task.result()
-        except EngineDeadError:
-            raise
-        except RuntimeError as e:
-            raise APIError(500, str(e)) from None
+        except Exception as e:
+            raise engine_failure(e) from None
         choices = []
         for i in range(len(requests)):
             for c in final[i].outputs:
@@ -319,14 +294,14 @@ async def respond(engine: AsyncEngine, body: SamplingFields, requests: list[Engi
             yield sse([{"index": i * n + j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                         "finish_reason": None} for i in range(len(requests)) for j in range(n)])
         try:
-            async with aclosing(merged(engine, requests)) as outs:
+            async with aclosing(merged(engine, requests, readers)) as outs:
                 async for i, out in outs:
                     final[i] = out
                     if choices := delta_choices(i, out, trackers[i]):
                         yield sse(choices)
         except Exception as e:  # the headers are sent: the error goes in the stream
-            status = 503 if isinstance(e, EngineDeadError) else 500
-            yield f"data: {json.dumps(error_body(status, str(e)))}\n\n"
+            error = engine_failure(e)
+            yield f"data: {json.dumps(error_body(error.status, error.message, code=error.code))}\n\n"
         else:
             if include_usage:
                 yield sse([], usage=usage(final))

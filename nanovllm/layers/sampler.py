@@ -21,6 +21,9 @@ class SamplingBatch:
     banned: list[tuple[int, int]] | None = None      # (row, token) pairs masked out (EOS before min_tokens, bad words)
     bias: list[tuple[int, int, float]] | None = None  # (row, token, value) added to a logit (logit_bias)
     allowed: list[tuple[int, list[int]]] | None = None  # (row, tokens): only these may be drawn (allowed_token_ids)
+    constrained: list[int] | None = None              # rows with a structured-output grammar
+    token_bitmask: torch.Tensor | None = None         # [len(constrained), ceil(V / 32)] int32 on the CPU: bit t set
+                                                      # where that row's grammar allows token t
     # what the host knows of the rows, so that the sampler never waits on the device to ask (None: read off the
     # tensors, a device sync each)
     all_greedy: bool | None = None
@@ -92,7 +95,24 @@ def sample(logits: torch.Tensor, b: SamplingBatch, generator: torch.Generator | 
     depend on what else is in the batch."""
     greedy = b.temperature == 0
     copied = logits.dtype != torch.float32
-    logits = logits.float()  # from here on a bf16 LM head's logits are our own copy, changed in place
+    logits = adjust(logits.float(), b)  # from here on a bf16 LM head's logits are our own copy, changed in place
+    if b.all_greedy:
+        return logits.argmax(dim=-1)
+    argmax = logits.argmax(dim=-1) if b.any_greedy else None
+    scale = torch.where(greedy, 1.0, b.temperature)[:, None]
+    logits = logits.div_(scale) if copied else logits / scale
+    logits = apply_top_k_top_p_min_p(logits, b)
+    # unnormalized: the draw below scales its uniform number by each row's total
+    weights = (logits - logits.max(dim=-1, keepdim=True).values).exp_()
+    sampled = inverse_cdf(weights, uniform(b, generator, weights.device))
+    return torch.where(greedy, argmax, sampled) if b.any_greedy else sampled
+
+
+def adjust(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """The logits [B, V] (fp32, changed in place where it can) after allowed tokens, bias, bans and penalties:
+    what temperature and the filters then act on (the sampler, and speculative decoding's verification)."""
+    if b.token_bitmask is not None:
+        apply_token_bitmask(logits, b.constrained, b.token_bitmask)
     for row, tokens in b.allowed or []:
         logits[row] = logits[row].masked_fill(torch.ones_like(logits[row], dtype=torch.bool).index_fill_(
             0, torch.tensor(tokens, device=logits.device), False), float("-inf"))
@@ -104,16 +124,17 @@ def sample(logits: torch.Tensor, b: SamplingBatch, generator: torch.Generator | 
         logits[list(rows), list(toks)] = float("-inf")
     if b.repetition_penalty is not None:
         logits = apply_penalties(logits, b)
-    if b.all_greedy:
-        return logits.argmax(dim=-1)
-    argmax = logits.argmax(dim=-1) if b.any_greedy else None
-    scale = torch.where(greedy, 1.0, b.temperature)[:, None]
-    logits = logits.div_(scale) if copied else logits / scale
-    logits = apply_top_k_top_p_min_p(logits, b)
-    # unnormalized: the draw below scales its uniform number by each row's total
-    weights = (logits - logits.max(dim=-1, keepdim=True).values).exp_()
-    sampled = inverse_cdf(weights, uniform(b, generator, weights.device))
-    return torch.where(greedy, argmax, sampled) if b.any_greedy else sampled
+    return logits
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
+    """-inf, in place, on every token of `rows` that its row of `bitmask` does not allow (bit t of a row's little-endian
+    int32 words = token t); the other rows are not read."""
+    bits = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+    allowed = (bitmask.view(torch.uint8)[:, :, None] & bits).view(len(rows), -1)[:, :logits.shape[-1]]
+    index = torch.tensor(rows, device=logits.device)
+    logits.index_copy_(0, index, logits.index_select(0, index).masked_fill_(allowed.to(logits.device) == 0,
+                                                                            float("-inf")))
 
 
 def filtered(b: SamplingBatch) -> bool:

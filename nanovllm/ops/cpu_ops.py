@@ -99,10 +99,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
 
 
 def sample(logits: torch.Tensor, b: SamplingBatch, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Plain temperature sampling (no filter, penalty, bias or ban; not all greedy): one C pass per row over the logits,
-    read in place. Everything else: the reference sampler."""
-    if (b.repetition_penalty is None and not b.banned and not b.bias and not b.allowed and kernels.can_sample(logits)
-            and not b.all_greedy and not filtered(b)):
+    """Plain temperature sampling (no filter, penalty, bias, ban or grammar; not all greedy): one C pass per row over
+    the logits, read in place. Everything else: the reference sampler."""
+    if (b.repetition_penalty is None and not b.banned and not b.bias and not b.allowed and b.token_bitmask is None
+            and kernels.can_sample(logits) and not b.all_greedy and not filtered(b)):
         return kernels.sample(logits, b.temperature, uniform(b, generator, logits.device))
     return torch_ops.sample(logits, b, generator)
 
