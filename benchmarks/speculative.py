@@ -63,11 +63,12 @@ def decode_run(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> tu
 
 
 def measure(llms: list[LLM], prompts: list[list[int]], streams: int, params: SamplingParams) -> list[float]:
-    """Each engine's decode tok/s over the prompts, `streams` at a time; the engines take turns on each group, so
-    that a machine slowing down or speeding up shifts them alike."""
+    """Each engine's decode tok/s over the prompts, `streams` at a time; the engines take turns on each group, the
+    first to go alternating, so that a machine slowing down or speeding up shifts them alike."""
     tokens, seconds = [0] * len(llms), [0.0] * len(llms)
     for i in range(0, len(prompts), streams):
-        for j, llm in enumerate(llms):
+        for j in range(len(llms))[::1 if i // streams % 2 == 0 else -1]:
+            llm = llms[j]
             t, s = decode_run(llm, prompts[i:i + streams], params)
             tokens[j], seconds[j] = tokens[j] + t, seconds[j] + s
     return [t / s for t, s in zip(tokens, seconds)]

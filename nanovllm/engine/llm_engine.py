@@ -183,7 +183,7 @@ class LLMEngine:
             else:
                 decodes = batch.num_new_tokens.count(1)
                 self.last_step = (batch.num_tokens - decodes, decodes)
-        elif prev is None:  # all that waits, waits for a grammar: sleep until one compiles (briefly: a request may come)
+        elif prev is None:  # all that waits, waits for a grammar: sleep until one compiles (briefly: requests come)
             pending = [s.constraint.grammar for s in self.scheduler.waiting if s.constraint and not s.constraint.ready]
             wait(pending, timeout=0.01, return_when=FIRST_COMPLETED)
         if not self.config.async_scheduling:  # this step's own tokens, now

@@ -9,7 +9,8 @@ from nanovllm.engine import kv_cache
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import AttentionMetadata
-from nanovllm.layers.sampler import SamplingBatch, StepLogprobs, logprobs_of
+from nanovllm.layers.sampler import SamplingBatch, StepLogprobs
+from nanovllm.logprobs import logit_rows, prompt_logprob_positions, step_logprobs
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.spec import rejection
 
@@ -276,6 +277,7 @@ class ModelRunner:
         if not sample_rows and not prompt_positions:
             return Launched(batch, sample_rows, None, None, None, False)
         seqs, tokens, host, event, raw, asked = [batch.seqs[i] for i in sample_rows], None, None, None, None, []
+        prompt_logits = None
         with torch.inference_mode():
             if prompt_positions:
                 sample_at, prompt_at = logit_rows(len(batch.seqs), sample_rows, prompt_positions)
@@ -296,57 +298,10 @@ class ModelRunner:
             if not asked and not prompt_positions:
                 needs_tokens = bool(self.sampling_flags[step.sample_table_rows, 4].any())
                 return Launched(batch, sample_rows, tokens, host, event, needs_tokens)
-            logprobs = StepLogprobs({}, {})
-            if asked:
-                entries = self.logprobs(raw, tokens[asked], [seqs[j].params.logprobs for j in asked])
-                logprobs.sampled = {sample_rows[j]: e for j, e in zip(asked, entries)}
-            if prompt_positions:
-                rows = list(prompt_positions)
-                targets = [batch.seqs[i].token_ids[p + 1] for i in rows for p in prompt_positions[i]]
-                entries = self.logprobs(prompt_logits, torch.tensor(targets, device=prompt_logits.device),
-                                        [batch.seqs[i].params.prompt_logprobs for i in rows
-                                         for _ in prompt_positions[i]])
-                at = np.cumsum([0] + [len(prompt_positions[i]) for i in rows]).tolist()
-                logprobs.prompt = {i: entries[at[k]:at[k + 1]] for k, i in enumerate(rows)}
+            logprobs = step_logprobs(batch, sample_rows, asked, raw, tokens, prompt_positions, prompt_logits)
         return Launched(batch, sample_rows, tokens, host, event, True, logprobs)
-
-    @staticmethod
-    def logprobs(logits: torch.Tensor, chosen: torch.Tensor, nums: list[int]) -> list[tuple]:
-        """Per row: (ids, logprobs, rank) of the chosen token and that row's number of most likely ones (-1: the
-        whole vocabulary)."""
-        vocab = logits.shape[-1]
-        nums = [vocab if k == -1 else k for k in nums]
-        ids, values, ranks = logprobs_of(logits, chosen.long(), max(nums))
-        return [(i[:k + 1], v[:k + 1], r) for i, v, r, k in zip(ids, values, ranks, nums)]
 
     def shutdown(self) -> None:
         if self.workers is not None:
             self.workers.shutdown()
 
-
-def prompt_logprob_positions(batch: ScheduledBatch) -> dict[int, range]:
-    """Per row of a request that asked for prompt logprobs (its first sequence computes them): this step's
-    positions whose logits give one (those that predict a prompt token) and that are not recorded yet, so that a
-    preempted request's recompute adds none twice."""
-    out = {}
-    for i in [i for i, seq in enumerate(batch.seqs) if seq.prompt_logprobs is not None]:
-        seq, n = batch.seqs[i], batch.num_new_tokens[i]
-        positions = range(max(seq.num_computed, len(seq.prompt_logprobs) - 1),
-                          min(seq.num_computed + n, seq.num_prompt_tokens - 1))
-        if positions:
-            out[i] = positions
-    return out
-
-
-def logit_rows(num_rows: int, sample_rows: list[int], prompt_positions: dict[int, range]) -> tuple[list, list]:
-    """Where the sampled rows' logits and the prompt positions' logits are among a step's logits (token order:
-    each row's prompt positions, then its last token if it is sampled)."""
-    sampled, sample_at, prompt_at, j = set(sample_rows), [], [], 0
-    for i in range(num_rows):
-        n = len(prompt_positions.get(i, ()))
-        prompt_at += range(j, j + n)
-        j += n
-        if i in sampled:
-            sample_at.append(j)
-            j += 1
-    return sample_at, prompt_at
