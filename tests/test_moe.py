@@ -123,28 +123,40 @@ LAYER_TENSORS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ff
                  "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
                  "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp"}
 EXPERT_TENSORS = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+MIXTRAL_EXPERTS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+GGUF_ARCH = {"qwen3_moe": "qwen3moe", "mixtral": "llama", "olmoe": "olmoe"}  # llama.cpp writes Mixtral as a llama
 
 
-def write_moe_gguf(folder: str, file: str) -> None:
-    """An HF Qwen3-MoE folder as llama.cpp's qwen3moe GGUF: experts stacked [E, rows, cols] in Q8_0, the rest
-    F32, the byte tokenizer as a gpt2 vocabulary."""
+def llama_cpp_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """convert_hf_to_gguf.py's permute of a llama's q/k rows (interleaved per head for its non-NeoX rope)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_moe_gguf(folder: str, file: str, qtype: str = "Q8_0") -> None:
+    """An HF MoE folder as llama.cpp's converter writes it: Qwen3-MoE as qwen3moe, Mixtral as llama (expert_count
+    set, q/k rows permuted), OLMoE as olmoe; experts stacked [E, rows, cols] in `qtype`, the rest F32, the byte
+    tokenizer as a gpt2 vocabulary. The folder's experts are then overwritten with their dequantized values, so
+    that HF loading the folder computes with the GGUF's very weights."""
     import gguf
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
     from transformers import AutoConfig
-    cfg, sd = AutoConfig.from_pretrained(folder), load_file(os.path.join(folder, "model.safetensors"))
-    w = gguf.GGUFWriter(file, "qwen3moe")
+    weights = os.path.join(folder, "model.safetensors")
+    cfg, sd, qtype = AutoConfig.from_pretrained(folder), load_file(weights), gguf.GGMLQuantizationType[qtype]
+    mixtral, experts = cfg.model_type == "mixtral", getattr(cfg, "num_experts", None) or cfg.num_local_experts
+    w = gguf.GGUFWriter(file, GGUF_ARCH[cfg.model_type])
     w.add_context_length(cfg.max_position_embeddings)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_embedding_length(cfg.hidden_size)
     w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
+    if cfg.model_type == "qwen3_moe":
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    w.add_expert_count(cfg.num_experts)
+    w.add_expert_count(experts)
     w.add_expert_used_count(cfg.num_experts_per_tok)
     vocab = sorted(byte_tokenizer().get_vocab().items(), key=lambda item: item[1])
     w.add_tokenizer_model("gpt2")
@@ -155,31 +167,76 @@ def write_moe_gguf(folder: str, file: str) -> None:
     w.add_eos_token_id(1)
     for hf, name in (("model.embed_tokens", "token_embd"), ("model.norm", "output_norm"), ("lm_head", "output")):
         w.add_tensor(f"{name}.weight", sd[f"{hf}.weight"].numpy())
+    moe = "block_sparse_moe" if mixtral else "mlp"
     for i in range(cfg.num_hidden_layers):
         layer = f"model.layers.{i}."
         for hf, name in LAYER_TENSORS.items():
-            w.add_tensor(f"blk.{i}.{name}.weight", sd[f"{layer}{hf}.weight"].numpy())
+            t = sd.get(f"{layer}{hf.replace('mlp.', moe + '.')}.weight")
+            if t is None:  # q/k norms: Qwen3-MoE and OLMoE only
+                continue
+            if mixtral and hf in ("self_attn.q_proj", "self_attn.k_proj"):
+                t = llama_cpp_permute(t, cfg.num_attention_heads if "q_proj" in hf else cfg.num_key_value_heads)
+            w.add_tensor(f"blk.{i}.{name}.weight", t.numpy())
         for hf, name in EXPERT_TENSORS.items():
-            stacked = torch.stack([sd[f"{layer}mlp.experts.{e}.{hf}.weight"] for e in range(cfg.num_experts)])
-            q8 = gguf.quantize(stacked.numpy(), gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(f"blk.{i}.{name}.weight", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            keys = [f"{layer}{moe}.experts.{e}.{MIXTRAL_EXPERTS[hf] if mixtral else hf}.weight" for e in range(experts)]
+            q = gguf.quantize(torch.stack([sd[k] for k in keys]).numpy(), qtype)
+            w.add_tensor(f"blk.{i}.{name}.weight", q, raw_dtype=qtype)
+            sd.update(zip(keys, torch.from_numpy(gguf.dequantize(q, qtype)).unbind()))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    save_file({k: v.contiguous() for k, v in sd.items()}, weights, metadata={"format": "pt"})
+
+
+def gguf_moe(arch: str, tmp_path, qtype: str = "Q8_0") -> tuple[str, str]:
+    """(a tiny MoE GGUF, the HF folder holding its weights): every layer sparse, as llama.cpp's archs have them;
+    experts' sizes in whole blocks of 32."""
+    sizes = {"moe_intermediate_size": 64, "mlp_only_layers": []} if arch == "qwen3_moe" else {"intermediate_size": 64}
+    folder = save_tiny_model(arch, str(tmp_path / "hf"), **sizes)
+    write_moe_gguf(folder, str(tmp_path / "moe.gguf"), qtype)
+    return str(tmp_path / "moe.gguf"), folder
 
 
 def test_moe_gguf_logits_match_transformers(tmp_path):
+    """Qwen3-MoE: transformers reads the GGUF itself."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from test_embedded import our_logits
-    # every layer sparse, as llama.cpp's qwen3moe has them; sizes in whole Q8_0 blocks of 32
-    folder = save_tiny_model("qwen3_moe", str(tmp_path / "hf"), moe_intermediate_size=64, mlp_only_layers=[])
-    write_moe_gguf(folder, str(tmp_path / "moe.gguf"))
-    llm = LLM(str(tmp_path / "moe.gguf"), dtype="float32")
-    # transformers reads the GGUF itself, but does not map expert_feed_forward_length: given here
+    path, _ = gguf_moe("qwen3_moe", tmp_path)
+    llm = LLM(path, dtype="float32")
+    # transformers does not map expert_feed_forward_length: given here
     cfg = AutoConfig.from_pretrained(tmp_path, gguf_file="moe.gguf")
     cfg.moe_intermediate_size = 64
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="moe.gguf", config=cfg, dtype=torch.float32).eval()
+    ids = random_prompts(1, 24, 24, seed=3)[0]
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids])).logits[0]
+    got = our_logits(llm, ids)
+    assert (got - expected).abs().max().item() < 1e-4
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "olmoe"])
+def test_moe_gguf_transformers_cannot_read_gives_hf_logits_of_its_weights(arch, tmp_path):
+    """Mixtral (llama.cpp's llama with experts, q/k rows permuted) and OLMoE GGUFs, which transformers cannot read
+    (it takes the first for a dense Llama and rejects the second): our loader builds their config from the
+    file's metadata; the logits are HF's from the same weights in safetensors."""
+    from transformers import AutoModelForCausalLM
+    from nanovllm.loader import load_hf_config
+    from nanovllm.models.moe import num_experts
+    from test_embedded import our_logits
+    path, folder = gguf_moe(arch, tmp_path)
+    llm = LLM(path, dtype="float32")
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    cfg = load_hf_config(path)
+    assert cfg.architectures == hf.config.architectures
+    for field in ("num_experts_per_tok", "intermediate_size", "num_key_value_heads", "rope_parameters",
+                  "tie_word_embeddings", "vocab_size", "norm_topk_prob"):
+        assert getattr(cfg, field, None) == getattr(hf.config, field, None), field
+    assert num_experts(cfg) == num_experts(hf.config)
+    assert cfg.rms_norm_eps == pytest.approx(hf.config.rms_norm_eps, rel=1e-6)  # the file holds it in fp32
+    text = "héllo wörld"
+    assert llm.get_tokenizer()(text).input_ids == byte_tokenizer()(text).input_ids
     ids = random_prompts(1, 24, 24, seed=3)[0]
     with torch.no_grad():
         expected = hf(torch.tensor([ids])).logits[0]

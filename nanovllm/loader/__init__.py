@@ -43,23 +43,27 @@ def gguf_converted(path: str) -> str:
     Converting parses the whole file three times (~12 s for SmolLM2); loading the saved copy takes well under a
     second, so it is kept in ~/.cache/nanovllm (or $NANOVLLM_CACHE), keyed by the file and transformers'
     version. Where that cannot be written, a temporary folder serves this process."""
-    from nanovllm.loader.gguf import open_gguf, tensor_index
+    from nanovllm.loader.gguf import moe_config, open_gguf, tensor_index
     st = os.stat(path)
     key = xxhash.xxh64_hexdigest(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}|"
                                  "tensors".encode())
     folder = os.path.join(cache_dir("gguf"), key)
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder
-    index = tensor_index(open_gguf(path))  # also a clear error for a corrupt file before transformers parses it
+    reader = open_gguf(path)
+    index = tensor_index(reader)  # also a clear error for a corrupt file before transformers parses it
     where, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
-    cfg = AutoConfig.from_pretrained(where, gguf_file=name)
+    cfg = moe_config(reader, index)  # Mixtral and OLMoE: transformers cannot read their config
+    # (their vocabulary converts like any other; AutoTokenizer would ask transformers for the config first)
+    tokenizer = (PreTrainedTokenizerFast if cfg else AutoTokenizer).from_pretrained(where, gguf_file=name)
+    cfg = cfg or AutoConfig.from_pretrained(where, gguf_file=name)
     arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}.get(cfg.model_type)
+            "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
+            "olmoe": "OlmoeForCausalLM"}.get(cfg.model_type)
     cfg.architectures = [arch or cfg.model_type]
     experts = [t["shape"] for t in index if t["name"].endswith("ffn_gate_exps.weight")]
     if cfg.model_type == "qwen3_moe" and experts:  # transformers does not map expert_feed_forward_length
         cfg.moe_intermediate_size = experts[0][1]
-    tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
     try:
         os.makedirs(os.path.dirname(folder), exist_ok=True)
         staging = tempfile.mkdtemp(dir=os.path.dirname(folder))

@@ -5,6 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 import gguf
 import numpy as np
 import torch
+from transformers import PretrainedConfig
 
 from nanovllm.kernels.cpu import BLOCK_BYTES, Q4_1, Q8_0
 from nanovllm.memory import huge_page_buffer
@@ -54,9 +55,34 @@ def tensor_index(reader: gguf.GGUFReader) -> list[dict]:
              "offset": int(t.data_offset), "nbytes": int(t.n_bytes)} for t in reader.tensors]
 
 
+def moe_config(reader: gguf.GGUFReader, index: list[dict]) -> PretrainedConfig | None:
+    """The config of a mixture-of-experts GGUF that transformers does not convert, from the file's metadata:
+    Mixtral (llama.cpp writes it as a llama with expert_count, which transformers takes for a dense Llama) and
+    OLMoE (an architecture transformers' GGUF support lacks). None for any other file."""
+    field = lambda key, default=None: reader.fields[key].contents() if key in reader.fields else default  # noqa: E731
+    arch = field("general.architecture")
+    key = lambda name, default=None: field(f"{arch}.{name}", default)  # noqa: E731
+    if arch not in ("llama", "olmoe") or not key("expert_count"):
+        return None
+    from transformers import MixtralConfig, OlmoeConfig  # (imported only for these files: see load_hf_config)
+    shapes = {t["name"]: t["shape"] for t in index}
+    vocab, hidden = shapes["token_embd.weight"]
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=shapes["blk.0.ffn_gate_exps.weight"][1],
+                  num_hidden_layers=key("block_count"), num_attention_heads=key("attention.head_count"),
+                  num_key_value_heads=key("attention.head_count_kv"), max_position_embeddings=key("context_length"),
+                  rms_norm_eps=key("attention.layer_norm_rms_epsilon"), num_experts_per_tok=key("expert_used_count"),
+                  rope_parameters={"rope_type": "default", "rope_theta": key("rope.freq_base", 10000.0)},
+                  tie_word_embeddings="output.weight" not in shapes, bos_token_id=field("tokenizer.ggml.bos_token_id"),
+                  eos_token_id=field("tokenizer.ggml.eos_token_id"))
+    if arch == "olmoe":  # llama.cpp's OLMoE graph never renormalizes the top-k weights
+        return OlmoeConfig(**common, num_experts=key("expert_count"), norm_topk_prob=False)
+    return MixtralConfig(**common, num_local_experts=key("expert_count"), sliding_window=None,
+                         head_dim=key("attention.key_length", hidden // common["num_attention_heads"]))
+
+
 def hf_rows(name: str, w: np.ndarray, hf_config) -> np.ndarray:
     """A weight's rows (dequantized, or still in quantized blocks) in HF's order."""
-    if hf_config.model_type in ("llama", "mistral") and name.endswith(("q_proj.weight", "k_proj.weight")):
+    if hf_config.model_type in ("llama", "mistral", "mixtral") and name.endswith(("q_proj.weight", "k_proj.weight")):
         heads = hf_config.num_attention_heads if name.endswith("q_proj.weight") else hf_config.num_key_value_heads
         return unpermute(w, heads)
     return w
