@@ -134,9 +134,9 @@ def llama_cpp_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 def write_moe_gguf(folder: str, file: str, qtype: str = "Q8_0") -> None:
     """An HF MoE folder as llama.cpp's converter writes it: Qwen3-MoE as qwen3moe, Mixtral as llama (expert_count
-    set, q/k rows permuted), OLMoE as olmoe; experts stacked [E, rows, cols] in `qtype`, the rest F32, the byte
-    tokenizer as a gpt2 vocabulary. The folder's experts are then overwritten with their dequantized values, so
-    that HF loading the folder computes with the GGUF's very weights."""
+    set, q/k rows permuted), OLMoE as olmoe; experts stacked [E, rows, cols] and the attention's projections in
+    `qtype`, the rest F32, the byte tokenizer as a gpt2 vocabulary. The folder's quantized weights are then
+    overwritten with their dequantized values, so that HF loading the folder computes with the GGUF's weights."""
     import gguf
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig
@@ -171,12 +171,16 @@ def write_moe_gguf(folder: str, file: str, qtype: str = "Q8_0") -> None:
     for i in range(cfg.num_hidden_layers):
         layer = f"model.layers.{i}."
         for hf, name in LAYER_TENSORS.items():
-            t = sd.get(f"{layer}{hf.replace('mlp.', moe + '.')}.weight")
-            if t is None:  # q/k norms: Qwen3-MoE and OLMoE only
+            key = f"{layer}{hf.replace('mlp.', moe + '.')}.weight"
+            if key not in sd:  # q/k norms: Qwen3-MoE and OLMoE only
                 continue
-            if mixtral and hf in ("self_attn.q_proj", "self_attn.k_proj"):
+            t = sd[key]
+            if hf.endswith("_proj"):  # the attention's projections in `qtype` too
+                t = torch.from_numpy(gguf.quantize(t.numpy(), qtype))
+                sd[key] = torch.from_numpy(gguf.dequantize(t.numpy(), qtype))
+            if mixtral and hf in ("self_attn.q_proj", "self_attn.k_proj"):  # (rows: the blocks are along a row)
                 t = llama_cpp_permute(t, cfg.num_attention_heads if "q_proj" in hf else cfg.num_key_value_heads)
-            w.add_tensor(f"blk.{i}.{name}.weight", t.numpy())
+            w.add_tensor(f"blk.{i}.{name}.weight", t.numpy(), raw_dtype=qtype if hf.endswith("_proj") else None)
         for hf, name in EXPERT_TENSORS.items():
             keys = [f"{layer}{moe}.experts.{e}.{MIXTRAL_EXPERTS[hf] if mixtral else hf}.weight" for e in range(experts)]
             q = gguf.quantize(torch.stack([sd[k] for k in keys]).numpy(), qtype)
@@ -243,3 +247,67 @@ def test_moe_gguf_transformers_cannot_read_gives_hf_logits_of_its_weights(arch, 
     got = our_logits(llm, ids)
     assert (got - expected).abs().max().item() < 1e-4
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def unpack_blocks(packed: torch.Tensor, kind: int, rows: int) -> torch.Tensor:
+    """pack_blocks' inverse: the CPU kernel's tiles -> GGUF rows, uint8 [rows, K / 32 * block bytes]."""
+    from nanovllm.kernels.cpu import BLOCK_BYTES, Q4_1
+    scales = 2 if kind == Q4_1 else 1  # Q4_1: d and m, Q8_0: d (fp16 each)
+    tiles = packed.view(rows // 16, -1, 16 * BLOCK_BYTES[kind])  # per 16 rows, per 32 inputs: q, d, (m)
+    q, *dm = (p.unflatten(2, (16, -1)) for p in tiles.split([16 * (BLOCK_BYTES[kind] - 2 * scales)] + [32] * scales, 2))
+    return torch.cat([*dm, q], 3).transpose(1, 2).reshape(rows, -1)
+
+
+def dequantized(blocks: tuple[int, torch.Tensor], shape) -> torch.Tensor:
+    """A kept expert's blocks as the bf16 weight they stand for (the gguf package's dequantize)."""
+    import gguf
+    from nanovllm.kernels.cpu import Q4_1
+    kind, packed = blocks
+    qtype = gguf.GGMLQuantizationType.Q4_1 if kind == Q4_1 else gguf.GGMLQuantizationType.Q8_0
+    return torch.from_numpy(gguf.dequantize(unpack_blocks(packed, kind, shape[0]).numpy(), qtype)).bfloat16()
+
+
+@pytest.mark.parametrize("kernel", ["amx", "torch"])
+@pytest.mark.parametrize("arch,qtype", [("qwen3_moe", "Q8_0"), ("mixtral", "Q4_1")])
+def test_gguf_quantized_experts_keep_their_blocks(arch, qtype, kernel, tmp_path, monkeypatch):
+    """In bf16 on CPU where the loader keeps a GGUF's blocks (AMX), every layer's Q8_0 / Q4_1 experts keep theirs
+    as the attention's projections do: each expert's blocks are the very values of the bf16 expert loaded beside
+    them, the matmuls read them, and the greedy tokens are those of the bf16 weights alone. kernel="torch"
+    runs anywhere: the AMX linear is replaced by its equivalent in torch (the blocks unpacked and dequantized),
+    which checks the loading and the per-expert dispatch; kernel="amx" runs the C kernel (a CPU with AMX only)."""
+    import torch.nn.functional as F
+    import nanovllm.ops.cpu_ops as cpu_ops
+    from nanovllm.kernels import cpu as cpu_kernel
+    if kernel == "amx" and not cpu_kernel.has_amx():
+        pytest.skip("this CPU (or its compiler) has no AMX")
+    read = []
+    if kernel == "torch":
+        def amx_linear(x, weight, bias, blocks=None):  # what the kernel computes, where it reads blocks
+            if blocks is None or not 0 < x.shape[0] <= cpu_kernel.LINEAR_ROWS:
+                return None
+            read.append((blocks[0], blocks[1].data_ptr()))
+            return F.linear(x, dequantized(blocks, weight.shape), bias)
+        monkeypatch.setattr(cpu_kernel, "amx_linear", amx_linear)
+        monkeypatch.setattr(cpu_ops, "keeps_gguf_blocks", lambda dtype: dtype == torch.bfloat16)
+    path, _ = gguf_moe(arch, tmp_path, qtype)
+    llm = LLM(path, dtype="bfloat16", enable_prefix_caching=False)
+    model = llm.engine.runner.model
+    experts = [m for m in model.modules() if isinstance(m, FusedMoE)]
+    kind = getattr(cpu_kernel, qtype)
+    for m in experts:
+        for w, (k, packed) in ((m.w13_weight, m.w13_blocks), (m.w2_weight, m.w2_blocks)):
+            assert k == kind and packed.shape[0] == w.shape[0]
+            assert all(torch.equal(dequantized((k, packed[e]), w.shape[1:]), w[e]) for e in range(w.shape[0]))
+    for layer in model.model.layers:  # the dense projections' blocks alike (Mixtral's q/k rows unpermuted too)
+        for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj):
+            assert m.blocks[0] == kind and torch.equal(dequantized(m.blocks, m.weight.shape), m.weight)
+    prompts = random_prompts(4, 5, 30, seed=4)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    with_blocks = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    expert_blocks = {(kind, b.data_ptr()) for m in experts for _, p in (m.w13_blocks, m.w2_blocks) for b in p}
+    assert kernel == "amx" or {k for k, _ in read} == {kind} and len(expert_blocks & set(read)) > len(experts)
+    for m in experts:
+        m.w13_blocks = m.w2_blocks = None
+    for layer in model.model.layers:
+        layer.self_attn.qkv_proj.blocks = layer.self_attn.o_proj.blocks = None
+    assert with_blocks == [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]

@@ -88,10 +88,17 @@ def hf_rows(name: str, w: np.ndarray, hf_config) -> np.ndarray:
     return w
 
 
+def split_experts(name: str, w) -> list[tuple[str, object]]:
+    """mlp.experts.gate_proj [E, rows, cols] -> each expert's mlp.experts.E.gate_proj [rows, cols], as HF
+    checkpoints name them; any other tensor as it is."""
+    if ".mlp.experts." in name:
+        return [(name.replace(".experts.", f".experts.{e}."), w[e]) for e in range(w.shape[0])]
+    return [(name, w)]
+
+
 def gguf_weights(path: str, index: list[dict], hf_config, threads: int = 1) -> Iterator[tuple[str, torch.Tensor]]:
     """Dequantized tensors with HF names, read from a memory map; `threads` tensors are dequantized at once
-    (numpy releases the GIL in its array loops). A stacked experts tensor comes as each expert's HF tensor
-    (dequantized at load: quantized experts' blocks are not kept for the CPU kernels)."""
+    (numpy releases the GIL in its array loops). A stacked experts tensor comes as each expert's HF tensor."""
     data = np.memmap(path, np.uint8, mode="r")
 
     def load(t: dict) -> list[tuple[str, torch.Tensor]]:
@@ -101,10 +108,7 @@ def gguf_weights(path: str, index: list[dict], hf_config, threads: int = 1) -> I
         except Exception as e:
             raise ValueError(f"cannot dequantize GGUF tensor {t['name']} ({qtype.name}): {e}") from None
         w = hf_rows(name, w, hf_config)
-        w = torch.from_numpy(w if w.flags.writeable and w.flags.c_contiguous else w.copy())
-        if ".mlp.experts." in name:  # mlp.experts.gate_proj [E, I, H] -> each mlp.experts.E.gate_proj [I, H]
-            return [(name.replace(".experts.", f".experts.{e}."), w[e]) for e in range(w.shape[0])]
-        return [(name, w)]
+        return split_experts(name, torch.from_numpy(w if w.flags.writeable and w.flags.c_contiguous else w.copy()))
 
     with ThreadPoolExecutor(threads) as pool:
         for tensors in pool.map(load, index):
@@ -115,15 +119,16 @@ KEPT_TYPES = {gguf.GGMLQuantizationType.Q4_1: Q4_1, gguf.GGMLQuantizationType.Q8
 
 
 def gguf_blocks(path: str, index: list[dict], hf_config) -> Iterator[tuple[str, int, torch.Tensor]]:
-    """(HF name, kernels/cpu block type, uint8 [rows, bytes]) of each Q4_1 or Q8_0 matrix as stored, rows in
-    HF's order: what our CPU decode kernels read in place of their bf16 values (kernels/cpu/linear.c)."""
+    """(HF name, kernels/cpu block type, uint8 [rows, bytes]) of each Q4_1 or Q8_0 matrix as stored (a stacked
+    experts tensor: each expert's), rows in HF's order: what our CPU decode kernels read in place of their bf16
+    values (kernels/cpu/linear.c)."""
     data = np.memmap(path, np.uint8, mode="r")
     for t in index:
         name = hf_name(t["name"])
-        if t["type"] in KEPT_TYPES and len(t["shape"]) == 2 and t["shape"][1] % 32 == 0:
-            blocks = data[t["offset"]:t["offset"] + t["nbytes"]].reshape(t["shape"][0], -1)
-            # a copy: writable, and the map can close
-            yield name, KEPT_TYPES[t["type"]], torch.from_numpy(np.array(hf_rows(name, blocks, hf_config)))
+        if t["type"] in KEPT_TYPES and len(t["shape"]) in (2, 3) and t["shape"][-1] % 32 == 0:
+            blocks = data[t["offset"]:t["offset"] + t["nbytes"]].reshape(*t["shape"][:-1], -1)
+            for name, b in split_experts(name, hf_rows(name, blocks, hf_config)):
+                yield name, KEPT_TYPES[t["type"]], torch.from_numpy(np.array(b))  # a copy: writable, the map can close
 
 
 def pack_blocks(blocks: torch.Tensor, kind: int) -> torch.Tensor:
