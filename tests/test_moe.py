@@ -1,8 +1,8 @@
 """Mixture-of-experts models (Qwen3-MoE, Mixtral, OLMoE): greedy token for token what HF transformers gives in fp32,
 under prefix caching, chunked prefill, preemption and TP=2; the grouped expert product (the torch reference and the
 fused MoE Triton kernel, in Triton's interpreter) against a per-token reference, and in bf16 on CPU reading only
-the experts a decode step selected; a tiny MoE GGUF (quantized experts) against transformers' logits for the same
-file."""
+the experts a decode step selected; a tiny MoE GGUF of each family (quantized experts) against transformers' logits
+for the same file or weights, and its Q8_0 / Q4_1 experts' blocks kept and read in bf16 with the tokens unchanged."""
 import os
 
 import pytest
