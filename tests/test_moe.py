@@ -1,8 +1,8 @@
 """Mixture-of-experts models (Qwen3-MoE, Mixtral, OLMoE): greedy token for token what HF transformers gives in fp32,
 under prefix caching, chunked prefill, preemption and TP=2; the grouped expert product (the torch reference and the
 fused MoE Triton kernel, in Triton's interpreter) against a per-token reference, and in bf16 on CPU reading only
-the experts a decode step selected; a tiny MoE GGUF (quantized experts) against transformers' logits for the same
-file."""
+the experts a decode step selected; a tiny MoE GGUF of each family (quantized experts) against transformers' logits
+for the same file or weights, and its Q8_0 / Q4_1 experts' blocks kept and read in bf16 with the tokens unchanged."""
 import os
 
 import pytest
@@ -123,28 +123,40 @@ LAYER_TENSORS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ff
                  "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
                  "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp"}
 EXPERT_TENSORS = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+MIXTRAL_EXPERTS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+GGUF_ARCH = {"qwen3_moe": "qwen3moe", "mixtral": "llama", "olmoe": "olmoe"}  # llama.cpp writes Mixtral as a llama
 
 
-def write_moe_gguf(folder: str, file: str) -> None:
-    """An HF Qwen3-MoE folder as llama.cpp's qwen3moe GGUF: experts stacked [E, rows, cols] in Q8_0, the rest
-    F32, the byte tokenizer as a gpt2 vocabulary."""
+def llama_cpp_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """convert_hf_to_gguf.py's permute of a llama's q/k rows (interleaved per head for its non-NeoX rope)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_moe_gguf(folder: str, file: str, qtype: str = "Q8_0") -> None:
+    """An HF MoE folder as llama.cpp's converter writes it: Qwen3-MoE as qwen3moe, Mixtral as llama (expert_count
+    set, q/k rows permuted), OLMoE as olmoe; experts stacked [E, rows, cols] and the attention's projections in
+    `qtype`, the rest F32, the byte tokenizer as a gpt2 vocabulary. The folder's quantized weights are then
+    overwritten with their dequantized values, so that HF loading the folder computes with the GGUF's weights."""
     import gguf
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
     from transformers import AutoConfig
-    cfg, sd = AutoConfig.from_pretrained(folder), load_file(os.path.join(folder, "model.safetensors"))
-    w = gguf.GGUFWriter(file, "qwen3moe")
+    weights = os.path.join(folder, "model.safetensors")
+    cfg, sd, qtype = AutoConfig.from_pretrained(folder), load_file(weights), gguf.GGMLQuantizationType[qtype]
+    mixtral, experts = cfg.model_type == "mixtral", getattr(cfg, "num_experts", None) or cfg.num_local_experts
+    w = gguf.GGUFWriter(file, GGUF_ARCH[cfg.model_type])
     w.add_context_length(cfg.max_position_embeddings)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_embedding_length(cfg.hidden_size)
     w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
+    if cfg.model_type == "qwen3_moe":
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    w.add_expert_count(cfg.num_experts)
+    w.add_expert_count(experts)
     w.add_expert_used_count(cfg.num_experts_per_tok)
     vocab = sorted(byte_tokenizer().get_vocab().items(), key=lambda item: item[1])
     w.add_tokenizer_model("gpt2")
@@ -155,28 +167,48 @@ def write_moe_gguf(folder: str, file: str) -> None:
     w.add_eos_token_id(1)
     for hf, name in (("model.embed_tokens", "token_embd"), ("model.norm", "output_norm"), ("lm_head", "output")):
         w.add_tensor(f"{name}.weight", sd[f"{hf}.weight"].numpy())
+    moe = "block_sparse_moe" if mixtral else "mlp"
     for i in range(cfg.num_hidden_layers):
         layer = f"model.layers.{i}."
         for hf, name in LAYER_TENSORS.items():
-            w.add_tensor(f"blk.{i}.{name}.weight", sd[f"{layer}{hf}.weight"].numpy())
+            key = f"{layer}{hf.replace('mlp.', moe + '.')}.weight"
+            if key not in sd:  # q/k norms: Qwen3-MoE and OLMoE only
+                continue
+            t = sd[key]
+            if hf.endswith("_proj"):  # the attention's projections in `qtype` too
+                t = torch.from_numpy(gguf.quantize(t.numpy(), qtype))
+                sd[key] = torch.from_numpy(gguf.dequantize(t.numpy(), qtype))
+            if mixtral and hf in ("self_attn.q_proj", "self_attn.k_proj"):  # (rows: the blocks are along a row)
+                t = llama_cpp_permute(t, cfg.num_attention_heads if "q_proj" in hf else cfg.num_key_value_heads)
+            w.add_tensor(f"blk.{i}.{name}.weight", t.numpy(), raw_dtype=qtype if hf.endswith("_proj") else None)
         for hf, name in EXPERT_TENSORS.items():
-            stacked = torch.stack([sd[f"{layer}mlp.experts.{e}.{hf}.weight"] for e in range(cfg.num_experts)])
-            q8 = gguf.quantize(stacked.numpy(), gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(f"blk.{i}.{name}.weight", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            keys = [f"{layer}{moe}.experts.{e}.{MIXTRAL_EXPERTS[hf] if mixtral else hf}.weight" for e in range(experts)]
+            q = gguf.quantize(torch.stack([sd[k] for k in keys]).numpy(), qtype)
+            w.add_tensor(f"blk.{i}.{name}.weight", q, raw_dtype=qtype)
+            sd.update(zip(keys, torch.from_numpy(gguf.dequantize(q, qtype)).unbind()))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    save_file({k: v.contiguous() for k, v in sd.items()}, weights, metadata={"format": "pt"})
+
+
+def gguf_moe(arch: str, tmp_path, qtype: str = "Q8_0") -> tuple[str, str]:
+    """(a tiny MoE GGUF, the HF folder holding its weights): every layer sparse, as llama.cpp's archs have them;
+    experts' sizes in whole blocks of 32."""
+    sizes = {"moe_intermediate_size": 64, "mlp_only_layers": []} if arch == "qwen3_moe" else {"intermediate_size": 64}
+    folder = save_tiny_model(arch, str(tmp_path / "hf"), **sizes)
+    write_moe_gguf(folder, str(tmp_path / "moe.gguf"), qtype)
+    return str(tmp_path / "moe.gguf"), folder
 
 
 def test_moe_gguf_logits_match_transformers(tmp_path):
+    """Qwen3-MoE: transformers reads the GGUF itself."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from test_embedded import our_logits
-    # every layer sparse, as llama.cpp's qwen3moe has them; sizes in whole Q8_0 blocks of 32
-    folder = save_tiny_model("qwen3_moe", str(tmp_path / "hf"), moe_intermediate_size=64, mlp_only_layers=[])
-    write_moe_gguf(folder, str(tmp_path / "moe.gguf"))
-    llm = LLM(str(tmp_path / "moe.gguf"), dtype="float32")
-    # transformers reads the GGUF itself, but does not map expert_feed_forward_length: given here
+    path, _ = gguf_moe("qwen3_moe", tmp_path)
+    llm = LLM(path, dtype="float32")
+    # transformers does not map expert_feed_forward_length: given here
     cfg = AutoConfig.from_pretrained(tmp_path, gguf_file="moe.gguf")
     cfg.moe_intermediate_size = 64
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="moe.gguf", config=cfg, dtype=torch.float32).eval()
@@ -186,3 +218,96 @@ def test_moe_gguf_logits_match_transformers(tmp_path):
     got = our_logits(llm, ids)
     assert (got - expected).abs().max().item() < 1e-4
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "olmoe"])
+def test_moe_gguf_transformers_cannot_read_gives_hf_logits_of_its_weights(arch, tmp_path):
+    """Mixtral (llama.cpp's llama with experts, q/k rows permuted) and OLMoE GGUFs, which transformers cannot read
+    (it takes the first for a dense Llama and rejects the second): our loader builds their config from the
+    file's metadata; the logits are HF's from the same weights in safetensors."""
+    from transformers import AutoModelForCausalLM
+    from nanovllm.loader import load_hf_config
+    from nanovllm.models.moe import num_experts
+    from test_embedded import our_logits
+    path, folder = gguf_moe(arch, tmp_path)
+    llm = LLM(path, dtype="float32")
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    cfg = load_hf_config(path)
+    assert cfg.architectures == hf.config.architectures
+    for field in ("num_experts_per_tok", "intermediate_size", "num_key_value_heads", "rope_parameters",
+                  "tie_word_embeddings", "vocab_size", "norm_topk_prob"):
+        assert getattr(cfg, field, None) == getattr(hf.config, field, None), field
+    assert num_experts(cfg) == num_experts(hf.config)
+    assert cfg.rms_norm_eps == pytest.approx(hf.config.rms_norm_eps, rel=1e-6)  # the file holds it in fp32
+    text = "héllo wörld"
+    assert llm.get_tokenizer()(text).input_ids == byte_tokenizer()(text).input_ids
+    ids = random_prompts(1, 24, 24, seed=3)[0]
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids])).logits[0]
+    got = our_logits(llm, ids)
+    assert (got - expected).abs().max().item() < 1e-4
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def unpack_blocks(packed: torch.Tensor, kind: int, rows: int) -> torch.Tensor:
+    """pack_blocks' inverse: the CPU kernel's tiles -> GGUF rows, uint8 [rows, K / 32 * block bytes]."""
+    from nanovllm.kernels.cpu import BLOCK_BYTES, Q4_1
+    scales = 2 if kind == Q4_1 else 1  # Q4_1: d and m, Q8_0: d (fp16 each)
+    tiles = packed.view(rows // 16, -1, 16 * BLOCK_BYTES[kind])  # per 16 rows, per 32 inputs: q, d, (m)
+    q, *dm = (p.unflatten(2, (16, -1)) for p in tiles.split([16 * (BLOCK_BYTES[kind] - 2 * scales)] + [32] * scales, 2))
+    return torch.cat([*dm, q], 3).transpose(1, 2).reshape(rows, -1)
+
+
+def dequantized(blocks: tuple[int, torch.Tensor], shape) -> torch.Tensor:
+    """A kept expert's blocks as the bf16 weight they stand for (the gguf package's dequantize)."""
+    import gguf
+    from nanovllm.kernels.cpu import Q4_1
+    kind, packed = blocks
+    qtype = gguf.GGMLQuantizationType.Q4_1 if kind == Q4_1 else gguf.GGMLQuantizationType.Q8_0
+    return torch.from_numpy(gguf.dequantize(unpack_blocks(packed, kind, shape[0]).numpy(), qtype)).bfloat16()
+
+
+@pytest.mark.parametrize("kernel", ["amx", "torch"])
+@pytest.mark.parametrize("arch,qtype", [("qwen3_moe", "Q8_0"), ("mixtral", "Q4_1")])
+def test_gguf_quantized_experts_keep_their_blocks(arch, qtype, kernel, tmp_path, monkeypatch):
+    """In bf16 on CPU where the loader keeps a GGUF's blocks (AMX), every layer's Q8_0 / Q4_1 experts keep theirs
+    as the attention's projections do: each expert's blocks are the very values of the bf16 expert loaded beside
+    them, the matmuls read them, and the greedy tokens are those of the bf16 weights alone. kernel="torch"
+    runs anywhere: the AMX linear is replaced by its equivalent in torch (the blocks unpacked and dequantized),
+    which checks the loading and the per-expert dispatch; kernel="amx" runs the C kernel (a CPU with AMX only)."""
+    import torch.nn.functional as F
+    import nanovllm.ops.cpu_ops as cpu_ops
+    from nanovllm.kernels import cpu as cpu_kernel
+    if kernel == "amx" and not cpu_kernel.has_amx():
+        pytest.skip("this CPU (or its compiler) has no AMX")
+    read = []
+    if kernel == "torch":
+        def amx_linear(x, weight, bias, blocks=None):  # what the kernel computes, where it reads blocks
+            if blocks is None or not 0 < x.shape[0] <= cpu_kernel.LINEAR_ROWS:
+                return None
+            read.append((blocks[0], blocks[1].data_ptr()))
+            return F.linear(x, dequantized(blocks, weight.shape), bias)
+        monkeypatch.setattr(cpu_kernel, "amx_linear", amx_linear)
+        monkeypatch.setattr(cpu_ops, "keeps_gguf_blocks", lambda dtype: dtype == torch.bfloat16)
+    path, _ = gguf_moe(arch, tmp_path, qtype)
+    llm = LLM(path, dtype="bfloat16", enable_prefix_caching=False)
+    model = llm.engine.runner.model
+    experts = [m for m in model.modules() if isinstance(m, FusedMoE)]
+    kind = getattr(cpu_kernel, qtype)
+    for m in experts:
+        for w, (k, packed) in ((m.w13_weight, m.w13_blocks), (m.w2_weight, m.w2_blocks)):
+            assert k == kind and packed.shape[0] == w.shape[0]
+            assert all(torch.equal(dequantized((k, packed[e]), w.shape[1:]), w[e]) for e in range(w.shape[0]))
+    for layer in model.model.layers:  # the dense projections' blocks alike (Mixtral's q/k rows unpermuted too)
+        for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj):
+            assert m.blocks[0] == kind and torch.equal(dequantized(m.blocks, m.weight.shape), m.weight)
+    prompts = random_prompts(4, 5, 30, seed=4)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    with_blocks = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    expert_blocks = {(kind, b.data_ptr()) for m in experts for _, p in (m.w13_blocks, m.w2_blocks) for b in p}
+    assert kernel == "amx" or {k for k, _ in read} == {kind} and len(expert_blocks & set(read)) > len(experts)
+    for m in experts:
+        m.w13_blocks = m.w2_blocks = None
+    for layer in model.model.layers:
+        layer.self_attn.qkv_proj.blocks = layer.self_attn.o_proj.blocks = None
+    assert with_blocks == [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]

@@ -12,6 +12,11 @@ from nanovllm.layers.parallel import tp_size
 
 
 class FusedMoE(nn.Module):
+    # a GGUF's quantized experts, kept by the loader where the backend reads them (as Linear.blocks): (block type,
+    # uint8 [E, bytes], each expert's blocks in the CPU kernel's layout), the same values as the weights
+    w13_blocks: tuple[int, torch.Tensor] | None = None
+    w2_blocks: tuple[int, torch.Tensor] | None = None
+
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
         size = intermediate_size // tp_size()
@@ -21,4 +26,5 @@ class FusedMoE(nn.Module):
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """x [T, H]; topk_ids [T, k] the experts each token chose, topk_weights [T, k] their weights:
         sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t])."""
-        return ops.fused_experts(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
+        return ops.fused_experts(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids,
+                                 blocks=(self.w13_blocks, self.w2_blocks))

@@ -43,23 +43,27 @@ def gguf_converted(path: str) -> str:
     Converting parses the whole file three times (~12 s for SmolLM2); loading the saved copy takes well under a
     second, so it is kept in ~/.cache/nanovllm (or $NANOVLLM_CACHE), keyed by the file and transformers'
     version. Where that cannot be written, a temporary folder serves this process."""
-    from nanovllm.loader.gguf import open_gguf, tensor_index
+    from nanovllm.loader.gguf import moe_config, open_gguf, tensor_index
     st = os.stat(path)
     key = xxhash.xxh64_hexdigest(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}|"
                                  "tensors".encode())
     folder = os.path.join(cache_dir("gguf"), key)
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder
-    index = tensor_index(open_gguf(path))  # also a clear error for a corrupt file before transformers parses it
+    reader = open_gguf(path)
+    index = tensor_index(reader)  # also a clear error for a corrupt file before transformers parses it
     where, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
-    cfg = AutoConfig.from_pretrained(where, gguf_file=name)
+    cfg = moe_config(reader, index)  # Mixtral and OLMoE: transformers cannot read their config
+    # (their vocabulary converts like any other; AutoTokenizer would ask transformers for the config first)
+    tokenizer = (PreTrainedTokenizerFast if cfg else AutoTokenizer).from_pretrained(where, gguf_file=name)
+    cfg = cfg or AutoConfig.from_pretrained(where, gguf_file=name)
     arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}.get(cfg.model_type)
+            "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
+            "olmoe": "OlmoeForCausalLM"}.get(cfg.model_type)
     cfg.architectures = [arch or cfg.model_type]
     experts = [t["shape"] for t in index if t["name"].endswith("ffn_gate_exps.weight")]
     if cfg.model_type == "qwen3_moe" and experts:  # transformers does not map expert_feed_forward_length
         cfg.moe_intermediate_size = experts[0][1]
-    tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
     try:
         os.makedirs(os.path.dirname(folder), exist_ok=True)
         staging = tempfile.mkdtemp(dir=os.path.dirname(folder))
@@ -141,35 +145,45 @@ def load_model(path: str, dtype: torch.dtype, device: str, max_positions: int, h
 
 
 def keep_gguf_blocks(model: torch.nn.Module, path: str, index: list[dict], cfg) -> None:
-    """Give each projection (the layer weights that tensor parallelism splits) and the LM head whose GGUF tensors
-    are all Q4_1 or all Q8_0 their blocks too (Linear.blocks, in the CPU kernel's tile layout): decode steps read
-    those, 31% or 53% of the bf16 bytes, and dequantize them on the fly to the very bf16 values loaded here.
-    Prefills keep the bf16 weights."""
+    """Give each projection (the layer weights that tensor parallelism splits), the LM head and each layer's
+    stacked experts whose GGUF tensors are all Q4_1 or all Q8_0 their blocks too (Linear.blocks,
+    FusedMoE.w13_blocks / w2_blocks: in the CPU kernel's tile layout): decode steps read those, 31% or 53% of the
+    bf16 bytes, and dequantize them on the fly to the very bf16 values loaded here. Prefills keep the bf16 weights."""
+    from nanovllm.layers.moe import FusedMoE
     from nanovllm.loader.gguf import BLOCK_BYTES, gguf_blocks, pack_blocks
     projections = {w.name for w in model.layer_weights if w.split is not None}
-    linears = {f"{name}.weight": m for name, m in model.named_modules()
-               if (name == "lm_head" or name.split(".", 3)[-1] in projections)
-               and m.out_features % 16 == 0 and m.in_features % 32 == 0}
+    targets = {}  # parameter name -> (its module, its shape: [N, K], or [E, N, K] for experts)
+    for name, m in model.named_modules():
+        if name == "lm_head" or name.split(".", 3)[-1] in projections:
+            targets[f"{name}.weight"] = m, m.weight.shape
+        elif isinstance(m, FusedMoE):
+            targets.update({f"{name}.{p}": (m, getattr(m, p).shape) for p in ("w13_weight", "w2_weight")})
+    targets = {k: v for k, v in targets.items() if v[1][-2] % 16 == 0 and v[1][-1] % 32 == 0}
     shadows, kinds, filled = {}, {}, set()
     for name, kind, blocks in gguf_blocks(path, index, cfg):
         if model.tie_word_embeddings and name == "model.embed_tokens.weight":
             name = "lm_head.weight"  # the LM head reads the embedding's blocks
         target = model.locate(name)[0]
-        m = linears.get(target)
-        if m is None or kinds.setdefault(target, kind) != kind:  # not a projection, or parts of two types
+        if target not in targets or kinds.setdefault(target, kind) != kind:  # not kept, or parts of two types
             kinds[target] = None
             continue
         if target not in shadows:
-            shadows[target] = torch.empty(m.out_features, m.in_features // 32 * BLOCK_BYTES[kind], dtype=torch.uint8)
+            shape = targets[target][1]
+            shadows[target] = torch.empty(*shape[:-1], shape[-1] // 32 * BLOCK_BYTES[kind], dtype=torch.uint8)
         if target == "lm_head.weight":  # one rank: the whole vocabulary, no padding
             shadows[target].copy_(blocks)
             filled.add(target)
         else:
             filled.add(model.load_weight(name, blocks, shadows))
     expected = model.expected_weights() | {"lm_head.weight"}
-    for name, m in linears.items():
-        if kinds.get(name) and {e for e in expected if e.split("#")[0] == name} <= filled:  # q, k and v alike
-            m.blocks = kinds[name], pack_blocks(shadows[name], kinds[name])
+    for name, (m, shape) in targets.items():
+        kind = kinds.get(name)
+        if kind and {e for e in expected if e.split("#")[0] == name} <= filled:  # q, k and v alike; every expert
+            packed = pack_blocks(shadows[name].view(-1, shadows[name].shape[-1]), kind)  # experts: one after another
+            if isinstance(m, FusedMoE):
+                setattr(m, name.rsplit(".", 1)[1].replace("weight", "blocks"), (kind, packed.view(shape[0], -1)))
+            else:
+                m.blocks = kind, packed
 
 
 def place_in_huge_pages(model: torch.nn.Module) -> None:

@@ -5,6 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 import gguf
 import numpy as np
 import torch
+from transformers import PretrainedConfig
 
 from nanovllm.kernels.cpu import BLOCK_BYTES, Q4_1, Q8_0
 from nanovllm.memory import huge_page_buffer
@@ -54,18 +55,50 @@ def tensor_index(reader: gguf.GGUFReader) -> list[dict]:
              "offset": int(t.data_offset), "nbytes": int(t.n_bytes)} for t in reader.tensors]
 
 
+def moe_config(reader: gguf.GGUFReader, index: list[dict]) -> PretrainedConfig | None:
+    """The config of a mixture-of-experts GGUF that transformers does not convert, from the file's metadata:
+    Mixtral (llama.cpp writes it as a llama with expert_count, which transformers takes for a dense Llama) and
+    OLMoE (an architecture transformers' GGUF support lacks). None for any other file."""
+    field = lambda key, default=None: reader.fields[key].contents() if key in reader.fields else default  # noqa: E731
+    arch = field("general.architecture")
+    key = lambda name, default=None: field(f"{arch}.{name}", default)  # noqa: E731
+    if arch not in ("llama", "olmoe") or not key("expert_count"):
+        return None
+    from transformers import MixtralConfig, OlmoeConfig  # (imported only for these files: see load_hf_config)
+    shapes = {t["name"]: t["shape"] for t in index}
+    vocab, hidden = shapes["token_embd.weight"]
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=shapes["blk.0.ffn_gate_exps.weight"][1],
+                  num_hidden_layers=key("block_count"), num_attention_heads=key("attention.head_count"),
+                  num_key_value_heads=key("attention.head_count_kv"), max_position_embeddings=key("context_length"),
+                  rms_norm_eps=key("attention.layer_norm_rms_epsilon"), num_experts_per_tok=key("expert_used_count"),
+                  rope_parameters={"rope_type": "default", "rope_theta": key("rope.freq_base", 10000.0)},
+                  tie_word_embeddings="output.weight" not in shapes, bos_token_id=field("tokenizer.ggml.bos_token_id"),
+                  eos_token_id=field("tokenizer.ggml.eos_token_id"))
+    if arch == "olmoe":  # llama.cpp's OLMoE graph never renormalizes the top-k weights
+        return OlmoeConfig(**common, num_experts=key("expert_count"), norm_topk_prob=False)
+    return MixtralConfig(**common, num_local_experts=key("expert_count"), sliding_window=None,
+                         head_dim=key("attention.key_length", hidden // common["num_attention_heads"]))
+
+
 def hf_rows(name: str, w: np.ndarray, hf_config) -> np.ndarray:
     """A weight's rows (dequantized, or still in quantized blocks) in HF's order."""
-    if hf_config.model_type in ("llama", "mistral") and name.endswith(("q_proj.weight", "k_proj.weight")):
+    if hf_config.model_type in ("llama", "mistral", "mixtral") and name.endswith(("q_proj.weight", "k_proj.weight")):
         heads = hf_config.num_attention_heads if name.endswith("q_proj.weight") else hf_config.num_key_value_heads
         return unpermute(w, heads)
     return w
 
 
+def split_experts(name: str, w) -> list[tuple[str, object]]:
+    """mlp.experts.gate_proj [E, rows, cols] -> each expert's mlp.experts.E.gate_proj [rows, cols], as HF
+    checkpoints name them; any other tensor as it is."""
+    if ".mlp.experts." in name:
+        return [(name.replace(".experts.", f".experts.{e}."), w[e]) for e in range(w.shape[0])]
+    return [(name, w)]
+
+
 def gguf_weights(path: str, index: list[dict], hf_config, threads: int = 1) -> Iterator[tuple[str, torch.Tensor]]:
     """Dequantized tensors with HF names, read from a memory map; `threads` tensors are dequantized at once
-    (numpy releases the GIL in its array loops). A stacked experts tensor comes as each expert's HF tensor
-    (dequantized at load: quantized experts' blocks are not kept for the CPU kernels)."""
+    (numpy releases the GIL in its array loops). A stacked experts tensor comes as each expert's HF tensor."""
     data = np.memmap(path, np.uint8, mode="r")
 
     def load(t: dict) -> list[tuple[str, torch.Tensor]]:
@@ -75,10 +108,7 @@ def gguf_weights(path: str, index: list[dict], hf_config, threads: int = 1) -> I
         except Exception as e:
             raise ValueError(f"cannot dequantize GGUF tensor {t['name']} ({qtype.name}): {e}") from None
         w = hf_rows(name, w, hf_config)
-        w = torch.from_numpy(w if w.flags.writeable and w.flags.c_contiguous else w.copy())
-        if ".mlp.experts." in name:  # mlp.experts.gate_proj [E, I, H] -> each mlp.experts.E.gate_proj [I, H]
-            return [(name.replace(".experts.", f".experts.{e}."), w[e]) for e in range(w.shape[0])]
-        return [(name, w)]
+        return split_experts(name, torch.from_numpy(w if w.flags.writeable and w.flags.c_contiguous else w.copy()))
 
     with ThreadPoolExecutor(threads) as pool:
         for tensors in pool.map(load, index):
@@ -89,15 +119,16 @@ KEPT_TYPES = {gguf.GGMLQuantizationType.Q4_1: Q4_1, gguf.GGMLQuantizationType.Q8
 
 
 def gguf_blocks(path: str, index: list[dict], hf_config) -> Iterator[tuple[str, int, torch.Tensor]]:
-    """(HF name, kernels/cpu block type, uint8 [rows, bytes]) of each Q4_1 or Q8_0 matrix as stored, rows in
-    HF's order: what our CPU decode kernels read in place of their bf16 values (kernels/cpu/linear.c)."""
+    """(HF name, kernels/cpu block type, uint8 [rows, bytes]) of each Q4_1 or Q8_0 matrix as stored (a stacked
+    experts tensor: each expert's), rows in HF's order: what our CPU decode kernels read in place of their bf16
+    values (kernels/cpu/linear.c)."""
     data = np.memmap(path, np.uint8, mode="r")
     for t in index:
         name = hf_name(t["name"])
-        if t["type"] in KEPT_TYPES and len(t["shape"]) == 2 and t["shape"][1] % 32 == 0:
-            blocks = data[t["offset"]:t["offset"] + t["nbytes"]].reshape(t["shape"][0], -1)
-            # a copy: writable, and the map can close
-            yield name, KEPT_TYPES[t["type"]], torch.from_numpy(np.array(hf_rows(name, blocks, hf_config)))
+        if t["type"] in KEPT_TYPES and len(t["shape"]) in (2, 3) and t["shape"][-1] % 32 == 0:
+            blocks = data[t["offset"]:t["offset"] + t["nbytes"]].reshape(*t["shape"][:-1], -1)
+            for name, b in split_experts(name, hf_rows(name, blocks, hf_config)):
+                yield name, KEPT_TYPES[t["type"]], torch.from_numpy(np.array(b))  # a copy: writable, the map can close
 
 
 def pack_blocks(blocks: torch.Tensor, kind: int) -> torch.Tensor:

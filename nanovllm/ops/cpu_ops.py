@@ -65,17 +65,33 @@ def linear(x: torch.Tensor, layer) -> torch.Tensor:
     if x.dim() != 2:
         return F.linear(x, layer.weight, layer.bias)
     if x.dtype == torch.bfloat16:
-        y = kernels.amx_linear(x, layer.weight, layer.bias, layer.blocks)
-        return F.linear(x, layer.weight, layer.bias) if y is None else y
+        return bf16_linear(x, layer.weight, layer.bias, layer.blocks)
     if x.shape[0] not in SMALL_ROWS:
         return F.linear(x, layer.weight, layer.bias)
     y = (layer.weight @ x.t()).t().contiguous()
     return y if layer.bias is None else y + layer.bias
 
 
-# the reference's grouped product: one matmul per expert that has tokens, so a decode step reads only the experts
-# its tokens chose
-fused_experts = torch_ops.fused_experts
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                blocks: tuple[int, torch.Tensor] | None) -> torch.Tensor:
+    """Decode rows on AMX (reading the GGUF blocks where given), else F.linear."""
+    y = kernels.amx_linear(x, weight, bias, blocks)
+    return F.linear(x, weight, bias) if y is None else y
+
+
+def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, blocks: tuple | None = None) -> torch.Tensor:
+    """The reference's grouped product: one gate/up and one down matmul per expert that has tokens, so a decode
+    step reads only the experts its tokens chose. In bf16 those go through `linear`'s path: decode rows on AMX,
+    reading the expert's GGUF blocks where the loader kept them (FusedMoE.w13_blocks / w2_blocks)."""
+    if x.dtype != torch.bfloat16:
+        return torch_ops.fused_experts(x, w13, w2, topk_weights, topk_ids)
+    b13, b2 = blocks or (None, None)
+
+    def expert(e: int, xs: torch.Tensor) -> torch.Tensor:
+        h = bf16_linear(xs, w13[e], None, b13 and (b13[0], b13[1][e]))
+        return bf16_linear(silu_and_mul(h), w2[e], None, b2 and (b2[0], b2[1][e]))
+    return torch_ops.grouped_experts(x, topk_weights, topk_ids, w13.shape[0], expert)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -47,20 +47,27 @@ def linear(x: torch.Tensor, layer) -> torch.Tensor:
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor) -> torch.Tensor:
-    """A mixture-of-experts layer's experts as a grouped product: the (token, choice) pairs sorted by expert, one
-    gate/up and one down matmul per expert that has tokens (the others are never read). x [T, H], w13 [E, 2I, H],
-    w2 [E, H, I], topk_weights / topk_ids [T, k]. Each output row is weighted in the weights' dtype (Mixtral's
-    fp32), cast, and a token's rows are added in expert order, as HF does."""
+                  topk_ids: torch.Tensor, blocks: tuple | None = None) -> torch.Tensor:
+    """A mixture-of-experts layer's experts as a grouped product (grouped_experts): x [T, H], w13 [E, 2I, H],
+    w2 [E, H, I], topk_weights / topk_ids [T, k]. `blocks`: the experts' GGUF blocks where the loader kept them
+    (FusedMoE), the same values: the reference reads the weights."""
+    return grouped_experts(x, topk_weights, topk_ids, w13.shape[0],
+                           lambda e, xs: F.linear(silu_and_mul(F.linear(xs, w13[e])), w2[e]))
+
+
+def grouped_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
+                    expert) -> torch.Tensor:
+    """The (token, choice) pairs sorted by expert, `expert(e, rows)` (its MLP) once per expert that has tokens (the
+    others are never read). Each output row is weighted in the weights' dtype (Mixtral's fp32), cast, and a
+    token's rows are added in expert order, as HF does."""
     ids, choice = topk_ids.sort(dim=1)  # each token's choices in expert order
     weights = topk_weights.gather(1, choice)
     order = ids.flatten().argsort(stable=True)  # the pairs, by expert
-    counts = torch.bincount(ids.flatten(), minlength=w13.shape[0]).tolist()
+    counts = torch.bincount(ids.flatten(), minlength=num_experts).tolist()
     xs, ys, start = x[order // ids.shape[1]], x.new_empty(len(order), x.shape[1]), 0
     for e, n in enumerate(counts):
         if n:
-            rows = slice(start, start + n)
-            ys[rows] = F.linear(silu_and_mul(F.linear(xs[rows], w13[e])), w2[e])
+            ys[start:start + n] = expert(e, xs[start:start + n])
             start += n
     pairs = torch.empty_like(ys)
     pairs[order] = (ys * weights.flatten()[order, None]).to(x.dtype)  # back in (token, choice) order
