@@ -275,10 +275,13 @@ def test_disable_by_batch_size():
     assert Speculator(SpeculativeConfig.from_dict(default), 1024, device="cuda").disable_by_batch_size is None
 
 
-def test_ngram_under_tensor_parallelism(llama):
-    """The workers run the same packed step, proposals and all: TP=2 with n-gram gives what one process gives."""
+@pytest.mark.parametrize("draft", ["ngram", "model"])
+def test_under_tensor_parallelism(llama, draft):
+    """The workers run the same packed step, proposals and all (a draft model runs whole on rank 0): TP=2 gives
+    what one process gives."""
     prompts = repeating_prompts(3, seed=4)
     want = generate_ids(LLM(llama, dtype="float32"), prompts, GREEDY)
-    with LLM(llama, dtype="float32", tensor_parallel_size=2, speculative_config=NGRAM) as llm:
+    spec = NGRAM if draft == "ngram" else {"model": llama, "num_speculative_tokens": 3, **ALWAYS}
+    with LLM(llama, dtype="float32", tensor_parallel_size=2, speculative_config=spec) as llm:
         assert generate_ids(llm, prompts, GREEDY) == want
         assert llm.engine.stats()["spec_decode_num_accepted_tokens"] > 0

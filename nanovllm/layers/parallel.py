@@ -5,17 +5,33 @@ Row-parallel (o_proj, down_proj): a rank multiplies its slice of the input; the 
 Vocab-parallel (embedding, LM head): a rank holds a contiguous range of the vocabulary (the last range padded);
 the embedding all-reduces (each token is found on one rank), the logits are gathered on rank 0.
 With one process every function here is the plain single-device operation."""
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+alone = False  # inside one_rank()
+
+
+@contextmanager
+def one_rank():
+    """Build and run a model as if there were one process: speculative decoding's draft model lives whole on rank
+    0, beside the target's slices."""
+    global alone
+    before, alone = alone, True
+    try:
+        yield
+    finally:
+        alone = before
+
 
 def tp_rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    return dist.get_rank() if dist.is_initialized() and not alone else 0
 
 
 def tp_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+    return dist.get_world_size() if dist.is_initialized() and not alone else 1
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:

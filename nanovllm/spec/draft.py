@@ -15,6 +15,7 @@ from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence, Status
+from nanovllm.layers.parallel import one_rank
 from nanovllm.loader import load_hf_config, load_model
 from nanovllm.spec.rejection import probabilities
 
@@ -24,17 +25,16 @@ class DraftProposer:
                  dtype: torch.dtype, backend):
         """config: the target's resolved one; the draft pool has as many blocks as the target's (the draft's
         blocks are smaller by as much as the draft is)."""
-        if config.tensor_parallel_size > 1:
-            raise ValueError("a draft model (speculative_config 'model') runs on one process: it does not combine "
-                             f"with tensor_parallel_size={config.tensor_parallel_size}; use method 'ngram'")
         hf_config = load_hf_config(draft_path)
         if hf_config.vocab_size != vocab_size:
             raise ValueError(f"the draft model {draft_path!r} has a vocabulary of {hf_config.vocab_size} tokens, the "
                              f"target {vocab_size}: a draft must share the target's tokenizer")
-        loaded = load_model(draft_path, dtype, config.device, config.max_model_len, hf_config,
-                            config.tokenizer or config.model, backend)
-        draft_config = dataclasses.replace(config, model=draft_path, num_kv_blocks=num_blocks, speculative_config=None)
-        self.runner = ModelRunner(draft_config, loaded.model, dtype, loaded.eos_token_ids)
+        draft_config = dataclasses.replace(config, model=draft_path, num_kv_blocks=num_blocks, speculative_config=None,
+                                           tensor_parallel_size=1)
+        with one_rank():  # under tensor parallelism the draft is whole on rank 0 (the workers never see it)
+            loaded = load_model(draft_path, dtype, config.device, config.max_model_len, hf_config,
+                                config.tokenizer or config.model, backend)
+            self.runner = ModelRunner(draft_config, loaded.model, dtype, loaded.eos_token_ids)
         self.block_manager = BlockManager(num_blocks, config.block_size, False, config.max_num_seqs,
                                           -(-config.max_model_len // config.block_size))
         self.runner.block_tables = self.block_manager.tables
@@ -54,7 +54,8 @@ class DraftProposer:
         for j in range(max((k for _, _, k, _, _ in active), default=0)):
             step = [a for a in active if a[2] > j]
             batch = ScheduledBatch([a[1] for a in step], [a[3] if j == 0 else 1 for a in step])
-            logits = self.runner.forward(*self.runner.prepare(batch, range(len(step))))
+            with one_rank():
+                logits = self.runner.forward(*self.runner.prepare(batch, range(len(step))))
             tokens, probs = self.draw(logits, batch.seqs)
             for (seq, shadow, k, n, qs), token, q, computed in zip(step, tokens, probs, batch.num_new_tokens):
                 shadow.num_computed += computed
