@@ -1,6 +1,7 @@
 """The limits a public server needs, each a clear 4xx naming the limit while other requests run unchanged; the
 API key compared in constant time; and faults: an engine loop that fails (500 for the requests in flight,
-/health 503, `nanovllm serve` exits 1) and a tensor-parallel worker that dies (the same)."""
+/health 503, `nanovllm serve` exits 1) and a tensor-parallel worker that dies (the same); a chat stream's first chunk
+comes with the first output, as vLLM's (clients time the first token by it)."""
 import asyncio
 import http.client
 import json
@@ -108,6 +109,19 @@ def test_each_limit_is_a_4xx_naming_it_and_a_stream_runs_unchanged(model_path):
         assert_clean(engine)
     text = "".join(c["text"] for e in streamed["events"] for c in e["choices"])
     assert text == offline_text(model_path, 40)
+
+
+def test_chat_stream_sends_the_role_chunk_with_the_first_output(model_path):
+    """As vLLM does: `vllm bench serve --backend openai-chat` times the first token by the first chunk."""
+    with serving(model_path, step_delay=1.0) as (url, engine, _):  # the prefill step takes at least 1 s
+        body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 2, "stream": True}
+        start = time.perf_counter()
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+            arrivals = [(time.perf_counter() - start, line) for line in r.iter_lines() if line.startswith("data: {")]
+        waited, first = arrivals[0]
+        assert json.loads(first[6:])["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert waited >= 1.0 and len(arrivals) >= 2
+        assert_clean(engine)
 
 
 def test_full_waiting_queue_is_503_with_retry_after(model_path):

@@ -290,12 +290,13 @@ async def respond(engine: AsyncEngine, body: SamplingFields, requests: list[Engi
     async def events() -> AsyncIterator[str]:
         trackers = [DeltaTracker() for _ in requests]
         final: dict[int, RequestOutput] = {}
-        if chat:
-            yield sse([{"index": i * n + j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                        "finish_reason": None} for i in range(len(requests)) for j in range(n)])
         try:
             async with aclosing(merged(engine, requests, readers)) as outs:
                 async for i, out in outs:
+                    if chat and not final:  # with the first output, as vLLM: clients time the first token by it
+                        yield sse([{"index": r * n + j, "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None, "finish_reason": None}
+                                   for r in range(len(requests)) for j in range(n)])
                     final[i] = out
                     if choices := delta_choices(i, out, trackers[i]):
                         yield sse(choices)
