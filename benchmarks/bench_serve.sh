@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# vLLM's own serving benchmark client, `vllm bench serve`, unchanged, against one or more OpenAI-compatible
+# servers, interleaved: for each backend (completions, chat) and each concurrency, every server in turn, so that
+# the others' load on a shared machine falls on all of them alike.
+#
+#   VLLM=~/vllm-venv/bin/vllm TOKENIZER=MODEL_DIR benchmarks/bench_serve.sh RESULT_DIR \
+#       "nanovllm serve MODEL_DIR --served-model-name smollm2 ..." "~/vllm-venv/bin/vllm serve MODEL_DIR ..."
+#
+# (vLLM-CPU's server reads VLLM_CPU_KVCACHE_SPACE and VLLM_CPU_OMP_THREADS_BIND from this script's environment.)
+# Each server command gets `--port 81NN` appended and is labelled by its first word's name (nanovllm, vllm);
+# every server must serve the same model under the same name. Results: RESULT_DIR/LABEL-BACKEND-cN.json
+# (`--save-result`), the client's output in RESULT_DIR/LABEL-BACKEND-cN.txt, `uptime` before each run in
+# RESULT_DIR/load.txt. CONCURRENCY (default "1 16 64"), INPUT_LEN (128), OUTPUT_LEN (64) change the workload.
+set -euo pipefail
+out=$1; shift
+mkdir -p "$out"
+vllm=${VLLM:-vllm}
+pids=() urls=() labels=()
+trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait' EXIT
+n=0
+for cmd in "$@"; do
+    port=$((8100 + n)); n=$((n + 1))
+    label=$(basename "${cmd%% *}")
+    bash -c "exec $cmd --port $port" > "$out/$label-server.log" 2>&1 &
+    pids+=($!) urls+=("http://127.0.0.1:$port") labels+=("$label")
+done
+for i in "${!urls[@]}"; do  # vLLM-CPU takes 2-3 minutes to start
+    until curl -sf "${urls[$i]}/v1/models" > /dev/null; do
+        kill -0 "${pids[$i]}" || { echo "${labels[$i]} did not start, see $out/${labels[$i]}-server.log"; exit 1; }
+        sleep 5
+    done
+done
+for backend in openai openai-chat; do
+    endpoint=$([ $backend = openai ] && echo /v1/completions || echo /v1/chat/completions)
+    for c in ${CONCURRENCY:-1 16 64}; do
+        for i in "${!urls[@]}"; do
+            name=${labels[$i]}-$backend-c$c
+            echo "$name $(uptime)" | tee -a "$out/load.txt"
+            "$vllm" bench serve --backend $backend --endpoint $endpoint --base-url "${urls[$i]}" \
+                --tokenizer "${TOKENIZER:?the model folder}" --dataset-name random --seed 0 --ignore-eos \
+                --random-input-len "${INPUT_LEN:-128}" --random-output-len "${OUTPUT_LEN:-64}" \
+                --max-concurrency "$c" --num-prompts $((c * 2 > 8 ? c * 2 : 8)) \
+                --save-result --result-dir "$out" --result-filename "$name.json" > "$out/$name.txt" 2>&1
+            grep -E "^(Failed requests|Output token throughput|Mean TTFT|Mean TPOT)" "$out/$name.txt"
+        done
+    done
+done
