@@ -12,6 +12,7 @@ import pytest
 
 from conftest import start_server, stop_server
 from nanovllm import SamplingParams
+from nanovllm.loader import default_model_path
 
 KEY = "test-key"
 MAX_LEN = 1024
@@ -67,6 +68,8 @@ QUESTION = [{"role": "user", "content": "What is the capital of France? Answer i
 
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct"]
+    card = client.models.list().data[0].model_dump()  # vLLM's model card: `vllm bench serve` reads root
+    assert card["root"] == default_model_path() and card["parent"] is None and card["max_model_len"] == MAX_LEN
     assert urllib.request.urlopen(server + "/health").status == 200
 
 

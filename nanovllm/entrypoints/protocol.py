@@ -257,6 +257,8 @@ class ModelCard(BaseModel):
     object: str
     created: int
     owned_by: str
+    root: str
+    parent: str | None
     max_model_len: int
 
 

@@ -91,8 +91,10 @@ def build_app(engine: AsyncEngine, model_names: str | list[str], api_key: str | 
 
     @v1.get("/models", responses=documented("models"))
     async def models():
+        # root: the model's path, as vLLM's (`vllm bench serve` reads it, as the tokenizer when given none)
         return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "nanovllm", "max_model_len": max_len} for name in names]}
+                                            "owned_by": "nanovllm", "root": engine.engine.config.model,
+                                            "parent": None, "max_model_len": max_len} for name in names]}
 
     @app.post("/tokenize", responses=documented("tokenize"))
     async def tokenize_text(body: TokenizeRequest):
