@@ -7,19 +7,25 @@
 #       "nanovllm serve MODEL_DIR --served-model-name smollm2 ..." "~/vllm-venv/bin/vllm serve MODEL_DIR ..."
 #
 # (vLLM-CPU's server reads VLLM_CPU_KVCACHE_SPACE and VLLM_CPU_OMP_THREADS_BIND from this script's environment.)
-# Each server command gets `--port 81NN` appended and is labelled by its first word's name (nanovllm, vllm);
-# every server must serve the same model under the same name. Results: RESULT_DIR/LABEL-BACKEND-cN.json
+# Each server command gets `--port 81NN` appended and is labelled by its first word's name (nanovllm, vllm); a
+# URL (http://HOST:PORT) instead is a server already running. Every server must serve the same model under the
+# same name. Results: RESULT_DIR/LABEL-BACKEND-cN.json
 # (`--save-result`), the client's output in RESULT_DIR/LABEL-BACKEND-cN.txt, `uptime` before each run in
-# RESULT_DIR/load.txt. CONCURRENCY (default "1 16 64"), INPUT_LEN (128), OUTPUT_LEN (64) change the workload.
+# RESULT_DIR/load.txt. CONCURRENCY (default "1 16 64"), INPUT_LEN (128), OUTPUT_LEN (64), PER_CLIENT (2) and
+# MIN_PROMPTS (8: --num-prompts is the larger of concurrency x PER_CLIENT and this) change the workload.
 set -euo pipefail
 out=$1; shift
 mkdir -p "$out"
 vllm=${VLLM:-vllm}
 pids=() urls=() labels=()
-trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait' EXIT
+trap 'for p in "${pids[@]}"; do [ -n "$p" ] && kill "$p" 2>/dev/null; done; wait' EXIT
 n=0
 for cmd in "$@"; do
     port=$((8100 + n)); n=$((n + 1))
+    if [[ $cmd == http* ]]; then  # a server already running: labelled by its model card's owned_by
+        urls+=("$cmd") pids+=("") labels+=("$(curl -sf "$cmd/v1/models" | grep -o '"owned_by": *"[^"]*' | cut -d'"' -f4)")
+        continue
+    fi
     label=$(basename "${cmd%% *}")
     bash -c "exec $cmd --port $port" > "$out/$label-server.log" 2>&1 &
     pids+=($!) urls+=("http://127.0.0.1:$port") labels+=("$label")
@@ -39,7 +45,7 @@ for backend in openai openai-chat; do
             "$vllm" bench serve --backend $backend --endpoint $endpoint --base-url "${urls[$i]}" \
                 --tokenizer "${TOKENIZER:?the model folder}" --dataset-name random --seed 0 --ignore-eos \
                 --random-input-len "${INPUT_LEN:-128}" --random-output-len "${OUTPUT_LEN:-64}" \
-                --max-concurrency "$c" --num-prompts $((c * 2 > 8 ? c * 2 : 8)) \
+                --max-concurrency "$c" --num-prompts $((c * ${PER_CLIENT:-2} > ${MIN_PROMPTS:-8} ? c * ${PER_CLIENT:-2} : ${MIN_PROMPTS:-8})) \
                 --save-result --result-dir "$out" --result-filename "$name.json" > "$out/$name.txt" 2>&1
             grep -E "^(Failed requests|Output token throughput|Mean TTFT|Mean TPOT)" "$out/$name.txt"
         done
