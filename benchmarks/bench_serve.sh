@@ -51,3 +51,22 @@ for backend in openai openai-chat; do
         done
     done
 done
+# the table of docs/benchmarks.md: one row per backend and concurrency, the servers side by side
+python3 - "$out" <<'EOF'
+import glob, json, os, sys
+runs = {}
+for f in glob.glob(os.path.join(sys.argv[1], "*-c*.json")):
+    d = json.load(open(f))
+    runs[os.path.basename(f).split("-")[0], d["backend"], d["max_concurrency"]] = d
+labels = sorted({k[0] for k in runs}, key=lambda l: l != "nanovllm")  # nanovllm first
+cols = [("req/s", "request_throughput", "{:.2f}"), ("output tok/s", "output_throughput", "{:.1f}"),
+        ("mean TTFT ms", "mean_ttft_ms", "{:.0f}"), ("median TTFT ms", "median_ttft_ms", "{:.0f}"),
+        ("mean TPOT ms", "mean_tpot_ms", "{:.0f}"), ("failed", "failed", "{}")]
+print(f"| backend | clients | {' | '.join(c for c, _, _ in cols)} | output tok/s, {' / '.join(labels)} |")
+print("|---" * (len(cols) + 3) + "|")
+for _, backend, c in sorted(k for k in runs if k[0] == labels[0]):
+    row = [runs.get((label, backend, c)) for label in labels]
+    cells = [" / ".join(fmt.format(r[key]) if r else "-" for r in row) for _, key, fmt in cols]
+    ratio = f"{row[0]['output_throughput'] / row[1]['output_throughput']:.2f}x" if len(row) > 1 and row[1] else "-"
+    print(f"| {backend} | {c} | {' | '.join(cells)} | {ratio} |")
+EOF
