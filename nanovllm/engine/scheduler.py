@@ -28,7 +28,7 @@ class Scheduler:
     sequence is preempted by recompute: its blocks are freed and it goes back to the front of the queue."""
 
     def __init__(self, config: EngineConfig, block_manager: BlockManager):
-        self.max_num_seqs = config.max_num_seqs
+        self.max_num_seqs, self.max_model_len = config.max_num_seqs, config.max_model_len
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.chunked_prefill = config.enable_chunked_prefill
         self.block_manager = block_manager
@@ -39,6 +39,7 @@ class Scheduler:
         self.on_free = None  # speculative decoding's hook: a sequence left the running batch (its draft blocks go)
 
     def add(self, seq: Sequence) -> None:
+        seq.check_at = min(seq.check_at, self.max_model_len)
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -140,14 +141,14 @@ class Scheduler:
             seq.token_ids += new
         for seq in [s for s, _ in live if s.spec_token_ids] if batch.verifies else ():
             self.keep_accepted(seq)
-        for seq in [s for s in seqs if min(s.num_computed, len(s.token_ids)) // bs > s.num_keyed_blocks
-                    and s.status is not finished]:
+        for seq in [s for s in seqs if s.num_computed >= (s.num_keyed_blocks + 1) * bs and s.status is not finished]:
             bm.cache_full_blocks(seq)
         changed = failed | {s.request_id: requests[s.request_id] for s, _ in live
                             if not requests[s.request_id].final_only}
         # only where a stop may have come: stop strings and tokens, min_tokens, EOS, the length limits, a kept run
-        for seq, new in [(s, n) for s, n in live if len(n) > 1 or s.checks_every_token or n[0] in eos_token_ids
-                         or len(s.token_ids) >= s.max_tokens_len or len(s.token_ids) >= max_model_len]:
+        runs = batch.verifies
+        for seq, new in [(s, n) for s, n in live if len(s.token_ids) >= s.check_at or n[0] in eos_token_ids
+                         or runs and len(n) > 1]:
             if seq.status is finished:  # its request failed on another sequence's token
                 continue
             request = requests[seq.request_id]

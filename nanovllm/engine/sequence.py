@@ -35,10 +35,10 @@ class Sequence:
     logprobs: list | None = None          # per output token {token id: Logprob}, when SamplingParams.logprobs is set
     cumulative_logprob: float | None = None
     prompt_logprobs: list | None = None   # the request's, held (and computed) by its first sequence only
-    # what postprocess asks of each token: whether every one needs a look (stop strings and tokens, min_tokens, a
-    # grammar to advance), and the length at which max_tokens ends it
-    checks_every_token: bool = field(init=False)
-    max_tokens_len: int = field(init=False)
+    # the length from which postprocess looks at each appended token: 0 where every one needs a look (stop strings
+    # and tokens, min_tokens, a grammar to advance), else where max_tokens (and, once scheduled, max_model_len)
+    # ends it; EOS is looked for apart
+    check_at: int = field(init=False)
     row: int = -1                        # its row in the block manager's tables while it holds blocks
     num_keyed_blocks: int = 0            # leading blocks keyed for the prefix cache
     # speculative decoding (nanovllm/spec): the tokens proposed after token_ids, verified in this step, and the
@@ -49,8 +49,8 @@ class Sequence:
 
     def __post_init__(self) -> None:
         p = self.params
-        self.checks_every_token = bool(p.stop or p.stop_token_ids or p.min_tokens or self.constraint is not None)
-        self.max_tokens_len = self.num_prompt_tokens + p.max_tokens if p.max_tokens else 2**62
+        every = p.stop or p.stop_token_ids or p.min_tokens or self.constraint is not None
+        self.check_at = 0 if every else self.num_prompt_tokens + p.max_tokens if p.max_tokens else 2**62
 
     @property
     def num_tokens(self) -> int:
