@@ -202,22 +202,27 @@ def gguf_moe(arch: str, tmp_path, qtype: str = "Q8_0") -> tuple[str, str]:
     return str(tmp_path / "moe.gguf"), folder
 
 
-def test_moe_gguf_logits_match_transformers(tmp_path):
-    """Qwen3-MoE: transformers reads the GGUF itself."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def assert_same_logits(llm: LLM, hf) -> None:
+    """Our logits over a random prompt are HF's (fp32, 1e-4), argmax for argmax."""
     from test_embedded import our_logits
-    path, _ = gguf_moe("qwen3_moe", tmp_path)
-    llm = LLM(path, dtype="float32")
-    # transformers does not map expert_feed_forward_length: given here
-    cfg = AutoConfig.from_pretrained(tmp_path, gguf_file="moe.gguf")
-    cfg.moe_intermediate_size = 64
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="moe.gguf", config=cfg, dtype=torch.float32).eval()
     ids = random_prompts(1, 24, 24, seed=3)[0]
     with torch.no_grad():
         expected = hf(torch.tensor([ids])).logits[0]
     got = our_logits(llm, ids)
     assert (got - expected).abs().max().item() < 1e-4
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_moe_gguf_logits_match_transformers(tmp_path):
+    """Qwen3-MoE: transformers reads the GGUF itself."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    path, _ = gguf_moe("qwen3_moe", tmp_path)
+    llm = LLM(path, dtype="float32")
+    # transformers does not map expert_feed_forward_length: given here
+    cfg = AutoConfig.from_pretrained(tmp_path, gguf_file="moe.gguf")
+    cfg.moe_intermediate_size = 64
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="moe.gguf", config=cfg, dtype=torch.float32).eval()
+    assert_same_logits(llm, hf)
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "olmoe"])
@@ -228,7 +233,6 @@ def test_moe_gguf_transformers_cannot_read_gives_hf_logits_of_its_weights(arch, 
     from transformers import AutoModelForCausalLM
     from nanovllm.loader import load_hf_config
     from nanovllm.models.moe import num_experts
-    from test_embedded import our_logits
     path, folder = gguf_moe(arch, tmp_path)
     llm = LLM(path, dtype="float32")
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -241,12 +245,7 @@ def test_moe_gguf_transformers_cannot_read_gives_hf_logits_of_its_weights(arch, 
     assert cfg.rms_norm_eps == pytest.approx(hf.config.rms_norm_eps, rel=1e-6)  # the file holds it in fp32
     text = "héllo wörld"
     assert llm.get_tokenizer()(text).input_ids == byte_tokenizer()(text).input_ids
-    ids = random_prompts(1, 24, 24, seed=3)[0]
-    with torch.no_grad():
-        expected = hf(torch.tensor([ids])).logits[0]
-    got = our_logits(llm, ids)
-    assert (got - expected).abs().max().item() < 1e-4
-    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    assert_same_logits(llm, hf)
 
 
 def unpack_blocks(packed: torch.Tensor, kind: int, rows: int) -> torch.Tensor:
