@@ -47,8 +47,7 @@ class EngineConfig:
                                             # {"model": DRAFT, "num_speculative_tokens": k} (nanovllm/spec)
 
     def __post_init__(self) -> None:
-        positive = ["block_size", "tensor_parallel_size"]
-        for name in positive:
+        for name in ["block_size", "tensor_parallel_size"]:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"EngineConfig.{name} must be an integer >= 1, got {value!r}")

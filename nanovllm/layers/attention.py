@@ -11,10 +11,8 @@ import torch.nn.functional as F
 
 @dataclass
 class AttentionMetadata:
-    """Where each sequence's queries sit in the flat batch and where its keys sit in the paged cache.
-
-    Built once per step by the model runner and read by every attention layer, whatever the backend.
-    """
+    """Where each sequence's queries sit in the flat batch and where its keys sit in the paged cache: built once
+    per step by the model runner, read by every attention layer, whatever the backend."""
     query_start: torch.Tensor     # [B+1] offsets of each sequence's query tokens in the flat batch
     context_lens: torch.Tensor    # [B] tokens in the cache once this step's tokens are written
     block_tables: torch.Tensor    # [B, max_blocks] block ids, padded with 0
@@ -70,12 +68,9 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Paged attention with torch ops: the reference for every other backend.
-
-    The backend interface: q [T, H, D] and this step's k, v [T, Hkv, D] in, attention output [T, H, D] out;
-    the backend also stores k, v into the paged caches at meta.slot_mapping. Single-token queries (decodes) run
-    as one batched SDPA over their gathered blocks; prompt chunks (whole prompts, or chunks after a cached
-    prefix gathered from the cache) one sequence at a time, causal within the chunk."""
+    """Paged attention with torch ops, the reference for every backend, whose interface this is: q [T, H, D] and
+    this step's k, v [T, Hkv, D] in (stored into the paged caches at meta.slot_mapping), output [T, H, D] out.
+    Decodes run as one batched SDPA; prompt chunks one sequence at a time, causal within the chunk."""
     store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     out = q.new_empty(q.shape)  # contiguous, whatever q's strides (a view of the QKV output)
     if len(meta.decode_rows):

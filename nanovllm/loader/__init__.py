@@ -198,10 +198,8 @@ def place_in_huge_pages(model: torch.nn.Module) -> None:
 
 
 def load_tokenizer(path: str, tokenizer_path: str | None = None):
-    if tokenizer_path:
-        return AutoTokenizer.from_pretrained(tokenizer_path)
-    if not path.endswith(".gguf"):
-        return AutoTokenizer.from_pretrained(path)
+    if tokenizer_path or not path.endswith(".gguf"):
+        return AutoTokenizer.from_pretrained(tokenizer_path or path)
     folder = gguf_converted(path)
     with open(os.path.join(folder, "tokenizer_config.json")) as f:
         kind = json.load(f).get("tokenizer_class")

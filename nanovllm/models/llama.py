@@ -49,7 +49,6 @@ LLAMA_LAYER = (
 QK_NORM = (LayerWeight("self_attn.q_norm", ("self_attn.q_norm",), None),
            LayerWeight("self_attn.k_norm", ("self_attn.k_norm",), None))
 ROUTER = LayerWeight("mlp.gate", ("mlp.gate",), None)  # a MoE layer's router (its experts: models/moe.py)
-VOCAB_SPLIT = {"model.embed_tokens": 0, "lm_head": 0}  # a vocabulary range per rank (the last one padded)
 
 
 class Attention(nn.Module):
@@ -199,11 +198,10 @@ class LlamaForCausalLM(nn.Module):
                 sizes = self.fused_sizes[weight.name]
                 param = param[sum(sizes[:part]):sum(sizes[:part + 1])]
                 src = shard(tensor, 0, sizes[part])
-            elif module in VOCAB_SPLIT:  # a vocab range: the last one may be padding
-                dim = VOCAB_SPLIT[module]
-                src = shard(tensor, dim, param.shape[dim], full=self.vocab_size)
+            elif module in ("model.embed_tokens", "lm_head"):  # a vocabulary range per rank: the last one padded
+                src = shard(tensor, 0, param.shape[0], full=self.vocab_size)
                 param.zero_()
-                param = param.narrow(dim, 0, src.shape[dim])
+                param = param[:src.shape[0]]
             elif weight is not None and weight.split is not None and param.dim() > weight.split:
                 src = shard(tensor, weight.split, param.shape[weight.split])  # a row-parallel bias stays whole
             else:

@@ -14,8 +14,7 @@ import os
 
 import nanovllm.ops.torch_ops as torch_ops
 
-OPS = ("rms_norm", "add_rms_norm", "rotary", "silu_and_mul", "linear", "fused_experts", "attention",
-       "sample")
+OPS = ("rms_norm", "add_rms_norm", "rotary", "silu_and_mul", "linear", "fused_experts", "attention", "sample")
 BACKENDS = ("torch", "cpu", "cuda")
 
 # the ops themselves: the reference until an engine chooses (use() rebinds them)

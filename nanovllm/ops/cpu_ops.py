@@ -101,10 +101,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
     if not kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping):
         reference.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     out = q.new_empty(q.shape)  # contiguous, whatever q's strides (a view of the QKV output)
-    if len(meta.decode_rows) and kernels.available(q, k_cache):
-        kernels.decode_attention(q, out, k_cache, v_cache, meta, scale)
-    elif len(meta.decode_rows):
-        reference.decode_attention(q, out, k_cache, v_cache, meta, scale)
+    if len(meta.decode_rows):
+        decode = kernels.decode_attention if kernels.available(q, k_cache) else reference.decode_attention
+        decode(q, out, k_cache, v_cache, meta, scale)
     chunks = reference.prefill_chunks(meta)
     kv = [reference.chunk_keys(i, k, v, k_cache, v_cache, meta) for i in chunks]
     if chunks and kernels.prefill_attention(q, out, meta.query_start, chunks, *zip(*kv), scale):

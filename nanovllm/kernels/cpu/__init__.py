@@ -10,10 +10,8 @@ MAX_GROUP, MAX_HEAD_DIM = 64, 256  # decode attention's fixed-size scratch (kern
 
 def decode_attention(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      meta, scale: float) -> None:
-    """Attention of the single-token queries (meta.decode_rows, at meta.decode_tokens of q [T, H, D]) over their
-    sequences' cached keys/values ([num_blocks, block_size, Hkv, D]), written into the same rows of `out`
-    ([T, H, D], contiguous). q's rows may be strided (a view of the QKV output). q, out and the caches share one
-    dtype, fp32 or bf16; the metadata's int64 tensors are read in place."""
+    """The single-token queries (meta.decode_rows, at meta.decode_tokens of q [T, H, D], rows may be strided) over
+    their cached keys/values, into the same rows of `out` (contiguous); fp32 or bf16, metadata read in place."""
     _, block_size, kv_heads, head_dim = k_cache.shape
     tables, lib = meta.block_tables, library()
     rc = lib.decode_attention(
@@ -27,9 +25,8 @@ def decode_attention(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, 
 
 
 def available(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether the kernel serves this layer: CPU tensors of one dtype (fp32 or bf16), a contiguous cache, query
-    heads contiguous within each (possibly strided) row, within its limits (head dims in vectors of 16: every
-    common model), and a compiler was found."""
+    """Whether decode_attention serves this layer: CPU, fp32 or bf16, heads contiguous within q's rows, a
+    contiguous cache, within its limits (head dims in vectors of 16: every common model), a compiler found."""
     _, _, kv_heads, head_dim = k_cache.shape
     return (q.device.type == "cpu" and q.dtype == k_cache.dtype and q.dtype in (torch.float32, torch.bfloat16)
             and q.stride(2) == 1 and q.stride(1) == head_dim and k_cache.is_contiguous()
@@ -39,8 +36,8 @@ def available(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> bool:
-    """Write this step's K/V ([T, Hkv, D], rows may be strided views of the QKV output) into the caches at
-    their slots; False (nothing written) where the kernel does not apply: the caller then uses torch."""
+    """Write this step's K/V ([T, Hkv, D], rows may be strided) into the caches at their slots; False (nothing
+    written) where the kernel does not apply."""
     row = k_cache.shape[2] * k_cache.shape[3]
     if not (k.device.type == "cpu" and k.dtype == v.dtype == k_cache.dtype and k.dtype in (torch.float32, torch.bfloat16)
             and all(x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] for x in (k, v))
@@ -59,9 +56,8 @@ LINEAR_ROWS = 128  # up to here the AMX kernel beats oneDNN (docs/benchmarks.md)
 
 def amx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                blocks: tuple[int, torch.Tensor] | None = None) -> torch.Tensor | None:
-    """x [M, K] @ weight[N, K].T (+ bias) for bf16 decode steps (M <= LINEAR_ROWS) on a CPU with AMX, reading
-    the weight's GGUF blocks where it has them (`blocks`: (type, pack_blocks' output), the same bf16 values);
-    None where the kernel does not apply (the caller then uses torch)."""
+    """x [M, K] @ weight[N, K].T (+ bias) for bf16 decode steps (M <= LINEAR_ROWS) on AMX, reading `blocks` (type,
+    pack_blocks' output: the same bf16 values) where given; None where the kernel does not apply."""
     n, k = weight.shape
     if not (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.dim() == 2
             and 0 < x.shape[0] <= LINEAR_ROWS and n % 16 == 0 and k % 32 == 0 and x.device.type == "cpu"
@@ -84,10 +80,9 @@ BLOCK_BYTES = {Q4_1: 20, Q8_0: 34}  # per 32 weights: Q4_1 fp16 d, fp16 m, 32 x 
 
 def decode_layers(pointers: torch.Tensor, dims: torch.Tensor, residual: torch.Tensor,
                   tables: tuple[torch.Tensor, torch.Tensor], meta, eps: float, scale: float) -> torch.Tensor:
-    """A decode-only bf16 step's decoder layers in one C call (decode_step.c). pointers: int64 per layer, in the
-    order the C file names (weights, biases, types, caches); dims: hidden, heads, kv_heads, head_dim,
-    intermediate, block_size. residual [M, hidden]: the embeddings, updated in place into the residual stream.
-    Returns the last layer's MLP output (the final norm adds it)."""
+    """A decode-only bf16 step's decoder layers in one C call (decode_step.c). dims: hidden, heads, kv_heads,
+    head_dim, intermediate, block_size. residual [M, hidden]: the embeddings, updated in place into the residual
+    stream. Returns the last layer's MLP output (the final norm adds it)."""
     hidden, heads, kv_heads, head_dim, inter, _ = dims.tolist()
     m = residual.shape[0]
     mlp_out, h = torch.empty_like(residual), torch.empty_like(residual)
@@ -110,10 +105,8 @@ def decode_layers(pointers: torch.Tensor, dims: torch.Tensor, residual: torch.Te
 def prefill_attention(q: torch.Tensor, out: torch.Tensor, starts: torch.Tensor, seqs: list[int],
                       keys: list[torch.Tensor], values: list[torch.Tensor], scale: float) -> bool:
     """Causal attention of prompt chunks in bf16 on AMX (prefill_attention.c): the queries of each sequence in `seqs`
-    (rows starts[s]..starts[s+1] of q [T, H, D], rows may be strided) over its keys[i] and values[i] ([nk,
-    Hkv, D], rows may be strided, k's and v's alike: the chunk's own rows, or a cached prefix then them), the
-    chunk's n queries at positions nk - n ..; into the same rows of out [T, H, D]. False (nothing done) where
-    it does not apply: the caller then uses SDPA."""
+    (rows starts[s]..starts[s+1] of q [T, H, D]) over its keys[i] and values[i] ([nk, Hkv, D], k's and v's rows
+    strided alike), its n queries at positions nk - n ..; into the same rows of out. False where it does not apply."""
     _, heads, dim = q.shape
     if not (seqs and q.dtype == out.dtype == torch.bfloat16 and q.device.type == "cpu" and q.stride(2) == 1
             and q.stride(1) == dim and out.is_contiguous() and dim % 32 == 0 and dim <= MAX_HEAD_DIM
