@@ -6,6 +6,7 @@ request the engine fails while serving is a 500; a dead engine makes /health and
 import asyncio
 import hmac
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -25,7 +26,7 @@ from nanovllm.entrypoints.openai_logprobs import ChoiceContent, prompt_logprobs_
 from nanovllm.entrypoints.protocol import (ERROR_RESPONSES, APIError, ChatRequest, CompletionRequest,
                                            DetokenizeRequest, SamplingFields, TokenizeRequest, documented,
                                            engine_failure, error_body, error_response)
-from nanovllm.outputs import DeltaTracker, RequestOutput
+from nanovllm.outputs import CompletionOutput, DeltaTracker, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -131,11 +132,9 @@ def build_app(engine: AsyncEngine, model_names: str | list[str], api_key: str | 
             prompts = [prompts]
         if not prompts:
             raise APIError(400, "the prompt is empty", param="prompt")
-        items = []
-        for p in prompts:
-            text, ids = tokenize(engine.tokenizer, p)
-            items.append(({"prompt": text, "prompt_token_ids": ids}, len(ids)))
-        requests = make_requests(engine, body, items, default_max=16, max_len=max_len)
+        tokenized = [tokenize(engine.tokenizer, p) for p in prompts]
+        requests = make_requests(engine, body, [{"prompt": text, "prompt_token_ids": ids} for text, ids in tokenized],
+                                 default_max=16)
         return await respond(engine, body, requests, model_name, raw, chat=False, limits=limits,
                              score_only=score_only)
 
@@ -145,8 +144,7 @@ def build_app(engine: AsyncEngine, model_names: str | list[str], api_key: str | 
         ids = render_chat(engine, body.messages, body.add_generation_prompt, body.chat_template or chat_template)
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
-        requests = make_requests(engine, body, [({"prompt_token_ids": ids}, len(ids))], default_max=None,
-                                 max_len=max_len)
+        requests = make_requests(engine, body, [{"prompt_token_ids": ids}], default_max=None)
         return await respond(engine, body, requests, model_name, raw, chat=True, limits=limits)
 
     app.include_router(v1)
@@ -176,15 +174,23 @@ def render_chat(engine: AsyncEngine, messages: list, add_generation_prompt: bool
         raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from None
 
 
-def make_requests(engine: AsyncEngine, body: SamplingFields, items: list[tuple[dict, int]], default_max: int | None,
-                  max_len: int) -> list[EngineRequest]:
-    """Check every prompt and its token budget, then build the engine requests (nothing is queued yet)."""
+# the body's fields that SamplingParams takes as they are
+PASSED_FIELDS = ("n", "presence_penalty", "frequency_penalty", "seed", "min_tokens", "stop", "stop_token_ids",
+                 "ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens",
+                 "truncate_prompt_tokens", "logit_bias", "allowed_token_ids", "bad_words")
+
+
+def make_requests(engine: AsyncEngine, body: SamplingFields, prompts: list[dict],
+                  default_max: int | None) -> list[EngineRequest]:
+    """Check every (tokenized) prompt and its token budget, then build the engine requests (nothing is queued yet)."""
     requests, base, defaults = [], uuid.uuid4().hex, engine.engine.generation_defaults
-    for i, (prompt, n_prompt) in enumerate(items):
+    max_len = engine.engine.config.max_model_len
+    for i, prompt in enumerate(prompts):
+        n_prompt = len(prompt["prompt_token_ids"])
         if n_prompt >= max_len:
             raise APIError(400, f"the prompt has {n_prompt} tokens, but this model's maximum context length is "
                                 f"{max_len} tokens (max_model_len), and at least one must be left to generate",
-                           param="prompt" if len(items) > 1 or "prompt" in prompt else "messages",
+                           param="prompt" if len(prompts) > 1 or "prompt" in prompt else "messages",
                            code="context_length_exceeded")
         room = max_len - n_prompt
         if body.max_tokens is not None and body.max_tokens > room:
@@ -194,32 +200,18 @@ def make_requests(engine: AsyncEngine, body: SamplingFields, items: list[tuple[d
         # the model's sampling defaults (generation_config.json, --generation-config) where the body sets none
         given = {k: getattr(body, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
         sampling = {**given, **{k: v for k, v in defaults.items() if k in given and k not in body.model_fields_set}}
+        sampling["top_k"] = sampling["top_k"] or -1
         default_max = min(defaults["max_tokens"], default_max or room) if "max_tokens" in defaults else default_max
         max_tokens = body.max_tokens if body.max_tokens is not None else min(default_max or room, room)
         try:
-            params = SamplingParams(
-                n=body.n, temperature=sampling["temperature"], top_p=sampling["top_p"],
-                top_k=sampling["top_k"] or -1, min_p=sampling["min_p"], presence_penalty=body.presence_penalty,
-                frequency_penalty=body.frequency_penalty, repetition_penalty=sampling["repetition_penalty"],
-                seed=body.seed, max_tokens=max_tokens,
-                min_tokens=body.min_tokens, stop=body.stop, stop_token_ids=body.stop_token_ids,
-                ignore_eos=body.ignore_eos, include_stop_str_in_output=body.include_stop_str_in_output,
-                skip_special_tokens=body.skip_special_tokens,
-                spaces_between_special_tokens=body.spaces_between_special_tokens,
-                truncate_prompt_tokens=body.truncate_prompt_tokens, logit_bias=body.logit_bias,
-                allowed_token_ids=body.allowed_token_ids, bad_words=body.bad_words, logprobs=body.num_logprobs(),
-                prompt_logprobs=body.num_prompt_logprobs(),
-                structured_outputs=body.structured()[0])
+            params = SamplingParams(**{k: getattr(body, k) for k in PASSED_FIELDS}, **sampling, max_tokens=max_tokens,
+                                    logprobs=body.num_logprobs(), prompt_logprobs=body.num_prompt_logprobs(),
+                                    structured_outputs=body.structured()[0])
             requests.append(engine.make_request(prompt, params, f"{base}-{i}"))
-        except ValueError as e:
-            raise APIError(400, str(e), param=_param_of(str(e))) from None
+        except ValueError as e:  # SamplingParams' messages start with the field: "SamplingParams.top_p must be ..."
+            field = re.match(r"SamplingParams\.(\w+)", str(e))
+            raise APIError(400, str(e), param=field and field[1]) from None
     return requests
-
-
-def _param_of(message: str) -> str | None:
-    if message.startswith("SamplingParams."):
-        return message.split(".", 1)[1].split(" ", 1)[0]
-    return None
 
 
 async def respond(engine: AsyncEngine, body: SamplingFields, requests: list[EngineRequest], model: str,
@@ -231,6 +223,23 @@ async def respond(engine: AsyncEngine, body: SamplingFields, requests: list[Engi
     rid = ("chatcmpl-" if chat else "cmpl-") + requests[0].request_id.split("-")[0]
     obj = "chat.completion" if chat else "text_completion"
     shown = ChoiceContent(engine.tokenizer, body, chat, score_only)
+
+    def choice(i: int, c: CompletionOutput, out: RequestOutput, stream: bool) -> dict | None:
+        """Completion c of request i as a choice (a stream's: None while its new tokens show no text yet)."""
+        text, logprobs = shown(i * n + c.index, c, out)
+        if stream and not text and c.finish_reason is None and logprobs is None:
+            return None
+        finish_reason = c.finish_reason and ("length" if score_only else c.finish_reason)
+        entry = {"index": i * n + c.index, "logprobs": logprobs, "finish_reason": finish_reason}
+        if finish_reason is not None:
+            entry["stop_reason"] = c.stop_reason
+        if not chat:
+            entry["text"] = text
+        elif stream:
+            entry["delta"] = {"content": text} if text else {}
+        else:
+            entry["message"] = {"role": "assistant", "content": text}
+        return entry
 
     def usage(outs: dict[int, RequestOutput]) -> dict:
         prompt = sum(len(r.prompt_token_ids) for r in requests)
@@ -254,13 +263,9 @@ async def respond(engine: AsyncEngine, body: SamplingFields, requests: list[Engi
         choices = []
         for i in range(len(requests)):
             for c in final[i].outputs:
-                text, logprobs = shown(i * n + c.index, c, final[i])
-                choice = {"index": i * n + c.index, "logprobs": logprobs,
-                          "finish_reason": "length" if score_only else c.finish_reason, "stop_reason": c.stop_reason}
-                choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+                choices.append(choice(i, c, final[i], stream=False))
                 if body.prompt_logprobs is not None and not chat:  # vLLM's extra, per choice (chat: per response)
-                    choice["prompt_logprobs"] = prompt_logprobs_json(final[i].prompt_logprobs)
-                choices.append(choice)
+                    choices[-1]["prompt_logprobs"] = prompt_logprobs_json(final[i].prompt_logprobs)
         extra = {"prompt_logprobs": prompt_logprobs_json(final[0].prompt_logprobs)} if chat else {}
         return {"id": rid, "object": obj, "created": created, "model": model, "choices": choices,
                 "usage": usage(final), **extra}
@@ -273,21 +278,8 @@ async def respond(engine: AsyncEngine, body: SamplingFields, requests: list[Engi
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
     def delta_choices(i: int, out: RequestOutput, tracker: DeltaTracker) -> list[dict]:
-        choices = []
-        for c in tracker(out).outputs:
-            text, logprobs = shown(i * n + c.index, c, out)
-            if not text and c.finish_reason is None and logprobs is None:  # tokens that show no text yet
-                continue
-            choice = {"index": i * n + c.index, "logprobs": logprobs,
-                      "finish_reason": c.finish_reason and ("length" if score_only else c.finish_reason)}
-            if c.finish_reason is not None:
-                choice["stop_reason"] = c.stop_reason
-            if chat:
-                choice["delta"] = {"content": text} if text else {}
-            else:
-                choice["text"] = text
-            choices.append(choice)
-        return choices
+        choices = (choice(i, c, out, stream=True) for c in tracker(out).outputs)
+        return [c for c in choices if c is not None]
 
     async def events() -> AsyncIterator[str]:
         trackers = [DeltaTracker() for _ in requests]
