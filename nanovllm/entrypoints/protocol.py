@@ -8,9 +8,8 @@ from typing import Any, ClassVar, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from nanovllm.sampling_params import StructuredOutputsParams
-
 from nanovllm.engine.async_engine import EngineDeadError, RequestTimeoutError
+from nanovllm.sampling_params import StructuredOutputsParams
 
 
 class APIError(Exception):
@@ -82,16 +81,14 @@ class SamplingFields(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def nulls_mean_defaults(cls, data):  # clients send "temperature": null for "not set"
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
-
-    @model_validator(mode="before")
-    @classmethod
     def refuse_unsupported(cls, data):
-        for name, off in cls.unsupported.items() if isinstance(data, dict) else ():
-            if data.get(name) is not None and data[name] not in off:
+        if not isinstance(data, dict):
+            return data
+        data = {k: v for k, v in data.items() if v is not None}  # clients send "temperature": null for "not set"
+        for name, off in cls.unsupported.items():
+            if name in data and data[name] not in off:
                 raise APIError(400, f"{name} is not supported by nanovllm (got {repr(data[name])[:80]})", param=name)
-        if isinstance(data, dict) and data.get("stream") and data.get("prompt_logprobs") is not None:
+        if data.get("stream") and "prompt_logprobs" in data:
             raise APIError(400, "prompt_logprobs are not available when stream=true (as in vLLM)",
                            param="prompt_logprobs")
         return data
@@ -205,6 +202,7 @@ class ChatRequest(SamplingFields):
 
     def num_prompt_logprobs(self) -> int | None:
         return self.prompt_logprobs
+
 
 class TokenizeRequest(BaseModel):  # vLLM's /tokenize: a prompt, or chat messages
     prompt: str | None = None
