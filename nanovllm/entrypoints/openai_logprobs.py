@@ -56,24 +56,6 @@ def prompt_logprobs_json(positions: list[LogprobsOnePosition | None] | None) -> 
             for p in positions]
 
 
-def completion_text_and_logprobs(c: CompletionOutput, out: RequestOutput, tokenizer, num: int | None,
-                                 echo: bool, score_only: bool, offset: int = 0,
-                                 as_ids: bool = False) -> tuple[str, dict | None]:
-    """A completions choice's text and logprobs (or those of one streamed chunk of it, whose text starts at
-    `offset`): with `echo` (on the first chunk) the prompt and its logprobs first; `score_only` (echo with
-    max_tokens 0) shows the prompt alone."""
-    text, ids, positions = c.text, c.token_ids, c.logprobs or []
-    if score_only:
-        text, ids, positions = "", [], []
-    if echo:
-        prompt = out.prompt if out.prompt is not None else tokenizer.decode(out.prompt_token_ids)
-        text, ids = prompt + text, out.prompt_token_ids + ids
-        positions = (out.prompt_logprobs or [None] * len(out.prompt_token_ids)) + positions
-    if num is None:
-        return text, None
-    return text, completion_logprobs(ids, positions, tokenizer, offset, as_ids)
-
-
 @dataclass
 class ChoiceContent:
     """What each choice of a response (or each streamed chunk of it) shows, for one request body. A choice's first
@@ -81,7 +63,7 @@ class ChoiceContent:
     tokenizer: object
     body: object           # the CompletionRequest or ChatRequest
     chat: bool
-    score_only: bool       # completions' echo with max_tokens 0
+    score_only: bool       # completions' echo with max_tokens 0: the prompt alone
     offsets: dict = field(default_factory=dict)  # choice index -> where its next token's text starts
 
     def __call__(self, index: int, c: CompletionOutput, out: RequestOutput) -> tuple[str, dict | None]:
@@ -92,7 +74,11 @@ class ChoiceContent:
             return c.text, None if c.logprobs is None else chat_logprobs(c.token_ids, c.logprobs, self.tokenizer,
                                                                          num, as_ids)
         first, offset = index not in self.offsets, self.offsets.get(index, 0)
-        text, logprobs = completion_text_and_logprobs(c, out, self.tokenizer, num, self.body.echo and first,
-                                                      self.score_only, offset, as_ids)
+        text, ids, positions = ("", [], []) if self.score_only else (c.text, c.token_ids, c.logprobs or [])
+        if self.body.echo and first:  # the prompt and its logprobs before the choice's first chunk
+            prompt = out.prompt if out.prompt is not None else self.tokenizer.decode(out.prompt_token_ids)
+            text, ids = prompt + text, out.prompt_token_ids + ids
+            positions = (out.prompt_logprobs or [None] * len(out.prompt_token_ids)) + positions
+        logprobs = None if num is None else completion_logprobs(ids, positions, self.tokenizer, offset, as_ids)
         self.offsets[index] = offset + (sum(map(len, logprobs["tokens"])) if logprobs else len(text))
         return text, logprobs
