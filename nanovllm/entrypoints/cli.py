@@ -46,19 +46,19 @@ def add_engine_args(p: argparse.ArgumentParser, engine_seed: bool = False) -> No
                         '"num_speculative_tokens": 4}')
 
 
+# the flags add_engine_args adds that go to the engine under their own names
+ENGINE_FLAGS = ("tokenizer", "dtype", "max_model_len", "max_num_batched_tokens", "enable_chunked_prefill", "block_size",
+                "kv_cache_gib", "kv_cache_dtype", "enable_prefix_caching", "num_threads", "tensor_parallel_size",
+                "gpu_memory_utilization", "enforce_eager", "trust_remote_code", "generation_config",
+                "async_scheduling", "max_logprobs", "speculative_config")
+
+
 def engine_kwargs(args: argparse.Namespace, seqs: int | None = None) -> dict:
-    """seqs: max_num_seqs unless given (None: the device's default, 512 on CUDA, 256 on CPU). The KV pool holds at most that many full-length sequences and is
-    allocated (every page touched) at start-up, so a command that runs a few sequences starts sooner."""
-    return dict(tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len,
-                seed=getattr(args, "engine_seed", 0),
-                max_num_seqs=args.max_num_seqs or seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                enable_chunked_prefill=args.enable_chunked_prefill, block_size=args.block_size,
-                kv_cache_gib=args.kv_cache_gib, kv_cache_dtype=args.kv_cache_dtype,
-                enable_prefix_caching=args.enable_prefix_caching, num_threads=args.num_threads,
-                tensor_parallel_size=args.tensor_parallel_size, gpu_memory_utilization=args.gpu_memory_utilization,
-                enforce_eager=args.enforce_eager, trust_remote_code=args.trust_remote_code,
-                generation_config=args.generation_config, async_scheduling=args.async_scheduling,
-                max_logprobs=args.max_logprobs, speculative_config=args.speculative_config)
+    """seqs: max_num_seqs unless given (None: the device's default, 512 on CUDA, 256 on CPU). The KV pool holds at
+    most that many full-length sequences and is allocated (every page touched) at start-up, so a command that runs
+    a few sequences starts sooner."""
+    return {**{name: getattr(args, name) for name in ENGINE_FLAGS}, "seed": getattr(args, "engine_seed", 0),
+            "max_num_seqs": args.max_num_seqs or seqs}
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
