@@ -262,10 +262,7 @@ class AsyncEngine:
                     self.metrics.on_token(stream, new, now - (stream.last_token or stream.arrival),
                                           first=stream.last_token is None)
                     stream.num_tokens, stream.last_token = stream.num_tokens + new, now
-            if out.error:
-                stream.put(RuntimeError(f"request {out.request_id} failed: {out.error}"))
-            else:
-                stream.put(out)
+            stream.put(RuntimeError(f"request {out.request_id} failed: {out.error}") if out.error else out)
             if out.finished:
                 del self.streams[out.request_id]
                 if self.metrics:
