@@ -49,7 +49,8 @@ class StructuredOutputsParams:
                                             and all(isinstance(c, str) for c in self.choice)):
             raise ValueError(f"StructuredOutputsParams.choice must be a non-empty list of strings, got {self.choice!r}")
         for name in ("regex", "grammar"):
-            if getattr(self, name) is not None and not (isinstance(getattr(self, name), str) and getattr(self, name)):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and value):
                 raise ValueError(f"StructuredOutputsParams.{name} must be a non-empty string")
 
 
@@ -135,10 +136,6 @@ class SamplingParams:
             self.structured_outputs, self.guided_decoding = self.guided_decoding, None
         check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
               "structured_outputs", "None or a StructuredOutputsParams")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
     def clone(self) -> "SamplingParams":
         return copy.deepcopy(self)
