@@ -47,8 +47,9 @@ class LLM:
         """Forget every cached prefix block; False (nothing done) while a request still holds blocks."""
         return self.engine.block_manager.reset_prefix_cache()
 
-    def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True, lora_request=None) -> list[RequestOutput]:
+    def generate(self, prompts: Prompt | Seq[Prompt],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None, use_tqdm: bool = True,
+                 lora_request=None) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in input order.
 
         Every prompt is validated before any starts: one bad prompt raises a ValueError naming its index
@@ -82,10 +83,9 @@ class LLM:
         continue_final_message: the last (assistant) message is left open for the model to continue."""
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message=True needs add_generation_prompt=False (as in vLLM)")
-        if continue_final_message:
-            template_kwargs["continue_final_message"] = True
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [{"prompt_token_ids": self.apply_chat_template(c, add_generation_prompt, chat_template,
+                                                                 continue_final_message=continue_final_message,
                                                                  **template_kwargs)} for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 
