@@ -200,7 +200,7 @@ class LLMEngine:
             decoded = [len(new) for i, new in zip(step.sample_rows, tokens) if step.batch.seqs[i].spec_token_ids]
             self.last_step = (self.last_step[0], self.last_step[1] + sum(decoded) - len(decoded))
         changed = self.scheduler.postprocess(step.batch, step.sample_rows, tokens, self.requests,
-                                             self.eos_token_ids, self.config.max_model_len, step.logprobs)
+                                             self.eos_token_ids, step.logprobs)
         outputs = []
         for request in changed:
             if request.final_only and not request.finished:

@@ -50,8 +50,8 @@ class Scheduler:
         bs = bm.block_size
         # Running sequences that fit the budget whole, at once: each computes what it has left (a token still on
         # the device, async scheduling, counts as one: all the others are computed then; proposals count too) and
-        # is sampled; only
-        # those that need a block are looked at one by one. Where one cannot get it, the loop below takes over.
+        # is sampled; only those that need a block are looked at one by one. Where one cannot get it, the loop
+        # below takes over.
         left = [len(s.token_ids) - s.num_computed or 1 for s in running]
         if self.speculative:
             left = [n + len(s.spec_token_ids) for s, n in zip(running, left)]
@@ -123,7 +123,7 @@ class Scheduler:
             seq.num_computed += n
 
     def postprocess(self, batch: ScheduledBatch, sample_rows: list[int], tokens: list[list[int]], requests: dict,
-                    eos_token_ids: set[int], max_model_len: int, logprobs: StepLogprobs | None = None) -> list:
+                    eos_token_ids: set[int], logprobs: StepLogprobs | None = None) -> list:
         """After a step's sampled tokens reached the host: each row's new tokens (one, or the proposals kept and
         one more) appended unless its sequence ended while the step ran (then they are dropped), with its logprobs
         where asked (and prompt logprobs); a verification's rejected proposals out of the KV; newly full blocks
@@ -157,7 +157,7 @@ class Scheduler:
                 for j, token in enumerate(new):
                     if j:
                         seq.token_ids.append(token)
-                    if done := request.check(seq, token, eos_token_ids, max_model_len):
+                    if done := request.check(seq, token, eos_token_ids, self.max_model_len):
                         break
             except Exception as e:
                 self.fail(request, e)
