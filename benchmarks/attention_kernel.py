@@ -6,6 +6,7 @@ prefill (--prefill): a 2048-token step of whole prompts (100-512 tokens), ours (
     python benchmarks/attention_kernel.py --block-size 128
     python benchmarks/attention_kernel.py --prefill
 """
+
 import argparse
 import random
 import time
@@ -33,24 +34,30 @@ def main() -> None:
     tables = torch.zeros(seqs, max(-(-n // bs) for n in lens), dtype=torch.long)
     i = 0
     for b, n in enumerate(lens):
-        tables[b, :-(-n // bs)] = order[i:i + -(-n // bs)]
+        tables[b, : -(-n // bs)] = order[i : i + -(-n // bs)]
         i += -(-n // bs)
     caches = [torch.randn(2, blocks, bs, kv_heads, dim).bfloat16() for _ in range(1 if args.resident else layers)]
     caches *= layers // len(caches)
-    meta = SimpleNamespace(block_tables=tables, context_lens=torch.tensor(lens), decode_rows=torch.arange(seqs),
-                           decode_tokens=torch.arange(seqs))
+    meta = SimpleNamespace(
+        block_tables=tables,
+        context_lens=torch.tensor(lens),
+        decode_rows=torch.arange(seqs),
+        decode_tokens=torch.arange(seqs),
+    )
     q = torch.randn(seqs, heads, dim).bfloat16()
     out = torch.empty_like(q)
     times = []
     for _ in range(8):
         start = time.perf_counter()
         for kv in caches:
-            cpu.decode_attention(q, out, kv[0], kv[1], meta, dim ** -0.5)
+            cpu.decode_attention(q, out, kv[0], kv[1], meta, dim**-0.5)
         times.append(time.perf_counter() - start)
     best = min(times[1:])
     read = 2 * sum(lens) * kv_heads * dim * 2 * layers
-    print(f"{layers} layers: min {best * 1e3:.1f} ms, median {sorted(times[1:])[3] * 1e3:.1f} ms; "
-          f"{read / 1e6:.0f} MB of K/V -> {read / best / 1e9:.1f} GB/s")
+    print(
+        f"{layers} layers: min {best * 1e3:.1f} ms, median {sorted(times[1:])[3] * 1e3:.1f} ms; "
+        f"{read / 1e6:.0f} MB of K/V -> {read / best / 1e9:.1f} GB/s"
+    )
 
 
 def prefill(heads: int = 9, kv_heads: int = 3, dim: int = 64, layers: int = 30) -> None:
@@ -65,14 +72,16 @@ def prefill(heads: int = 9, kv_heads: int = 3, dim: int = 64, layers: int = 30) 
     def sdpa() -> None:  # the engine's fallback: one sequence at a time
         for s, e in zip(starts[:-1].tolist(), starts[1:].tolist()):
             o = torch.nn.functional.scaled_dot_product_attention(
-                *(t[None, s:e].transpose(1, 2) for t in (q, k, v)), is_causal=True, scale=dim ** -0.5, enable_gqa=True)
+                *(t[None, s:e].transpose(1, 2) for t in (q, k, v)), is_causal=True, scale=dim**-0.5, enable_gqa=True
+            )
             out[s:e] = o[0].transpose(0, 1)
 
     bounds = list(zip(starts[:-1].tolist(), starts[1:].tolist()))
 
     def ours() -> None:
-        if not cpu.prefill_attention(q, out, starts, list(range(len(lens))), [k[s:e] for s, e in bounds],
-                                     [v[s:e] for s, e in bounds], dim ** -0.5):
+        if not cpu.prefill_attention(
+            q, out, starts, list(range(len(lens))), [k[s:e] for s, e in bounds], [v[s:e] for s, e in bounds], dim**-0.5
+        ):
             raise SystemExit("the AMX prefill kernel does not run on this CPU")
 
     flops = sum(4 * n * n / 2 * dim * heads for n in lens) * layers  # causal: half of QK^T and PV
@@ -82,8 +91,10 @@ def prefill(heads: int = 9, kv_heads: int = 3, dim: int = 64, layers: int = 30) 
         for _ in range(layers):
             fn()
         took = time.perf_counter() - start
-        print(f"{name}: {took * 1e3:.0f} ms for {layers} layers of {len(lens)} prompts ({sum(lens)} tokens), "
-              f"{flops / took / 1e9:.0f} GFLOP/s")
+        print(
+            f"{name}: {took * 1e3:.0f} ms for {layers} layers of {len(lens)} prompts ({sum(lens)} tokens), "
+            f"{flops / took / 1e9:.0f} GFLOP/s"
+        )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ alphabet and tokenization still works.
 --install-times also times `pip install --no-deps --no-cache-dir --target TMP` of each library (and
 xgrammar's apache-tvm-ffi; its torch, transformers, triton are the ones already installed), touching nothing
 installed."""
+
 import argparse
 import copy
 import json
@@ -32,24 +33,58 @@ from transformers import PreTrainedTokenizerFast
 from nanovllm.loader import default_model_path, load_tokenizer
 
 SCHEMAS = {
-    "flat": {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
-             "required": ["name", "age"]},
-    "nested": {"type": "object", "required": ["id", "status", "customer", "items", "total"], "properties": {
-        "id": {"type": "integer", "minimum": 1},
-        "status": {"enum": ["pending", "paid", "shipped"]},
-        "customer": {"type": "object", "required": ["name", "email"], "properties": {
-            "name": {"type": "string", "maxLength": 40}, "email": {"type": "string"},
-            "vip": {"type": "boolean"}}},
-        "items": {"type": "array", "minItems": 1, "maxItems": 5, "items": {
-            "type": "object", "required": ["sku", "qty", "price"], "properties": {
-                "sku": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"},
-                "qty": {"type": "integer", "minimum": 1, "maximum": 99},
-                "price": {"type": "number", "minimum": 0}}}},
-        "total": {"type": "number", "minimum": 0}}},
-    "wide": {"type": "object", "required": [f"f{i}" for i in range(24)], "properties": {
-        f"f{i}": [{"type": "string"}, {"type": "integer", "minimum": -5, "maximum": 500}, {"type": "boolean"},
-                  {"type": "array", "items": {"type": "number"}}, {"enum": ["x", "y", "z"]},
-                  {"anyOf": [{"type": "string"}, {"type": "null"}]}][i % 6] for i in range(24)}},
+    "flat": {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+    },
+    "nested": {
+        "type": "object",
+        "required": ["id", "status", "customer", "items", "total"],
+        "properties": {
+            "id": {"type": "integer", "minimum": 1},
+            "status": {"enum": ["pending", "paid", "shipped"]},
+            "customer": {
+                "type": "object",
+                "required": ["name", "email"],
+                "properties": {
+                    "name": {"type": "string", "maxLength": 40},
+                    "email": {"type": "string"},
+                    "vip": {"type": "boolean"},
+                },
+            },
+            "items": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 5,
+                "items": {
+                    "type": "object",
+                    "required": ["sku", "qty", "price"],
+                    "properties": {
+                        "sku": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"},
+                        "qty": {"type": "integer", "minimum": 1, "maximum": 99},
+                        "price": {"type": "number", "minimum": 0},
+                    },
+                },
+            },
+            "total": {"type": "number", "minimum": 0},
+        },
+    },
+    "wide": {
+        "type": "object",
+        "required": [f"f{i}" for i in range(24)],
+        "properties": {
+            f"f{i}": [
+                {"type": "string"},
+                {"type": "integer", "minimum": -5, "maximum": 500},
+                {"type": "boolean"},
+                {"type": "array", "items": {"type": "number"}},
+                {"enum": ["x", "y", "z"]},
+                {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            ][i % 6]
+            for i in range(24)
+        },
+    },
 }
 
 
@@ -57,13 +92,20 @@ def nested_instance(rng: random.Random) -> dict:
     """A valid document of SCHEMAS["nested"], different for each sequence (so their matchers are in different
     states at each step, as in a real batch)."""
     name = rng.choice(["Ada Lovelace", "Alan Turing", "Grace Hopper", "Edsger Dijkstra", "Barbara Liskov"])
-    return {"id": rng.randint(1, 99999), "status": rng.choice(["pending", "paid", "shipped"]),
-            "customer": {"name": name, "email": name.split()[0].lower() + "@example.com",
-                         "vip": rng.random() < 0.5},
-            "items": [{"sku": "".join(rng.choice("ABCDEFGHIJ") for _ in range(3)) + f"-{rng.randint(0, 9999):04d}",
-                       "qty": rng.randint(1, 99), "price": round(rng.uniform(0, 500), 2)}
-                      for _ in range(rng.randint(1, 3))],
-            "total": round(rng.uniform(0, 2000), 2)}
+    return {
+        "id": rng.randint(1, 99999),
+        "status": rng.choice(["pending", "paid", "shipped"]),
+        "customer": {"name": name, "email": name.split()[0].lower() + "@example.com", "vip": rng.random() < 0.5},
+        "items": [
+            {
+                "sku": "".join(rng.choice("ABCDEFGHIJ") for _ in range(3)) + f"-{rng.randint(0, 9999):04d}",
+                "qty": rng.randint(1, 99),
+                "price": round(rng.uniform(0, 500), 2),
+            }
+            for _ in range(rng.randint(1, 3))
+        ],
+        "total": round(rng.uniform(0, 2000), 2),
+    }
 
 
 # ---- the vocabularies --------------------------------------------------------------------------------------
@@ -78,7 +120,9 @@ def qwen_sized_tokenizer(base: PreTrainedTokenizerFast, size: int = 151_643, see
     across those classes, e.g. `the":{`, never occur in a real vocabulary and would make every library's masks
     far costlier.) base's special tokens keep their ids."""
     import re
+
     from tokenizers import Tokenizer
+
     spec = json.loads(base.backend_tokenizer.to_str())
     vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
     to_byte = byte_level_alphabet()
@@ -88,8 +132,13 @@ def qwen_sized_tokenizer(base: PreTrainedTokenizerFast, size: int = 151_643, see
             return bytes(to_byte[c] for c in piece).decode()
         except (KeyError, UnicodeDecodeError):
             return None
-    classes = {"word": re.compile(r"[^\r\n\w]?[^\W\d_]+"), "letters": re.compile(r"[^\W\d_]+"),
-               "punct": re.compile(r" ?[^\s\w]+"), "punct_tail": re.compile(r"[^\s\w]+")}
+
+    classes = {
+        "word": re.compile(r"[^\r\n\w]?[^\W\d_]+"),
+        "letters": re.compile(r"[^\W\d_]+"),
+        "punct": re.compile(r" ?[^\s\w]+"),
+        "punct_tail": re.compile(r"[^\s\w]+"),
+    }
     pieces = {k: [p for p in vocab if (t := text(p)) is not None and r.fullmatch(t)] for k, r in classes.items()}
     rng = random.Random(seed)
     while len(vocab) < size:
@@ -102,8 +151,17 @@ def qwen_sized_tokenizer(base: PreTrainedTokenizerFast, size: int = 151_643, see
             if head == "word" and classes["letters"].fullmatch(text(a + b)):
                 pieces["letters"].append(a + b)
     for i in range(22 - len(spec["added_tokens"])):  # Qwen2's 22 specials after the regular tokens
-        spec["added_tokens"].append({"id": len(vocab) + i, "content": f"<|extra_{i}|>", "single_word": False,
-                                     "lstrip": False, "rstrip": False, "normalized": False, "special": True})
+        spec["added_tokens"].append(
+            {
+                "id": len(vocab) + i,
+                "content": f"<|extra_{i}|>",
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+        )
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)))
     tok.eos_token = base.eos_token
     return tok
@@ -119,16 +177,22 @@ def xgrammar_lib():
 
     def compile_(state, schema):
         return xgr.GrammarCompiler(state["info"], max_threads=1, cache_enabled=False).compile_json_schema(
-            json.dumps(schema))
+            json.dumps(schema)
+        )
 
     def fill(matchers, bitmask):
         for i, m in enumerate(matchers):
             m.fill_next_token_bitmask(bitmask, i)
 
-    return {"version": version("xgrammar"), "setup": setup, "compile": compile_,
-            "matcher": lambda state, g: xgr.GrammarMatcher(g), "fill": fill,
-            "fill_par": lambda state, ms, bm: state["batch"].batch_fill_next_token_bitmask(ms, bm),
-            "accept": lambda m, t: m.accept_token(t)}
+    return {
+        "version": version("xgrammar"),
+        "setup": setup,
+        "compile": compile_,
+        "matcher": lambda state, g: xgr.GrammarMatcher(g),
+        "fill": fill,
+        "fill_par": lambda state, ms, bm: state["batch"].batch_fill_next_token_bitmask(ms, bm),
+        "accept": lambda m, t: m.accept_token(t),
+    }
 
 
 def llguidance_lib():
@@ -151,11 +215,17 @@ def llguidance_lib():
         for i, m in enumerate(matchers):
             lt.fill_next_token_bitmask(m, bitmask, i)
 
-    return {"version": version("llguidance"),
-            "setup": setup, "compile": compile_, "matcher": matcher, "fill": fill,
-            "fill_par": lambda state, ms, bm: lt.fill_next_token_bitmask_par(
-                state["executor"], [(m, i) for i, m in enumerate(ms)], bm),
-            "accept": lambda m, t: m.consume_token(t)}
+    return {
+        "version": version("llguidance"),
+        "setup": setup,
+        "compile": compile_,
+        "matcher": matcher,
+        "fill": fill,
+        "fill_par": lambda state, ms, bm: lt.fill_next_token_bitmask_par(
+            state["executor"], [(m, i) for i, m in enumerate(ms)], bm
+        ),
+        "accept": lambda m, t: m.consume_token(t),
+    }
 
 
 def outlines_core_lib():
@@ -168,18 +238,24 @@ def outlines_core_lib():
         tokens: dict[bytes, list[int]] = {}
         for text, i in tok.get_vocab().items():
             if i != tok.eos_token_id and not text.startswith("<|"):
-                tokens.setdefault(bytes(decode[c] for c in text) if all(c in decode for c in text)
-                                  else text.encode(), []).append(i)
+                tokens.setdefault(
+                    bytes(decode[c] for c in text) if all(c in decode for c in text) else text.encode(), []
+                ).append(i)
         return {"vocab": oc.Vocabulary(tok.eos_token_id, tokens)}
 
     def fill(matchers, bitmask):
         for i, m in enumerate(matchers):
-            fill_next_token_bitmask(m, bitmask[i:i + 1])
+            fill_next_token_bitmask(m, bitmask[i : i + 1])
 
-    return {"version": version("outlines-core"), "setup": setup,
-            "compile": lambda state, schema: oc.Index(build_regex_from_schema(json.dumps(schema)), state["vocab"]),
-            "matcher": lambda state, index: oc.Guide(index), "fill": fill, "fill_par": None,
-            "accept": lambda m, t: m.advance(t) is not None}
+    return {
+        "version": version("outlines-core"),
+        "setup": setup,
+        "compile": lambda state, schema: oc.Index(build_regex_from_schema(json.dumps(schema)), state["vocab"]),
+        "matcher": lambda state, index: oc.Guide(index),
+        "fill": fill,
+        "fill_par": None,
+        "accept": lambda m, t: m.advance(t) is not None,
+    }
 
 
 def byte_level_alphabet() -> dict[str, int]:
@@ -191,6 +267,7 @@ def byte_level_alphabet() -> dict[str, int]:
 
 def version(dist: str) -> str:
     from importlib.metadata import version as v
+
     return v(dist)
 
 
@@ -225,18 +302,21 @@ def measure(name: str, tok, width: int, sequences: int) -> dict:
     row = {"library": f"{name} {lib['version']}", "setup_s": time.perf_counter() - t}
     for schema_name, schema in SCHEMAS.items():
         t = time.perf_counter()
-        grammar = lib["compile"](state, schema)
+        lib["compile"](state, schema)  # timed only
         row[f"compile_{schema_name}_ms"] = (time.perf_counter() - t) * 1e3
     rng = random.Random(0)
-    docs = [tok(json.dumps(nested_instance(rng), separators=(",", ":")), add_special_tokens=False).input_ids
-            for _ in range(sequences)]
+    docs = [
+        tok(json.dumps(nested_instance(rng), separators=(",", ":")), add_special_tokens=False).input_ids
+        for _ in range(sequences)
+    ]
     row["steps"] = min(len(d) for d in docs)
     serial = mask_steps(lib, state, grammar_of(lib, state), docs, width, par=False)
     row["mask_1thread_ms"] = statistics.mean(serial) * 1e3
     row["mask_1thread_max_ms"] = max(serial) * 1e3
     if lib["fill_par"]:
-        row["mask_2threads_ms"] = statistics.mean(mask_steps(lib, state, grammar_of(lib, state), docs, width,
-                                                             par=True)) * 1e3
+        row["mask_2threads_ms"] = (
+            statistics.mean(mask_steps(lib, state, grammar_of(lib, state), docs, width, par=True)) * 1e3
+        )
     return row
 
 
@@ -245,14 +325,30 @@ def grammar_of(lib: dict, state):
 
 
 def install_times() -> dict[str, float]:
-    packages = {"xgrammar": ["xgrammar", "apache-tvm-ffi"], "llguidance": ["llguidance"],
-                "outlines-core": ["outlines-core"]}
+    packages = {
+        "xgrammar": ["xgrammar", "apache-tvm-ffi"],
+        "llguidance": ["llguidance"],
+        "outlines-core": ["outlines-core"],
+    }
     out = {}
     for name, pkgs in packages.items():
         with tempfile.TemporaryDirectory() as target:
             t = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-cache-dir", "--target",
-                            target, *pkgs], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "install",
+                    "-q",
+                    "--no-deps",
+                    "--no-cache-dir",
+                    "--target",
+                    target,
+                    *pkgs,
+                ],
+                check=True,
+            )
             out[name] = time.perf_counter() - t
     return out
 
@@ -270,16 +366,32 @@ def main() -> None:
     if "152k" in args.vocabs:
         vocabs["152k"] = (qwen_sized_tokenizer(copy.deepcopy(base)), 151_936)
     installs = install_times() if args.install_times else {}
-    cols = ["library", "vocab", "install_s", "setup_s", *[f"compile_{s}_ms" for s in SCHEMAS], "steps",
-            "mask_1thread_ms", "mask_1thread_max_ms", "mask_2threads_ms"]
+    cols = [
+        "library",
+        "vocab",
+        "install_s",
+        "setup_s",
+        *[f"compile_{s}_ms" for s in SCHEMAS],
+        "steps",
+        "mask_1thread_ms",
+        "mask_1thread_max_ms",
+        "mask_2threads_ms",
+    ]
     print("| " + " | ".join(cols) + " |\n|" + " --- |" * len(cols), flush=True)
     for vocab in args.vocabs.split(","):
         tok, width = vocabs[vocab]
         for name in args.libs.split(","):
-            row = {"vocab": f"{vocab} ({len(tok)})", "install_s": installs.get(name, "-"),
-                   **measure(name, tok, width, args.sequences)}
-            print("| " + " | ".join(f"{row[c]:.2f}" if isinstance(row.get(c), float) else str(row.get(c, "-"))
-                                    for c in cols) + " |", flush=True)
+            row = {
+                "vocab": f"{vocab} ({len(tok)})",
+                "install_s": installs.get(name, "-"),
+                **measure(name, tok, width, args.sequences),
+            }
+            print(
+                "| "
+                + " | ".join(f"{row[c]:.2f}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in cols)
+                + " |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ of warm-up, then --steps decode steps timed; the median is printed. Timed: the t
 on a shared machine do not count), less the time inside ops.sample, the sampler's arithmetic over the logits (the
 device's work on a GPU; printed apart). One torch thread: the host's loop is one thread.
 """
+
 import argparse
 import cProfile
 import pstats
@@ -25,14 +26,24 @@ import torch
 def tiny_model(path: str) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    tok = Tokenizer(models.BPE(vocab={"<s>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate(sorted(alphabet))}},
-                               merges=[]))
+    tok = Tokenizer(
+        models.BPE(vocab={"<s>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate(sorted(alphabet))}}, merges=[])
+    )
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(path)
-    cfg = LlamaConfig(vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-                      bos_token_id=0, eos_token_id=1)
+    cfg = LlamaConfig(
+        vocab_size=258,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=4096,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     LlamaForCausalLM(cfg).save_pretrained(path)
     return path
 
@@ -43,12 +54,14 @@ def measure(path: str, n: int, steps: int, async_scheduling: bool, profile: bool
     from nanovllm.config import EngineConfig
     from nanovllm.engine.llm_engine import LLMEngine
     from nanovllm.sampling_params import RequestOutputKind
+
     blocks = n * (500 + steps + 32) // 16 + n
     extra = {"async_scheduling": True} if async_scheduling else {}  # (main's EngineConfig had no such field)
-    engine = LLMEngine(EngineConfig(model=path, dtype="float32", max_num_seqs=n, num_kv_blocks=blocks, num_threads=1,
-                                    **extra))
+    engine = LLMEngine(
+        EngineConfig(model=path, dtype="float32", max_num_seqs=n, num_kv_blocks=blocks, num_threads=1, **extra)
+    )
     logits = torch.randn(n, 258, generator=torch.Generator().manual_seed(0))
-    engine.runner.forward = lambda input_ids, positions, meta, last: logits[:last.shape[0]]  # the stub
+    engine.runner.forward = lambda input_ids, positions, meta, last: logits[: last.shape[0]]  # the stub
     # the sampler's arithmetic over the logits is the device's work on a GPU: timed apart and left out
     real_sample, sampler_time = ops.sample, [0.0]
 
@@ -57,13 +70,16 @@ def measure(path: str, n: int, steps: int, async_scheduling: bool, profile: bool
         tokens = real_sample(*args)
         sampler_time[0] += time.thread_time() - start
         return tokens
+
     ops.sample = timed_sample
     g = torch.Generator().manual_seed(n)
-    params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=1000,
-                            output_kind=RequestOutputKind.FINAL_ONLY)
+    params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=1000, output_kind=RequestOutputKind.FINAL_ONLY)
     for i in range(n):
-        engine.add_request(str(i), torch.randint(2, 258, (int(torch.randint(100, 501, (1,), generator=g)),),
-                                                 generator=g).tolist(), params)
+        engine.add_request(
+            str(i),
+            torch.randint(2, 258, (int(torch.randint(100, 501, (1,), generator=g)),), generator=g).tolist(),
+            params,
+        )
     sched = engine.scheduler
     while sched.waiting or any(s.num_computed < s.num_tokens - 1 for s in sched.running):
         engine.step()

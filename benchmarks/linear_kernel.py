@@ -1,15 +1,16 @@
 """SmolLM2's 30 layers of linears (QKV, O, gate/up, down) at decode sizes, bf16, in one process, alternating:
 
-    oneDNN      torch.ops.mkldnn._linear_pointwise on the weight packed by _reorder_linear_weight (our CPU path
-                before kernels/cpu/linear.c; still the path without AMX)
-    amx-4k      our AMX kernel on weights in ordinary 4 KB pages
-    amx-huge    our AMX kernel on weights in 2 MB pages (nanovllm/memory.py, huge_page_buffer: how the loader
-                places them)
-    F.linear    torch's plain linear (what prefills use)
+oneDNN      torch.ops.mkldnn._linear_pointwise on the weight packed by _reorder_linear_weight (our CPU path
+            before kernels/cpu/linear.c; still the path without AMX)
+amx-4k      our AMX kernel on weights in ordinary 4 KB pages
+amx-huge    our AMX kernel on weights in 2 MB pages (nanovllm/memory.py, huge_page_buffer: how the loader
+            places them)
+F.linear    torch's plain linear (what prefills use)
 
-    python benchmarks/linear_kernel.py              # 44 rows (preset cpu's mean decode batch)
-    python benchmarks/linear_kernel.py --rows 1 16 44 64 128
+python benchmarks/linear_kernel.py              # 44 rows (preset cpu's mean decode batch)
+python benchmarks/linear_kernel.py --rows 1 16 44 64 128
 """
+
 import argparse
 import statistics
 import time
@@ -39,7 +40,7 @@ def main() -> None:
         for n, k in SHAPES:
             w = torch.randn(n, k).bfloat16()
             for name, buf in (("amx-huge", huge), ("amx-4k", plain)):
-                weights[name].append(buf[offset:offset + n * k * 2].view(torch.bfloat16).view(n, k).copy_(w))
+                weights[name].append(buf[offset : offset + n * k * 2].view(torch.bfloat16).view(n, k).copy_(w))
             weights["oneDNN"].append(torch.ops.mkldnn._reorder_linear_weight(w))
             weights["F.linear"].append(weights["amx-huge"][-1])
             offset += n * k * 2
@@ -59,8 +60,10 @@ def main() -> None:
                     fn(inputs[SHAPES[i % len(SHAPES)][1]], w)
                 times[name].append(time.perf_counter() - start)
         for name, t in times.items():
-            print(f"{rows:4d} rows  {name:9s} median {statistics.median(t) * 1e3:6.2f} ms, min {min(t) * 1e3:6.2f} ms "
-                  f"per {LAYERS} layers ({total / statistics.median(t) / 1e9:.1f} GB/s of weights)")
+            print(
+                f"{rows:4d} rows  {name:9s} median {statistics.median(t) * 1e3:6.2f} ms, min {min(t) * 1e3:6.2f} ms "
+                f"per {LAYERS} layers ({total / statistics.median(t) / 1e9:.1f} GB/s of weights)"
+            )
 
 
 if __name__ == "__main__":

@@ -5,11 +5,11 @@
 
 --prefill profiles the prefill steps of the preset's remaining prompts instead (2048-token steps).
 """
+
 import argparse
 import time
 
 import torch
-
 from throughput import TEMPERATURE, make_workload
 
 
@@ -22,11 +22,12 @@ def main() -> None:
     ap.add_argument("--prefill", action="store_true")
     args = ap.parse_args()
     from nanovllm import LLM, SamplingParams
+
     prompts, _ = make_workload(64, 512, 256)
     llm = LLM(args.model, max_model_len=1024)
     engine = llm.engine
     params = SamplingParams(temperature=TEMPERATURE, ignore_eos=True, max_tokens=200)
-    for i, p in enumerate(prompts[:args.seqs]):
+    for i, p in enumerate(prompts[: args.seqs]):
         engine.add_request(str(i), p, params)
     sched = engine.scheduler
     steps = []
@@ -35,10 +36,12 @@ def main() -> None:
         engine.step()
         steps.append(time.perf_counter() - t)
     context = sum(s.num_tokens for s in sched.running)
-    print(f"{len(sched.running)} sequences, {context} context tokens; prefill steps (s): "
-          + " ".join(f"{s:.3f}" for s in steps))
+    print(
+        f"{len(sched.running)} sequences, {context} context tokens; prefill steps (s): "
+        + " ".join(f"{s:.3f}" for s in steps)
+    )
     if args.prefill:  # prompts not seen yet: no prefix-cache hits
-        for i, p in enumerate(prompts[args.seqs:]):
+        for i, p in enumerate(prompts[args.seqs :]):
             engine.add_request(f"p{i}", p, params)
         with torch.profiler.profile() as prof:
             while sched.waiting:

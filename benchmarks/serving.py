@@ -9,6 +9,7 @@ exactly its output length) through the official openai client, N at a time. Per 
 token), TPOT ((end - first token) / (tokens - 1)), ITL (the gaps between streamed chunks). Per level: p50/p99 of
 each and the output tokens per second of wall time.
 """
+
 import argparse
 import asyncio
 import json
@@ -52,21 +53,33 @@ def start_server(extra: list[str]) -> tuple[subprocess.Popen, str]:
 async def one_request(client: openai.AsyncOpenAI, model: str, prompt: list[int], max_tokens: int) -> dict:
     start = time.perf_counter()
     times, tokens = [], 0
-    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                             stream=True, stream_options={"include_usage": True},
-                                             extra_body={"ignore_eos": True})
+    stream = await client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
             times.append(time.perf_counter())
         if chunk.usage:
             tokens = chunk.usage.completion_tokens
     end = time.perf_counter()
-    return {"ttft": times[0] - start, "tpot": (end - times[0]) / max(tokens - 1, 1),
-            "itl": np.diff(times).tolist(), "tokens": tokens, "latency": end - start}
+    return {
+        "ttft": times[0] - start,
+        "tpot": (end - times[0]) / max(tokens - 1, 1),
+        "itl": np.diff(times).tolist(),
+        "tokens": tokens,
+        "latency": end - start,
+    }
 
 
-async def run_level(url: str, model: str, concurrency: int, prompts: list[list[int]], output_len: int,
-                    api_key: str) -> dict:
+async def run_level(
+    url: str, model: str, concurrency: int, prompts: list[list[int]], output_len: int, api_key: str
+) -> dict:
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=3600)
     queue = list(prompts)
     results = []
@@ -79,15 +92,27 @@ async def run_level(url: str, model: str, concurrency: int, prompts: list[list[i
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - start
     await client.close()
-    pct = lambda xs, q: float(np.percentile(xs, q) * 1000) if len(xs) else float("nan")
+
+    def pct(xs, q):
+        return float(np.percentile(xs, q) * 1000) if len(xs) else float("nan")
+
     ttft, tpot = [r["ttft"] for r in results], [r["tpot"] for r in results]
     itl = [x for r in results for x in r["itl"]]
     out_tokens = sum(r["tokens"] for r in results)
-    return {"concurrency": concurrency, "requests": len(results), "wall_s": wall,
-            "output_tokens": out_tokens, "output_tok_s": out_tokens / wall, "req_s": len(results) / wall,
-            "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
-            "tpot_p50_ms": pct(tpot, 50), "tpot_p99_ms": pct(tpot, 99),
-            "itl_p50_ms": pct(itl, 50), "itl_p99_ms": pct(itl, 99)}
+    return {
+        "concurrency": concurrency,
+        "requests": len(results),
+        "wall_s": wall,
+        "output_tokens": out_tokens,
+        "output_tok_s": out_tokens / wall,
+        "req_s": len(results) / wall,
+        "ttft_p50_ms": pct(ttft, 50),
+        "ttft_p99_ms": pct(ttft, 99),
+        "tpot_p50_ms": pct(tpot, 50),
+        "tpot_p99_ms": pct(tpot, 99),
+        "itl_p50_ms": pct(itl, 50),
+        "itl_p99_ms": pct(itl, 99),
+    }
 
 
 def main() -> None:
@@ -106,25 +131,36 @@ def main() -> None:
     extra = [a for a in args.server_args if a != "--"]
     proc, url = (None, args.url) if args.url else start_server(extra)
     try:
-        models = json.load(urllib.request.urlopen(urllib.request.Request(
-            url + "/v1/models", headers={"Authorization": f"Bearer {args.api_key}"})))
+        models = json.load(
+            urllib.request.urlopen(
+                urllib.request.Request(url + "/v1/models", headers={"Authorization": f"Bearer {args.api_key}"})
+            )
+        )
         model = args.model or models["data"][0]["id"]
         rng = random.Random(args.seed)
-        print(f"# {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} cpus; model {model}; input {args.input_len} tokens, output {args.output_len} "
-              f"(ignore_eos, greedy); command: {' '.join(sys.argv)}")
-        print(f"{'clients':>7} {'reqs':>5} {'out tok/s':>9} {'TTFT p50':>9} {'p99':>8} {'TPOT p50':>9} {'p99':>8} "
-              f"{'ITL p50':>8} {'p99':>8}   (ms)")
+        print(
+            f"# {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} cpus; model {model}; input {args.input_len} tokens, output {args.output_len} "
+            f"(ignore_eos, greedy); command: {' '.join(sys.argv)}"
+        )
+        print(
+            f"{'clients':>7} {'reqs':>5} {'out tok/s':>9} {'TTFT p50':>9} {'p99':>8} {'TPOT p50':>9} {'p99':>8} "
+            f"{'ITL p50':>8} {'p99':>8}   (ms)"
+        )
         rows = []
         for c in args.concurrency:
             # ids from 1000 up: ordinary tokens, clear of the special ones at the start of the vocabulary
-            prompts = [[rng.randint(1000, 30000) for _ in range(args.input_len)]
-                       for _ in range(c * args.prompts_per_client)]
+            prompts = [
+                [rng.randint(1000, 30000) for _ in range(args.input_len)] for _ in range(c * args.prompts_per_client)
+            ]
             r = asyncio.run(run_level(url, model, c, prompts, args.output_len, args.api_key))
             rows.append(r)
-            print(f"{c:>7} {r['requests']:>5} {r['output_tok_s']:>9.1f} {r['ttft_p50_ms']:>9.0f} "
-                  f"{r['ttft_p99_ms']:>8.0f} {r['tpot_p50_ms']:>9.1f} {r['tpot_p99_ms']:>8.1f} "
-                  f"{r['itl_p50_ms']:>8.1f} {r['itl_p99_ms']:>8.1f}", flush=True)
+            print(
+                f"{c:>7} {r['requests']:>5} {r['output_tok_s']:>9.1f} {r['ttft_p50_ms']:>9.0f} "
+                f"{r['ttft_p99_ms']:>8.0f} {r['tpot_p50_ms']:>9.1f} {r['tpot_p99_ms']:>8.1f} "
+                f"{r['itl_p50_ms']:>8.1f} {r['itl_p99_ms']:>8.1f}",
+                flush=True,
+            )
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"argv": sys.argv, "results": rows}, f, indent=1)

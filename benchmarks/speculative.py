@@ -10,6 +10,7 @@ look up: what trying costs). Single-stream runs the prompts one after another; 8
 is timed: from the step after every request in the run has its first token to the end. The output is meant to be
 pasted into docs/benchmarks.md.
 """
+
 import argparse
 import platform
 import time
@@ -36,8 +37,10 @@ PASSAGES = [
     "membership fees had fallen slightly. After a long discussion, the committee agreed to raise the fees by five "
     "percent and to postpone the repairs to the roof until the spring.",
 ]
-TASKS = ["Repeat the following text exactly, word for word:\n\n{}",
-         "Rewrite the following text, changing nothing except that every sentence must stay the same:\n\n{}"]
+TASKS = [
+    "Repeat the following text exactly, word for word:\n\n{}",
+    "Rewrite the following text, changing nothing except that every sentence must stay the same:\n\n{}",
+]
 
 
 def workload(name: str, n: int, llm: LLM) -> list[list[int]]:
@@ -67,9 +70,9 @@ def measure(llms: list[LLM], prompts: list[list[int]], streams: int, params: Sam
     first to go alternating, so that a machine slowing down or speeding up shifts them alike."""
     tokens, seconds = [0] * len(llms), [0.0] * len(llms)
     for i in range(0, len(prompts), streams):
-        for j in range(len(llms))[::1 if i // streams % 2 == 0 else -1]:
+        for j in range(len(llms))[:: 1 if i // streams % 2 == 0 else -1]:
             llm = llms[j]
-            t, s = decode_run(llm, prompts[i:i + streams], params)
+            t, s = decode_run(llm, prompts[i : i + streams], params)
             tokens[j], seconds[j] = tokens[j] + t, seconds[j] + s
     return [t / s for t, s in zip(tokens, seconds)]
 
@@ -84,19 +87,29 @@ def main() -> None:
     ap.add_argument("--lookup-max", type=int, default=4)
     ap.add_argument("--lookup-min", type=int, default=2)
     ap.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--disable-by-batch-size", type=int, default=None,
-                    help="no proposals from this many running sequences on (default: the engine's for its device)")
+    ap.add_argument(
+        "--disable-by-batch-size",
+        type=int,
+        default=None,
+        help="no proposals from this many running sequences on (default: the engine's for its device)",
+    )
     args = ap.parse_args()
-    spec = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": args.lookup_max,
-            "prompt_lookup_min": args.lookup_min}
+    spec = {
+        "method": "ngram",
+        "num_speculative_tokens": args.k,
+        "prompt_lookup_max": args.lookup_max,
+        "prompt_lookup_min": args.lookup_min,
+    }
     if args.disable_by_batch_size:
         spec["disable_by_batch_size"] = args.disable_by_batch_size
     engine_args = dict(max_num_seqs=8, kv_cache_gib=1, num_threads=args.num_threads)
     plain, fast = LLM(**engine_args), LLM(**engine_args, speculative_config=spec)
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
-          f"threads, embedded SmolLM2-135M-Instruct ({plain.engine.dtype}), greedy, {args.output_len} tokens, "
-          f"speculative_config={spec}\n")
+    print(
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
+        f"threads, embedded SmolLM2-135M-Instruct ({plain.engine.dtype}), greedy, {args.output_len} tokens, "
+        f"speculative_config={spec}\n"
+    )
     print("| workload | streams | tok/s without | tok/s with | ratio | acceptance | mean acceptance length |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name in args.workload:
@@ -109,8 +122,11 @@ def main() -> None:
             drafts = after["spec_decode_num_drafts"] - before["spec_decode_num_drafts"]
             proposed = after["spec_decode_num_draft_tokens"] - before["spec_decode_num_draft_tokens"]
             kept = after["spec_decode_num_accepted_tokens"] - before["spec_decode_num_accepted_tokens"]
-            print(f"| {name} | {streams} | {base:.1f} | {with_spec:.1f} | {with_spec / base:.2f}x | "
-                  f"{kept / max(proposed, 1):.0%} ({kept}/{proposed}) | {1 + kept / max(drafts, 1):.2f} |", flush=True)
+            print(
+                f"| {name} | {streams} | {base:.1f} | {with_spec:.1f} | {with_spec / base:.2f}x | "
+                f"{kept / max(proposed, 1):.0%} ({kept}/{proposed}) | {1 + kept / max(drafts, 1):.2f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

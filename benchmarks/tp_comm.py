@@ -4,6 +4,7 @@ inputs down a pipe to a worker. A step makes 2 all-reduces per layer, one logits
 
     python benchmarks/tp_comm.py --hidden 576 --tokens 1 64 256 2048
 """
+
 import argparse
 import multiprocessing as mp
 import socket

@@ -18,33 +18,34 @@ class EngineConfig:
     """Engine knobs, validated once and never changed. The engine resolves what is left open ("auto", None: the
     model path, device, max_model_len, threads, ops backend) into a second, resolved EngineConfig
     (`LLMEngine.config`; the user's stays as given)."""
-    model: str | None = None              # HF folder or .gguf file; None = the embedded SmolLM2
-    tokenizer: str | None = None          # defaults to the model's own
-    dtype: str = "auto"                   # auto | float32 | bfloat16 | float16
-    device: str = "auto"                  # auto | cpu | cuda
-    max_num_seqs: int | None = None       # default: 512 on CUDA (a big card's decode batch), 256 on CPU
+
+    model: str | None = None  # HF folder or .gguf file; None = the embedded SmolLM2
+    tokenizer: str | None = None  # defaults to the model's own
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda
+    max_num_seqs: int | None = None  # default: 512 on CUDA (a big card's decode batch), 256 on CPU
     max_num_batched_tokens: int | None = None  # per-step token budget (default 2048); longer prompts are chunked
-    enable_chunked_prefill: bool = True   # False: a prompt is prefilled whole, in one step (the budget must hold
-                                          # max_model_len tokens; by default it is raised to)
-    max_model_len: int | None = None      # default: the model's max_position_embeddings
+    enable_chunked_prefill: bool = True  # False: a prompt is prefilled whole, in one step (the budget must hold
+    # max_model_len tokens; by default it is raised to)
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
     block_size: int = 16
-    kv_cache_gib: float = 4.0             # KV pool size on CPU (per process)
-    gpu_memory_utilization: float = 0.9   # on CUDA: the KV pool takes what is left of this share of the GPU
-                                          # after the weights and a profiled forward of the largest step
-    num_kv_blocks: int | None = None      # exact pool size, overrides kv_cache_gib (tests, tuning)
+    kv_cache_gib: float = 4.0  # KV pool size on CPU (per process)
+    gpu_memory_utilization: float = 0.9  # on CUDA: the KV pool takes what is left of this share of the GPU
+    # after the weights and a profiled forward of the largest step
+    num_kv_blocks: int | None = None  # exact pool size, overrides kv_cache_gib (tests, tuning)
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
     seed: int = 0
-    num_threads: int | None = None        # CPU threads for torch; default: torch's choice
-    enforce_eager: bool = False           # on CUDA: no CUDA graphs for decode steps
-    async_scheduling: bool = False        # schedule and prepare step N+1 while step N runs (its tokens stay on the
-                                          # device); stops are seen one step later, at most one token wasted
-    ops: str = "auto"                     # auto | torch | cpu | cuda: who runs the accelerated ops (nanovllm/ops)
-    max_logprobs: int = 20                # the most logprobs a request may ask for (-1: the whole vocabulary)
-    generation_config: str = "auto"       # sampling defaults: auto (the model folder's generation_config.json),
-                                          # vllm (none), or a folder holding one
+    num_threads: int | None = None  # CPU threads for torch; default: torch's choice
+    enforce_eager: bool = False  # on CUDA: no CUDA graphs for decode steps
+    async_scheduling: bool = False  # schedule and prepare step N+1 while step N runs (its tokens stay on the
+    # device); stops are seen one step later, at most one token wasted
+    ops: str = "auto"  # auto | torch | cpu | cuda: who runs the accelerated ops (nanovllm/ops)
+    max_logprobs: int = 20  # the most logprobs a request may ask for (-1: the whole vocabulary)
+    generation_config: str = "auto"  # sampling defaults: auto (the model folder's generation_config.json),
+    # vllm (none), or a folder holding one
     speculative_config: dict | None = None  # vLLM's: {"method": "ngram", "num_speculative_tokens": k, ...} or
-                                            # {"model": DRAFT, "num_speculative_tokens": k} (nanovllm/spec)
+    # {"model": DRAFT, "num_speculative_tokens": k} (nanovllm/spec)
 
     def __post_init__(self) -> None:
         for name in ["block_size", "tensor_parallel_size"]:
@@ -56,10 +57,14 @@ class EngineConfig:
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"EngineConfig.{name} must be None or an integer >= 1, got {value!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"EngineConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+            raise ValueError(
+                f"EngineConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
-            raise ValueError(f"EngineConfig.max_logprobs must be -1 (the whole vocabulary) or an integer >= 0, got "
-                             f"{self.max_logprobs!r}")
+            raise ValueError(
+                f"EngineConfig.max_logprobs must be -1 (the whole vocabulary) or an integer >= 0, got "
+                f"{self.max_logprobs!r}"
+            )
         if self.kv_cache_gib <= 0:
             raise ValueError(f"EngineConfig.kv_cache_gib must be > 0, got {self.kv_cache_gib}")
         if self.dtype not in DTYPES:
@@ -73,8 +78,10 @@ class EngineConfig:
         if self.speculative_config is not None:
             SpeculativeConfig.from_dict(self.speculative_config)  # checked here, read by the engine
             if self.async_scheduling:  # as vLLM refused it
-                raise ValueError("speculative_config cannot be combined with async_scheduling=True: a step's "
-                                 "proposals depend on the tokens the step before sampled")
+                raise ValueError(
+                    "speculative_config cannot be combined with async_scheduling=True: a step's "
+                    "proposals depend on the tokens the step before sampled"
+                )
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -2,6 +2,7 @@
 of the same name and meaning, or renamed below), accepted because it cannot change what we do, or refused with a
 ValueError that names the argument, the value and what is supported. docs/from-vllm.md is the table;
 tests/test_from_vllm.py checks every row of it against this file."""
+
 from dataclasses import fields
 
 from nanovllm.config import EngineConfig
@@ -36,8 +37,10 @@ ONLY = {
     "distributed_executor_backend": ((None, "mp"), "worker processes ('mp')"),
     "enable_expert_parallel": ((False,), "no expert parallelism"),
     "guided_decoding_backend": (("auto", "xgrammar"), "'xgrammar' (or 'auto'): structured outputs use xgrammar"),
-    "structured_outputs_config": ((None, {"backend": "auto"}, {"backend": "xgrammar"}),
-                                  "{'backend': 'xgrammar'} (or 'auto'): structured outputs use xgrammar"),
+    "structured_outputs_config": (
+        (None, {"backend": "auto"}, {"backend": "xgrammar"}),
+        "{'backend': 'xgrammar'} (or 'auto'): structured outputs use xgrammar",
+    ),
 }
 
 
@@ -58,6 +61,8 @@ def engine_config(model: str | None = None, **kwargs) -> EngineConfig:
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not supported; supported: {supported}")
         elif name not in IGNORED:
-            raise ValueError(f"{name}={value!r}: unknown engine argument (nanovllm's: {', '.join(sorted(ours))}; "
-                             f"vLLM's that it accepts: see docs/from-vllm.md)")
+            raise ValueError(
+                f"{name}={value!r}: unknown engine argument (nanovllm's: {', '.join(sorted(ours))}; "
+                f"vLLM's that it accepts: see docs/from-vllm.md)"
+            )
     return EngineConfig(model=model, **args)

@@ -1,5 +1,6 @@
 """vLLM's prompt types (`vllm.inputs`): a prompt is a string, a TextPrompt or a TokensPrompt (or plain token ids).
 engine/request.py's `tokenize` reads them."""
+
 from typing import TypedDict
 
 

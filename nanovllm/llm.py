@@ -1,12 +1,13 @@
 import itertools
 import time
-from collections.abc import Iterator, Sequence as Seq
+from collections.abc import Iterator
+from collections.abc import Sequence as Seq
 
 from tqdm.auto import tqdm
 
 from nanovllm.engine.llm_engine import LLMEngine
-from nanovllm.engine_args import engine_config
 from nanovllm.engine.request import Prompt, chat_token_ids
+from nanovllm.engine_args import engine_config
 from nanovllm.outputs import DeltaTracker, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 
@@ -47,9 +48,13 @@ class LLM:
         """Forget every cached prefix block; False (nothing done) while a request still holds blocks."""
         return self.engine.block_manager.reset_prefix_cache()
 
-    def generate(self, prompts: Prompt | Seq[Prompt],
-                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None, use_tqdm: bool = True,
-                 lora_request=None) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        lora_request=None,
+    ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in input order.
 
         Every prompt is validated before any starts: one bad prompt raises a ValueError naming its index
@@ -75,22 +80,39 @@ class LLM:
             self.engine.add(r)
         return self._run([r.request_id for r in requests], use_tqdm)
 
-    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
-             use_tqdm: bool = True, lora_request=None, chat_template: str | None = None,
-             add_generation_prompt: bool = True, continue_final_message: bool = False,
-             **template_kwargs) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | None = None,
+        use_tqdm: bool = True,
+        lora_request=None,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        **template_kwargs,
+    ) -> list[RequestOutput]:
         """One conversation (a list of messages) or many; each is rendered with the model's chat template.
         continue_final_message: the last (assistant) message is left open for the model to continue."""
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message=True needs add_generation_prompt=False (as in vLLM)")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [{"prompt_token_ids": self.apply_chat_template(c, add_generation_prompt, chat_template,
-                                                                 continue_final_message=continue_final_message,
-                                                                 **template_kwargs)} for c in conversations]
+        prompts = [
+            {
+                "prompt_token_ids": self.apply_chat_template(
+                    c,
+                    add_generation_prompt,
+                    chat_template,
+                    continue_final_message=continue_final_message,
+                    **template_kwargs,
+                )
+            }
+            for c in conversations
+        ]
         return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            chat_template: str | None = None, **kwargs) -> list[int]:
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, chat_template: str | None = None, **kwargs
+    ) -> list[int]:
         return chat_token_ids(self.tokenizer, messages, add_generation_prompt, chat_template, **kwargs)
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
@@ -100,8 +122,10 @@ class LLM:
         at a time (the iterator drives the engine itself)."""
         self._refuse_while_streaming()
         if self.engine.has_unfinished():  # each stream steps the engine: a second one would eat the first's outputs
-            raise RuntimeError("LLM.stream runs one request at a time and another is still in flight; for "
-                               "concurrent streams use the AsyncEngine (nanovllm.engine.async_engine) or the server")
+            raise RuntimeError(
+                "LLM.stream runs one request at a time and another is still in flight; for "
+                "concurrent streams use the AsyncEngine (nanovllm.engine.async_engine) or the server"
+            )
         request = self.engine.make_request(str(next(self._ids)), prompt, sampling_params or SamplingParams())
         request.check_grammar()
         self.engine.add(request)
@@ -122,8 +146,10 @@ class LLM:
 
     def _refuse_while_streaming(self) -> None:
         if self._streaming:
-            raise RuntimeError("a stream() of this LLM is still open: finish or close it first (it drives the "
-                               "engine itself, and its outputs would be lost)")
+            raise RuntimeError(
+                "a stream() of this LLM is still open: finish or close it first (it drives the "
+                "engine itself, and its outputs would be lost)"
+            )
 
     @staticmethod
     def _raise_if_failed(out: RequestOutput) -> None:
@@ -145,8 +171,9 @@ class LLM:
                 p, d = self.engine.last_step
                 prefill, decode = prefill + p, decode + d
                 elapsed = max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix_str(f"prefill {prefill / elapsed:.0f} tok/s, decode {decode / elapsed:.0f} tok/s",
-                                    refresh=False)
+                bar.set_postfix_str(
+                    f"prefill {prefill / elapsed:.0f} tok/s, decode {decode / elapsed:.0f} tok/s", refresh=False
+                )
         except BaseException:
             for rid in request_ids:  # an interrupted batch must not leave its requests holding KV blocks
                 self.engine.abort(rid)

@@ -1,5 +1,6 @@
 """vLLM's logprob types (`vllm.logprobs`): what `SamplingParams(logprobs=N, prompt_logprobs=M)` returns; and
 where a step's logits hold them, and how they are read off."""
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,18 +13,18 @@ from nanovllm.layers.sampler import StepLogprobs, logprobs_of
 class Logprob:
     """One token's log-probability at one position, its rank in the vocabulary (1 = the most likely) and its
     text decoded alone (None with detokenize=False)."""
+
     logprob: float
     rank: int | None = None
     decoded_token: str | None = None
 
 
-LogprobsOnePosition = dict[int, Logprob]         # token id -> Logprob: the chosen token and the N most likely
-SampleLogprobs = list[LogprobsOnePosition]        # one per generated token
+LogprobsOnePosition = dict[int, Logprob]  # token id -> Logprob: the chosen token and the N most likely
+SampleLogprobs = list[LogprobsOnePosition]  # one per generated token
 PromptLogprobs = list[LogprobsOnePosition | None]  # one per prompt token; the first is None (nothing predicts it)
 
 
-def logprob_dict(ids: list[int], values: list[float], rank: int,
-                 decoded: list[str | None]) -> LogprobsOnePosition:
+def logprob_dict(ids: list[int], values: list[float], rank: int, decoded: list[str | None]) -> LogprobsOnePosition:
     """The chosen token first (its own rank), then the most likely ones (ranks 1, 2, ...). A chosen token that is
     also among them is one entry, so a position holds N or N + 1 entries (as vLLM)."""
     ranks = [rank, *range(1, len(ids))]
@@ -37,8 +38,9 @@ def prompt_logprob_positions(batch) -> dict[int, range]:
     out = {}
     for i in [i for i, seq in enumerate(batch.seqs) if seq.prompt_logprobs is not None]:
         seq, n = batch.seqs[i], batch.num_new_tokens[i]
-        positions = range(max(seq.num_computed, len(seq.prompt_logprobs) - 1),
-                          min(seq.num_computed + n, seq.num_prompt_tokens - 1))
+        positions = range(
+            max(seq.num_computed, len(seq.prompt_logprobs) - 1), min(seq.num_computed + n, seq.num_prompt_tokens - 1)
+        )
         if positions:
             out[i] = positions
     return out
@@ -64,11 +66,18 @@ def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, nums: list[int]) ->
     vocab = logits.shape[-1]
     nums = [vocab if k == -1 else k for k in nums]
     ids, values, ranks = logprobs_of(logits, chosen.long(), max(nums))
-    return [(i[:k + 1], v[:k + 1], r) for i, v, r, k in zip(ids, values, ranks, nums)]
+    return [(i[: k + 1], v[: k + 1], r) for i, v, r, k in zip(ids, values, ranks, nums)]
 
 
-def step_logprobs(batch, sample_rows: list[int], asked: list[int], raw: torch.Tensor | None, tokens: torch.Tensor,
-                  prompt_positions: dict[int, range], prompt_logits: torch.Tensor | None) -> StepLogprobs:
+def step_logprobs(
+    batch,
+    sample_rows: list[int],
+    asked: list[int],
+    raw: torch.Tensor | None,
+    tokens: torch.Tensor,
+    prompt_positions: dict[int, range],
+    prompt_logits: torch.Tensor | None,
+) -> StepLogprobs:
     """A step's logprobs: of the token sampled for each sampled row that asked (`asked` its indices among them,
     `raw` their logits before the sampler changed them), and of the prompt tokens that the `prompt_positions`
     predict (their logits `prompt_logits`), as each row's entries."""
@@ -79,8 +88,11 @@ def step_logprobs(batch, sample_rows: list[int], asked: list[int], raw: torch.Te
     if prompt_positions:
         rows = list(prompt_positions)
         targets = [batch.seqs[i].token_ids[p + 1] for i in rows for p in prompt_positions[i]]
-        entries = top_logprobs(prompt_logits, torch.tensor(targets, device=prompt_logits.device),
-                               [batch.seqs[i].params.prompt_logprobs for i in rows for _ in prompt_positions[i]])
+        entries = top_logprobs(
+            prompt_logits,
+            torch.tensor(targets, device=prompt_logits.device),
+            [batch.seqs[i].params.prompt_logprobs for i in rows for _ in prompt_positions[i]],
+        )
         at = np.cumsum([0] + [len(prompt_positions[i]) for i in rows]).tolist()
-        out.prompt = {i: entries[at[k]:at[k + 1]] for k, i in enumerate(rows)}
+        out.prompt = {i: entries[at[k] : at[k + 1]] for k, i in enumerate(rows)}
     return out

@@ -1,5 +1,6 @@
 """Where CPU memory comes from: 2 MB pages for what decode steps stream (weights, the KV pool), and a malloc that
 keeps what it frees. Both measured in docs/benchmarks.md; neither changes a result."""
+
 import ctypes
 import platform
 
@@ -20,7 +21,7 @@ def huge_page_buffer(nbytes: int) -> torch.Tensor:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         libc.madvise(buf.data_ptr() + start, nbytes // HUGE_PAGE * HUGE_PAGE, MADV_HUGEPAGE)  # advice only
-    return buf[start:start + nbytes]
+    return buf[start : start + nbytes]
 
 
 def keep_freed_memory() -> None:

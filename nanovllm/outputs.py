@@ -8,10 +8,10 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None   # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     cumulative_logprob: float | None = None  # the sum of the tokens' logprobs, when SamplingParams.logprobs is set
-    logprobs: SampleLogprobs | None = None   # one {token id: Logprob} per token, when SamplingParams.logprobs is set
+    logprobs: SampleLogprobs | None = None  # one {token id: Logprob} per token, when SamplingParams.logprobs is set
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -47,10 +47,26 @@ class DeltaTracker:
             if done or (len(c.text) == chars and len(c.token_ids) == tokens and not finished):
                 continue
             self.sent[c.index] = (len(c.text), len(c.token_ids), finished)
-            deltas.append(CompletionOutput(c.index, c.text[chars:], c.token_ids[tokens:], c.finish_reason,
-                                           c.stop_reason, c.cumulative_logprob,
-                                           None if c.logprobs is None else c.logprobs[tokens:]))
+            deltas.append(
+                CompletionOutput(
+                    c.index,
+                    c.text[chars:],
+                    c.token_ids[tokens:],
+                    c.finish_reason,
+                    c.stop_reason,
+                    c.cumulative_logprob,
+                    None if c.logprobs is None else c.logprobs[tokens:],
+                )
+            )
         prompt_logprobs = None if self.sent_prompt else out.prompt_logprobs
         self.sent_prompt = True
-        return RequestOutput(out.request_id, out.prompt, out.prompt_token_ids, deltas, out.finished,
-                             out.num_cached_tokens, out.error, prompt_logprobs=prompt_logprobs)
+        return RequestOutput(
+            out.request_id,
+            out.prompt,
+            out.prompt_token_ids,
+            deltas,
+            out.finished,
+            out.num_cached_tokens,
+            out.error,
+            prompt_logprobs=prompt_logprobs,
+        )

@@ -5,6 +5,7 @@ sequence accepts. Why xgrammar: docs/design.md; benchmarks/grammar_libraries.py 
 
 xgrammar is imported on the compile thread, by the first request that needs it (it takes seconds to import):
 engines without structured outputs never load it."""
+
 import copy
 import json
 import re
@@ -21,8 +22,14 @@ if TYPE_CHECKING:
     import xgrammar as xgr
 
 CACHE_SIZE = 256  # compiled grammars kept, by (kind, spec); the least recently asked for goes first
-WHAT = {"json": "JSON schema", "regex": "regex", "grammar": "grammar", "lark": "Lark grammar",
-        "choice": "choice", "json_object": "JSON object grammar"}
+WHAT = {
+    "json": "JSON schema",
+    "regex": "regex",
+    "grammar": "grammar",
+    "lark": "Lark grammar",
+    "choice": "choice",
+    "json_object": "JSON object grammar",
+}
 
 
 def grammar_key(p: StructuredOutputsParams) -> tuple[str, str, bool]:
@@ -67,8 +74,10 @@ class StructuredOutputManager:
 
     def _make_compiler(self, tokenizer) -> "xgr.GrammarCompiler":
         import xgrammar as xgr
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size,
-                                                  stop_token_ids=self.eos_token_ids)
+
+        info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.eos_token_ids
+        )
         return xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)  # our cache is the one above
 
     def _compile(self, key: tuple[str, str, bool]) -> "xgr.CompiledGrammar":
@@ -78,8 +87,9 @@ class StructuredOutputManager:
             if kind == "json":
                 return compiler.compile_json_schema(spec, any_whitespace=any_whitespace)
             if kind == "json_object":
-                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=any_whitespace,
-                                                    strict_mode=False)
+                return compiler.compile_json_schema(
+                    '{"type": "object"}', any_whitespace=any_whitespace, strict_mode=False
+                )
             if kind == "regex":
                 return compiler.compile_regex(spec)
             return compiler.compile_lark(spec) if kind == "lark" else compiler.compile_grammar(spec)
@@ -94,6 +104,7 @@ class StructuredOutputManager:
 @dataclass(eq=False)
 class Constraint:
     """One sequence's grammar (a Future until compiled) and its matcher, made on the loop thread at first use."""
+
     grammar: Future
     matcher: "xgr.GrammarMatcher | None" = None
 
@@ -109,6 +120,7 @@ class Constraint:
     def _matcher(self) -> "xgr.GrammarMatcher":
         if self.matcher is None:
             import xgrammar as xgr  # already imported by the compile thread
+
             self.matcher = xgr.GrammarMatcher(self.grammar.result())  # raises the compile's ValueError
         return self.matcher
 
@@ -126,4 +138,3 @@ class Constraint:
     def terminated(self) -> bool:
         """The grammar is complete and has accepted its end (an EOS token): the output ends here."""
         return self.matcher is not None and self.matcher.is_terminated()
-

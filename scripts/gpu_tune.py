@@ -7,6 +7,7 @@ dim 128), block size 16, blocks scattered over the pool, bf16.
     python3 scripts/gpu_tune.py --budget 60          # stop sweeping after 60 s (the defaults are always run)
     TRITON_INTERPRET=1 python3 scripts/gpu_tune.py --tiny   # CPU smoke test: tiny shapes, fp32, interpreter
 """
+
 import argparse
 import itertools
 import sys
@@ -20,6 +21,7 @@ sys.path.insert(0, "tests")
 def scattered_step(lens: list[int], block_size: int, gen: torch.Generator, device: str, query: int = 1):
     """A step's metadata with block tables over a shuffled pool (as a long-running server's)."""
     from conftest import make_step
+
     num_blocks = sum(-(-n // block_size) for n in lens) + 1
     return make_step([(n, query) for n in lens], block_size, num_blocks, gen, device), num_blocks
 
@@ -38,12 +40,14 @@ def variants(default: dict, axes: dict) -> list[dict]:
 def timer(device: str):
     if device == "cuda":
         import triton.testing
+
         return lambda fn: triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") / 1e3
 
     def once(fn):
         start = time.perf_counter()
         fn()
         return time.perf_counter() - start
+
     return once
 
 
@@ -62,6 +66,7 @@ def timed(bench, run, out: torch.Tensor, expected: torch.Tensor, kw: dict) -> tu
 def decode_sweep(args, device: str, dtype: torch.dtype, deadline: float) -> None:
     from nanovllm.kernels.attention import decode_attention, num_splits_for
     from nanovllm.layers.attention import decode_attention as reference
+
     heads, kv_heads, dim, bs = args.heads, args.kv_heads, args.head_dim, args.block_size
     bench = timer(device)
     for n, seqs in enumerate(args.seqs):
@@ -72,16 +77,25 @@ def decode_sweep(args, device: str, dtype: torch.dtype, deadline: float) -> None
         k_cache, v_cache = torch.randn(2, num_blocks, bs, kv_heads, dim, generator=gen).to(device, dtype)
         q = torch.randn(seqs, heads, dim, generator=gen).to(device, dtype)
         expected = torch.empty(q.shape, device=device)
-        reference(q.float(), expected, k_cache.float(), v_cache.float(), meta, dim ** -0.5)
+        reference(q.float(), expected, k_cache.float(), v_cache.float(), meta, dim**-0.5)
         gbytes = sum(lens) * kv_heads * dim * 2 * k_cache.element_size() / 1e9
         auto = num_splits_for(seqs, kv_heads, max(lens))
-        print(f"\ndecode attention: {seqs} sequences, contexts {min(lens)}-{max(lens)} (mean {sum(lens) / seqs:.0f}), "
-              f"{gbytes * 1e3:.0f} MB of K/V per call; planned splits {auto}")
-        print(f"  {'block_n':>7} {'warps':>5} {'stages':>6} {'splits':>6} {'max_context':>11} {'us':>9} {'TB/s':>6} "
-              f"{'max err':>8}")
+        print(
+            f"\ndecode attention: {seqs} sequences, contexts {min(lens)}-{max(lens)} (mean {sum(lens) / seqs:.0f}), "
+            f"{gbytes * 1e3:.0f} MB of K/V per call; planned splits {auto}"
+        )
+        print(
+            f"  {'block_n':>7} {'warps':>5} {'stages':>6} {'splits':>6} {'max_context':>11} {'us':>9} {'TB/s':>6} "
+            f"{'max err':>8}"
+        )
         default = dict(block_n=None, num_warps=4, num_stages=3, num_splits=None)
-        todo = [(default, True)] + [(kw, False) for kw in variants(default, dict(
-            block_n=args.block_n, num_warps=args.warps, num_stages=args.stages, num_splits=args.splits))]
+        todo = [(default, True)] + [
+            (kw, False)
+            for kw in variants(
+                default,
+                dict(block_n=args.block_n, num_warps=args.warps, num_stages=args.stages, num_splits=args.splits),
+            )
+        ]
         todo[:2] = todo[1], todo[0]  # the eager plan, then the same as a CUDA graph capture plans it
         best = None
         for i, (kw, graph) in enumerate(todo):
@@ -92,24 +106,42 @@ def decode_sweep(args, device: str, dtype: torch.dtype, deadline: float) -> None
             out = torch.full_like(q, float("nan"))
 
             def run():
-                decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.decode_rows,
-                                 meta.decode_tokens, out, dim ** -0.5, max_context, **kw)
+                decode_attention(
+                    q,
+                    k_cache,
+                    v_cache,
+                    meta.block_tables,
+                    meta.context_lens,
+                    meta.decode_rows,
+                    meta.decode_tokens,
+                    out,
+                    dim**-0.5,
+                    max_context,
+                    **kw,
+                )
+
             if (result := timed(bench, run, out, expected, kw)) is None:
                 continue
             seconds, err = result
             splits = kw["num_splits"] or num_splits_for(seqs, kv_heads, max_context)
-            print(f"  {str(kw['block_n'] or 'auto'):>7} {kw['num_warps']:>5} {kw['num_stages']:>6} {splits:>6} "
-                  f"{max_context:>11} {seconds * 1e6:>9.1f} {gbytes / seconds / 1e3:>6.2f} {err:>8.1e}", flush=True)
+            print(
+                f"  {str(kw['block_n'] or 'auto'):>7} {kw['num_warps']:>5} {kw['num_stages']:>6} {splits:>6} "
+                f"{max_context:>11} {seconds * 1e6:>9.1f} {gbytes / seconds / 1e3:>6.2f} {err:>8.1e}",
+                flush=True,
+            )
             if err < args.tolerance and (best is None or seconds < best[0]):
                 best = (seconds, kw)
         if best:
-            print(f"decode, {seqs} sequences: best {gbytes / best[0] / 1e3:.2f} TB/s effective K/V read with {best[1]} "
-                  f"(target 2.5 TB/s)")
+            print(
+                f"decode, {seqs} sequences: best {gbytes / best[0] / 1e3:.2f} TB/s effective K/V read with {best[1]} "
+                f"(target 2.5 TB/s)"
+            )
 
 
 def prefill_sweep(args, device: str, dtype: torch.dtype, deadline: float) -> None:
     from nanovllm.kernels.attention import prefill_attention
     from nanovllm.layers.attention import prefill_attention as reference
+
     heads, kv_heads, dim, bs, chunk = args.heads, args.kv_heads, args.head_dim, args.block_size, args.chunk
     bench = timer(device)
     for prefix in (0, chunk):  # a whole prompt, then a chunk after a cached prefix of the same length
@@ -119,16 +151,19 @@ def prefill_sweep(args, device: str, dtype: torch.dtype, deadline: float) -> Non
         k_cache, v_cache = torch.randn(2, num_blocks, bs, kv_heads, dim, generator=gen).to(device, dtype)
         q = torch.randn(chunk, heads, dim, generator=gen).to(device, dtype)
         expected = torch.empty(q.shape, device=device)
-        blocks = meta.block_tables[0, :-(-ctx // bs)]
+        blocks = meta.block_tables[0, : -(-ctx // bs)]
         keys, values = (c.float().index_select(0, blocks).flatten(0, 1)[:ctx] for c in (k_cache, v_cache))
-        reference(q.float(), expected, keys, values, meta, 0, dim ** -0.5)
+        reference(q.float(), expected, keys, values, meta, 0, dim**-0.5)
         # causal: query j sees prefix + j + 1 keys; 2 FLOPs per multiply-add, QK^T and PV
         flops = 4 * heads * dim * sum(prefix + j + 1 for j in range(chunk))
-        print(f"\nprefill attention: a {chunk}-token chunk after {prefix} cached tokens, "
-              f"{flops / 1e9:.1f} GFLOP per call")
+        print(
+            f"\nprefill attention: a {chunk}-token chunk after {prefix} cached tokens, {flops / 1e9:.1f} GFLOP per call"
+        )
         print(f"  {'block_m':>7} {'block_n':>7} {'warps':>5} {'stages':>6} {'us':>9} {'TFLOP/s':>8} {'max err':>8}")
-        todo = variants(dict(block_m=None, block_n=None, num_warps=None, num_stages=3), dict(
-            block_m=args.block_m, block_n=args.block_n, num_warps=args.warps, num_stages=args.stages))
+        todo = variants(
+            dict(block_m=None, block_n=None, num_warps=None, num_stages=3),
+            dict(block_m=args.block_m, block_n=args.block_n, num_warps=args.warps, num_stages=args.stages),
+        )
         best = None
         for i, kw in enumerate(todo):
             if i >= 1 and time.perf_counter() > deadline:
@@ -137,14 +172,29 @@ def prefill_sweep(args, device: str, dtype: torch.dtype, deadline: float) -> Non
             out = torch.full_like(q, float("nan"))
 
             def run():
-                prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start,
-                                  meta.prefill_rows, out, dim ** -0.5, chunk, **kw)
+                prefill_attention(
+                    q,
+                    k_cache,
+                    v_cache,
+                    meta.block_tables,
+                    meta.context_lens,
+                    meta.query_start,
+                    meta.prefill_rows,
+                    out,
+                    dim**-0.5,
+                    chunk,
+                    **kw,
+                )
+
             if (result := timed(bench, run, out, expected, kw)) is None:
                 continue
             seconds, err = result
-            print(f"  {str(kw['block_m'] or 'auto'):>7} {str(kw['block_n'] or 'auto'):>7} "
-                  f"{str(kw['num_warps'] or 'auto'):>5} {kw['num_stages']:>6} {seconds * 1e6:>9.1f} "
-                  f"{flops / seconds / 1e12:>8.1f} {err:>8.1e}", flush=True)
+            print(
+                f"  {str(kw['block_m'] or 'auto'):>7} {str(kw['block_n'] or 'auto'):>7} "
+                f"{str(kw['num_warps'] or 'auto'):>5} {kw['num_stages']:>6} {seconds * 1e6:>9.1f} "
+                f"{flops / seconds / 1e12:>8.1f} {err:>8.1e}",
+                flush=True,
+            )
             if err < args.tolerance and (best is None or seconds < best[0]):
                 best = (seconds, kw)
         if best:
@@ -181,8 +231,11 @@ def main() -> None:
         raise SystemExit("no CUDA device: run with --tiny (and TRITON_INTERPRET=1) for the interpreter's smoke test")
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)"
     import triton
-    print(f"{name}, torch {torch.__version__}, triton {triton.__version__}, {str(dtype)[6:]}; heads {args.heads}, "
-          f"KV heads {args.kv_heads}, head dim {args.head_dim}, block size {args.block_size}")
+
+    print(
+        f"{name}, torch {torch.__version__}, triton {triton.__version__}, {str(dtype)[6:]}; heads {args.heads}, "
+        f"KV heads {args.kv_heads}, head dim {args.head_dim}, block size {args.block_size}"
+    )
     start = time.perf_counter()
     decode_sweep(args, device, dtype, start + args.budget * 0.6)
     prefill_sweep(args, device, dtype, start + args.budget)

@@ -9,6 +9,7 @@ its 4xx, and afterwards nothing is left: no request in the engine, every KV bloc
     python scripts/soak.py --fuzz-examples 200   # then schemathesis over /openapi.json with that budget
 
 tests/test_server_limits.py runs a short one (a few hundred requests, a tiny random-weight model)."""
+
 import argparse
 import asyncio
 import json
@@ -25,9 +26,20 @@ from dataclasses import dataclass, field
 
 import httpx2 as httpx
 
-PROMPTS = ["The history of Rome", "A recipe for bread:", "Once upon a time", "The three laws of motion",
-           "Dear diary, today", "def fibonacci(n):", "Les villes de France :", "Why is the sky blue?",
-           "The best way to learn", "In the year 2100,", "Ten facts about cats:", "A haiku about rain:"]
+PROMPTS = [
+    "The history of Rome",
+    "A recipe for bread:",
+    "Once upon a time",
+    "The three laws of motion",
+    "Dear diary, today",
+    "def fibonacci(n):",
+    "Les villes de France :",
+    "Why is the sky blue?",
+    "The best way to learn",
+    "In the year 2100,",
+    "Ten facts about cats:",
+    "A haiku about rain:",
+]
 BODY_LIMIT = 64 * 1024  # the server's --max-request-body-bytes here: an oversized body costs little to send
 INVALID = [  # (path, body, the status it must get)
     ("/v1/completions", b"{not json", 400),
@@ -45,10 +57,10 @@ INVALID = [  # (path, body, the status it must get)
 
 @dataclass
 class Report:
-    sent: dict = field(default_factory=dict)       # kind -> requests
-    failures: list = field(default_factory=list)   # what went wrong, one line each
-    answers: dict = field(default_factory=dict)    # (path, prompt, max_tokens) -> the first greedy text
-    rss_mib: list = field(default_factory=list)    # (seconds, server RSS) samples
+    sent: dict = field(default_factory=dict)  # kind -> requests
+    failures: list = field(default_factory=list)  # what went wrong, one line each
+    answers: dict = field(default_factory=dict)  # (path, prompt, max_tokens) -> the first greedy text
+    rss_mib: list = field(default_factory=list)  # (seconds, server RSS) samples
     tokens: int = 0
     done: int = 0
     aborted: int = 0  # sequences the server aborted (dropped streams it saw go before they finished)
@@ -61,12 +73,16 @@ def rss_mib(pid: int) -> float:
 
 def metrics(url: str) -> dict[str, float]:
     text = httpx.get(url + "/metrics", timeout=30).text
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line and not line.startswith("#")}
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
 
 
-async def one(client: httpx.AsyncClient, kind: str, rng: random.Random, report: Report, chat: bool,
-              max_tokens: int) -> None:
+async def one(
+    client: httpx.AsyncClient, kind: str, rng: random.Random, report: Report, chat: bool, max_tokens: int
+) -> None:
     if kind == "invalid":
         path, body, status = rng.choice(INVALID)
         r = await client.post(path, **({"content": body} if isinstance(body, bytes) else {"json": body}))
@@ -75,8 +91,12 @@ async def one(client: httpx.AsyncClient, kind: str, rng: random.Random, report: 
         return
     prompt, n = rng.choice(PROMPTS), rng.randint(1, max_tokens)
     path = "/v1/chat/completions" if chat and rng.random() < 0.5 else "/v1/completions"
-    body = {"max_tokens": n, "temperature": 0, "ignore_eos": True,
-            **({"messages": [{"role": "user", "content": prompt}]} if "chat" in path else {"prompt": prompt})}
+    body = {
+        "max_tokens": n,
+        "temperature": 0,
+        "ignore_eos": True,
+        **({"messages": [{"role": "user", "content": prompt}]} if "chat" in path else {"prompt": prompt}),
+    }
     if kind == "plain":
         r = await client.post(path, json=body)
         if r.status_code != 200:
@@ -122,8 +142,14 @@ async def soak(url: str, pid: int, requests: int, clients: int, max_tokens: int,
     """Sends `requests` requests from `clients` concurrent clients (kinds drawn with fixed shares), sampling the
     server's RSS as it goes, then waits for the server to be idle and checks that nothing is left."""
     rng, report = random.Random(seed), Report()
-    chat = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
-                                                         "max_tokens": 1}, timeout=60).status_code == 200
+    chat = (
+        httpx.post(
+            url + "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
+            timeout=60,
+        ).status_code
+        == 200
+    )
     kinds = rng.choices(["plain", "streamed", "dropped", "invalid"], weights=[40, 30, 15, 15], k=requests)
     for k in kinds:
         report.sent[k] = report.sent.get(k, 0) + 1
@@ -142,8 +168,12 @@ async def soak(url: str, pid: int, requests: int, clients: int, max_tokens: int,
         while not stop.is_set():
             report.rss_mib.append((time.perf_counter() - start, rss_mib(pid)))
             if len(report.rss_mib) % 30 == 0:
-                print(f"  {report.rss_mib[-1][0]:.0f} s: {report.done} of {requests} done, server RSS "
-                      f"{report.rss_mib[-1][1]:.0f} MiB, {len(report.failures)} failures", file=sys.stderr, flush=True)
+                print(
+                    f"  {report.rss_mib[-1][0]:.0f} s: {report.done} of {requests} done, server RSS "
+                    f"{report.rss_mib[-1][1]:.0f} MiB, {len(report.failures)} failures",
+                    file=sys.stderr,
+                    flush=True,
+                )
             await asyncio.sleep(1)
 
     stop = asyncio.Event()
@@ -157,8 +187,10 @@ async def soak(url: str, pid: int, requests: int, clients: int, max_tokens: int,
     deadline = time.time() + 30
     while True:  # the aborts of the last dropped streams may still be on their way
         m = metrics(url)
-        left = {k: m[f"nanovllm:{k}"] for k in ("num_requests_running", "num_requests_waiting",
-                                               "num_requests_in_engine", "kv_cache_usage_perc")}
+        left = {
+            k: m[f"nanovllm:{k}"]
+            for k in ("num_requests_running", "num_requests_waiting", "num_requests_in_engine", "kv_cache_usage_perc")
+        }
         if not any(left.values()):
             break
         if time.time() > deadline:
@@ -178,15 +210,18 @@ def rss_growth(report: Report) -> tuple[float, float]:
     q, middle = len(samples) // 4, samples[len(samples) // 2]
     if q == 0:  # a run too short for quarters: the last sample against the middle one
         return middle, samples[-1] - middle
-    return middle, sum(samples[-q:]) / q - sum(samples[2 * q:3 * q]) / q
+    return middle, sum(samples[-q:]) / q - sum(samples[2 * q : 3 * q]) / q
 
 
 def start_server(args: list[str]) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "nanovllm.entrypoints.cli", "serve", "--port", str(port), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nanovllm.entrypoints.cli", "serve", "--port", str(port), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -212,9 +247,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-rss-growth", type=float, default=0.05, help="of the RSS at the middle (default 5%%)")
     p.add_argument("--fuzz-examples", type=int, default=0, help="then run schemathesis with this many per operation")
     args = p.parse_args(argv)
-    server_args = [*([args.model] if args.model else []), "--dtype", "float32", "--max-model-len",
-                   str(args.max_model_len), "--max-num-seqs", str(args.clients), "--kv-cache-gib", "1",
-                   "--max-request-body-bytes", str(BODY_LIMIT)]
+    server_args = [
+        *([args.model] if args.model else []),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        str(args.max_model_len),
+        "--max-num-seqs",
+        str(args.clients),
+        "--kv-cache-gib",
+        "1",
+        "--max-request-body-bytes",
+        str(BODY_LIMIT),
+    ]
     proc, url = start_server(server_args)
     sigterm = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the server is stopped on the way out
     try:
@@ -223,20 +268,35 @@ def main(argv: list[str] | None = None) -> int:
         if growth > args.max_rss_growth * middle:
             report.failures.append(f"RSS grew {growth:.1f} MiB over the second half (from {middle:.0f} MiB)")
         seconds = report.sent.pop("seconds")
-        print(f"{args.requests} requests, {args.clients} clients, {seconds} s: {report.sent}; "
-              f"{report.tokens} tokens answered ({report.tokens / seconds:.0f} tokens/s), {report.aborted} "
-              f"sequences aborted by the server; server RSS "
-              f"{report.rss_mib[0][1]:.0f} MiB at start, {middle:.0f} at the middle, {report.rss_mib[-1][1]:.0f} "
-              f"at the end ({growth:+.1f} MiB over the second half); {len(report.failures)} failures")
+        print(
+            f"{args.requests} requests, {args.clients} clients, {seconds} s: {report.sent}; "
+            f"{report.tokens} tokens answered ({report.tokens / seconds:.0f} tokens/s), {report.aborted} "
+            f"sequences aborted by the server; server RSS "
+            f"{report.rss_mib[0][1]:.0f} MiB at start, {middle:.0f} at the middle, {report.rss_mib[-1][1]:.0f} "
+            f"at the end ({growth:+.1f} MiB over the second half); {len(report.failures)} failures"
+        )
         for line in report.failures[:20]:
             print("  FAILED:", line)
         if args.fuzz_examples and not report.failures:
             with tempfile.TemporaryDirectory() as cwd:  # schemathesis keeps a cache in its working directory
-                fuzz = subprocess.run([shutil.which("schemathesis") or "schemathesis", "run", url + "/openapi.json",
-                                       "--max-examples", str(args.fuzz_examples), "--request-timeout", "120",
-                                       "--checks", "not_a_server_error,status_code_conformance,"
-                                       "content_type_conformance,response_headers_conformance,"
-                                       "response_schema_conformance"], cwd=cwd, text=True, capture_output=True)
+                fuzz = subprocess.run(
+                    [
+                        shutil.which("schemathesis") or "schemathesis",
+                        "run",
+                        url + "/openapi.json",
+                        "--max-examples",
+                        str(args.fuzz_examples),
+                        "--request-timeout",
+                        "120",
+                        "--checks",
+                        "not_a_server_error,status_code_conformance,"
+                        "content_type_conformance,response_headers_conformance,"
+                        "response_schema_conformance",
+                    ],
+                    cwd=cwd,
+                    text=True,
+                    capture_output=True,
+                )
             print(fuzz.stdout[-3000:])
             if fuzz.returncode:
                 report.failures.append("schemathesis found failures")

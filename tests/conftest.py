@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random-weight models saved like HF checkpoints, their HF references, and the
 invariant that every engine ends each test with all KV blocks free."""
+
 import os
 import tempfile
 import weakref
@@ -44,6 +45,7 @@ def model_path(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def llm(model_path):
     from nanovllm import LLM
+
     return LLM(model_path, dtype="float32")
 
 
@@ -51,7 +53,9 @@ def serve_in_thread(app):
     """A uvicorn server for `app` on a free port of 127.0.0.1, run by a daemon thread: (server, thread, base url)."""
     import threading
     import time
+
     import uvicorn
+
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -63,6 +67,7 @@ def serve_in_thread(app):
 def stop_server(proc) -> None:
     """Terminate a server from start_server; kill it if it does not stop within 10 s."""
     import subprocess
+
     proc.terminate()
     try:
         proc.wait(10)
@@ -77,11 +82,17 @@ def start_server(args: list[str], env: dict | None = None, timeout: float = 180)
     import sys
     import time
     import urllib.request
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "nanovllm.entrypoints.cli", "serve", "--port", str(port), *args],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nanovllm.entrypoints.cli", "serve", "--port", str(port), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url, deadline = f"http://127.0.0.1:{port}", time.time() + timeout
     while True:
         try:
@@ -99,6 +110,7 @@ def start_server(args: list[str], env: dict | None = None, timeout: float = 180)
 def embedded_llm():
     """The embedded SmolLM2-135M-Instruct in fp32, loaded once for every test that needs it."""
     from nanovllm import LLM
+
     return LLM(dtype="float32", kv_cache_gib=1)
 
 
@@ -107,14 +119,17 @@ def byte_tokenizer():
     made here without any download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {"<s>": 0, "</s>": 1, **{ch: i + 2 for i, ch in enumerate(sorted(alphabet))}}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-    fast.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    fast.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
     return fast
 
 
@@ -122,15 +137,40 @@ VOCAB = 258
 
 
 def tiny_config(arch: str, **overrides):
-    from transformers import (LlamaConfig, MistralConfig, MixtralConfig, OlmoeConfig, Qwen2Config, Qwen3Config,
-                              Qwen3MoeConfig)
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  bos_token_id=0, eos_token_id=1, initializer_range=0.2)
+    from transformers import (
+        LlamaConfig,
+        MistralConfig,
+        MixtralConfig,
+        OlmoeConfig,
+        Qwen2Config,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
+
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=0,
+        eos_token_id=1,
+        initializer_range=0.2,
+    )
     if arch == "llama":
-        cfg = LlamaConfig(**common, tie_word_embeddings=False,
-                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 128})
+        cfg = LlamaConfig(
+            **common,
+            tie_word_embeddings=False,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 128,
+            },
+        )
     elif arch == "mistral":
         cfg = MistralConfig(**common, tie_word_embeddings=False, sliding_window=None)
     elif arch == "qwen2":
@@ -138,15 +178,33 @@ def tiny_config(arch: str, **overrides):
     elif arch == "qwen3":
         cfg = Qwen3Config(**common, head_dim=32, tie_word_embeddings=False)
     elif arch == "qwen3_moe":  # 3 layers, the middle one dense (mlp_only_layers), the others 8 experts, top 3
-        cfg = Qwen3MoeConfig(**{**common, "num_hidden_layers": 3}, head_dim=32, tie_word_embeddings=False,
-                             moe_intermediate_size=48, num_experts=8, num_experts_per_tok=3, norm_topk_prob=True,
-                             mlp_only_layers=[1])
+        cfg = Qwen3MoeConfig(
+            **{**common, "num_hidden_layers": 3},
+            head_dim=32,
+            tie_word_embeddings=False,
+            moe_intermediate_size=48,
+            num_experts=8,
+            num_experts_per_tok=3,
+            norm_topk_prob=True,
+            mlp_only_layers=[1],
+        )
     elif arch == "mixtral":
-        cfg = MixtralConfig(**{**common, "intermediate_size": 48}, tie_word_embeddings=False, num_local_experts=6,
-                            num_experts_per_tok=2, sliding_window=None)
+        cfg = MixtralConfig(
+            **{**common, "intermediate_size": 48},
+            tie_word_embeddings=False,
+            num_local_experts=6,
+            num_experts_per_tok=2,
+            sliding_window=None,
+        )
     elif arch == "olmoe":  # norm_topk_prob False, as OLMoE-1B-7B
-        cfg = OlmoeConfig(**{**common, "intermediate_size": 48}, tie_word_embeddings=False, num_experts=8,
-                          num_experts_per_tok=2, norm_topk_prob=False, pad_token_id=None)
+        cfg = OlmoeConfig(
+            **{**common, "intermediate_size": 48},
+            tie_word_embeddings=False,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+            pad_token_id=None,
+        )
     else:
         raise ValueError(arch)
     for k, v in overrides.items():
@@ -156,6 +214,7 @@ def tiny_config(arch: str, **overrides):
 
 def save_tiny_model(arch: str, path: str, max_shard_size: str | None = None, **overrides) -> str:
     from transformers import AutoModelForCausalLM
+
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), dtype=torch.float32)
     model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
@@ -171,14 +230,14 @@ def tiny_model(request, tmp_path_factory) -> str:
 def hf_greedy(path: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """HF transformers' own greedy generation, one prompt at a time (no padding effects), EOS ignored."""
     from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None
     outs = []
     with torch.no_grad():
         for ids in prompts:
-            out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=0)
-            outs.append(out[0, len(ids):].tolist())
+            out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+            outs.append(out[0, len(ids) :].tolist())
     return outs
 
 
@@ -188,8 +247,7 @@ def random_prompts(n: int, lo: int, hi: int, seed: int = 0, prefix: list[int] | 
     return [(prefix or []) + torch.randint(2, VOCAB, (L,), generator=g).tolist() for L in lens]
 
 
-def make_step(seqs: list[tuple[int, int]], block_size: int, num_blocks: int, gen: torch.Generator,
-              device: str = "cpu"):
+def make_step(seqs: list[tuple[int, int]], block_size: int, num_blocks: int, gen: torch.Generator, device: str = "cpu"):
     """seqs: (context length after this step, query tokens this step) per sequence. Random block tables (no
     block shared), slots for the new tokens, and the metadata the model runner would build."""
     perm = torch.randperm(num_blocks, generator=gen).tolist()
@@ -204,9 +262,20 @@ def make_step(seqs: list[tuple[int, int]], block_size: int, num_blocks: int, gen
     width = max(map(len, tables))
     decode = [i for i, (_, q) in enumerate(seqs) if q == 1]
     prefill = [i for i, (_, q) in enumerate(seqs) if q > 1]
-    t = lambda x: torch.tensor(x, dtype=torch.long, device=device)
+
+    def t(x):
+        return torch.tensor(x, dtype=torch.long, device=device)
+
     return AttentionMetadata(
-        query_start=t(query_start), context_lens=t(lens), block_tables=t([b + [0] * (width - len(b)) for b in tables]),
-        slot_mapping=t(slots), query_start_cpu=query_start, context_lens_cpu=lens, decode_rows=t(decode),
-        decode_tokens=t([query_start[i] for i in decode]), decode_max_context=max([lens[i] for i in decode] or [0]),
-        prefill_rows=t(prefill), prefill_max_query=max([seqs[i][1] for i in prefill] or [0]))
+        query_start=t(query_start),
+        context_lens=t(lens),
+        block_tables=t([b + [0] * (width - len(b)) for b in tables]),
+        slot_mapping=t(slots),
+        query_start_cpu=query_start,
+        context_lens_cpu=lens,
+        decode_rows=t(decode),
+        decode_tokens=t([query_start[i] for i in decode]),
+        decode_max_context=max([lens[i] for i in decode] or [0]),
+        prefill_rows=t(prefill),
+        prefill_max_query=max([seqs[i][1] for i in prefill] or [0]),
+    )

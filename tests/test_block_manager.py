@@ -1,4 +1,5 @@
 """Block manager bookkeeping: ref counts, prefix hits, revival of free cached blocks, LRU eviction."""
+
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import Sequence
 from nanovllm.sampling_params import SamplingParams
@@ -65,7 +66,7 @@ def test_free_cached_blocks_are_revived_then_evicted_lru():
 
 def test_eviction_takes_unkeyed_blocks_first():
     bm = BlockManager(4, 4)
-    a = seq(range(6), "a")   # one full keyed block + one partial (unkeyed) block
+    a = seq(range(6), "a")  # one full keyed block + one partial (unkeyed) block
     admit(bm, a)
     keyed = a.block_table[0]
     bm.free_blocks(a)
@@ -89,7 +90,7 @@ def test_key_collision_is_ruled_out_by_token_ids():
 def test_can_allocate_counts_revived_blocks():
     bm = BlockManager(3, 4)
     a = seq(range(9), "a")
-    admit(bm, a)          # 3 blocks
+    admit(bm, a)  # 3 blocks
     bm.free_blocks(a)
     b = seq([*range(8), 7, 7, 7, 7, 7], "b")  # hits 2 free blocks, needs 2 more: 4 > 3
     hits = bm.match_prefix(b)

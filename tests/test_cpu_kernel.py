@@ -1,11 +1,10 @@
 """Our C kernels (nanovllm/kernels/cpu/) and the CPU ops around them (nanovllm/ops/cpu_ops.py) against the torch
 reference (SDPA over gathered blocks, torch's own ops)."""
-import warnings
 
 import pytest
 import torch
-
 from conftest import make_step
+
 import nanovllm.ops.cpu_ops as cpu_ops
 import nanovllm.ops.torch_ops as torch_ops
 from nanovllm.kernels import cpu as cpu_kernel
@@ -22,25 +21,28 @@ def torch_reference(q, k_cache, v_cache, meta, scale, monkeypatch):
         return attention.torch_attention(q, k, v, k_cache, v_cache, meta, scale)
 
 
-@pytest.mark.parametrize("block_size,heads,kv_heads,head_dim,lens", [
-    (16, 9, 3, 64, [1, 15, 16, 17, 300, 731]),      # SmolLM2's heads, contexts across block edges
-    (16, 8, 8, 128, [5, 64, 200]),                   # no GQA, head dim 128
-    (8, 4, 1, 32, [3, 41, 90]),                      # MQA, a head dim without a specialised path
-    (32, 6, 2, 48, [33, 7]),                         # head dim not a power of 2, big blocks
-    (4, 4, 2, 16, [1, 2, 23]),                       # small blocks
-    (64, 16, 1, 256, [130, 64]),                     # 16 heads per KV head, head dim 256 (the limit)
-    (128, 12, 4, 64, [300, 129, 2]),                 # big blocks (vLLM's CPU default), chunks across blocks
-    (16, 64, 1, 32, [200]),                          # 64 heads per KV head (the limit), one sequence
-])
+@pytest.mark.parametrize(
+    "block_size,heads,kv_heads,head_dim,lens",
+    [
+        (16, 9, 3, 64, [1, 15, 16, 17, 300, 731]),  # SmolLM2's heads, contexts across block edges
+        (16, 8, 8, 128, [5, 64, 200]),  # no GQA, head dim 128
+        (8, 4, 1, 32, [3, 41, 90]),  # MQA, a head dim without a specialised path
+        (32, 6, 2, 48, [33, 7]),  # head dim not a power of 2, big blocks
+        (4, 4, 2, 16, [1, 2, 23]),  # small blocks
+        (64, 16, 1, 256, [130, 64]),  # 16 heads per KV head, head dim 256 (the limit)
+        (128, 12, 4, 64, [300, 129, 2]),  # big blocks (vLLM's CPU default), chunks across blocks
+        (16, 64, 1, 32, [200]),  # 64 heads per KV head (the limit), one sequence
+    ],
+)
 def test_decode_kernel_matches_sdpa(block_size, heads, kv_heads, head_dim, lens, monkeypatch):
     gen = torch.Generator().manual_seed(sum(lens) + head_dim)
     num_blocks = sum(-(-n // block_size) for n in lens) + 3
     meta = make_step([(n, 1) for n in lens], block_size, num_blocks, gen)
     q = torch.randn(len(lens), heads, head_dim, generator=gen)
     k_cache, v_cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=gen)
-    expected = torch_reference(q, k_cache, v_cache, meta, head_dim ** -0.5, monkeypatch)
+    expected = torch_reference(q, k_cache, v_cache, meta, head_dim**-0.5, monkeypatch)
     got = torch.full_like(q, float("nan"))
-    cpu_kernel.decode_attention(q, got, k_cache, v_cache, meta, head_dim ** -0.5)
+    cpu_kernel.decode_attention(q, got, k_cache, v_cache, meta, head_dim**-0.5)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -50,7 +52,7 @@ def test_decode_kernel_reads_strided_queries(monkeypatch):
     lens = [70, 3, 33] * 4  # 12 sequences: enough to give each thread whole sequences
     meta = make_step([(n, 1) for n in lens], 16, 40, gen)
     qkv = torch.randn(len(lens), (6 + 2 * 2) * 32, generator=gen)
-    q = qkv[:, :6 * 32].view(len(lens), 6, 32)
+    q = qkv[:, : 6 * 32].view(len(lens), 6, 32)
     k_cache, v_cache = torch.randn(2, 40, 16, 2, 32, generator=gen)
     expected = torch_reference(q.contiguous(), k_cache, v_cache, meta, 0.3, monkeypatch)
     got = torch.empty(q.shape)
@@ -76,12 +78,15 @@ def test_decode_kernel_mixed_batch(monkeypatch):
     assert got[others].isnan().all()  # prefill tokens untouched
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim,lens", [
-    (6, 2, 64, [40, 129]),            # SmolLM2's group of 3; a second chunk of one token
-    (8, 8, 128, [31, 32, 33]),        # no GQA, two passes of 64 dims on AMX; partial blocks of 32 tokens
-    (16, 2, 128, [300, 1]),           # a group of 8
-    (4, 1, 32, [70]),                 # head dim 32: the vector value sums
-])
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,lens",
+    [
+        (6, 2, 64, [40, 129]),  # SmolLM2's group of 3; a second chunk of one token
+        (8, 8, 128, [31, 32, 33]),  # no GQA, two passes of 64 dims on AMX; partial blocks of 32 tokens
+        (16, 2, 128, [300, 1]),  # a group of 8
+        (4, 1, 32, [70]),  # head dim 32: the vector value sums
+    ],
+)
 def test_decode_kernel_bf16_cache(heads, kv_heads, head_dim, lens, monkeypatch):
     """A bf16 cache is read as bf16 (widened exactly to fp32 in the kernel): equal to fp32 math on the same values
     (on AMX CPUs: scores and value sums on tiles)."""
@@ -108,7 +113,9 @@ def test_engine_uses_the_kernel_and_matches_torch_path(llm, monkeypatch):
     """The whole engine gives the same greedy tokens with the kernel and with the torch path, and the kernel
     is what decode steps call."""
     from conftest import random_prompts
+
     from nanovllm import SamplingParams
+
     prompts = random_prompts(4, 5, 60, seed=4)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     calls = []
@@ -156,8 +163,9 @@ def test_fused_bf16_elementwise_match_torch():
     assert torch.equal(out, cpu_kernel.rms_norm(x + delta, weight, 1e-5))
     expected_sum = x.float() + delta.float()
     out32, updated32 = cpu_ops.add_rms_norm(delta.float(), x.float(), weight.float(), 1e-5)  # fp32: torch's ops
-    assert torch.equal(updated32, expected_sum) and torch.equal(out32, torch_ops.rms_norm(expected_sum, weight.float(),
-                                                                                          1e-5))
+    assert torch.equal(updated32, expected_sum) and torch.equal(
+        out32, torch_ops.rms_norm(expected_sum, weight.float(), 1e-5)
+    )
     assert (got != expected).float().mean() < 0.01
     torch.testing.assert_close(got, expected, rtol=1e-2, atol=0)
     gate_up = (torch.randn(37, 2 * 96, generator=gen) * 4).bfloat16()
@@ -173,22 +181,24 @@ def test_fused_bf16_elementwise_match_torch():
 def test_rope_in_place_matches_rotary():
     """bf16 query and key heads rotated in place inside the QKV output: bit for bit what the reference gives."""
     from types import SimpleNamespace
+
     from nanovllm.layers.rotary import Rotary
+
     gen = torch.Generator().manual_seed(13)
     rotary = Rotary(SimpleNamespace(rope_theta=10000.0, rope_scaling=None), 64, 512)
     positions = torch.randint(0, 512, (70,), generator=gen)
     tables = rotary.tables(positions, torch.bfloat16)
     qkv = (torch.randn(70, (9 + 2 * 3) * 64, generator=gen) * 2).bfloat16()
-    q, k = (x.unflatten(-1, (-1, 64)) for x in qkv[:, :12 * 64].split([9 * 64, 3 * 64], -1))
+    q, k = (x.unflatten(-1, (-1, 64)) for x in qkv[:, : 12 * 64].split([9 * 64, 3 * 64], -1))
     expected = torch_ops.rotary(q, k, *tables)
-    v = qkv[:, 12 * 64:].clone()
-    assert cpu_kernel.rope_in_place(qkv[:, :12 * 64], tables, 64)
+    v = qkv[:, 12 * 64 :].clone()
+    assert cpu_kernel.rope_in_place(qkv[:, : 12 * 64], tables, 64)
     assert torch.equal(q, expected[0]) and torch.equal(k, expected[1])
-    assert torch.equal(qkv[:, 12 * 64:], v)  # values untouched
+    assert torch.equal(qkv[:, 12 * 64 :], v)  # values untouched
     assert not cpu_kernel.rope_in_place(qkv.float(), rotary.tables(positions, torch.float32), 64)  # fp32: torch
     # the op: in place on views of the QKV output (one pass), and on separate q, k tensors (one pass each)
     qkv2 = (torch.randn(70, (9 + 2 * 3) * 64, generator=gen) * 2).bfloat16()
-    q, k = (x.unflatten(-1, (-1, 64)) for x in qkv2[:, :12 * 64].split([9 * 64, 3 * 64], -1))
+    q, k = (x.unflatten(-1, (-1, 64)) for x in qkv2[:, : 12 * 64].split([9 * 64, 3 * 64], -1))
     expected = torch_ops.rotary(q, k, *tables)
     separate = q.clone(), k.clone()
     assert all(torch.equal(a, b) for a, b in zip(cpu_ops.rotary(q, k, *tables), expected))
@@ -201,6 +211,7 @@ def test_c_sampler_matches_inverse_cdf(dtype):
     picks (but for a float rounding at a chunk edge), argmax for temperature 0 (first of ties), and a vocabulary
     that is not a multiple of 16."""
     from nanovllm.layers.sampler import inverse_cdf
+
     gen = torch.Generator().manual_seed(17)
     rows, vocab = 2000, 1007
     logits = (torch.randn(rows, vocab, generator=gen) * 3).to(dtype)
@@ -240,7 +251,7 @@ def test_amx_linear_matches_fp32(rows, bias):
     got = cpu_kernel.amx_linear(x, w, b)
     expected = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
     assert got.dtype == torch.bfloat16 and got.shape == (rows, 80)
-    torch.testing.assert_close(got.double(), expected, rtol=2 ** -8, atol=1e-6)  # within bf16's rounding
+    torch.testing.assert_close(got.double(), expected, rtol=2**-8, atol=1e-6)  # within bf16's rounding
     assert (got != expected.bfloat16()).float().mean() < 0.02  # and rounded to nearest (summation order aside)
 
 
@@ -249,8 +260,12 @@ def random_gguf(kind: str, rows: int, inputs: int, seed: int):
     values, and their bf16 weight as the loader makes it (the gguf package's dequantize, then torch's rounding)."""
     import gguf
     import numpy as np
+
     rng = np.random.default_rng(seed)
-    fp16 = lambda scale: (rng.standard_normal((rows, inputs // 32)) * scale).astype(np.float16).view(np.uint8)
+
+    def fp16(scale):
+        return (rng.standard_normal((rows, inputs // 32)) * scale).astype(np.float16).view(np.uint8)
+
     if kind == "Q4_1":
         parts = [fp16(0.02), fp16(0.05), rng.integers(0, 256, (rows, inputs // 32 * 16), dtype=np.uint8)]
     else:
@@ -272,6 +287,7 @@ def test_gguf_linear_equals_its_bf16_weight(kind, rows):
     b = torch.randn(96, generator=gen).bfloat16()
     code = {"Q4_1": cpu_kernel.Q4_1, "Q8_0": cpu_kernel.Q8_0}[kind]
     from nanovllm.loader.gguf import pack_blocks
+
     packed = pack_blocks(blocks, code)
     assert packed.numel() == blocks.numel()
     for bias in (None, b):
@@ -280,8 +296,8 @@ def test_gguf_linear_equals_its_bf16_weight(kind, rows):
 
 def test_amx_linear_declines_what_it_cannot_do():
     x = torch.randn(4, 64).bfloat16()
-    assert cpu_kernel.amx_linear(x.float(), torch.randn(32, 64), None) is None        # fp32: torch's job
-    assert cpu_kernel.amx_linear(x, torch.randn(40, 64).bfloat16(), None) is None     # outputs not in 16s
+    assert cpu_kernel.amx_linear(x.float(), torch.randn(32, 64), None) is None  # fp32: torch's job
+    assert cpu_kernel.amx_linear(x, torch.randn(40, 64).bfloat16(), None) is None  # outputs not in 16s
     assert cpu_kernel.amx_linear(x[:, :48], torch.randn(32, 48).bfloat16(), None) is None  # inputs not in 32s
     assert cpu_kernel.amx_linear(torch.randn(200, 64).bfloat16(), torch.randn(32, 64).bfloat16(), None) is None
 
@@ -290,6 +306,7 @@ def test_bf16_linear_paths_agree(monkeypatch):
     """Linear on CPU in bf16: the AMX kernel (decode rows), oneDNN's packed weight (CPUs without AMX) and
     F.linear (prefill rows) give the same outputs up to bf16 rounding."""
     from nanovllm.layers.linear import Linear
+
     gen = torch.Generator().manual_seed(3)
     layer = Linear(128, 64, bias=True)
     layer.weight.data = (torch.randn(64, 128, generator=gen) / 10).bfloat16()
@@ -297,12 +314,12 @@ def test_bf16_linear_paths_agree(monkeypatch):
     x = torch.randn(44, 128, generator=gen).bfloat16()
     expected = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
     got = cpu_ops.linear(x, layer)
-    torch.testing.assert_close(got.double(), expected, rtol=2 ** -7, atol=1e-2)
+    torch.testing.assert_close(got.double(), expected, rtol=2**-7, atol=1e-2)
     monkeypatch.setattr(cpu_kernel, "has_amx", lambda: False)
     cpu_ops.prepare(torch.nn.Sequential(layer))
     if torch.ops.mkldnn._is_mkldnn_bf16_supported():
         assert layer.packed is not None
-    torch.testing.assert_close(cpu_ops.linear(x, layer).double(), expected, rtol=2 ** -7, atol=1e-2)
+    torch.testing.assert_close(cpu_ops.linear(x, layer).double(), expected, rtol=2**-7, atol=1e-2)
 
 
 @pytest.mark.skipif(not cpu_kernel.has_amx(), reason="this CPU (or its compiler) has no AMX")
@@ -311,7 +328,9 @@ def test_decode_layers_in_c_match_the_layer_by_layer_path(arch, tmp_path, monkey
     """A decode-only bf16 step through the fused C decode step (all layers in one call) gives exactly the logits
     of the per-layer Python path, and the engine's tokens are the same either way."""
     from conftest import random_prompts, save_tiny_model
+
     from nanovllm import LLM, SamplingParams
+
     llm = LLM(save_tiny_model(arch, str(tmp_path)), dtype="bfloat16")
     engine, prompts = llm.engine, random_prompts(5, 20, 90, seed=7)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -339,12 +358,15 @@ def test_decode_layers_in_c_match_the_layer_by_layer_path(arch, tmp_path, monkey
 
 
 @pytest.mark.skipif(not cpu_kernel.has_amx(), reason="this CPU (or its compiler) has no AMX")
-@pytest.mark.parametrize("heads,kv_heads,dim,lens", [
-    (9, 3, 64, [1, 5, 16, 17, 33, 100, 300]),   # SmolLM2's heads; blocks of 16 queries and 32 keys, partial ones
-    (4, 4, 128, [64, 65, 2]),                     # no GQA, head dim 128 (two passes of 64 output dims)
-    (8, 1, 32, [47, 200]),                        # MQA, head dim 32
-    (2, 1, 96, [31, 90]),                         # head dim 96: a pass of 64 output dims, then one of 32
-])
+@pytest.mark.parametrize(
+    "heads,kv_heads,dim,lens",
+    [
+        (9, 3, 64, [1, 5, 16, 17, 33, 100, 300]),  # SmolLM2's heads; blocks of 16 queries and 32 keys, partial ones
+        (4, 4, 128, [64, 65, 2]),  # no GQA, head dim 128 (two passes of 64 output dims)
+        (8, 1, 32, [47, 200]),  # MQA, head dim 32
+        (2, 1, 96, [31, 90]),  # head dim 96: a pass of 64 output dims, then one of 32
+    ],
+)
 def test_prefill_kernel_matches_causal_attention(heads, kv_heads, dim, lens):
     """Whole prompts in bf16 on AMX: as close to exact causal attention as torch's own bf16 SDPA is."""
     F = torch.nn.functional
@@ -354,13 +376,15 @@ def test_prefill_kernel_matches_causal_attention(heads, kv_heads, dim, lens):
     starts = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
     out = torch.full((sum(lens), heads, dim), float("nan")).bfloat16()
     bounds = list(zip(starts[:-1].tolist(), starts[1:].tolist()))
-    assert cpu_kernel.prefill_attention(q, out, starts, list(range(len(lens))), [k[s:e] for s, e in bounds],
-                                        [v[s:e] for s, e in bounds], dim ** -0.5)
+    assert cpu_kernel.prefill_attention(
+        q, out, starts, list(range(len(lens))), [k[s:e] for s, e in bounds], [v[s:e] for s, e in bounds], dim**-0.5
+    )
     for s, e in bounds:
         args = [t[None, s:e].transpose(1, 2) for t in (q, k, v)]
-        exact = F.scaled_dot_product_attention(*[a.double() for a in args], is_causal=True, scale=dim ** -0.5,
-                                               enable_gqa=True)[0].transpose(0, 1)
-        sdpa = F.scaled_dot_product_attention(*args, is_causal=True, scale=dim ** -0.5, enable_gqa=True)
+        exact = F.scaled_dot_product_attention(
+            *[a.double() for a in args], is_causal=True, scale=dim**-0.5, enable_gqa=True
+        )[0].transpose(0, 1)
+        sdpa = F.scaled_dot_product_attention(*args, is_causal=True, scale=dim**-0.5, enable_gqa=True)
         sdpa_err = (sdpa[0].transpose(0, 1).double() - exact).abs().max().item()
         assert (out[s:e].double() - exact).abs().max().item() <= 1.5 * sdpa_err + 1e-3
 
@@ -375,12 +399,13 @@ def test_prefill_kernel_after_a_cached_prefix(cached, n):
     q = torch.randn(n, heads, dim, generator=gen).bfloat16()
     k, v = (torch.randn(2, cached + n, kv_heads, dim, generator=gen) * 2).bfloat16()
     out = torch.full((n, heads, dim), float("nan")).bfloat16()
-    assert cpu_kernel.prefill_attention(q, out, torch.tensor([0, n]), [0], [k], [v], dim ** -0.5)
+    assert cpu_kernel.prefill_attention(q, out, torch.tensor([0, n]), [0], [k], [v], dim**-0.5)
     mask = torch.ones(n, cached + n, dtype=torch.bool).tril(cached)
     args = [t[None].transpose(1, 2) for t in (q, k, v)]
-    exact = F.scaled_dot_product_attention(*[a.double() for a in args], attn_mask=mask, scale=dim ** -0.5,
-                                           enable_gqa=True)[0].transpose(0, 1)
-    sdpa = F.scaled_dot_product_attention(*args, attn_mask=mask, scale=dim ** -0.5, enable_gqa=True)
+    exact = F.scaled_dot_product_attention(
+        *[a.double() for a in args], attn_mask=mask, scale=dim**-0.5, enable_gqa=True
+    )[0].transpose(0, 1)
+    sdpa = F.scaled_dot_product_attention(*args, attn_mask=mask, scale=dim**-0.5, enable_gqa=True)
     sdpa_err = (sdpa[0].transpose(0, 1).double() - exact).abs().max().item()
     assert (out.double() - exact).abs().max().item() <= 1.5 * sdpa_err + 1e-3
 
@@ -390,6 +415,7 @@ def test_prefill_kernel_serves_bf16_prompt_chunks(monkeypatch):
     cached prefix (its keys gathered from the cache); the decodes go elsewhere. It takes them in bf16 with AMX,
     close to SDPA's result, and declines fp32 (which stays bit for bit HF's)."""
     from conftest import make_step
+
     gen = torch.Generator().manual_seed(5)
     offered, served = [], []
     real = cpu_kernel.prefill_attention
@@ -406,9 +432,9 @@ def test_prefill_kernel_serves_bf16_prompt_chunks(monkeypatch):
         caches = torch.randn(2, 12, 16, 2, 32, generator=gen)
         args = [t.to(dtype) for t in (q, k, v, caches[0], caches[1])]
         monkeypatch.setattr(cpu_kernel, "prefill_attention", lambda *a: False)
-        expected = cpu_ops.attention(*[a.clone() for a in args], meta, 32 ** -0.5)
+        expected = cpu_ops.attention(*[a.clone() for a in args], meta, 32**-0.5)
         monkeypatch.setattr(cpu_kernel, "prefill_attention", spy)
-        got = cpu_ops.attention(*args, meta, 32 ** -0.5)
+        got = cpu_ops.attention(*args, meta, 32**-0.5)
         assert torch.equal(got[50:], expected[50:])  # the decode: untouched by the kernel
         torch.testing.assert_close(got[:50].float(), expected[:50].float(), rtol=0.02, atol=0.02)
     assert offered == [(torch.bfloat16, [0, 1]), (torch.float32, [0, 1])]
@@ -421,8 +447,10 @@ def test_without_amx_bf16_weights_are_packed_for_onednn(tmp_path, monkeypatch):
     if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         pytest.skip("no native bf16 here: nothing is packed")
     from conftest import save_tiny_model
+
     from nanovllm import LLM, SamplingParams
     from nanovllm.layers.linear import Linear
+
     monkeypatch.setattr(cpu_kernel, "has_amx", lambda: False)
     llm = LLM(save_tiny_model("llama", str(tmp_path)), dtype="bfloat16")
     model = llm.engine.runner.model

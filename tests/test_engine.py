@@ -1,11 +1,12 @@
 """Engine behaviour on a tiny Llama: stops, seeds, per-prompt params, the step/abort API."""
+
 import json
 import os
 import shutil
 
 import pytest
-
 from conftest import random_prompts
+
 from nanovllm import LLM, SamplingParams
 
 
@@ -37,7 +38,7 @@ def test_stop_token_ids(llm):
     target = full.token_ids[4]
     first = full.token_ids.index(target)
     out = greedy(llm, "Hello", max_tokens=20, ignore_eos=True, stop_token_ids=[target])
-    assert out.token_ids == full.token_ids[:first + 1]
+    assert out.token_ids == full.token_ids[: first + 1]
     assert out.finish_reason == "stop" and out.stop_reason == target
 
 
@@ -54,7 +55,7 @@ def test_eos_and_min_tokens(model_path, tmp_path):
     json.dump(cfg, open(os.path.join(copy, "config.json"), "w"))
     llm = LLM(copy, dtype="float32")
     stopped = greedy(llm, "Hello", max_tokens=20)
-    assert stopped.token_ids == full[:full.index(eos) + 1] and stopped.finish_reason == "stop"
+    assert stopped.token_ids == full[: full.index(eos) + 1] and stopped.finish_reason == "stop"
     delayed = greedy(llm, "Hello", max_tokens=20, min_tokens=8)
     assert len(delayed.token_ids) >= 9 and eos not in delayed.token_ids[:8]
     ignored = greedy(llm, "Hello", max_tokens=20, ignore_eos=True)
@@ -68,7 +69,7 @@ def test_generation_config_eos_ids(model_path, tmp_path):
     shutil.copytree(model_path, copy)
     json.dump({"eos_token_id": [1, full[3]]}, open(os.path.join(copy, "generation_config.json"), "w"))
     out = greedy(LLM(copy, dtype="float32"), "Hello", max_tokens=20)
-    assert out.token_ids == full[:full.index(full[3]) + 1] and out.finish_reason == "stop"
+    assert out.token_ids == full[: full.index(full[3]) + 1] and out.finish_reason == "stop"
 
 
 def test_bfloat16_runs(model_path):
@@ -82,14 +83,20 @@ def test_seed_reproducible_whatever_shares_the_batch(llm):
     others = [SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)] * 3
     mixed = llm.generate(["abc", "Hello", "xyz", "Hello"], [others[0], p, others[1], others[2]], use_tqdm=False)
     assert mixed[1].outputs[0].token_ids == alone
-    other_seed = llm.generate(["Hello"], SamplingParams(temperature=1.0, seed=43, max_tokens=16, ignore_eos=True),
-                              use_tqdm=False)[0].outputs[0].token_ids
+    other_seed = (
+        llm.generate(
+            ["Hello"], SamplingParams(temperature=1.0, seed=43, max_tokens=16, ignore_eos=True), use_tqdm=False
+        )[0]
+        .outputs[0]
+        .token_ids
+    )
     assert other_seed != alone
 
 
 def test_n_completions(llm):
-    out = llm.generate(["Hello"], SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=8, ignore_eos=True),
-                       use_tqdm=False)[0]
+    out = llm.generate(
+        ["Hello"], SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=8, ignore_eos=True), use_tqdm=False
+    )[0]
     assert [c.index for c in out.outputs] == [0, 1, 2]
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
 
@@ -148,14 +155,17 @@ def test_stop_token_text_is_left_out_unless_asked(llm):
     target = full.token_ids[4]
     out = greedy(llm, "Hello", max_tokens=20, ignore_eos=True, stop_token_ids=[target])
     assert out.text == tok.decode(out.token_ids[:-1]).removesuffix("\ufffd")
-    kept = greedy(llm, "Hello", max_tokens=20, ignore_eos=True, stop_token_ids=[target],
-                  include_stop_str_in_output=True)
+    kept = greedy(
+        llm, "Hello", max_tokens=20, ignore_eos=True, stop_token_ids=[target], include_stop_str_in_output=True
+    )
     assert kept.text == tok.decode(kept.token_ids).removesuffix("\ufffd")
 
 
 def test_stop_strings_end_after_min_tokens_and_may_begin_before():
     from conftest import byte_tokenizer
+
     from nanovllm.engine.detokenizer import IncrementalDetokenizer
+
     tok = byte_tokenizer()
     nine = tok("9").input_ids[0]
     results = []

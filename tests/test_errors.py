@@ -1,11 +1,12 @@
 """Bad input: a specific error that names the problem and the limit, and nothing else lost."""
+
 import json
 import subprocess
 import sys
 
 import pytest
-
 from conftest import save_tiny_model
+
 from nanovllm import LLM, SamplingParams
 
 
@@ -19,20 +20,23 @@ def llm(model_path) -> LLM:
     return LLM(model_path, dtype="float32", max_model_len=64)
 
 
-@pytest.mark.parametrize("kwargs, field, allowed", [
-    ({"temperature": -0.1}, "temperature", ">= 0"),
-    ({"top_p": 0.0}, "top_p", "(0, 1]"),
-    ({"top_p": 1.5}, "top_p", "(0, 1]"),
-    ({"top_k": 0}, "top_k", "-1 (off) or >= 1"),
-    ({"top_k": -2}, "top_k", "-1 (off) or >= 1"),
-    ({"max_tokens": 0}, "max_tokens", ">= 1"),
-    ({"min_p": 1.5}, "min_p", "[0, 1]"),
-    ({"min_p": -0.1}, "min_p", "[0, 1]"),
-    ({"repetition_penalty": 0.0}, "repetition_penalty", "> 0"),
-    ({"presence_penalty": 3.0}, "presence_penalty", "[-2, 2]"),
-    ({"n": 0}, "n", ">= 1"),
-    ({"stop": [""]}, "stop", "non-empty"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field, allowed",
+    [
+        ({"temperature": -0.1}, "temperature", ">= 0"),
+        ({"top_p": 0.0}, "top_p", "(0, 1]"),
+        ({"top_p": 1.5}, "top_p", "(0, 1]"),
+        ({"top_k": 0}, "top_k", "-1 (off) or >= 1"),
+        ({"top_k": -2}, "top_k", "-1 (off) or >= 1"),
+        ({"max_tokens": 0}, "max_tokens", ">= 1"),
+        ({"min_p": 1.5}, "min_p", "[0, 1]"),
+        ({"min_p": -0.1}, "min_p", "[0, 1]"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty", "> 0"),
+        ({"presence_penalty": 3.0}, "presence_penalty", "[-2, 2]"),
+        ({"n": 0}, "n", ">= 1"),
+        ({"stop": [""]}, "stop", "non-empty"),
+    ],
+)
 def test_invalid_sampling_params(kwargs, field, allowed):
     with pytest.raises(ValueError) as e:
         SamplingParams(**kwargs)
@@ -103,11 +107,14 @@ def test_unsupported_architecture(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ValueError) as e:
         LLM(str(tmp_path))
-    assert "GPT2LMHeadModel" in str(e.value) and "LlamaForCausalLM" in str(e.value) and "Qwen3ForCausalLM" in str(e.value)
+    assert (
+        "GPT2LMHeadModel" in str(e.value) and "LlamaForCausalLM" in str(e.value) and "Qwen3ForCausalLM" in str(e.value)
+    )
 
 
 def test_corrupt_safetensors(model_path, tmp_path):
     import shutil
+
     bad = tmp_path / "bad"
     shutil.copytree(model_path, bad)
     (bad / "model.safetensors").write_bytes(b"\x00garbage" * 10)
@@ -119,6 +126,7 @@ def test_missing_weights(model_path, tmp_path):
     import shutil
 
     from safetensors.torch import load_file, save_file
+
     bad = tmp_path / "partial"
     shutil.copytree(model_path, bad)
     weights = load_file(bad / "model.safetensors")
@@ -135,13 +143,20 @@ def test_corrupt_gguf(tmp_path):
         LLM(str(bad))
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "/nonexistent"], "does not exist"),
-    (["--temperature", "-1"], "SamplingParams.temperature must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "/nonexistent"], "does not exist"),
+        (["--temperature", "-1"], "SamplingParams.temperature must be >= 0"),
+    ],
+)
 def test_cli_errors_are_one_line(args, message):
-    r = subprocess.run([sys.executable, "-m", "nanovllm.entrypoints.cli", "generate", "hi", *args],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "nanovllm.entrypoints.cli", "generate", "hi", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
     lines = [line for line in r.stderr.splitlines() if line.startswith("nanovllm: error:")]
@@ -165,8 +180,9 @@ def test_prompt_length_rule_is_vllms(llm):
     (finish reason length); max_model_len tokens are refused with both lengths named."""
     out = llm.generate([[5] * 63], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 1 and out.outputs[0].finish_reason == "length"
-    with pytest.raises(ValueError, match="64 tokens; with at least one token to generate that is longer than "
-                                         "max_model_len=64"):
+    with pytest.raises(
+        ValueError, match="64 tokens; with at least one token to generate that is longer than max_model_len=64"
+    ):
         llm.generate([[5] * 64], SamplingParams(max_tokens=1), use_tqdm=False)
 
 
@@ -174,7 +190,9 @@ def test_a_stop_string_may_begin_before_min_tokens_and_end_after():
     """vLLM's rule: once min_tokens are out, the search looks back over the stop string's length, so a stop string
     whose first characters were made before min_tokens is found in the token that completes it."""
     from conftest import byte_tokenizer
+
     from nanovllm.engine.request import Request
+
     tok = byte_tokenizer()
     ids = [tok(ch).input_ids[0] for ch in "abcdef"]
     for min_tokens, stop, ends_at, text in [(3, "cd", 4, "ab"), (3, "bc", None, "abcdef"), (0, "bc", 3, "a")]:

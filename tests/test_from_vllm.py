@@ -1,13 +1,14 @@
 """A vLLM user changes only the import: docs/from-vllm.md's table of engine arguments holds (each accepted or
 refused as it says), the serve flags parse, and scripts written the way vLLM's offline examples are run as they
 are, on the embedded model and on a tiny HF folder."""
+
 import ast
 import pathlib
 import re
 
 import pytest
-
 from conftest import save_tiny_model
+
 from nanovllm import SamplingParams
 from nanovllm.config import EngineConfig
 from nanovllm.engine_args import RENAMED, engine_config
@@ -48,25 +49,75 @@ def test_an_unknown_argument_is_a_value_error_not_a_type_error():
 
 def test_serve_takes_vllms_flags():
     from nanovllm.entrypoints.cli import build_parser, engine_kwargs
-    args = build_parser().parse_args([
-        "serve", "some/model", "--host", "127.0.0.1", "--port", "8001", "--api-key", "k", "--served-model-name", "a",
-        "b", "--max-model-len", "512", "--gpu-memory-utilization", "0.8", "--tensor-parallel-size", "1", "--dtype",
-        "half", "--max-num-seqs", "8", "--max-num-batched-tokens", "1024", "--no-enable-prefix-caching",
-        "--enable-chunked-prefill", "--seed", "3", "--chat-template", "{{ messages }}", "--generation-config",
-        "vllm", "--trust-remote-code", "--disable-log-requests", "--uvicorn-log-level", "info", "--enforce-eager"])
+
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "some/model",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "8001",
+            "--api-key",
+            "k",
+            "--served-model-name",
+            "a",
+            "b",
+            "--max-model-len",
+            "512",
+            "--gpu-memory-utilization",
+            "0.8",
+            "--tensor-parallel-size",
+            "1",
+            "--dtype",
+            "half",
+            "--max-num-seqs",
+            "8",
+            "--max-num-batched-tokens",
+            "1024",
+            "--no-enable-prefix-caching",
+            "--enable-chunked-prefill",
+            "--seed",
+            "3",
+            "--chat-template",
+            "{{ messages }}",
+            "--generation-config",
+            "vllm",
+            "--trust-remote-code",
+            "--disable-log-requests",
+            "--uvicorn-log-level",
+            "info",
+            "--enforce-eager",
+        ]
+    )
     assert args.model_pos == "some/model" and args.served_model_name == ["a", "b"] and args.log_level == "info"
     config = engine_config("some/model", **engine_kwargs(args))
-    assert (config.max_model_len, config.dtype, config.max_num_seqs, config.max_num_batched_tokens, config.seed,
-            config.enable_prefix_caching, config.enforce_eager, config.generation_config) == (
-        512, "float16", 8, 1024, 3, False, True, "vllm")
+    assert (
+        config.max_model_len,
+        config.dtype,
+        config.max_num_seqs,
+        config.max_num_batched_tokens,
+        config.seed,
+        config.enable_prefix_caching,
+        config.enforce_eager,
+        config.generation_config,
+    ) == (512, "float16", 8, 1024, 3, False, True, "vllm")
     help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
     for group in ("Frontend", "ModelConfig", "CacheConfig", "SchedulerConfig", "ParallelConfig"):
         assert group in help_text
 
 
 def test_sampling_params_have_vllms_fields():
-    p = SamplingParams(temperature=0.7, logit_bias={5: 2.0}, allowed_token_ids=[5, 6], bad_words=["x"],
-                       truncate_prompt_tokens=4, detokenize=True, spaces_between_special_tokens=True, extra_args={})
+    p = SamplingParams(
+        temperature=0.7,
+        logit_bias={5: 2.0},
+        allowed_token_ids=[5, 6],
+        bad_words=["x"],
+        truncate_prompt_tokens=4,
+        detokenize=True,
+        spaces_between_special_tokens=True,
+        extra_args={},
+    )
     q = p.clone()
     q.temperature = 0.1
     assert p.temperature == 0.7 and q.logit_bias == {5: 2.0} and q is not p
@@ -75,7 +126,7 @@ def test_sampling_params_have_vllms_fields():
 
 
 SCRIPTS = {
-    "basic": '''
+    "basic": """
 from vllm import LLM, SamplingParams
 prompts = ["Hello, my name is", "The capital of France is", "The future of AI is"]
 sampling_params = SamplingParams(temperature=0.8, top_p=0.95)
@@ -88,8 +139,8 @@ for output in outputs:
     print(f"Prompt: {prompt!r}, Generated text: {generated_text!r}")
 assert len(outputs) == 3 and all(o.finished and len(o.outputs[0].token_ids) <= 16 for o in outputs)
 RESULT = [o.outputs[0].token_ids for o in outputs]
-''',
-    "chat": '''
+""",
+    "chat": """
 from vllm import LLM, SamplingParams
 llm = LLM(model=MODEL, max_model_len=512, max_num_seqs=8)
 conversation = [{"role": "system", "content": "You are a helpful assistant"},
@@ -98,8 +149,8 @@ outputs = llm.chat([conversation, conversation[:1] + [{"role": "user", "content"
                    SamplingParams(temperature=0.5, max_tokens=12), use_tqdm=True)
 assert len(outputs) == 2 and all(o.outputs[0].text for o in outputs)
 RESULT = [o.outputs[0].token_ids for o in outputs]
-''',
-    "tokens": '''
+""",
+    "tokens": """
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 llm = LLM(model=MODEL, max_model_len=512, max_num_seqs=8)
@@ -110,8 +161,8 @@ outputs = llm.generate([TokensPrompt(prompt_token_ids=ids)], params)
 assert outputs[0].prompt_token_ids == ids and len(outputs[0].outputs[0].token_ids) <= 8
 assert llm.llm_engine is llm.engine and llm.reset_prefix_cache()
 RESULT = [outputs[0].outputs[0].token_ids]
-''',
-    "seeded_n": '''
+""",
+    "seeded_n": """
 from vllm import LLM, SamplingParams
 llm = LLM(model=MODEL, max_model_len=512, max_num_seqs=8)
 params = SamplingParams(n=3, seed=42, temperature=1.0, max_tokens=10)
@@ -120,7 +171,7 @@ again = llm.generate("Once upon a time", params.clone())[0]
 assert len(first.outputs) == 3
 assert [c.token_ids for c in first.outputs] == [c.token_ids for c in again.outputs]
 RESULT = [c.token_ids for c in first.outputs]
-''',
+""",
 }
 
 
@@ -133,6 +184,7 @@ def run_script(source: str, model: str) -> list:
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_vllm_scripts_run_on_the_embedded_model(script):
     from nanovllm.loader import default_model_path
+
     assert run_script(SCRIPTS[script], default_model_path())
 
 
@@ -145,6 +197,7 @@ def test_vllm_scripts_run_on_a_tiny_hf_folder(script, tmp_path):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from nanovllm import LLM
+
     path = save_tiny_model("llama", str(tmp_path_factory.mktemp("llama")))
     return LLM(path, dtype="float32", max_model_len=128, max_num_seqs=8)
 
@@ -164,20 +217,30 @@ def test_sampling_controls_do_what_vllm_says(tiny):
     assert first not in greedy_ids(tiny, prompt, bad_words=[word]).token_ids
     quiet = greedy_ids(tiny, prompt, detokenize=False)
     assert quiet.token_ids == base.token_ids and quiet.text == ""
-    cut = tiny.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
-                                                 truncate_prompt_tokens=3), use_tqdm=False)[0]
+    cut = tiny.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, truncate_prompt_tokens=3), use_tqdm=False
+    )[0]
     assert cut.prompt_token_ids == prompt[-3:] and cut.outputs[0].token_ids == greedy_ids(tiny, prompt[-3:]).token_ids
     seeded = SamplingParams(temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
     a = tiny.generate([prompt], seeded, use_tqdm=False)[0].outputs[0].token_ids
-    b = tiny.generate([prompt], SamplingParams(temperature=1.0, seed=7, max_tokens=8, ignore_eos=True,
-                                               logit_bias={3: 0.0}), use_tqdm=False)[0].outputs[0].token_ids
+    b = (
+        tiny.generate(
+            [prompt],
+            SamplingParams(temperature=1.0, seed=7, max_tokens=8, ignore_eos=True, logit_bias={3: 0.0}),
+            use_tqdm=False,
+        )[0]
+        .outputs[0]
+        .token_ids
+    )
     assert a == b  # a zero bias changes nothing (and takes the torch sampler's path)
 
 
 def test_output_kinds_in_the_async_engine(tiny):
     import asyncio
+
     from nanovllm.engine.async_engine import AsyncEngine
     from nanovllm.sampling_params import RequestOutputKind
+
     engine = AsyncEngine(tiny.engine)
     expected = greedy_ids(tiny, [5, 6, 7])
 
@@ -187,6 +250,7 @@ def test_output_kinds_in_the_async_engine(tiny):
 
     async def main():
         return [await collect(kind) for kind in RequestOutputKind]
+
     cumulative, delta, final = asyncio.run(main())
     assert cumulative[-1].outputs[0].token_ids == expected.token_ids
     assert [t for o in delta for c in o.outputs for t in c.token_ids] == expected.token_ids and len(delta) > 1
@@ -195,7 +259,9 @@ def test_output_kinds_in_the_async_engine(tiny):
 
 def test_without_chunked_prefill_a_prompt_is_one_step(tmp_path):
     from conftest import hf_greedy, random_prompts
+
     from nanovllm import LLM
+
     path = save_tiny_model("llama", str(tmp_path / "llama"))
     with pytest.raises(ValueError, match="max_num_batched_tokens=64 is smaller than max_model_len=128"):
         LLM(path, enable_chunked_prefill=False, max_num_batched_tokens=64, max_model_len=128)

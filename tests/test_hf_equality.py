@@ -1,6 +1,7 @@
 """The correctness bar: greedy fp32 token ids equal HF transformers' for every model and engine feature."""
 
 from conftest import hf_greedy, random_prompts, save_tiny_model
+
 from nanovllm import LLM, SamplingParams
 
 MAX_NEW = 24

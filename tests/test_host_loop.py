@@ -1,10 +1,11 @@
 """The host's side of a step: block tables kept as rows that grow in place, a sampler that never reads the device,
 text made when it is read (and a request whose text cannot be made fails alone)."""
+
 import pytest
 import torch
+from conftest import hf_greedy, random_prompts
 
 import nanovllm.ops as ops
-from conftest import hf_greedy, random_prompts
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
@@ -27,12 +28,18 @@ def test_a_block_table_is_a_row_that_grows_in_place():
     bm.check_all_free()
 
 
-@pytest.mark.parametrize("params", [
-    SamplingParams(temperature=0), SamplingParams(temperature=0.8), SamplingParams(temperature=0.8, seed=1),
-    SamplingParams(temperature=0.8, top_k=5, top_p=0.9, min_p=0.05), SamplingParams(temperature=0.7, n=2, seed=3,
-                                                                                      repetition_penalty=1.2),
-    SamplingParams(temperature=0.5, min_tokens=4, stop_token_ids=[7], logit_bias={9: 2.0}, bad_words=["ab"])],
-    ids=["greedy", "temperature", "seed", "filters", "penalties", "lists"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0.8),
+        SamplingParams(temperature=0.8, seed=1),
+        SamplingParams(temperature=0.8, top_k=5, top_p=0.9, min_p=0.05),
+        SamplingParams(temperature=0.7, n=2, seed=3, repetition_penalty=1.2),
+        SamplingParams(temperature=0.5, min_tokens=4, stop_token_ids=[7], logit_bias={9: 2.0}, bad_words=["ab"]),
+    ],
+    ids=["greedy", "temperature", "seed", "filters", "penalties", "lists"],
+)
 def test_the_sampler_never_reads_the_device(llm, params, monkeypatch):
     """What the sampler branches on comes from the host; on a GPU a bool(), int() or .item() of a device tensor
     would wait for the device. The sampled ids are the step's one copy to the host, after the sampler."""
@@ -43,6 +50,7 @@ def test_the_sampler_never_reads_the_device(llm, params, monkeypatch):
             for name in ("__bool__", "__int__", "__float__", "item", "tolist"):
                 m.setattr(torch.Tensor, name, lambda *a, name=name: pytest.fail(f"the sampler read a tensor: {name}"))
             return real(*args)
+
     monkeypatch.setattr(ops, "sample", strict)
     params.max_tokens, params.ignore_eos = 6, True
     outs = llm.generate(["Hello", "abc"], [params, SamplingParams(temperature=0, max_tokens=6)], use_tqdm=False)
@@ -60,7 +68,7 @@ def test_text_without_stop_strings_is_made_when_read_and_equals_the_incremental_
             tokens.append(t)
             detok.add()
             seen.append(detok.text)
-        assert seen[-1] == tok.decode(ids[2:]) and all(a == b[:len(a)] for a, b in zip(seen, seen[1:]))
+        assert seen[-1] == tok.decode(ids[2:]) and all(a == b[: len(a)] for a, b in zip(seen, seen[1:]))
 
 
 def test_a_request_whose_text_cannot_be_made_fails_alone(llm, monkeypatch):
@@ -68,9 +76,10 @@ def test_a_request_whose_text_cannot_be_made_fails_alone(llm, monkeypatch):
     real = IncrementalDetokenizer.decode_to
 
     def decode_to(self, end):
-        if 33 in self.ids[self.read_offset:end]:
+        if 33 in self.ids[self.read_offset : end]:
             raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "cannot decode this token")
         return real(self, end)
+
     monkeypatch.setattr(IncrementalDetokenizer, "decode_to", decode_to)
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logit_bias={33: 100.0})
     engine.add_request("bad", "Hello", params)

@@ -3,14 +3,15 @@
 prefix caching, chunked prefill and preemption; streamed deltas carry their own tokens' logprobs; and the OpenAI
 server shows them (completions' legacy format with echo, chat's content list), streamed and not, as the official
 client parses them. Also: the server's known-but-unsupported fields are refused by name."""
+
 import asyncio
 import json
 
 import openai
 import pytest
 import torch
-
 from conftest import VOCAB, random_prompts, save_tiny_model, start_server, stop_server
+
 from nanovllm import LLM, SamplingParams
 
 TOL = 1e-4
@@ -25,11 +26,13 @@ def path(request, tmp_path_factory) -> str:
 def hf(path):
     """log_softmax of HF's logits over a whole token sequence: [len(ids), vocab]."""
     from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
     def logprobs(ids: list[int]) -> torch.Tensor:
         with torch.no_grad():
             return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+
     return logprobs
 
 
@@ -84,8 +87,11 @@ def test_logprobs_equal_hf_and_cost_nothing_when_not_asked(path, hf):
     assert all(len(p) == 1 for p in outs[1].outputs[0].logprobs)  # the sampled token alone
     assert all(p[t].rank == 1 for t, p in zip(outs[0].outputs[0].token_ids, outs[0].outputs[0].logprobs))
     # sampled tokens outside the top N: N + 1 entries, their true rank; n > 1 shares one prompt_logprobs
-    sampled = llm.generate(prompts[:1], SamplingParams(n=2, temperature=1.5, seed=3, max_tokens=12, ignore_eos=True,
-                                                       logprobs=1, prompt_logprobs=1), use_tqdm=False)[0]
+    sampled = llm.generate(
+        prompts[:1],
+        SamplingParams(n=2, temperature=1.5, seed=3, max_tokens=12, ignore_eos=True, logprobs=1, prompt_logprobs=1),
+        use_tqdm=False,
+    )[0]
     check_output(sampled, hf, 1, 1)
     assert any(len(p) == 2 for c in sampled.outputs for p in c.logprobs)
     # the whole vocabulary (-1) where the engine allows it (max_logprobs=-1)
@@ -135,12 +141,14 @@ def test_stream_deltas_carry_their_own_logprobs(path):
     # the async engine's DELTA outputs the same
     from nanovllm.engine.async_engine import AsyncEngine
     from nanovllm.sampling_params import RequestOutputKind
+
     engine = AsyncEngine(llm.engine)
     delta = params.clone()
     delta.output_kind = RequestOutputKind.DELTA
 
     async def collect():
         return [o async for o in engine.generate(engine.make_request(prompt, delta))]
+
     outs = asyncio.run(collect())
     assert outs[0].prompt_logprobs == full.prompt_logprobs and all(o.prompt_logprobs is None for o in outs[1:])
     assert [p for o in outs for c in o.outputs for p in c.logprobs] == full.outputs[0].logprobs
@@ -148,12 +156,18 @@ def test_stream_deltas_carry_their_own_logprobs(path):
 
 def test_a_role_the_template_leaves_out_is_an_error(path):
     llm = LLM(path, dtype="float32", max_model_len=256)
-    template = ("{% for m in messages %}{% if m['role'] in ['user', 'assistant'] %}{{ m['role'] }}: {{ m['content'] }}"
-                "\n{% endif %}{% endfor %}")
+    template = (
+        "{% for m in messages %}{% if m['role'] in ['user', 'assistant'] %}{{ m['role'] }}: {{ m['content'] }}"
+        "\n{% endif %}{% endfor %}"
+    )
     llm.chat([{"role": "user", "content": "hi"}], greedy(max_tokens=1), chat_template=template, use_tqdm=False)
     with pytest.raises(ValueError, match="does not know the role 'narrator'"):
-        llm.chat([{"role": "narrator", "content": "Once"}, {"role": "user", "content": "hi"}], greedy(max_tokens=1),
-                 chat_template=template, use_tqdm=False)
+        llm.chat(
+            [{"role": "narrator", "content": "Once"}, {"role": "user", "content": "hi"}],
+            greedy(max_tokens=1),
+            chat_template=template,
+            use_tqdm=False,
+        )
 
 
 # ---- the server ----------------------------------------------------------------------------------------------
@@ -180,9 +194,12 @@ PROMPT = "The quick brown fox"
 def same_logprobs(a: dict, b: dict) -> bool:
     """Legacy-format logprobs equal up to float noise (a request that hits the prefix cache computes its prompt's
     K/V in another order)."""
-    return (a["tokens"] == b["tokens"] and a["text_offset"] == b["text_offset"]
-            and a["token_logprobs"] == pytest.approx(b["token_logprobs"], abs=1e-5)
-            and all(x == pytest.approx(y, abs=1e-5) for x, y in zip(a["top_logprobs"], b["top_logprobs"])))
+    return (
+        a["tokens"] == b["tokens"]
+        and a["text_offset"] == b["text_offset"]
+        and a["token_logprobs"] == pytest.approx(b["token_logprobs"], abs=1e-5)
+        and all(x == pytest.approx(y, abs=1e-5) for x, y in zip(a["top_logprobs"], b["top_logprobs"]))
+    )
 
 
 def streamed_logprobs(chunks) -> tuple[str, dict]:
@@ -200,13 +217,20 @@ def test_completions_logprobs_and_echo(served, offline):
     tok = offline.get_tokenizer()
     ref = offline.generate(PROMPT, greedy(logprobs=3, prompt_logprobs=3), use_tqdm=False)[0]
     c = ref.outputs[0]
-    args = dict(model=served_model(client), prompt=PROMPT, temperature=0, max_tokens=6, logprobs=3,
-                extra_body={"ignore_eos": True})
+    args = dict(
+        model=served_model(client),
+        prompt=PROMPT,
+        temperature=0,
+        max_tokens=6,
+        logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
     got = client.completions.create(**args).choices[0]
     assert got.text == c.text
     assert got.logprobs.tokens == [tok.decode([t]) for t in c.token_ids]
-    assert got.logprobs.token_logprobs == pytest.approx([p[t].logprob for t, p in zip(c.token_ids, c.logprobs)],
-                                                        abs=1e-6)
+    assert got.logprobs.token_logprobs == pytest.approx(
+        [p[t].logprob for t, p in zip(c.token_ids, c.logprobs)], abs=1e-6
+    )
     for top, position in zip(got.logprobs.top_logprobs, c.logprobs):
         assert top == pytest.approx({p.decoded_token: p.logprob for p in position.values()}, abs=1e-6)
     offsets = [0]
@@ -222,12 +246,14 @@ def test_completions_logprobs_and_echo(served, offline):
     assert choice.logprobs.tokens == [tok.decode([t]) for t in ref.prompt_token_ids]
     assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
     assert choice.logprobs.token_logprobs[1:] == pytest.approx(
-        [p[t].logprob for t, p in zip(ref.prompt_token_ids[1:], ref.prompt_logprobs[1:])], abs=1e-6)
+        [p[t].logprob for t, p in zip(ref.prompt_token_ids[1:], ref.prompt_logprobs[1:])], abs=1e-6
+    )
     echoed = client.completions.create(**{**args, "echo": True}).choices[0]
     assert echoed.text == PROMPT + c.text
     assert echoed.logprobs.token_logprobs[0] is None
     assert echoed.logprobs.token_logprobs[1:] == pytest.approx(
-        choice.logprobs.token_logprobs[1:] + got.logprobs.token_logprobs, abs=1e-5)
+        choice.logprobs.token_logprobs[1:] + got.logprobs.token_logprobs, abs=1e-5
+    )
     text, lp = streamed_logprobs(client.completions.create(**{**args, "echo": True}, stream=True))
     assert text == echoed.text and same_logprobs(lp, echoed.logprobs.model_dump())
     # vLLM's prompt_logprobs extra, not streamed
@@ -242,19 +268,28 @@ def test_chat_logprobs(served, offline):
     _, client = served
     messages = [{"role": "user", "content": "Hello there"}]
     ref = offline.chat(messages, greedy(logprobs=2, max_tokens=6), use_tqdm=False)[0].outputs[0]
-    args = dict(model=served_model(client), messages=messages, temperature=0, max_tokens=6, logprobs=True,
-                top_logprobs=2, extra_body={"ignore_eos": True})
+    args = dict(
+        model=served_model(client),
+        messages=messages,
+        temperature=0,
+        max_tokens=6,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
     content = client.chat.completions.create(**args).choices[0].logprobs.content
     assert len(content) == len(ref.token_ids)
     for entry, t, position in zip(content, ref.token_ids, ref.logprobs):
         assert entry.token == position[t].decoded_token and entry.bytes == list(entry.token.encode())
         assert entry.logprob == pytest.approx(position[t].logprob, abs=1e-6)
         assert [e.logprob for e in entry.top_logprobs] == pytest.approx(
-            sorted((p.logprob for p in position.values() if p.rank <= 2), reverse=True), abs=1e-6)
+            sorted((p.logprob for p in position.values() if p.rank <= 2), reverse=True), abs=1e-6
+        )
     chunks = client.chat.completions.create(**args, stream=True)
     streamed = [e for chunk in chunks for ch in chunk.choices if ch.logprobs for e in ch.logprobs.content]
     assert [(e.token, e.bytes, [x.token for x in e.top_logprobs]) for e in streamed] == [
-        (e.token, e.bytes, [x.token for x in e.top_logprobs]) for e in content]
+        (e.token, e.bytes, [x.token for x in e.top_logprobs]) for e in content
+    ]
     assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-5)
     plain = client.chat.completions.create(**{**args, "logprobs": False, "top_logprobs": None}).choices[0]
     assert plain.logprobs is None
@@ -266,8 +301,13 @@ def test_sampling_fields_pass_through_and_known_fields_are_never_ignored(served,
     prompt = [5, 6, 7, 8, 9, 10]
 
     def served_ids(**extra) -> str:
-        return client.completions.create(model=model, prompt=prompt, temperature=0, max_tokens=8,
-                                         extra_body={"ignore_eos": True, **extra}).choices[0].text
+        return (
+            client.completions.create(
+                model=model, prompt=prompt, temperature=0, max_tokens=8, extra_body={"ignore_eos": True, **extra}
+            )
+            .choices[0]
+            .text
+        )
 
     def offline_text(**kw) -> str:
         return offline.generate([prompt], greedy(max_tokens=8, **kw), use_tqdm=False)[0].outputs[0].text
@@ -278,25 +318,40 @@ def test_sampling_fields_pass_through_and_known_fields_are_never_ignored(served,
     assert served_ids(allowed_token_ids=[20, 21, 22]) == offline_text(allowed_token_ids=[20, 21, 22])
     assert served_ids(bad_words=[word]) == offline_text(bad_words=[word]) != offline_text()
     v1 = url + "/v1"
-    cases = [("completions", {"prompt": "hi", "suffix": "end"}, "suffix"),
-             ("completions", {"prompt": "hi", "best_of": 3}, "best_of"),
-             ("completions", {"prompt": "hi", "use_beam_search": True}, "use_beam_search"),
-             ("completions", {"prompt": "hi", "logprobs": 21}, "logprobs"),
-             ("completions", {"prompt": "hi", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
-             ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [
-                 {"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-             ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "echo": True}, "echo"),
-             ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
-              "top_logprobs"),
-             ("chat/completions", {"messages": [{"role": "narrator", "content": "Once"}],
-                                   "chat_template": "{% for m in messages %}{% if m['role'] == 'user' %}"
-                                                    "{{ m['content'] }}{% endif %}{% endfor %}"}, "messages")]
+    cases = [
+        ("completions", {"prompt": "hi", "suffix": "end"}, "suffix"),
+        ("completions", {"prompt": "hi", "best_of": 3}, "best_of"),
+        ("completions", {"prompt": "hi", "use_beam_search": True}, "use_beam_search"),
+        ("completions", {"prompt": "hi", "logprobs": 21}, "logprobs"),
+        ("completions", {"prompt": "hi", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+        (
+            "chat/completions",
+            {
+                "messages": [{"role": "user", "content": "hi"}],
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            },
+            "tools",
+        ),
+        ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "echo": True}, "echo"),
+        ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+        (
+            "chat/completions",
+            {
+                "messages": [{"role": "narrator", "content": "Once"}],
+                "chat_template": "{% for m in messages %}{% if m['role'] == 'user' %}"
+                "{{ m['content'] }}{% endif %}{% endfor %}",
+            },
+            "messages",
+        ),
+    ]
     for path, body, param in cases:
         status, answer = post(f"{v1}/{path}", {"max_tokens": 2, **body})
         assert status == 400 and answer["error"]["param"] == param, (body, answer)
     # unknown fields stay ignored, and "off" values of known ones ask for nothing
-    status, answer = post(f"{v1}/completions", {"prompt": "hi", "max_tokens": 2, "no_such_field": 1, "best_of": 1,
-                                                "use_beam_search": False, "user": "me"})
+    status, answer = post(
+        f"{v1}/completions",
+        {"prompt": "hi", "max_tokens": 2, "no_such_field": 1, "best_of": 1, "use_beam_search": False, "user": "me"},
+    )
     assert status == 200 and answer["usage"]["completion_tokens"] >= 1
 
 
@@ -307,6 +362,7 @@ def served_model(client) -> str:
 def post(url: str, body: dict) -> tuple[int, dict]:
     import urllib.error
     import urllib.request
+
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
@@ -318,7 +374,9 @@ def post(url: str, body: dict) -> tuple[int, dict]:
 def test_every_known_unsupported_field_is_refused_by_name_and_documented():
     import pathlib
     import re
+
     from nanovllm.entrypoints.protocol import APIError, ChatRequest, CompletionRequest
+
     doc = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "from-vllm.md").read_text()
     refused = set(re.findall(r"\w+", doc.split("- Refused with a 400")[1].split("- Unknown")[0]))
     for model, base in ((CompletionRequest, {"prompt": "hi"}), (ChatRequest, {"messages": []})):
@@ -339,8 +397,9 @@ def test_tensor_parallel_logprobs_equal_one_process(tmp_path):
     prompts = random_prompts(3, 30, 50, seed=6)
     params = greedy(logprobs=3, prompt_logprobs=2, max_tokens=30)
     ref = LLM(path, dtype="float32", max_model_len=128).generate(prompts, params, use_tqdm=False)
-    with LLM(path, dtype="float32", max_model_len=128, tensor_parallel_size=2, num_kv_blocks=10,
-             max_num_batched_tokens=24) as llm:
+    with LLM(
+        path, dtype="float32", max_model_len=128, tensor_parallel_size=2, num_kv_blocks=10, max_num_batched_tokens=24
+    ) as llm:
         out = llm.generate(prompts, params, use_tqdm=False)
         assert llm.engine.stats()["preemptions"] > 0
     for a, b in zip(out, ref):

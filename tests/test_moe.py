@@ -3,6 +3,7 @@ under prefix caching, chunked prefill, preemption and TP=2; the grouped expert p
 fused MoE Triton kernel, in Triton's interpreter) against a per-token reference, and in bf16 on CPU reading only
 the experts a decode step selected; a tiny MoE GGUF of each family (quantized experts) against transformers' logits
 for the same file or weights, and its Q8_0 / Q4_1 experts' blocks kept and read in bf16 with the tokens unchanged."""
+
 import os
 
 import pytest
@@ -13,6 +14,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 from conftest import byte_tokenizer, hf_greedy, random_prompts, save_tiny_model
+
 from nanovllm import LLM, SamplingParams
 from nanovllm.layers.moe import FusedMoE
 from nanovllm.ops import torch_ops
@@ -36,8 +38,11 @@ def test_greedy_equals_hf_with_prefix_cache_chunks_and_preemption(moe_model):
         counts = []  # tokens per expert, per MoE layer call
         for m in llm.engine.runner.model.modules():
             if isinstance(m, FusedMoE):
-                m.register_forward_hook(lambda m, args, out: counts.append(
-                    torch.bincount(args[2].flatten(), minlength=m.w13_weight.shape[0])))
+                m.register_forward_hook(
+                    lambda m, args, out: counts.append(
+                        torch.bincount(args[2].flatten(), minlength=m.w13_weight.shape[0])
+                    )
+                )
         out = llm.generate(prompts, GREEDY, use_tqdm=False)
         stats = llm.engine.stats()
     assert [o.outputs[0].token_ids for o in out] == ref
@@ -68,18 +73,25 @@ def per_token(x, w13, w2, weights, ids):
 def routing_cases(g: torch.Generator, tokens: int, experts: int, k: int):
     """(name, topk_ids): random distinct choices avoiding expert 3 (zero tokens); every token's first choice on
     expert 1 (one expert gets all tokens); k = 1 and every token on expert 0."""
-    draw = lambda pool: torch.stack([pool[torch.randperm(len(pool), generator=g)[:k]] for _ in range(tokens)])
+
+    def draw(pool):
+        return torch.stack([pool[torch.randperm(len(pool), generator=g)[:k]] for _ in range(tokens)])
+
     pool = torch.tensor([e for e in range(experts) if e != 3])
     one = draw(torch.tensor([e for e in range(experts) if e != 1]))
     one[:, 0] = 1
-    return [("expert 3 empty", draw(pool)), ("all on expert 1", one),
-            ("k=1, all on expert 0", torch.zeros(tokens, 1, dtype=torch.long))]
+    return [
+        ("expert 3 empty", draw(pool)),
+        ("all on expert 1", one),
+        ("k=1, all on expert 0", torch.zeros(tokens, 1, dtype=torch.long)),
+    ]
 
 
 def kernels():
     yield "torch", torch_ops.fused_experts
     pytest.importorskip("triton")
     from nanovllm.kernels.moe import triton_fused_experts
+
     yield "triton", triton_fused_experts
 
 
@@ -103,6 +115,7 @@ def test_cpu_bf16_decode_reads_only_the_selected_experts():
     """The unselected experts hold NaN: any product that touched them (a dense compute-all-then-mask would) would
     carry NaN into the output."""
     import nanovllm.ops.cpu_ops as cpu_ops
+
     g = torch.Generator().manual_seed(1)
     experts, hidden, inter = 16, 64, 32
     w13 = (torch.randn(experts, 2 * inter, hidden, generator=g) * 0.2).bfloat16()
@@ -119,9 +132,17 @@ def test_cpu_bf16_decode_reads_only_the_selected_experts():
 
 
 # ---- GGUF --------------------------------------------------------------------------------------------------
-LAYER_TENSORS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-                 "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-                 "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp"}
+LAYER_TENSORS = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate": "ffn_gate_inp",
+}
 EXPERT_TENSORS = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
 MIXTRAL_EXPERTS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 GGUF_ARCH = {"qwen3_moe": "qwen3moe", "mixtral": "llama", "olmoe": "olmoe"}  # llama.cpp writes Mixtral as a llama
@@ -140,6 +161,7 @@ def write_moe_gguf(folder: str, file: str, qtype: str = "Q8_0") -> None:
     import gguf
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig
+
     weights = os.path.join(folder, "model.safetensors")
     cfg, sd, qtype = AutoConfig.from_pretrained(folder), load_file(weights), gguf.GGMLQuantizationType[qtype]
     mixtral, experts = cfg.model_type == "mixtral", getattr(cfg, "num_experts", None) or cfg.num_local_experts
@@ -205,6 +227,7 @@ def gguf_moe(arch: str, tmp_path, qtype: str = "Q8_0") -> tuple[str, str]:
 def assert_same_logits(llm: LLM, hf) -> None:
     """Our logits over a random prompt are HF's (fp32, 1e-4), argmax for argmax."""
     from test_embedded import our_logits
+
     ids = random_prompts(1, 24, 24, seed=3)[0]
     with torch.no_grad():
         expected = hf(torch.tensor([ids])).logits[0]
@@ -216,6 +239,7 @@ def assert_same_logits(llm: LLM, hf) -> None:
 def test_moe_gguf_logits_match_transformers(tmp_path):
     """Qwen3-MoE: transformers reads the GGUF itself."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
     path, _ = gguf_moe("qwen3_moe", tmp_path)
     llm = LLM(path, dtype="float32")
     # transformers does not map expert_feed_forward_length: given here
@@ -231,15 +255,24 @@ def test_moe_gguf_transformers_cannot_read_gives_hf_logits_of_its_weights(arch, 
     (it takes the first for a dense Llama and rejects the second): our loader builds their config from the
     file's metadata; the logits are HF's from the same weights in safetensors."""
     from transformers import AutoModelForCausalLM
+
     from nanovllm.loader import load_hf_config
     from nanovllm.models.moe import num_experts
+
     path, folder = gguf_moe(arch, tmp_path)
     llm = LLM(path, dtype="float32")
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     cfg = load_hf_config(path)
     assert cfg.architectures == hf.config.architectures
-    for field in ("num_experts_per_tok", "intermediate_size", "num_key_value_heads", "rope_parameters",
-                  "tie_word_embeddings", "vocab_size", "norm_topk_prob"):
+    for field in (
+        "num_experts_per_tok",
+        "intermediate_size",
+        "num_key_value_heads",
+        "rope_parameters",
+        "tie_word_embeddings",
+        "vocab_size",
+        "norm_topk_prob",
+    ):
         assert getattr(cfg, field, None) == getattr(hf.config, field, None), field
     assert num_experts(cfg) == num_experts(hf.config)
     assert cfg.rms_norm_eps == pytest.approx(hf.config.rms_norm_eps, rel=1e-6)  # the file holds it in fp32
@@ -251,6 +284,7 @@ def test_moe_gguf_transformers_cannot_read_gives_hf_logits_of_its_weights(arch, 
 def unpack_blocks(packed: torch.Tensor, kind: int, rows: int) -> torch.Tensor:
     """pack_blocks' inverse: the CPU kernel's tiles -> GGUF rows, uint8 [rows, K / 32 * block bytes]."""
     from nanovllm.kernels.cpu import BLOCK_BYTES, Q4_1
+
     scales = 2 if kind == Q4_1 else 1  # Q4_1: d and m, Q8_0: d (fp16 each)
     tiles = packed.view(rows // 16, -1, 16 * BLOCK_BYTES[kind])  # per 16 rows, per 32 inputs: q, d, (m)
     q, *dm = (p.unflatten(2, (16, -1)) for p in tiles.split([16 * (BLOCK_BYTES[kind] - 2 * scales)] + [32] * scales, 2))
@@ -260,7 +294,9 @@ def unpack_blocks(packed: torch.Tensor, kind: int, rows: int) -> torch.Tensor:
 def dequantized(blocks: tuple[int, torch.Tensor], shape) -> torch.Tensor:
     """A kept expert's blocks as the bf16 weight they stand for (the gguf package's dequantize)."""
     import gguf
+
     from nanovllm.kernels.cpu import Q4_1
+
     kind, packed = blocks
     qtype = gguf.GGMLQuantizationType.Q4_1 if kind == Q4_1 else gguf.GGMLQuantizationType.Q8_0
     return torch.from_numpy(gguf.dequantize(unpack_blocks(packed, kind, shape[0]).numpy(), qtype)).bfloat16()
@@ -275,17 +311,21 @@ def test_gguf_quantized_experts_keep_their_blocks(arch, qtype, kernel, tmp_path,
     runs anywhere: the AMX linear is replaced by its equivalent in torch (the blocks unpacked and dequantized),
     which checks the loading and the per-expert dispatch; kernel="amx" runs the C kernel (a CPU with AMX only)."""
     import torch.nn.functional as F
+
     import nanovllm.ops.cpu_ops as cpu_ops
     from nanovllm.kernels import cpu as cpu_kernel
+
     if kernel == "amx" and not cpu_kernel.has_amx():
         pytest.skip("this CPU (or its compiler) has no AMX")
     read = []
     if kernel == "torch":
+
         def amx_linear(x, weight, bias, blocks=None):  # what the kernel computes, where it reads blocks
             if blocks is None or not 0 < x.shape[0] <= cpu_kernel.LINEAR_ROWS:
                 return None
             read.append((blocks[0], blocks[1].data_ptr()))
             return F.linear(x, dequantized(blocks, weight.shape), bias)
+
         monkeypatch.setattr(cpu_kernel, "amx_linear", amx_linear)
         monkeypatch.setattr(cpu_ops, "keeps_gguf_blocks", lambda dtype: dtype == torch.bfloat16)
     path, _ = gguf_moe(arch, tmp_path, qtype)

@@ -1,5 +1,6 @@
 """The seam (nanovllm/ops): the reference backend alone, the CPU backend against it, and the house rules that
 keep the model free of kernels: no import cycle, and nothing under models/ or layers/ imports kernels/."""
+
 import ast
 import json
 import os
@@ -8,8 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
-
 from conftest import hf_greedy, random_prompts
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "nanovllm"
@@ -17,8 +16,10 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "nanovllm"
 
 def import_graph() -> dict[str, set[str]]:
     """Every nanovllm module and the nanovllm modules it imports, at any depth (imports inside functions count)."""
-    files = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
-             for p in PACKAGE.rglob("*.py")}
+    files = {
+        ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in PACKAGE.rglob("*.py")
+    }
     graph = {}
     for module, path in files.items():
         package = module if path.name == "__init__.py" else module.rpartition(".")[0]
@@ -29,7 +30,7 @@ def import_graph() -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    parts = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join(parts + ([base] if base else []))
                 targets |= {base} | {f"{base}.{a.name}" for a in node.names}
         graph[module] = {t for t in targets if t in files and t != module}
@@ -44,7 +45,7 @@ def test_no_import_cycle_and_models_do_not_import_kernels():
         state[module] = "open"
         for target in sorted(graph[module]):
             if state.get(target) == "open":
-                cycles.append(path[path.index(target):] + [target])
+                cycles.append(path[path.index(target) :] + [target])
             elif target not in state:
                 visit(target, path + [target])
         state[module] = "done"
@@ -53,8 +54,11 @@ def test_no_import_cycle_and_models_do_not_import_kernels():
         if module not in state:
             visit(module, [module])
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
-    leaks = {m: sorted(t for t in targets if t.startswith("nanovllm.kernels"))
-             for m, targets in graph.items() if m.startswith(("nanovllm.models", "nanovllm.layers"))}
+    leaks = {
+        m: sorted(t for t in targets if t.startswith("nanovllm.kernels"))
+        for m, targets in graph.items()
+        if m.startswith(("nanovllm.models", "nanovllm.layers"))
+    }
     assert not any(leaks.values()), f"models/ and layers/ import kernels/: {leaks}"
 
 
@@ -94,11 +98,17 @@ print(json.dumps({"tokens": [o.outputs[0].token_ids for o in outs], "ops": ops.a
 def test_reference_ops_alone_give_hf_greedy_tokens(arch, tmp_path):
     """NANOVLLM_OPS=torch: the engine runs with no C library loaded and no Triton imported, on HF's tokens."""
     from conftest import save_tiny_model
+
     path = save_tiny_model(arch, str(tmp_path / arch))
     prompts = random_prompts(4, 5, 40, seed=21) + random_prompts(2, 3, 10, seed=22, prefix=list(range(2, 36)))
     env = {**os.environ, "NANOVLLM_OPS": "torch"}
-    run = subprocess.run([sys.executable, "-c", REFERENCE_RUN, path, json.dumps(prompts)], env=env,
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", REFERENCE_RUN, path, json.dumps(prompts)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     got = json.loads(run.stdout.strip().splitlines()[-1])
     assert got["ops"] == got["config_ops"] == "torch"
@@ -108,6 +118,7 @@ def test_reference_ops_alone_give_hf_greedy_tokens(arch, tmp_path):
 
 def test_ops_config_is_checked():
     from nanovllm.config import EngineConfig
+
     with pytest.raises(ValueError, match="EngineConfig.ops must be auto, torch, cpu or cuda"):
         EngineConfig(ops="fast")
 
@@ -120,6 +131,7 @@ def test_torch_and_cpu_ops_agree_in_bf16_on_the_embedded_model():
     tokens a near-tie between two candidates can flip. Measured on an AVX2-only AMD EPYC (2026-12-01, 64 tokens
     each): three prompts agree on all 64, "The capital of France is" parts at token 18; the test asks for 8."""
     from nanovllm import LLM, SamplingParams
+
     prompts = ["The capital of France is", "def fibonacci(n):", "Water boils at", "List three colors:"]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     runs = {}

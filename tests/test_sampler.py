@@ -1,4 +1,5 @@
 """The sampler on hand-made logits: exactly the right token sets survive each filter; seeds reproduce."""
+
 import torch
 
 from nanovllm.layers.sampler import SamplingBatch, apply_penalties, apply_top_k_top_p_min_p, inverse_cdf, sample
@@ -7,9 +8,16 @@ NEG = float("-inf")
 
 
 def batch(rows: int, temperature=1.0, top_k=-1, top_p=1.0, min_p=0.0, generators=None) -> SamplingBatch:
-    f = lambda x: torch.tensor([x] * rows if not isinstance(x, list) else x, dtype=torch.float32)
-    return SamplingBatch(temperature=f(temperature), top_k=torch.tensor([top_k] * rows if isinstance(top_k, int) else top_k),
-                         top_p=f(top_p), min_p=f(min_p), generators=generators or [None] * rows)
+    def f(x):
+        return torch.tensor([x] * rows if not isinstance(x, list) else x, dtype=torch.float32)
+
+    return SamplingBatch(
+        temperature=f(temperature),
+        top_k=torch.tensor([top_k] * rows if isinstance(top_k, int) else top_k),
+        top_p=f(top_p),
+        min_p=f(min_p),
+        generators=generators or [None] * rows,
+    )
 
 
 def kept(logits: torch.Tensor, b: SamplingBatch) -> list[set[int]]:
@@ -29,17 +37,17 @@ def test_top_k():
 
 
 def test_top_p():
-    assert kept(LOGITS, batch(1, top_p=0.35)) == [{3}]          # 0.4 alone reaches 0.35
-    assert kept(LOGITS, batch(1, top_p=0.5)) == [{3, 0}]        # 0.4 < 0.5, 0.7 >= 0.5
-    assert kept(LOGITS, batch(1, top_p=0.8)) == [{3, 0, 4}]     # 0.85 >= 0.8
+    assert kept(LOGITS, batch(1, top_p=0.35)) == [{3}]  # 0.4 alone reaches 0.35
+    assert kept(LOGITS, batch(1, top_p=0.5)) == [{3, 0}]  # 0.4 < 0.5, 0.7 >= 0.5
+    assert kept(LOGITS, batch(1, top_p=0.8)) == [{3, 0, 4}]  # 0.85 >= 0.8
     assert kept(LOGITS, batch(1, top_p=0.9)) == [{3, 0, 4, 1}]
     assert kept(LOGITS, batch(1, top_p=1.0)) == [{0, 1, 2, 3, 4}]
 
 
 def test_min_p():
     # floor = min_p * 0.4
-    assert kept(LOGITS, batch(1, min_p=0.5)) == [{3, 0}]        # floor 0.2
-    assert kept(LOGITS, batch(1, min_p=0.3)) == [{3, 0, 4}]     # floor 0.12
+    assert kept(LOGITS, batch(1, min_p=0.5)) == [{3, 0}]  # floor 0.2
+    assert kept(LOGITS, batch(1, min_p=0.3)) == [{3, 0, 4}]  # floor 0.12
     assert kept(LOGITS, batch(1, min_p=1.0)) == [{3}]
 
 
@@ -72,7 +80,10 @@ def test_sampling_respects_filters_and_distribution():
 def test_seeded_rows_do_not_depend_on_the_batch():
     torch.manual_seed(1)
     logits = torch.randn(6, 500)
-    gen = lambda: torch.Generator().manual_seed(1234)
+
+    def gen():
+        return torch.Generator().manual_seed(1234)
+
     alone = [sample(logits[2:3], batch(1, generators=[g])).item() for g in [gen()] for _ in range(5)]
     g = gen()
     mixed = [sample(logits, batch(6, generators=[None, None, g, None, None, None]))[2].item() for _ in range(5)]
@@ -83,13 +94,19 @@ def test_seeded_rows_do_not_depend_on_the_batch():
 def test_penalties():
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
     b = batch(1)
-    b.repetition_penalty, b.presence_penalty, b.frequency_penalty = (torch.tensor([2.0]), torch.tensor([0.0]),
-                                                                     torch.tensor([0.0]))
+    b.repetition_penalty, b.presence_penalty, b.frequency_penalty = (
+        torch.tensor([2.0]),
+        torch.tensor([0.0]),
+        torch.tensor([0.0]),
+    )
     b.prompt_ids, b.output_ids = [[0]], [[1]]
     assert apply_penalties(logits, b).tolist() == [[1.0, -4.0, 1.0, 0.5]]
-    b.repetition_penalty, b.presence_penalty, b.frequency_penalty = (torch.tensor([1.0]), torch.tensor([0.5]),
-                                                                     torch.tensor([0.25]))
-    b.prompt_ids, b.output_ids = [[3]], [[2, 2, 0]]   # prompt tokens do not count for presence/frequency
+    b.repetition_penalty, b.presence_penalty, b.frequency_penalty = (
+        torch.tensor([1.0]),
+        torch.tensor([0.5]),
+        torch.tensor([0.25]),
+    )
+    b.prompt_ids, b.output_ids = [[3]], [[2, 2, 0]]  # prompt tokens do not count for presence/frequency
     assert apply_penalties(logits, b).tolist() == [[2.0 - 0.75, -2.0, 1.0 - 1.0, 0.5]]
 
 

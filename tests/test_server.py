@@ -1,5 +1,6 @@
 """A real `nanovllm serve` process on 127.0.0.1 with the embedded SmolLM2, driven by the official openai client:
 its greedy outputs equal offline LLM.generate, streamed or not, for one client or 32 at once."""
+
 import asyncio
 import json
 import os
@@ -9,8 +10,8 @@ import urllib.request
 
 import openai
 import pytest
-
 from conftest import start_server, stop_server
+
 from nanovllm import SamplingParams
 from nanovllm.loader import default_model_path
 
@@ -20,8 +21,10 @@ MAX_LEN = 1024
 
 @pytest.fixture(scope="module")
 def server():
-    proc, url = start_server(["--dtype", "float32", "--max-model-len", str(MAX_LEN), "--kv-cache-gib", "0.5"],
-                             env={**os.environ, "NANOVLLM_API_KEY": KEY})
+    proc, url = start_server(
+        ["--dtype", "float32", "--max-model-len", str(MAX_LEN), "--kv-cache-gib", "0.5"],
+        env={**os.environ, "NANOVLLM_API_KEY": KEY},
+    )
     yield url
     stop_server(proc)
 
@@ -55,8 +58,11 @@ def http(url: str, body=None, key: str | None = KEY, raw: bytes | None = None) -
 
 def metrics(url: str) -> dict[str, float]:
     text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line and not line.startswith("#")}
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
 
 
 def greedy(max_tokens: int, **kw) -> SamplingParams:
@@ -74,10 +80,19 @@ def test_models_and_health(server, client):
 
 
 def test_chat_streamed_equals_unstreamed_equals_offline(client, embedded_llm):
-    full = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=QUESTION, temperature=0,
-                                          max_tokens=48)
-    chunks = list(client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=QUESTION, temperature=0,
-                                                 max_tokens=48, stream=True, stream_options={"include_usage": True}))
+    full = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=QUESTION, temperature=0, max_tokens=48
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model="SmolLM2-135M-Instruct",
+            messages=QUESTION,
+            temperature=0,
+            max_tokens=48,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     offline = embedded_llm.chat(QUESTION, greedy(48), use_tqdm=False)[0].outputs[0]
     assert full.choices[0].message.content == streamed == offline.text
@@ -90,8 +105,9 @@ def test_chat_streamed_equals_unstreamed_equals_offline(client, embedded_llm):
 def test_completions_streamed_equals_unstreamed_equals_offline(client, embedded_llm):
     prompt = "Une liste de villes françaises : Paris, Lyon,"
     full = client.completions.create(model="SmolLM2-135M-Instruct", prompt=prompt, temperature=0, max_tokens=40)
-    stream = client.completions.create(model="SmolLM2-135M-Instruct", prompt=prompt, temperature=0, max_tokens=40,
-                                       stream=True)
+    stream = client.completions.create(
+        model="SmolLM2-135M-Instruct", prompt=prompt, temperature=0, max_tokens=40, stream=True
+    )
     streamed = "".join(c.choices[0].text for c in stream)
     offline = embedded_llm.generate(prompt, greedy(40), use_tqdm=False)[0].outputs[0]
     assert full.choices[0].text == streamed == offline.text
@@ -100,30 +116,48 @@ def test_completions_streamed_equals_unstreamed_equals_offline(client, embedded_
 
 def test_stop_strings_n_and_extra_body(client, embedded_llm):
     prompt = "Count: one, two, three, four, five,"
-    out = client.completions.create(model="SmolLM2-135M-Instruct", prompt=[prompt, prompt + " six,"], n=2,
-                                    temperature=0, max_tokens=30, stop=[" eight"], stream=True,
-                                    extra_body={"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.0,
-                                                "ignore_eos": True, "min_tokens": 2, "stop_token_ids": [2]})
+    out = client.completions.create(
+        model="SmolLM2-135M-Instruct",
+        prompt=[prompt, prompt + " six,"],
+        n=2,
+        temperature=0,
+        max_tokens=30,
+        stop=[" eight"],
+        stream=True,
+        extra_body={
+            "top_k": 5,
+            "min_p": 0.1,
+            "repetition_penalty": 1.0,
+            "ignore_eos": True,
+            "min_tokens": 2,
+            "stop_token_ids": [2],
+        },
+    )
     texts = {}
     for chunk in out:
         for c in chunk.choices:
             texts[c.index] = texts.get(c.index, "") + c.text
-    offline = embedded_llm.generate([prompt, prompt + " six,"], greedy(30, stop=[" eight"], n=2, min_tokens=2,
-                                                                       ignore_eos=True, stop_token_ids=[2]),
-                                    use_tqdm=False)
+    offline = embedded_llm.generate(
+        [prompt, prompt + " six,"],
+        greedy(30, stop=[" eight"], n=2, min_tokens=2, ignore_eos=True, stop_token_ids=[2]),
+        use_tqdm=False,
+    )
     assert texts == {i * 2 + j: offline[i].outputs[j].text for i in range(2) for j in range(2)}
     assert all(" eight" not in t for t in texts.values())
 
 
 def test_32_concurrent_streams_get_their_offline_outputs(server, aclient, embedded_llm):
-    prompts = [f"Write a short note number {i} about {'cats dogs birds fish trees'.split()[i % 5]}:"
-               + " please" * (i % 7) for i in range(32)]
+    prompts = [
+        f"Write a short note number {i} about {'cats dogs birds fish trees'.split()[i % 5]}:" + " please" * (i % 7)
+        for i in range(32)
+    ]
     lengths = [8 + (i * 7) % 33 for i in range(32)]
     seen_running: list[float] = []
 
     async def one(client, prompt: str, n: int) -> str:
-        stream = await client.completions.create(model="SmolLM2-135M-Instruct", prompt=prompt, temperature=0,
-                                                  max_tokens=n, stream=True)
+        stream = await client.completions.create(
+            model="SmolLM2-135M-Instruct", prompt=prompt, temperature=0, max_tokens=n, stream=True
+        )
         return "".join([c.choices[0].text async for c in stream])
 
     async def watch(done: asyncio.Event) -> None:
@@ -151,12 +185,25 @@ def test_disconnect_aborts_and_frees_blocks(server, aclient, embedded_llm):
 
     async def main():
         client = aclient()
-        long = await client.completions.create(model="SmolLM2-135M-Instruct", prompt="Once upon a time",
-                                                max_tokens=900, stream=True, extra_body={"ignore_eos": True})
-        tasks = [asyncio.create_task(client.completions.create(model="SmolLM2-135M-Instruct", prompt=p,
-                                                                temperature=0, max_tokens=60,
-                                                                extra_body={"ignore_eos": True}))
-                 for p in others]
+        long = await client.completions.create(
+            model="SmolLM2-135M-Instruct",
+            prompt="Once upon a time",
+            max_tokens=900,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        tasks = [
+            asyncio.create_task(
+                client.completions.create(
+                    model="SmolLM2-135M-Instruct",
+                    prompt=p,
+                    temperature=0,
+                    max_tokens=60,
+                    extra_body={"ignore_eos": True},
+                )
+            )
+            for p in others
+        ]
         got = 0
         async for _ in long:
             got += 1
@@ -181,8 +228,9 @@ def test_disconnect_aborts_and_frees_blocks(server, aclient, embedded_llm):
     # a non-streaming client that gives up is not waited for either
     impatient = openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=1.5)
     with pytest.raises(openai.APITimeoutError):
-        impatient.completions.create(model="SmolLM2-135M-Instruct", prompt="Once upon a time", max_tokens=900,
-                                     extra_body={"ignore_eos": True})
+        impatient.completions.create(
+            model="SmolLM2-135M-Instruct", prompt="Once upon a time", max_tokens=900, extra_body={"ignore_eos": True}
+        )
     aborted = 'nanovllm:request_success_total{finished_reason="abort"}'
     deadline = time.time() + 10
     while metrics(server)[aborted] < 2 or metrics(server)["nanovllm:kv_cache_usage_perc"] > 0:
@@ -210,14 +258,20 @@ def test_bad_inputs_get_errors_and_do_not_disturb_a_stream(server, aclient, embe
     ]
 
     async def main():
-        stream = await aclient().completions.create(model="SmolLM2-135M-Instruct", prompt="The history of Rome",
-                                                  temperature=0, max_tokens=48, stream=True)
+        stream = await aclient().completions.create(
+            model="SmolLM2-135M-Instruct", prompt="The history of Rome", temperature=0, max_tokens=48, stream=True
+        )
         results = []
         for kw, _, _ in cases:
             results.append(await asyncio.to_thread(http, v1 + "/completions", **kw))
         results.append(await asyncio.to_thread(http, v1 + "/chat/completions", {"messages": "nope"}))
-        results.append(await asyncio.to_thread(http, v1 + "/chat/completions",
-                                               {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}))
+        results.append(
+            await asyncio.to_thread(
+                http,
+                v1 + "/chat/completions",
+                {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+            )
+        )
         results.append(await asyncio.to_thread(http, server + "/nowhere", {}))
         text = "".join([c.choices[0].text async for c in stream])
         return results, text
@@ -233,8 +287,9 @@ def test_bad_inputs_get_errors_and_do_not_disturb_a_stream(server, aclient, embe
     assert f"{MAX_LEN}" in long_error and "prompt has" in long_error  # names both lengths
     assert text == embedded_llm.generate("The history of Rome", greedy(48), use_tqdm=False)[0].outputs[0].text
     # and the server keeps serving; nulls mean defaults, and a top_k beyond the vocabulary is no limit
-    status, body = http(v1 + "/completions", {"prompt": "hi", "max_tokens": 2, "temperature": None, "n": None,
-                                              "top_k": 2**63})
+    status, body = http(
+        v1 + "/completions", {"prompt": "hi", "max_tokens": 2, "temperature": None, "n": None, "top_k": 2**63}
+    )
     assert status == 200 and body["usage"]["completion_tokens"] == 2
     assert urllib.request.urlopen(server + "/health").status == 200
 
@@ -248,8 +303,15 @@ def test_tokenize_detokenize_and_metrics(server, embedded_llm):
     status, body = http(server + "/tokenize", {"messages": QUESTION})
     assert body["tokens"] == embedded_llm.apply_chat_template(QUESTION)
     m = metrics(server)
-    for name in ["nanovllm:num_requests_running", "nanovllm:num_requests_waiting", "nanovllm:kv_cache_usage_perc",
-                 "nanovllm:prefix_cache_hit_rate", "nanovllm:prompt_tokens_total", "nanovllm:generation_tokens_total",
-                 "nanovllm:time_to_first_token_seconds_count", "nanovllm:inter_token_latency_seconds_count"]:
+    for name in [
+        "nanovllm:num_requests_running",
+        "nanovllm:num_requests_waiting",
+        "nanovllm:kv_cache_usage_perc",
+        "nanovllm:prefix_cache_hit_rate",
+        "nanovllm:prompt_tokens_total",
+        "nanovllm:generation_tokens_total",
+        "nanovllm:time_to_first_token_seconds_count",
+        "nanovllm:inter_token_latency_seconds_count",
+    ]:
         assert name in m, name
     assert m["nanovllm:generation_tokens_total"] > 0 and m["nanovllm:time_to_first_token_seconds_count"] > 0

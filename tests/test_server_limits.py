@@ -2,6 +2,7 @@
 API key compared in constant time; and faults: an engine loop that fails (500 for the requests in flight,
 /health 503, `nanovllm serve` exits 1) and a tensor-parallel worker that dies (the same); a chat stream's first chunk
 comes with the first output, as vLLM's (clients time the first token by it)."""
+
 import asyncio
 import http.client
 import json
@@ -13,8 +14,8 @@ import time
 from contextlib import contextmanager
 
 import httpx2 as httpx
-
 from conftest import serve_in_thread, start_server
+
 from nanovllm import LLM, SamplingParams
 from nanovllm.config import EngineConfig
 from nanovllm.engine.async_engine import AsyncEngine
@@ -25,8 +26,14 @@ PROMPT = "The history of Rome"
 
 
 @contextmanager
-def serving(model_path: str, limits: ServerLimits | None = None, request_timeout: float | None = None,
-            step_delay: float = 0.0, api_key: str | None = None, **config):
+def serving(
+    model_path: str,
+    limits: ServerLimits | None = None,
+    request_timeout: float | None = None,
+    step_delay: float = 0.0,
+    api_key: str | None = None,
+    **config,
+):
     """An in-process server (uvicorn on a thread) over a fresh engine; step_delay slows every step, so that
     requests overlap for as long as a test needs."""
     engine = LLMEngine(EngineConfig(model_path, dtype="float32", max_model_len=128, **{"kv_cache_gib": 0.05, **config}))
@@ -58,8 +65,11 @@ def stream_events(url: str, body: dict) -> list[dict]:
 
 def offline_text(model_path: str, max_tokens: int) -> str:
     llm = LLM(model_path, dtype="float32", max_model_len=128)
-    return llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
-                        use_tqdm=False)[0].outputs[0].text
+    return (
+        llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)[0]
+        .outputs[0]
+        .text
+    )
 
 
 def assert_clean(engine: AsyncEngine) -> None:
@@ -81,10 +91,18 @@ def test_each_limit_is_a_4xx_naming_it_and_a_stream_runs_unchanged(model_path):
         cases = [  # (body or raw bytes, status, param, words the message must hold)
             ({"prompt": "x" * 5000}, 413, None, ["4096 bytes", "--max-request-body-bytes"]),
             ({"prompt": "hi", "n": 4}, 400, "n", ["n=4", "limit of 3", "--max-n"]),
-            ({"prompt": "hi", "stop": ["a", "b", "c"]}, 400, "stop", ["3 stop strings", "limit of 2",
-                                                                     "--max-stop-strings"]),
-            ({"prompt": "hi", "stop": "123456789"}, 400, "stop", ["9 characters", "limit of 8",
-                                                                 "--max-stop-string-length"]),
+            (
+                {"prompt": "hi", "stop": ["a", "b", "c"]},
+                400,
+                "stop",
+                ["3 stop strings", "limit of 2", "--max-stop-strings"],
+            ),
+            (
+                {"prompt": "hi", "stop": "123456789"},
+                400,
+                "stop",
+                ["9 characters", "limit of 8", "--max-stop-string-length"],
+            ),
             ({"prompt": "hi", "max_tokens": 200}, 400, "max_tokens", ["max_tokens=200", "max_model_len is 128"]),
         ]
         for body, status, param, words in cases:
@@ -92,13 +110,19 @@ def test_each_limit_is_a_4xx_naming_it_and_a_stream_runs_unchanged(model_path):
             assert r.status_code == status, r.text
             error = r.json()["error"]
             assert error["param"] == param and all(w in error["message"] for w in words), error
-        chat = post(url, {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 500},
-                    "/v1/chat/completions")
+        chat = post(
+            url, {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 500}, "/v1/chat/completions"
+        )
         assert chat.status_code == 400 and chat.json()["error"]["param"] == "max_tokens"
         # a body that does not say its length (chunked) is counted as it arrives
         conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=30)
-        conn.request("POST", "/v1/completions", body=iter([b'{"prompt": "', b"y" * 5000, b'"}']),
-                     headers={"Content-Type": "application/json"}, encode_chunked=True)
+        conn.request(
+            "POST",
+            "/v1/completions",
+            body=iter([b'{"prompt": "', b"y" * 5000, b'"}']),
+            headers={"Content-Type": "application/json"},
+            encode_chunked=True,
+        )
         response = conn.getresponse()
         assert response.status == 413 and b"--max-request-body-bytes" in response.read()
         conn.close()
@@ -126,14 +150,21 @@ def test_chat_stream_sends_the_role_chunk_with_the_first_output(model_path):
 
 def test_full_waiting_queue_is_503_with_retry_after(model_path):
     with serving(model_path, ServerLimits(max_waiting_requests=2), step_delay=0.02, max_num_seqs=1) as (url, engine, _):
+
         async def main():
             async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-                long = asyncio.create_task(client.post("/v1/completions", json={
-                    "prompt": PROMPT, "max_tokens": 60, "ignore_eos": True, "temperature": 0}))
+                long = asyncio.create_task(
+                    client.post(
+                        "/v1/completions",
+                        json={"prompt": PROMPT, "max_tokens": 60, "ignore_eos": True, "temperature": 0},
+                    )
+                )
                 while engine.stats["running"] < 1:  # the batch (one sequence) is full
                     await asyncio.sleep(0.01)
-                waiting = [asyncio.create_task(client.post("/v1/completions", json={"prompt": f"w{i}", "max_tokens": 2}))
-                           for i in range(2)]
+                waiting = [
+                    asyncio.create_task(client.post("/v1/completions", json={"prompt": f"w{i}", "max_tokens": 2}))
+                    for i in range(2)
+                ]
                 await asyncio.sleep(0.2)
                 refused = await client.post("/v1/completions", json={"prompt": "one too many", "max_tokens": 2})
                 return await long, await asyncio.gather(*waiting), refused
@@ -168,6 +199,7 @@ def test_request_timeout_aborts_frees_blocks_and_answers_408(model_path):
 
 def test_api_key_is_compared_in_constant_time(model_path, monkeypatch):
     import hmac
+
     compared = []
     real = hmac.compare_digest
     monkeypatch.setattr(hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
@@ -192,6 +224,7 @@ def test_engine_fault_fails_requests_in_flight_with_500_and_health_503(model_pat
             if engine.engine.scheduler.running and engine.engine.scheduler.running[0].num_output_tokens >= 5:
                 raise RuntimeError("injected fault")
             return real_step()
+
         engine.engine.step = faulty
         body = {"prompt": PROMPT, "max_tokens": 50, "ignore_eos": True}
         plain = {}
@@ -291,9 +324,26 @@ def test_tp_worker_death_fails_requests_and_serve_exits_nonzero(model_path):
 def test_short_soak_leaves_nothing_behind(model_path):
     """scripts/soak.py in small: a few hundred requests from 32 clients, streamed, dropped mid-stream, invalid."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("soak", os.path.join(os.path.dirname(__file__), "..", "scripts",
-                                                                       "soak.py"))
+
+    spec = importlib.util.spec_from_file_location(
+        "soak", os.path.join(os.path.dirname(__file__), "..", "scripts", "soak.py")
+    )
     soak = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(soak)
-    assert soak.main(["--model", model_path, "--requests", "240", "--clients", "32", "--max-tokens", "6",
-                      "--max-model-len", "128"]) == 0
+    assert (
+        soak.main(
+            [
+                "--model",
+                model_path,
+                "--requests",
+                "240",
+                "--clients",
+                "32",
+                "--max-tokens",
+                "6",
+                "--max-model-len",
+                "128",
+            ]
+        )
+        == 0
+    )

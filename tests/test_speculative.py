@@ -2,12 +2,13 @@
 target's forward; greedy output token for token what HF transformers gives, under prefix caching, a small token
 budget and preemption; rejection sampling keeps the target's distribution; stops inside an accepted run, abort,
 streaming and n > 1 as without speculation; every block (the draft's too) free afterwards."""
+
 import json
 
 import pytest
 import torch
-
 from conftest import VOCAB, hf_greedy, save_tiny_model
+
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine_args import engine_config
@@ -18,8 +19,13 @@ from nanovllm.spec.rejection import accept
 from nanovllm.spec.speculator import Speculator
 
 # the tests run several sequences at once and want them all to speculate: no batch-size limit (see the last test)
-NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1,
-         "disable_by_batch_size": 64}
+NGRAM = {
+    "method": "ngram",
+    "num_speculative_tokens": 4,
+    "prompt_lookup_max": 3,
+    "prompt_lookup_min": 1,
+    "disable_by_batch_size": 64,
+}
 ALWAYS = {"disable_by_batch_size": 64}
 GREEDY = SamplingParams(temperature=0, max_tokens=28, ignore_eos=True)
 
@@ -36,8 +42,9 @@ def repeating_prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 
 def generate_ids(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-    return [o.outputs[0].token_ids for o in
-            llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
+    return [
+        o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    ]
 
 
 def check_spec_engine_clean(llm: LLM) -> None:
@@ -66,16 +73,22 @@ def llama(tmp_path_factory) -> str:
 def test_vllms_speculative_config():
     assert SpeculativeConfig.from_dict(NGRAM) == SpeculativeConfig("ngram", 4, None, 3, 1, 64)
     # vLLM's defaults: a missing lookup bound takes the other's value, both missing are 5; `model` means a draft
-    assert SpeculativeConfig.from_dict({"method": "ngram", "num_speculative_tokens": 2,
-                                        "prompt_lookup_max": 4}).prompt_lookup_min == 4
+    assert (
+        SpeculativeConfig.from_dict(
+            {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 4}
+        ).prompt_lookup_min
+        == 4
+    )
     assert SpeculativeConfig.from_dict({"method": "ngram", "num_speculative_tokens": 2}).prompt_lookup_max == 5
     assert SpeculativeConfig.from_dict({"model": "d", "num_speculative_tokens": 3}).method == "draft_model"
-    for bad, match in [({"method": "ngram"}, "num_speculative_tokens"),
-                       ({"method": "eagle", "num_speculative_tokens": 2}, "method='eagle' is not supported"),
-                       ({**NGRAM, "prompt_lookup_min": 5}, "prompt_lookup_min <= prompt_lookup_max"),
-                       ({**NGRAM, "disable_by_batch_size": 0}, "disable_by_batch_size must be an integer >= 1"),
-                       ({**NGRAM, "draft_tensor_parallel_size": 1}, "'draft_tensor_parallel_size'"),
-                       ({"method": "draft_model", "num_speculative_tokens": 2}, "needs 'model'")]:
+    for bad, match in [
+        ({"method": "ngram"}, "num_speculative_tokens"),
+        ({"method": "eagle", "num_speculative_tokens": 2}, "method='eagle' is not supported"),
+        ({**NGRAM, "prompt_lookup_min": 5}, "prompt_lookup_min <= prompt_lookup_max"),
+        ({**NGRAM, "disable_by_batch_size": 0}, "disable_by_batch_size must be an integer >= 1"),
+        ({**NGRAM, "draft_tensor_parallel_size": 1}, "'draft_tensor_parallel_size'"),
+        ({"method": "draft_model", "num_speculative_tokens": 2}, "needs 'model'"),
+    ]:
         with pytest.raises(ValueError, match=match):
             engine_config(speculative_config=bad)
     assert engine_config(speculative_config=NGRAM).speculative_config == NGRAM
@@ -92,12 +105,12 @@ def test_cli_takes_speculative_config_json(command):
 def test_ngram_proposals():
     #          0  1  2  3  4  5  6  7  8  9
     tokens = [1, 2, 3, 9, 1, 2, 3, 7, 1, 2, 3]
-    assert ngram.propose(tokens, 3, 1, 3) == [7, 1, 2]      # the latest earlier occurrence of [1, 2, 3]
+    assert ngram.propose(tokens, 3, 1, 3) == [7, 1, 2]  # the latest earlier occurrence of [1, 2, 3]
     assert ngram.propose(tokens, 10, 1, 3) == [7, 1, 2, 3]  # no further than the sequence goes
     assert ngram.propose([5, 1, 2, 3, 8, 2, 3], 2, 1, 3) == [8, 2]  # the longest match wins: [2, 3]
-    assert ngram.propose([5, 6, 7, 8], 2, 1, 3) == []        # nothing seen before
-    assert ngram.propose([4, 5, 9, 5], 2, 2, 3) == []        # only a 1-token match, fewer than min_n
-    assert ngram.propose([4, 4, 4, 4], 2, 1, 2) == [4]       # the match ends right before the suffix
+    assert ngram.propose([5, 6, 7, 8], 2, 1, 3) == []  # nothing seen before
+    assert ngram.propose([4, 5, 9, 5], 2, 2, 3) == []  # only a 1-token match, fewer than min_n
+    assert ngram.propose([4, 4, 4, 4], 2, 1, 2) == [4]  # the match ends right before the suffix
 
 
 # ---- exactness ---------------------------------------------------------------------------------------------
@@ -109,10 +122,20 @@ def test_greedy_equals_hf_under_pressure(arch_case, draft, tmp_path):
     if draft == "ngram":
         spec = NGRAM
     else:  # a smaller model of the same family and vocabulary: another net, so it is sometimes wrong
-        spec = {"model": save_tiny_model(arch, str(tmp_path / "draft"), intermediate_size=96), "num_speculative_tokens": 3,
-                **ALWAYS}
-    llm = LLM(path, dtype="float32", speculative_config=spec, max_num_batched_tokens=32, num_kv_blocks=20,
-              block_size=8, max_num_seqs=8)
+        spec = {
+            "model": save_tiny_model(arch, str(tmp_path / "draft"), intermediate_size=96),
+            "num_speculative_tokens": 3,
+            **ALWAYS,
+        }
+    llm = LLM(
+        path,
+        dtype="float32",
+        speculative_config=spec,
+        max_num_batched_tokens=32,
+        num_kv_blocks=20,
+        block_size=8,
+        max_num_seqs=8,
+    )
     assert generate_ids(llm, prompts, GREEDY) == expected
     stats = llm.engine.stats()
     assert stats["spec_decode_num_draft_tokens"] > 0 and stats["spec_decode_num_accepted_tokens"] > 0
@@ -134,8 +157,10 @@ def test_the_target_as_its_own_draft_keeps_every_proposal(llama):
 def plain_and_self_draft(llama):
     """The engine without speculation, and with the target as its own draft (k = 4, every proposal kept): stops
     fall inside accepted runs."""
-    return (LLM(llama, dtype="float32"),
-            LLM(llama, dtype="float32", speculative_config={"model": llama, "num_speculative_tokens": 4, **ALWAYS}))
+    return (
+        LLM(llama, dtype="float32"),
+        LLM(llama, dtype="float32", speculative_config={"model": llama, "num_speculative_tokens": 4, **ALWAYS}),
+    )
 
 
 def test_stops_inside_an_accepted_run(plain_and_self_draft):
@@ -143,15 +168,25 @@ def test_stops_inside_an_accepted_run(plain_and_self_draft):
     prompt = repeating_prompts(1, seed=2)[0]
     ids = generate_ids(plain, [prompt], GREEDY)[0]
     text = plain.tokenizer.decode(ids[6:9])
-    cases = [dict(max_tokens=7), dict(max_tokens=13), dict(stop_token_ids=[ids[5]]),
-             dict(stop=[text]), dict(stop=[text], include_stop_str_in_output=True),
-             dict(stop_token_ids=[ids[2]], min_tokens=6), dict(max_tokens=40, ignore_eos=False)]
+    cases = [
+        dict(max_tokens=7),
+        dict(max_tokens=13),
+        dict(stop_token_ids=[ids[5]]),
+        dict(stop=[text]),
+        dict(stop=[text], include_stop_str_in_output=True),
+        dict(stop_token_ids=[ids[2]], min_tokens=6),
+        dict(max_tokens=40, ignore_eos=False),
+    ]
     for case in cases:
         params = SamplingParams(**{"temperature": 0, "max_tokens": 40, "ignore_eos": True, **case})
         want = plain.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0]
         got = spec.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0]
-        assert (got.token_ids, got.text, got.finish_reason, got.stop_reason) == \
-            (want.token_ids, want.text, want.finish_reason, want.stop_reason), case
+        assert (got.token_ids, got.text, got.finish_reason, got.stop_reason) == (
+            want.token_ids,
+            want.text,
+            want.finish_reason,
+            want.stop_reason,
+        ), case
     check_spec_engine_clean(spec)
 
 
@@ -189,8 +224,9 @@ def test_sampling_seeded_and_n(plain_and_self_draft, llama, kind):
     params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=24, seed=7, n=3, ignore_eos=True)
     first = [c.token_ids for c in llm.generate([prompt], params, use_tqdm=False)[0].outputs]
     others = [{"prompt_token_ids": p} for p in repeating_prompts(2, seed=6)]
-    again = llm.generate([prompt] + others, [params] + [SamplingParams(temperature=1.0, max_tokens=30)] * 2,
-                         use_tqdm=False)
+    again = llm.generate(
+        [prompt] + others, [params] + [SamplingParams(temperature=1.0, max_tokens=30)] * 2, use_tqdm=False
+    )
     assert [c.token_ids for c in again[0].outputs] == first
     assert len(first) == 3 and all(len(t) == 24 for t in first) and len({tuple(t) for t in first}) > 1
     assert llm.engine.stats()["spec_decode_num_drafts"] > 0
@@ -212,8 +248,13 @@ def test_rejection_sampling_keeps_the_targets_distribution(draft):
     """Hand-made target p and draft q over 6 tokens: the first token rejection sampling emits (kept proposal or
     the residual's draw) and the second (after a kept first, or the bonus) are distributed as p, not as q."""
     g = torch.Generator().manual_seed(0)
-    p = torch.tensor([[0.05, 0.40, 0.10, 0.25, 0.15, 0.05], [0.30, 0.05, 0.05, 0.10, 0.20, 0.30],
-                      [0.10, 0.10, 0.30, 0.20, 0.20, 0.10]])
+    p = torch.tensor(
+        [
+            [0.05, 0.40, 0.10, 0.25, 0.15, 0.05],
+            [0.30, 0.05, 0.05, 0.10, 0.20, 0.30],
+            [0.10, 0.10, 0.30, 0.20, 0.20, 0.10],
+        ]
+    )
     q = torch.tensor([[0.40, 0.05, 0.20, 0.05, 0.10, 0.20], [0.10, 0.50, 0.10, 0.10, 0.10, 0.10]])
     firsts, seconds, n = [], [], 5000
     for _ in range(n):
@@ -234,6 +275,7 @@ def test_spec_decode_metrics(plain_and_self_draft):
     from prometheus_client import generate_latest
 
     from nanovllm.entrypoints.metrics import ServerMetrics
+
     plain, spec = plain_and_self_draft
     spec.generate([{"prompt_token_ids": repeating_prompts(1, seed=8)[0]}], GREEDY, use_tqdm=False)
     s = spec.engine.stats()

@@ -1,4 +1,5 @@
 """Streaming on a tiny Llama: LLM.stream, the async engine (a failing request, a dead loop), `nanovllm chat`."""
+
 import asyncio
 import os
 import subprocess
@@ -8,16 +9,18 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 from conftest import serve_in_thread
+
 from nanovllm import SamplingParams
 from nanovllm.engine.async_engine import AsyncEngine, EngineDeadError
 
 
 def test_stream_deltas_join_to_generate(llm):
-    for params in [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
-                   SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=["é", "ab"]),
-                   SamplingParams(temperature=0.8, seed=3, max_tokens=30, n=2)]:
+    for params in [
+        SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=["é", "ab"]),
+        SamplingParams(temperature=0.8, seed=3, max_tokens=30, n=2),
+    ]:
         for prompt in ["héllo wörld ", "日本語"]:
             full = llm.generate(prompt, params, use_tqdm=False)[0]
             texts, ids, reasons = {}, {}, {}
@@ -54,6 +57,7 @@ def test_async_engine_batches_clients_and_isolates_a_failing_request(llm, monkey
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     expected = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
     from nanovllm.engine.request import Request
+
     real_check = Request.check
 
     def check(self, seq, token, *args):
@@ -67,8 +71,13 @@ def test_async_engine_batches_clients_and_isolates_a_failing_request(llm, monkey
     async def bad():
         with pytest.raises(RuntimeError, match="request bad failed: UnicodeDecodeError"):
             # (a stop string: each of its tokens is checked, and the patched check fails the fourth)
-            async for _ in engine.generate(engine.make_request("the bad one", SamplingParams(
-                    temperature=0, max_tokens=20, ignore_eos=True, stop=["never said"]), "bad")):
+            async for _ in engine.generate(
+                engine.make_request(
+                    "the bad one",
+                    SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=["never said"]),
+                    "bad",
+                )
+            ):
                 running.append(engine.stats["running"])
 
     async def main():
@@ -82,6 +91,7 @@ def test_async_engine_batches_clients_and_isolates_a_failing_request(llm, monkey
 
 def test_dead_loop_fails_fast_and_health_says_503(llm, monkeypatch):
     from nanovllm.entrypoints.server import build_app
+
     engine = AsyncEngine(llm.engine)
     app = build_app(engine, "tiny")
     server, thread, url = serve_in_thread(app)
@@ -97,8 +107,9 @@ def test_dead_loop_fails_fast_and_health_says_503(llm, monkeypatch):
         params = SamplingParams(max_tokens=50, ignore_eos=True)
 
         async def main():
-            results = await asyncio.gather(*(collect(engine, f"p{i}", params) for i in range(3)),
-                                           return_exceptions=True)
+            results = await asyncio.gather(
+                *(collect(engine, f"p{i}", params) for i in range(3)), return_exceptions=True
+            )
             assert all(isinstance(r, EngineDeadError) and "out of memory" in str(r) for r in results), results
             start = time.perf_counter()
             with pytest.raises(EngineDeadError):
@@ -110,8 +121,9 @@ def test_dead_loop_fails_fast_and_health_says_503(llm, monkeypatch):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(url + "/health")
         assert e.value.code == 503
-        req = urllib.request.Request(url + "/v1/completions", data=b'{"prompt": "hi"}',
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            url + "/v1/completions", data=b'{"prompt": "hi"}', headers={"Content-Type": "application/json"}
+        )
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(req, timeout=5)
         assert e.value.code == 503 and b"engine loop has stopped" in e.value.read()
@@ -125,9 +137,24 @@ def test_dead_loop_fails_fast_and_health_says_503(llm, monkeypatch):
 
 def test_chat_cli_streams_replies(model_path, llm):
     turns = ["hello there", "and again"]
-    proc = subprocess.run([sys.executable, "-m", "nanovllm.entrypoints.cli", "chat", "--model", model_path,
-                           "--dtype", "float32", "--max-tokens", "12"], input=("\n".join(turns) + "\n").encode(),
-                          capture_output=True, timeout=120, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nanovllm.entrypoints.cli",
+            "chat",
+            "--model",
+            model_path,
+            "--dtype",
+            "float32",
+            "--max-tokens",
+            "12",
+        ],
+        input=("\n".join(turns) + "\n").encode(),
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
     assert proc.returncode == 0, proc.stderr.decode()
     messages, expected = [], []
     for turn in turns:  # the same conversation offline, each reply fed back as the assistant's turn
@@ -140,6 +167,7 @@ def test_chat_cli_streams_replies(model_path, llm):
 
 def test_one_cli_lists_engine_knobs_everywhere():
     from nanovllm.entrypoints.cli import build_parser
+
     parser = build_parser()
     for command in ["generate", "chat", "serve"]:
         sub = parser._subparsers._group_actions[0].choices[command]
@@ -153,6 +181,7 @@ def test_a_reused_request_id_is_refused_to_its_second_caller_only(model_path, fi
     """Two requests made with the same id before either is added: the second add is refused with a ValueError
     naming the id, to its caller alone; the first runs to its own end with its own text, and the loop lives."""
     from nanovllm import LLM
+
     llm = LLM(model_path, dtype="float32")  # its own: the loop thread keeps the engine after the test
     engine = AsyncEngine(llm.engine)
     long, short = (SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (12, 4))

@@ -2,6 +2,7 @@
 regex matched in full, any JSON object; unconstrained requests in the same batch unchanged; grammars compiled off
 the step loop and cached; preemption does not advance a matcher twice; an invalid schema, regex or grammar is a
 ValueError offline and a 400 on the server, and the engine goes on serving."""
+
 import json
 import re
 import threading
@@ -9,27 +10,59 @@ import threading
 import jsonschema
 import openai
 import pytest
-
 from conftest import start_server, stop_server
+
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine.sequence import Status
 from nanovllm.sampling_params import GuidedDecodingParams, StructuredOutputsParams
 
 SCHEMAS = {  # nested objects, a pattern, enums, an array with bounds, numbers with bounds
-    "person": {"type": "object", "required": ["name", "age", "address"], "properties": {
-        "name": {"type": "string", "maxLength": 24}, "age": {"type": "integer", "minimum": 18, "maximum": 99},
-        "address": {"type": "object", "required": ["city", "zip"], "properties": {
-            "city": {"type": "string", "maxLength": 20}, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}}}}},
-    "enums": {"type": "object", "required": ["color", "size"], "properties": {
-        "color": {"enum": ["red", "green", "blue"]}, "size": {"type": "string", "enum": ["S", "M", "L"]}}},
-    "array": {"type": "object", "required": ["tags"], "properties": {
-        "tags": {"type": "array", "minItems": 1, "maxItems": 3, "items": {"type": "string", "maxLength": 10}}}},
-    "numbers": {"type": "object", "required": ["temperature", "count"], "properties": {
-        "temperature": {"type": "number", "minimum": -50, "maximum": 60},
-        "count": {"type": "integer", "minimum": 1, "maximum": 10}}},
+    "person": {
+        "type": "object",
+        "required": ["name", "age", "address"],
+        "properties": {
+            "name": {"type": "string", "maxLength": 24},
+            "age": {"type": "integer", "minimum": 18, "maximum": 99},
+            "address": {
+                "type": "object",
+                "required": ["city", "zip"],
+                "properties": {
+                    "city": {"type": "string", "maxLength": 20},
+                    "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+                },
+            },
+        },
+    },
+    "enums": {
+        "type": "object",
+        "required": ["color", "size"],
+        "properties": {
+            "color": {"enum": ["red", "green", "blue"]},
+            "size": {"type": "string", "enum": ["S", "M", "L"]},
+        },
+    },
+    "array": {
+        "type": "object",
+        "required": ["tags"],
+        "properties": {
+            "tags": {"type": "array", "minItems": 1, "maxItems": 3, "items": {"type": "string", "maxLength": 10}}
+        },
+    },
+    "numbers": {
+        "type": "object",
+        "required": ["temperature", "count"],
+        "properties": {
+            "temperature": {"type": "number", "minimum": -50, "maximum": 60},
+            "count": {"type": "integer", "minimum": 1, "maximum": 10},
+        },
+    },
 }
-QUESTIONS = ["Describe a person as JSON.", "Pick a color and a size, as JSON.", "Give some tags for a cat picture, "
-             "as JSON.", "Give a weather report as JSON."]
+QUESTIONS = [
+    "Describe a person as JSON.",
+    "Pick a color and a size, as JSON.",
+    "Give some tags for a cat picture, as JSON.",
+    "Give a weather report as JSON.",
+]
 DATE = r"(19|20)\d{2}-(0[1-9]|1[0-2])-[0-3]\d"
 
 
@@ -45,10 +78,16 @@ def greedy(max_tokens: int, **constraint) -> SamplingParams:
 def test_outputs_follow_their_grammar_and_unconstrained_rows_are_unchanged(embedded_llm):
     llm = embedded_llm
     plain = [chat(llm, "What is the capital of France?"), "The quick brown fox"]
-    constrained = [chat(llm, q) for q in QUESTIONS] + [chat(llm, 'Reply with {"ok": true}'),
-                                                      chat(llm, "Is Paris in France?"), "Today's date is "]
+    constrained = [chat(llm, q) for q in QUESTIONS] + [
+        chat(llm, 'Reply with {"ok": true}'),
+        chat(llm, "Is Paris in France?"),
+        "Today's date is ",
+    ]
     params = [greedy(60, json=s, disable_any_whitespace=True) for s in SCHEMAS.values()] + [
-        greedy(40, json_object=True), greedy(5, choice=["yes", "no", "maybe so"]), greedy(20, regex=DATE)]
+        greedy(40, json_object=True),
+        greedy(5, choice=["yes", "no", "maybe so"]),
+        greedy(20, regex=DATE),
+    ]
     outs = llm.generate(plain[:1] + constrained + plain[1:], [greedy(16)] + params + [greedy(16)], use_tqdm=False)
     alone = llm.generate(plain, greedy(16), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in (outs[0], outs[-1])] == [o.outputs[0].token_ids for o in alone]
@@ -66,8 +105,13 @@ def test_outputs_follow_their_grammar_and_unconstrained_rows_are_unchanged(embed
 def test_vllms_names_n_and_sampling(embedded_llm):
     """guided_decoding=GuidedDecodingParams(...) (vLLM's name before 0.11), n > 1 with sampling: each sequence
     has its own matcher."""
-    params = SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=24, guided_decoding=GuidedDecodingParams(
-        json=json.dumps(SCHEMAS["enums"]), disable_any_whitespace=True))
+    params = SamplingParams(
+        n=3,
+        temperature=1.0,
+        seed=1,
+        max_tokens=24,
+        guided_decoding=GuidedDecodingParams(json=json.dumps(SCHEMAS["enums"]), disable_any_whitespace=True),
+    )
     assert params.guided_decoding is None and params.structured_outputs.json
     for c in embedded_llm.generate([chat(embedded_llm, QUESTIONS[1])], params, use_tqdm=False)[0].outputs:
         jsonschema.validate(json.loads(c.text), SCHEMAS["enums"])
@@ -81,20 +125,28 @@ def test_json_object_ebnf_and_lark(embedded_llm):
     """Compact JSON objects; EBNF (GBNF) and Lark grammars alike."""
     ebnf = 'root ::= "The answer is " ("yes" | "no") "."'
     lark = 'start: "The answer is " ANSWER "."\nANSWER: "yes" | "no"'
-    outs = embedded_llm.generate(['JSON: {"a": 1}\nJSON: {"b": 2}\nJSON:'] + ["Question: is 2 > 1?"] * 2,
-                                 [greedy(20, json_object=True, disable_any_whitespace=True), greedy(12, grammar=ebnf),
-                                  greedy(12, grammar=lark)], use_tqdm=False)
+    outs = embedded_llm.generate(
+        ['JSON: {"a": 1}\nJSON: {"b": 2}\nJSON:'] + ["Question: is 2 > 1?"] * 2,
+        [greedy(20, json_object=True, disable_any_whitespace=True), greedy(12, grammar=ebnf), greedy(12, grammar=lark)],
+        use_tqdm=False,
+    )
     obj, by_ebnf, by_lark = (o.outputs[0] for o in outs)
     assert obj.finish_reason == "stop" and isinstance(json.loads(obj.text), dict) and "\n" not in obj.text
     assert by_ebnf.text == by_lark.text and re.fullmatch(r"The answer is (yes|no)\.", by_ebnf.text)
 
 
-@pytest.mark.parametrize("constraint,problem", [
-    ({"json": {"type": "object", "properties": {"a": {"type": "foo"}}}}, "invalid JSON schema .*foo"),
-    ({"json": {"type": "integer", "minimum": 5, "maximum": 1}}, "invalid JSON schema .*minimum greater than maximum"),
-    ({"regex": "a(b"}, "invalid regex .*parenthesis is not closed"),
-    ({"grammar": "root ::= missing"}, "invalid grammar .*missing"),
-])
+@pytest.mark.parametrize(
+    "constraint,problem",
+    [
+        ({"json": {"type": "object", "properties": {"a": {"type": "foo"}}}}, "invalid JSON schema .*foo"),
+        (
+            {"json": {"type": "integer", "minimum": 5, "maximum": 1}},
+            "invalid JSON schema .*minimum greater than maximum",
+        ),
+        ({"regex": "a(b"}, "invalid regex .*parenthesis is not closed"),
+        ({"grammar": "root ::= missing"}, "invalid grammar .*missing"),
+    ],
+)
 def test_an_invalid_spec_is_a_value_error_and_the_engine_still_serves(embedded_llm, constraint, problem):
     with pytest.raises(ValueError, match=f"prompt 1: {problem}"):
         embedded_llm.generate(["a", "b"], [greedy(4), greedy(4, **constraint)], use_tqdm=False)
@@ -135,7 +187,6 @@ def test_preemption_does_not_advance_a_matcher_twice(embedded_llm):
     assert [o.outputs[0].text for o in small] == [o.outputs[0].text for o in roomy]
 
 
-
 def test_constrained_rows_are_not_speculated_on(embedded_llm):
     """With n-gram speculation on, a constrained sequence gets no proposals (its matcher takes tokens one by one):
     its output equals the one without speculation, while an unconstrained repeating prompt is still speculated on."""
@@ -148,6 +199,7 @@ def test_constrained_rows_are_not_speculated_on(embedded_llm):
     assert [o.outputs[0].token_ids for o in spec] == [o.outputs[0].token_ids for o in plain]
     jsonschema.validate(json.loads(spec[0].outputs[0].text), SCHEMAS["enums"])
 
+
 # ---- the server --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def client():
@@ -159,21 +211,37 @@ def client():
 def test_server_response_format_and_vllms_fields(client):
     schema = SCHEMAS["enums"]
     messages = [{"role": "user", "content": QUESTIONS[1]}]
-    reply = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, temperature=0,
-                                           max_tokens=40, response_format={"type": "json_schema", "json_schema": {
-                                               "name": "pick", "schema": schema}})
+    reply = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct",
+        messages=messages,
+        temperature=0,
+        max_tokens=40,
+        response_format={"type": "json_schema", "json_schema": {"name": "pick", "schema": schema}},
+    )
     jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
-    stream = client.chat.completions.create(model="SmolLM2-135M-Instruct", temperature=0, max_tokens=40, stream=True,
-                                            messages=[{"role": "user", "content": 'Reply with {"ok": true}'}],
-                                            response_format={"type": "json_object"})
+    stream = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct",
+        temperature=0,
+        max_tokens=40,
+        stream=True,
+        messages=[{"role": "user", "content": 'Reply with {"ok": true}'}],
+        response_format={"type": "json_object"},
+    )
     assert isinstance(json.loads("".join(c.choices[0].delta.content or "" for c in stream if c.choices)), dict)
-    for extra, check in [({"guided_choice": ["yes", "no"]}, lambda t: t in ("yes", "no")),
-                         ({"guided_regex": DATE}, lambda t: re.fullmatch(DATE, t)),
-                         ({"guided_json": schema}, lambda t: jsonschema.validate(json.loads(t), schema) or True),
-                         ({"guided_grammar": 'root ::= "a" | "b"'}, lambda t: t in ("a", "b")),
-                         ({"structured_outputs": {"choice": ["up", "down"]}}, lambda t: t in ("up", "down"))]:
-        text = client.completions.create(model="SmolLM2-135M-Instruct", prompt="Answer: ", temperature=0,
-                                         max_tokens=40, extra_body=extra).choices[0].text
+    for extra, check in [
+        ({"guided_choice": ["yes", "no"]}, lambda t: t in ("yes", "no")),
+        ({"guided_regex": DATE}, lambda t: re.fullmatch(DATE, t)),
+        ({"guided_json": schema}, lambda t: jsonschema.validate(json.loads(t), schema) or True),
+        ({"guided_grammar": 'root ::= "a" | "b"'}, lambda t: t in ("a", "b")),
+        ({"structured_outputs": {"choice": ["up", "down"]}}, lambda t: t in ("up", "down")),
+    ]:
+        text = (
+            client.completions.create(
+                model="SmolLM2-135M-Instruct", prompt="Answer: ", temperature=0, max_tokens=40, extra_body=extra
+            )
+            .choices[0]
+            .text
+        )
         assert check(text), (extra, text)
 
 
@@ -182,6 +250,7 @@ def test_server_an_invalid_spec_is_a_400_naming_it(client):
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model="SmolLM2-135M-Instruct", prompt="x", max_tokens=4, **kwargs)
         return e.value
+
     e = bad(extra_body={"guided_json": {"type": "object", "properties": {"a": {"type": "foo"}}}})
     assert "invalid JSON schema" in e.message and "foo" in e.message and e.body["param"] == "guided_json"
     e = bad(extra_body={"guided_regex": "a(b"})
@@ -192,16 +261,19 @@ def test_server_an_invalid_spec_is_a_400_naming_it(client):
     assert "one structured-output constraint" in e.message
     e = bad(extra_body={"structured_outputs": {"regex": "a", "json_object": True}})
     assert "exactly one of" in e.message
-    ok = client.completions.create(model="SmolLM2-135M-Instruct", prompt="x", max_tokens=4, temperature=0,
-                                   extra_body={"guided_choice": ["fine"]})
+    ok = client.completions.create(
+        model="SmolLM2-135M-Instruct", prompt="x", max_tokens=4, temperature=0, extra_body={"guided_choice": ["fine"]}
+    )
     assert ok.choices[0].text == "fine"
 
 
 def test_the_mask_touches_only_the_constrained_rows():
     import torch
+
     from nanovllm.layers.sampler import apply_token_bitmask
+
     vocab, rows = 100, [0, 2]
-    bitmask = torch.randint(-2**31, 2**31 - 1, (2, 4), dtype=torch.int32)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (2, 4), dtype=torch.int32)
     logits = torch.randn(3, vocab)
     masked = logits.clone()
     apply_token_bitmask(masked, rows, bitmask)

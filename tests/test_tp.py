@@ -1,5 +1,6 @@
 """Tensor parallelism on CPU: 2 processes over gloo give token for token what 1 process gives, and the worker
 processes never outlive the engine, whatever happens to them."""
+
 import gc
 import json
 import multiprocessing
@@ -9,8 +10,8 @@ import time
 import urllib.request
 
 import pytest
-
 from conftest import random_prompts, save_tiny_model, start_server
+
 from nanovllm import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -113,13 +114,18 @@ def test_serve_with_tp2(model_path):
     proc, url = start_server([model_path, "--dtype", "float32", "--tensor-parallel-size", "2"])
     try:
         prompt = random_prompts(1, 10, 10, seed=4)[0]
-        req = urllib.request.Request(url + "/v1/completions", headers={"Content-Type": "application/json"},
-                                     data=json.dumps({"prompt": prompt, "max_tokens": 12, "temperature": 0,
-                                                      "ignore_eos": True}).encode())
+        req = urllib.request.Request(
+            url + "/v1/completions",
+            headers={"Content-Type": "application/json"},
+            data=json.dumps({"prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}).encode(),
+        )
         text = json.load(urllib.request.urlopen(req, timeout=60))["choices"][0]["text"]
-        expected = LLM(model_path, dtype="float32").generate([prompt], SamplingParams(temperature=0, max_tokens=12,
-                                                                                  ignore_eos=True),
-                                                        use_tqdm=False)[0].outputs[0].text
+        expected = (
+            LLM(model_path, dtype="float32")
+            .generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)[0]
+            .outputs[0]
+            .text
+        )
         assert text == expected
         children = []  # the worker, spawned by the engine's loop thread: children are listed per thread
         for task in os.listdir(f"/proc/{proc.pid}/task"):

@@ -3,6 +3,7 @@ hand it work through a queue and get each request's outputs through their own as
 
 Only the loop thread touches the engine (scheduler, blocks, the tokenizer used for detokenizing); callers
 tokenize with their own copy of the tokenizer. New requests join the running batch at the next step."""
+
 import asyncio
 import copy
 import itertools
@@ -35,6 +36,7 @@ class RequestTimeoutError(RuntimeError):
 @dataclass
 class Stream:
     """One request's way back to its caller, and the times its metrics need."""
+
     queue: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     arrival: float
@@ -58,8 +60,12 @@ class AsyncEngine:
     workers sleep between ops (measured: decode steps 25% slower when the model was loaded on another thread).
     An LLMEngine already built elsewhere works too."""
 
-    def __init__(self, engine: LLMEngine | EngineConfig, request_timeout: float | None = None,
-                 on_death: Callable[[BaseException], None] | None = None):
+    def __init__(
+        self,
+        engine: LLMEngine | EngineConfig,
+        request_timeout: float | None = None,
+        on_death: Callable[[BaseException], None] | None = None,
+    ):
         """request_timeout: seconds a request may take, from arrival to its last token, before the loop aborts it;
         on_death(error): called on the loop thread once the loop has died and failed every request."""
         self.metrics = None  # the server's: on_request(stream), on_token(stream, n, gap, first), on_finish(stream)
@@ -90,14 +96,16 @@ class AsyncEngine:
     def _dead_error(self) -> EngineDeadError:
         return EngineDeadError(f"the engine loop has stopped: {type(self.error).__name__}: {self.error}")
 
-    def make_request(self, prompt: Prompt, params: SamplingParams | None = None,
-                     request_id: str | None = None) -> Request:
+    def make_request(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> Request:
         """Validate and tokenize (with the callers' tokenizer) without queueing: raises ValueError on bad input."""
         self.check_alive()
         text, ids = tokenize(self.tokenizer, prompt)
         prompt = {"prompt": text, "prompt_token_ids": ids}
-        return self.engine.make_request(request_id or f"req-{next(self._ids)}", prompt, params or SamplingParams(),
-                                        self.tokenizer)
+        return self.engine.make_request(
+            request_id or f"req-{next(self._ids)}", prompt, params or SamplingParams(), self.tokenizer
+        )
 
     @property
     def num_waiting(self) -> int:
@@ -112,13 +120,19 @@ class AsyncEngine:
         self.check_alive()
         new = sum(len(r.seqs) for r in requests)
         if max_waiting is not None and self.num_waiting + new > max_waiting:
-            raise EngineBusyError(f"the server is at its limit of {max_waiting} waiting requests "
-                                  f"(--max-waiting-requests): retry later")
+            raise EngineBusyError(
+                f"the server is at its limit of {max_waiting} waiting requests (--max-waiting-requests): retry later"
+            )
         loop, now = asyncio.get_running_loop(), time.perf_counter()
         readers = []
         for request in requests:
-            stream = Stream(asyncio.Queue(), loop, now, num_prompt_tokens=len(request.prompt_token_ids),
-                            deadline=now + self.request_timeout if self.request_timeout else None)
+            stream = Stream(
+                asyncio.Queue(),
+                loop,
+                now,
+                num_prompt_tokens=len(request.prompt_token_ids),
+                deadline=now + self.request_timeout if self.request_timeout else None,
+            )
             self.num_submitted += len(request.seqs)
             self._submit(lambda r=request, s=stream: self._add(r, s), stream.put)
             readers.append(self._read(request, stream))
@@ -247,8 +261,12 @@ class AsyncEngine:
         for request_id, stream in list(self.streams.items()):
             if stream.deadline is not None and now > stream.deadline:
                 self._abort(request_id, stream)
-                stream.put(RequestTimeoutError(f"the request took longer than this server's request timeout of "
-                                               f"{self.request_timeout:g} s (--request-timeout) and was aborted"))
+                stream.put(
+                    RequestTimeoutError(
+                        f"the request took longer than this server's request timeout of "
+                        f"{self.request_timeout:g} s (--request-timeout) and was aborted"
+                    )
+                )
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         now = time.perf_counter()
@@ -259,8 +277,9 @@ class AsyncEngine:
             if self.metrics:
                 new = sum(len(c.token_ids) for c in out.outputs) - stream.num_tokens
                 if new > 0:
-                    self.metrics.on_token(stream, new, now - (stream.last_token or stream.arrival),
-                                          first=stream.last_token is None)
+                    self.metrics.on_token(
+                        stream, new, now - (stream.last_token or stream.arrival), first=stream.last_token is None
+                    )
                     stream.num_tokens, stream.last_token = stream.num_tokens + new, now
             stream.put(RuntimeError(f"request {out.request_id} failed: {out.error}") if out.error else out)
             if out.finished:
@@ -270,8 +289,9 @@ class AsyncEngine:
                     self.metrics.on_finish(stream)
 
 
-async def merged(engine: AsyncEngine, requests: list[Request],
-                 readers: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def merged(
+    engine: AsyncEngine, requests: list[Request], readers: list[AsyncIterator[RequestOutput]]
+) -> AsyncIterator[tuple[int, RequestOutput]]:
     """The outputs of queued requests (engine.submit's readers) as they come, tagged with the request's position;
     only the newest of each is kept for a slow reader (they are cumulative). Closing this (a client that went
     away) cancels the readers and aborts the unfinished requests (also those whose reader never ran)."""

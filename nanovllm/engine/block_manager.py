@@ -22,8 +22,14 @@ class BlockManager:
     step's tables are one gather of rows, and a table grows by one entry with each block, never rebuilt.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 max_num_seqs: int = 256, max_blocks_per_seq: int | None = None):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        max_num_seqs: int = 256,
+        max_blocks_per_seq: int | None = None,
+    ):
         self.num_blocks, self.block_size = num_blocks, block_size
         self.tables = np.zeros((max_num_seqs, max_blocks_per_seq or num_blocks), dtype=np.int64)
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
@@ -31,7 +37,7 @@ class BlockManager:
         self.ref_counts = [0] * num_blocks
         self.keys: list[int | None] = [None] * num_blocks
         self.tokens: list[tuple[int, ...] | None] = [None] * num_blocks  # rules out key collisions
-        self.cached: dict[int, int] = {}                                  # key -> block id
+        self.cached: dict[int, int] = {}  # key -> block id
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
@@ -49,7 +55,7 @@ class BlockManager:
             return []
         hits, parent, bs = [], 0, self.block_size
         for i in range((seq.num_tokens - 1) // bs):
-            chunk = seq.token_ids[i * bs:(i + 1) * bs]
+            chunk = seq.token_ids[i * bs : (i + 1) * bs]
             parent = block_key(parent, chunk)
             block = self.cached.get(parent)
             if block is None or self.tokens[block] != tuple(chunk):
@@ -104,7 +110,7 @@ class BlockManager:
             if self.keys[block] is not None:  # a cache hit: already keyed
                 continue
             parent = self.keys[seq.block_table[i - 1]] if i > 0 else 0
-            chunk = seq.token_ids[i * bs:(i + 1) * bs]
+            chunk = seq.token_ids[i * bs : (i + 1) * bs]
             self.keys[block], self.tokens[block] = block_key(parent, chunk), tuple(chunk)
             self.cached.setdefault(self.keys[block], block)
 

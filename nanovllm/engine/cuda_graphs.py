@@ -1,5 +1,6 @@
 """Decode steps on CUDA replayed from CUDA graphs captured at start-up, one per batch-size bucket: the step runner
 the CUDA ops pick (ops/cuda_ops.py)."""
+
 import sys
 import time
 
@@ -32,8 +33,9 @@ class DecodeGraphs:
         self.rows = rows = torch.arange(max_bs + 1, device=dev)
         self.graphs, self.logits, pool = {}, {}, None
         for bs in reversed(self.buckets):  # largest first: the smaller ones fit in its memory pool
-            meta = AttentionMetadata.decode_only(rows, self.lens[:bs], self.tables[:bs], self.slots[:bs],
-                                                 config.max_model_len)
+            meta = AttentionMetadata.decode_only(
+                rows, self.lens[:bs], self.tables[:bs], self.slots[:bs], config.max_model_len
+            )
             args = (self.input_ids[:bs], self.positions[:bs], meta, rows[:bs])
             runner.eager_forward(*args)  # warm-up: kernels compiled, allocator primed
             graph = torch.cuda.CUDAGraph()
@@ -42,8 +44,11 @@ class DecodeGraphs:
             pool = graph.pool()
             self.graphs[bs] = graph
         torch.cuda.synchronize()
-        print(f"nanovllm: captured CUDA graphs for {len(self.buckets)} decode batch sizes (1..{max_bs}) in "
-              f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+        print(
+            f"nanovllm: captured CUDA graphs for {len(self.buckets)} decode batch sizes (1..{max_bs}) in "
+            f"{time.perf_counter() - start:.1f} s",
+            file=sys.stderr,
+        )
 
     def covers(self, input_ids: torch.Tensor, meta: AttentionMetadata, last: torch.Tensor) -> bool:
         n = input_ids.shape[0]
@@ -58,7 +63,7 @@ class DecodeGraphs:
         self.slots[n:bs] = -1
         self.lens[:n] = meta.context_lens
         self.lens[n:bs] = 0
-        self.tables[:n, :meta.block_tables.shape[1]] = meta.block_tables
+        self.tables[:n, : meta.block_tables.shape[1]] = meta.block_tables
         self.graphs[bs].replay()
         logits = self.logits[bs]
         return None if logits is None else logits[:n]

@@ -8,8 +8,14 @@ class IncrementalDetokenizer:
     together then (an offline request's text is decoded once, at its end).
     """
 
-    def __init__(self, tokenizer, ids: list[int], skip_special_tokens: bool = True,
-                 stop: list[str] | None = None, include_stop: bool = False):
+    def __init__(
+        self,
+        tokenizer,
+        ids: list[int],
+        skip_special_tokens: bool = True,
+        stop: list[str] | None = None,
+        include_stop: bool = False,
+    ):
         """ids: the sequence's token ids, the prompt so far: the list itself, which grows (read here, never
         written)."""
         # the Rust tokenizer itself where transformers' decode would only wrap it (no space clean-up): its
@@ -36,7 +42,7 @@ class IncrementalDetokenizer:
         """The text a stream may show before the end: a tail that could still become a stop string (and then be
         cut) is held back."""
         hold = max((len(s) for s in self.stop), default=1) - 1
-        return self.text[:max(len(self.text) - hold, 0)]
+        return self.text[: max(len(self.text) - hold, 0)]
 
     def add(self, find_stop: bool = True) -> str | None:
         """The ids grew by a token: returns the stop string it completed, if any (then `text` is cut there). With
@@ -52,7 +58,7 @@ class IncrementalDetokenizer:
         if not found:
             return None
         at, s = min(found)
-        self._text = self._text[:at + len(s)] if self.include_stop else self._text[:at]
+        self._text = self._text[: at + len(s)] if self.include_stop else self._text[:at]
         return s
 
     def leave_out_last(self) -> None:
@@ -63,15 +69,15 @@ class IncrementalDetokenizer:
         """Decode the tokens added since the last text was made; whether any text came of them. Together, unless
         a character is not finished at their end: then one at a time, so that the ones before it make their text."""
         end = self.end or len(self.ids)
-        if end > self.read_offset + 1 and self.decode(self.ids[end - 1:end]).endswith("\ufffd"):
+        if end > self.read_offset + 1 and self.decode(self.ids[end - 1 : end]).endswith("\ufffd"):
             return any([self.decode_to(i) for i in range(self.read_offset + 1, end + 1)])
         return self.decode_to(end)
 
     def decode_to(self, end: int) -> bool:
-        before = self.decode(self.ids[self.prefix_offset:self.read_offset])
-        after = self.decode(self.ids[self.prefix_offset:end])
+        before = self.decode(self.ids[self.prefix_offset : self.read_offset])
+        after = self.decode(self.ids[self.prefix_offset : end])
         if len(after) <= len(before) or after.endswith("\ufffd"):
             return False
         self.prefix_offset, self.read_offset = self.read_offset, end
-        self._text += after[len(before):]
+        self._text += after[len(before) :]
         return True

@@ -1,5 +1,6 @@
 """The paged KV pool: how many blocks it has, and the one tensor [2, layers, blocks, block_size, kv_heads, head_dim]
 that holds every layer's keys and values."""
+
 import math
 
 import torch
@@ -52,8 +53,9 @@ def blocks_from_gpu_memory(runner, config: EngineConfig, bytes_per_block: int) -
     n = config.max_num_batched_tokens
     meta = AttentionMetadata.one_prompt(n, config.block_size, dev)
     rows = torch.arange(min(n, config.max_num_seqs), device=dev)
-    logits = runner.eager_forward(torch.zeros(n, dtype=torch.long, device=dev),
-                                  torch.arange(n, device=dev) % config.max_model_len, meta, rows)
+    logits = runner.eager_forward(
+        torch.zeros(n, dtype=torch.long, device=dev), torch.arange(n, device=dev) % config.max_model_len, meta, rows
+    )
     if logits is not None:  # the sampler works on a float copy and a sorted one
         torch.sort(logits.float().softmax(-1), dim=-1)
     torch.cuda.synchronize()
@@ -66,7 +68,9 @@ def blocks_from_gpu_memory(runner, config: EngineConfig, bytes_per_block: int) -
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         blocks = int(t.item())
     if blocks < 1:
-        raise ValueError(f"gpu_memory_utilization={config.gpu_memory_utilization} leaves no room for the KV cache: "
-                         f"{total / 2**30:.1f} GiB on the card, {peak / 2**30:.1f} GiB for weights and activations, "
-                         f"{others / 2**30:.1f} GiB used by others")
+        raise ValueError(
+            f"gpu_memory_utilization={config.gpu_memory_utilization} leaves no room for the KV cache: "
+            f"{total / 2**30:.1f} GiB on the card, {peak / 2**30:.1f} GiB for weights and activations, "
+            f"{others / 2**30:.1f} GiB used by others"
+        )
     return blocks

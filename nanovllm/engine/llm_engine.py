@@ -19,7 +19,6 @@ from nanovllm.spec.draft import DraftProposer
 from nanovllm.spec.speculator import Speculator
 from nanovllm.structured_outputs import StructuredOutputManager
 
-
 DEFAULT_BUDGET = 2048  # tokens a step computes, when not given: enough to keep a CPU's matmuls efficient
 
 
@@ -37,17 +36,27 @@ def resolve(config: EngineConfig, hf_config) -> EngineConfig:
     if config.max_model_len is not None and config.max_model_len > model_max:
         raise ValueError(f"max_model_len={config.max_model_len} is longer than the model allows ({model_max})")
     if config.async_scheduling and config.tensor_parallel_size > 1:
-        raise ValueError("async_scheduling=True is not supported with tensor_parallel_size > 1 (the workers would "
-                         "need each step's sampled tokens); use one or the other")
+        raise ValueError(
+            "async_scheduling=True is not supported with tensor_parallel_size > 1 (the workers would "
+            "need each step's sampled tokens); use one or the other"
+        )
     max_len, budget = config.max_model_len or model_max, config.max_num_batched_tokens
     if not config.enable_chunked_prefill:  # as vLLM: a step must hold a whole prompt
         if budget is not None and budget < max_len:
-            raise ValueError(f"max_num_batched_tokens={budget} is smaller than max_model_len={max_len}: without "
-                             f"chunked prefill a step must hold a whole prompt (enable_chunked_prefill=True, or a "
-                             f"larger max_num_batched_tokens)")
+            raise ValueError(
+                f"max_num_batched_tokens={budget} is smaller than max_model_len={max_len}: without "
+                f"chunked prefill a step must hold a whole prompt (enable_chunked_prefill=True, or a "
+                f"larger max_num_batched_tokens)"
+            )
         budget = budget or max(max_len, DEFAULT_BUDGET)
-    return dataclasses.replace(config, device=device, ops=ops.choose(device, config.ops), num_threads=threads,
-                               max_model_len=max_len, max_num_batched_tokens=budget or DEFAULT_BUDGET)
+    return dataclasses.replace(
+        config,
+        device=device,
+        ops=ops.choose(device, config.ops),
+        num_threads=threads,
+        max_model_len=max_len,
+        max_num_batched_tokens=budget or DEFAULT_BUDGET,
+    )
 
 
 class LLMEngine:
@@ -66,8 +75,9 @@ class LLMEngine:
         backend = ops.backend(resolved.ops)  # the model runner routes the ops to it
         workers = Workers(resolved) if resolved.tensor_parallel_size > 1 else None  # they load while we do
         try:
-            loaded = load_model(path, self.dtype, resolved.device, resolved.max_model_len, hf_config,
-                                resolved.tokenizer, backend)
+            loaded = load_model(
+                path, self.dtype, resolved.device, resolved.max_model_len, hf_config, resolved.tokenizer, backend
+            )
             self.runner = ModelRunner(resolved, loaded.model, self.dtype, loaded.eos_token_ids, workers)
             if workers:
                 torch.distributed.barrier()  # every worker has loaded
@@ -78,22 +88,32 @@ class LLMEngine:
         capacity = self.runner.num_blocks * resolved.block_size
         if resolved.max_model_len > capacity:
             if config.max_model_len is not None:
-                raise ValueError(f"max_model_len={resolved.max_model_len} does not fit the KV pool of {capacity} "
-                                 f"tokens ({self.runner.num_blocks} blocks of {resolved.block_size})")
+                raise ValueError(
+                    f"max_model_len={resolved.max_model_len} does not fit the KV pool of {capacity} "
+                    f"tokens ({self.runner.num_blocks} blocks of {resolved.block_size})"
+                )
             resolved = dataclasses.replace(resolved, max_model_len=capacity)  # not asked for: what the pool holds
         self.config = resolved
         self.model_path, self.hf_config, self.eos_token_ids = path, hf_config, loaded.eos_token_ids
         self.tokenizer = loaded.tokenizer
-        self.block_manager = BlockManager(self.runner.num_blocks, resolved.block_size, resolved.enable_prefix_caching,
-                                          resolved.max_num_seqs, -(-resolved.max_model_len // resolved.block_size))
+        self.block_manager = BlockManager(
+            self.runner.num_blocks,
+            resolved.block_size,
+            resolved.enable_prefix_caching,
+            resolved.max_num_seqs,
+            -(-resolved.max_model_len // resolved.block_size),
+        )
         self.runner.block_tables = self.block_manager.tables
         self.in_flight: Launched | None = None  # async scheduling: the step launched last, not yet postprocessed
         self.scheduler = Scheduler(resolved, self.block_manager)
         self.speculator = None  # speculative decoding (nanovllm/spec), when speculative_config asks for it
         if resolved.speculative_config:
             spec = SpeculativeConfig.from_dict(resolved.speculative_config)
-            draft = DraftProposer(resolved, spec.model, self.runner.num_blocks, hf_config.vocab_size, self.dtype,
-                                  backend) if spec.model else None
+            draft = (
+                DraftProposer(resolved, spec.model, self.runner.num_blocks, hf_config.vocab_size, self.dtype, backend)
+                if spec.model
+                else None
+            )
             self.speculator = Speculator(spec, resolved.max_model_len, draft, resolved.device)
             self.scheduler.on_free, self.scheduler.speculative = self.speculator.free, True
         self.requests: dict[str, Request] = {}
@@ -115,15 +135,17 @@ class LLMEngine:
         text, ids = tokenize(encoder, prompt)
         if params.truncate_prompt_tokens is not None:  # its last k tokens (-1: as many as leave room for one)
             k = params.truncate_prompt_tokens
-            ids = ids[-(self.config.max_model_len - 1 if k == -1 else k):]
+            ids = ids[-(self.config.max_model_len - 1 if k == -1 else k) :]
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
         if not ids:
             raise ValueError("the prompt is empty")
         if len(ids) >= self.config.max_model_len:  # vLLM's rule, the server's too: room for one token at least
-            raise ValueError(f"the prompt has {len(ids)} tokens; with at least one token to generate that is longer "
-                             f"than max_model_len={self.config.max_model_len}")
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens; with at least one token to generate that is longer "
+                f"than max_model_len={self.config.max_model_len}"
+            )
         for name in ("stop_token_ids", "logit_bias", "allowed_token_ids"):
             bad = [t for t in getattr(params, name) or [] if not 0 <= t < self.vocab_size]
             if bad:
@@ -132,8 +154,10 @@ class LLMEngine:
         for name in ("logprobs", "prompt_logprobs"):  # -1 asks for the whole vocabulary (as in vLLM)
             asked = getattr(params, name)
             if asked is not None and (self.vocab_size if asked == -1 else asked) > cap:
-                raise ValueError(f"SamplingParams.{name} ({asked}) is more than this engine allows: max_logprobs="
-                                 f"{self.config.max_logprobs} (an engine argument; -1 allows the whole vocabulary)")
+                raise ValueError(
+                    f"SamplingParams.{name} ({asked}) is more than this engine allows: max_logprobs="
+                    f"{self.config.max_logprobs} (an engine argument; -1 allows the whole vocabulary)"
+                )
         so = params.structured_outputs  # its grammar compiles on another thread from here on
         grammar = self.structured_outputs.compile(so, encoder) if so else None
         return Request.make(request_id, text, ids, params, self.tokenizer, self.config.device, encoder, grammar)
@@ -199,8 +223,9 @@ class LLMEngine:
             self.speculator.record([step.batch.seqs[i] for i in step.sample_rows], tokens)
             decoded = [len(new) for i, new in zip(step.sample_rows, tokens) if step.batch.seqs[i].spec_token_ids]
             self.last_step = (self.last_step[0], self.last_step[1] + sum(decoded) - len(decoded))
-        changed = self.scheduler.postprocess(step.batch, step.sample_rows, tokens, self.requests,
-                                             self.eos_token_ids, step.logprobs)
+        changed = self.scheduler.postprocess(
+            step.batch, step.sample_rows, tokens, self.requests, self.eos_token_ids, step.logprobs
+        )
         outputs = []
         for request in changed:
             if request.final_only and not request.finished:
@@ -223,8 +248,14 @@ class LLMEngine:
 
     def stats(self) -> dict:
         bm = self.block_manager
-        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-                "requests": len(self.requests),
-                "num_blocks": bm.num_blocks, "free_blocks": bm.num_free,
-                "prefix_cache_queries": bm.prefix_query_tokens, "prefix_cache_hits": bm.prefix_hit_tokens,
-                "preemptions": self.scheduler.num_preemptions, **(self.speculator.metrics() if self.speculator else {})}
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "requests": len(self.requests),
+            "num_blocks": bm.num_blocks,
+            "free_blocks": bm.num_free,
+            "prefix_cache_queries": bm.prefix_query_tokens,
+            "prefix_cache_hits": bm.prefix_hit_tokens,
+            "preemptions": self.scheduler.num_preemptions,
+            **(self.speculator.metrics() if self.speculator else {}),
+        }

@@ -18,27 +18,29 @@ from nanovllm.spec import rejection
 @dataclass
 class Step:
     """A step's inputs on the device, unpacked."""
+
     input_ids: torch.Tensor
     positions: torch.Tensor
     meta: AttentionMetadata
-    last: torch.Tensor                   # the flat-batch index of each sampled row's last token
-    sample_table_rows: np.ndarray        # each sampled row's row of the sampling table, on the host
+    last: torch.Tensor  # the flat-batch index of each sampled row's last token
+    sample_table_rows: np.ndarray  # each sampled row's row of the sampling table, on the host
     sample_table_rows_dev: torch.Tensor  # and on the device
 
 
 @dataclass
 class Launched:
     """A step on its way: its batch, and its sampled token ids on the device with their copy to the host."""
+
     batch: ScheduledBatch
     sample_rows: list[int]
     tokens: torch.Tensor | None
     host: torch.Tensor | None
-    event: object                        # the copy's CUDA event (None on CPU)
-    needs_tokens: bool                   # a sampled row's next draw depends on its token (penalties, a bad word
-                                         # of several tokens), or the step computed logprobs: the host must have
-                                         # them before the next step is scheduled
+    event: object  # the copy's CUDA event (None on CPU)
+    needs_tokens: bool  # a sampled row's next draw depends on its token (penalties, a bad word
+    # of several tokens), or the step computed logprobs: the host must have
+    # them before the next step is scheduled
     logprobs: StepLogprobs | None = None  # on the host already, for the rows that asked (None if none did)
-    kept: list[list[int]] | None = None   # a verification's tokens per sampled row (on the host)
+    kept: list[list[int]] | None = None  # a verification's tokens per sampled row (on the host)
 
     def token_ids(self) -> list[list[int]]:
         """Each sampled row's new tokens on the host: one, or a verification's kept proposals and one more (waits
@@ -53,8 +55,13 @@ class Launched:
 def needs_own_tokens(seq: Sequence) -> bool:
     """Its next draw depends on the token before (penalties, a bad word of several tokens, a grammar)."""
     p = seq.params
-    return bool(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty
-                or any(len(w) > 1 for w in seq.bad_words) or seq.constraint is not None)
+    return bool(
+        p.repetition_penalty != 1
+        or p.presence_penalty
+        or p.frequency_penalty
+        or any(len(w) > 1 for w in seq.bad_words)
+        or seq.constraint is not None
+    )
 
 
 class ModelRunner:
@@ -63,8 +70,9 @@ class ModelRunner:
     The ops backend (nanovllm/ops) is the one the resolved config names; its step runner, if it has one (CUDA
     graphs, the fused CPU decode step), runs the steps it covers in place of the model's forward."""
 
-    def __init__(self, config: EngineConfig, model: torch.nn.Module, dtype: torch.dtype, eos_token_ids: set[int],
-                 workers=None):
+    def __init__(
+        self, config: EngineConfig, model: torch.nn.Module, dtype: torch.dtype, eos_token_ids: set[int], workers=None
+    ):
         self.workers, self.failed = workers, False  # rank 0 of a tensor-parallel engine drives the workers
         self.model, self.device, self.block_size = model, torch.device(config.device), config.block_size
         self.dtype, self.eos_token_ids = dtype, sorted(eos_token_ids)
@@ -88,8 +96,9 @@ class ModelRunner:
         self.block_tables: np.ndarray | None = None  # the block manager's; the engine hands it over
         self.sampling = np.zeros((rows, 7), dtype=np.float32)
         self.sampling_flags = np.zeros((rows, 7), dtype=bool)
-        self.sampling_dev = (torch.from_numpy(self.sampling) if self.device.type == "cpu"
-                             else torch.zeros(rows, 7, device=self.device))
+        self.sampling_dev = (
+            torch.from_numpy(self.sampling) if self.device.type == "cpu" else torch.zeros(rows, 7, device=self.device)
+        )
         self.row_owner: list[SamplingParams | None] = [None] * rows  # whose parameters a row holds
         self.last_sampled = torch.zeros(rows, dtype=torch.long, device=self.device)  # per row, on the device
         self.dirty_rows: list[int] = []
@@ -100,8 +109,9 @@ class ModelRunner:
         """The CUDA graphs, where the step runner is them."""
         return self.step_runner if self.ops.NAME == "cuda" else None
 
-    def pack(self, batch: ScheduledBatch, sample_rows: list[int],
-             prompt_positions: dict[int, range] | None = None) -> np.ndarray:
+    def pack(
+        self, batch: ScheduledBatch, sample_rows: list[int], prompt_positions: dict[int, range] | None = None
+    ) -> np.ndarray:
         """A step's inputs as one int64 array: what tensor-parallel workers receive, and what every rank
         (rank 0 included) builds its tensors from. Layout: [T, B, W, D, S, decode_max_context, P, L], then input
         ids, positions, slots (T each), query starts (B+1), context lengths (B), block tables (B*W), decode rows
@@ -127,48 +137,83 @@ class ModelRunner:
             input_ids = [s.token_ids[-1] for s in seqs]
             token_seq, positions = np.arange(B), start
         else:  # a pending token's slice is empty: its placeholder 0, filled in on the device; proposals follow
-            input_ids = [t for s, a, k in zip(seqs, start.tolist(), batch.num_new_tokens)
-                         for t in (s.token_ids[a:a + k] + s.spec_token_ids) or [0]]
+            input_ids = [
+                t
+                for s, a, k in zip(seqs, start.tolist(), batch.num_new_tokens)
+                for t in (s.token_ids[a : a + k] + s.spec_token_ids) or [0]
+            ]
             token_seq = np.repeat(np.arange(B), n)
             positions = np.arange(T) - np.repeat(query_start[:-1] - start, n)
             if batch.verifies:  # a verifying row's logits: its last token's and each proposal's
                 k = [len(seqs[i].spec_token_ids) for i in sample_rows]
                 last = np.concatenate([np.arange(e - j, e + 1) for e, j in zip(last.tolist(), k)])
-        tables = self.block_tables[table_rows, :-(-int(ends.max()) // bs)]
+        tables = self.block_tables[table_rows, : -(-int(ends.max()) // bs)]
         slots = tables[token_seq, positions // bs] * bs + positions % bs
         decode_rows = np.flatnonzero(n == 1)
         decode_max = int(ends[decode_rows].max()) if len(decode_rows) else 0
         pending = np.flatnonzero(start == lens)  # their last token is still on the device
         dst, src = query_start[pending], table_rows[pending]
         if prompt_positions:  # in token order, as a step runner returns logits
-            last = np.sort(np.concatenate([last, [query_start[i] + p - seqs[i].num_computed
-                                                  for i, ps in prompt_positions.items() for p in ps]]))
+            last = np.sort(
+                np.concatenate(
+                    [
+                        last,
+                        [query_start[i] + p - seqs[i].num_computed for i, ps in prompt_positions.items() for p in ps],
+                    ]
+                )
+            )
         header = [T, B, tables.shape[1], len(decode_rows), len(sampled), decode_max, len(dst), len(last)]
-        return np.concatenate([header, input_ids, positions, slots, query_start, ends, tables.ravel(), decode_rows,
-                               query_start[decode_rows], last, table_rows[sampled], dst, src
-                               ]).astype(np.int64, copy=False)
+        return np.concatenate(
+            [
+                header,
+                input_ids,
+                positions,
+                slots,
+                query_start,
+                ends,
+                tables.ravel(),
+                decode_rows,
+                query_start[decode_rows],
+                last,
+                table_rows[sampled],
+                dst,
+                src,
+            ]
+        ).astype(np.int64, copy=False)
 
     def unpack(self, packed: np.ndarray) -> Step:
         """The packed inputs as tensors on the device; a pending input token is its row's last sampled token."""
         T, B, W, D, S, decode_max, P, L = packed[:8].tolist()
-        dev = torch.from_numpy(packed[8:].copy()).to(self.device, non_blocking=True).split(
-            [T, T, T, B + 1, B, B * W, D, D, L, S, P, P])
+        dev = (
+            torch.from_numpy(packed[8:].copy())
+            .to(self.device, non_blocking=True)
+            .split([T, T, T, B + 1, B, B * W, D, D, L, S, P, P])
+        )
         input_ids, positions, slots, query_start, context_lens, tables, decode_rows, decode_tokens, last = dev[:9]
         if P:
             input_ids[dev[10]] = self.last_sampled[dev[11]]
         at = 8 + 3 * T  # the query starts and context lengths on the host too, and the sampling-table rows
-        meta = AttentionMetadata.for_step(query_start, context_lens, tables.view(B, W), slots, decode_rows,
-                                          decode_tokens, packed[at:at + B + 1].tolist(),
-                                          packed[at + B + 1:at + 2 * B + 1].tolist(), decode_max)
+        meta = AttentionMetadata.for_step(
+            query_start,
+            context_lens,
+            tables.view(B, W),
+            slots,
+            decode_rows,
+            decode_tokens,
+            packed[at : at + B + 1].tolist(),
+            packed[at + B + 1 : at + 2 * B + 1].tolist(),
+            decode_max,
+        )
         at += 2 * B + 1 + B * W + 2 * D + L
-        return Step(input_ids, positions, meta, last, packed[at:at + S], dev[9])
+        return Step(input_ids, positions, meta, last, packed[at : at + S], dev[9])
 
     def prepare(self, batch: ScheduledBatch, sample_rows: list[int] = ()):
         step = self.unpack(self.pack(batch, list(sample_rows)))
         return step.input_ids, step.positions, step.meta, step.last
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                last: torch.Tensor) -> torch.Tensor | None:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, last: torch.Tensor
+    ) -> torch.Tensor | None:
         """The model over one step; the logits of the `last` rows (on rank 0; None elsewhere or if no rows).
         The step runner takes the steps it covers (every rank decides alike: same inputs)."""
         if ops.active is not self.ops:  # another engine in this process chose another backend since
@@ -177,8 +222,9 @@ class ModelRunner:
             return self.step_runner.run(input_ids, positions, meta)
         return self.eager_forward(input_ids, positions, meta, last)
 
-    def eager_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                      last: torch.Tensor) -> torch.Tensor | None:
+    def eager_forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, last: torch.Tensor
+    ) -> torch.Tensor | None:
         with torch.inference_mode():
             hidden = self.model(input_ids, positions, meta)
             return self.model.compute_logits(hidden[last]) if last.numel() else None
@@ -198,15 +244,23 @@ class ModelRunner:
         (t_min, k_min, p_min, _, _, _, _), (t_max, k_max, _, min_p_max, _, _, _) = values.min(0), values.max(0)
         any_flag = flags.any(0).tolist()
         t = self.sampling_dev[rows_dev]
-        b = SamplingBatch(temperature=t[:, 0], top_k=t[:, 1], top_p=t[:, 2], min_p=t[:, 3], generators=None,
-                          all_greedy=bool(t_max == 0), any_greedy=bool(t_min == 0),
-                          top_k_width=int(k_max) if k_min < self.model.vocab_size else 0,
-                          use_top_p=bool(p_min < 1), use_min_p=bool(min_p_max > 0))
+        b = SamplingBatch(
+            temperature=t[:, 0],
+            top_k=t[:, 1],
+            top_p=t[:, 2],
+            min_p=t[:, 3],
+            generators=None,
+            all_greedy=bool(t_max == 0),
+            any_greedy=bool(t_min == 0),
+            top_k_width=int(k_max) if k_min < self.model.vocab_size else 0,
+            use_top_p=bool(p_min < 1),
+            use_min_p=bool(min_p_max > 0),
+        )
         if any_flag[3]:
             b.generators = [s.generator for s in seqs]
         if any_flag[2]:
             b.repetition_penalty, b.presence_penalty, b.frequency_penalty = t[:, 4], t[:, 5], t[:, 6]
-            b.prompt_ids = [s.token_ids[:s.num_prompt_tokens] for s in seqs]
+            b.prompt_ids = [s.token_ids[: s.num_prompt_tokens] for s in seqs]
             b.output_ids = [s.output_token_ids for s in seqs]
         b.banned, b.bias, b.allowed = [], [], []
         for i in np.flatnonzero(flags[:, :2].any(axis=1)).tolist() if any_flag[0] or any_flag[1] else ():
@@ -216,8 +270,11 @@ class ModelRunner:
             if s.num_output_tokens + (s.num_computed == len(s.token_ids)) < p.min_tokens:  # (+ a pending one)
                 b.banned += [(i, t) for t in (*self.eos_token_ids, *p.stop_token_ids)]
             # a bad word's last token, where the output ends with the rest of it (as in vLLM)
-            b.banned += [(i, word[-1]) for word in s.bad_words
-                         if len(word) == 1 or s.output_token_ids[-(len(word) - 1):] == word[:-1]]
+            b.banned += [
+                (i, word[-1])
+                for word in s.bad_words
+                if len(word) == 1 or s.output_token_ids[-(len(word) - 1) :] == word[:-1]
+            ]
             b.bias += [(i, t, v) for t, v in (p.logit_bias or {}).items()]
             if p.allowed_token_ids:
                 b.allowed.append((i, p.allowed_token_ids))
@@ -238,12 +295,24 @@ class ModelRunner:
         """A sequence's row of the sampling table: all it holds follows from the request's parameters, so the
         row is written again only when a sequence of other parameters takes it."""
         p, vocab = seq.params, self.model.vocab_size
-        self.sampling[seq.row] = (p.temperature, min(p.top_k, vocab) if p.top_k > 0 else vocab, p.top_p, p.min_p,
-                                  p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
-        self.sampling_flags[seq.row] = (p.min_tokens > 0, bool(seq.bad_words or p.logit_bias or p.allowed_token_ids),
-                                        p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty,
-                                        seq.generator is not None, needs_own_tokens(seq), seq.logprobs is not None,
-                                        seq.constraint is not None)
+        self.sampling[seq.row] = (
+            p.temperature,
+            min(p.top_k, vocab) if p.top_k > 0 else vocab,
+            p.top_p,
+            p.min_p,
+            p.repetition_penalty,
+            p.presence_penalty,
+            p.frequency_penalty,
+        )
+        self.sampling_flags[seq.row] = (
+            p.min_tokens > 0,
+            bool(seq.bad_words or p.logit_bias or p.allowed_token_ids),
+            p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty,
+            seq.generator is not None,
+            needs_own_tokens(seq),
+            seq.logprobs is not None,
+            seq.constraint is not None,
+        )
         self.row_owner[seq.row] = p
         if self.device.type != "cpu":
             self.dirty_rows.append(seq.row)
@@ -304,4 +373,3 @@ class ModelRunner:
     def shutdown(self) -> None:
         if self.workers is not None:
             self.workers.shutdown()
-

@@ -1,6 +1,7 @@
 """One request: its prompt as token ids, its n sequences with their detokenizers, how each one stops, and the
 RequestOutput it shows. `tokenize` is the one way a prompt (text, ids, a dict, or chat messages) becomes token
 ids, for the offline front, the async engine and the server alike."""
+
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -18,8 +19,9 @@ from nanovllm.structured_outputs import Constraint
 Prompt = str | list[int] | dict | list[dict]
 
 
-def tokenize(tokenizer, prompt: Prompt, chat_template: str | None = None, add_generation_prompt: bool = True,
-             **template_kwargs) -> tuple[str | None, list[int]]:
+def tokenize(
+    tokenizer, prompt: Prompt, chat_template: str | None = None, add_generation_prompt: bool = True, **template_kwargs
+) -> tuple[str | None, list[int]]:
     """(the prompt's text if it had one, its token ids). Token ids are taken as they are (checked later, against
     the vocabulary); a conversation is rendered with the model's chat template (or the one given)."""
     text = None
@@ -36,17 +38,20 @@ def tokenize(tokenizer, prompt: Prompt, chat_template: str | None = None, add_ge
         return None, chat_token_ids(tokenizer, list(prompt), add_generation_prompt, chat_template, **template_kwargs)
     if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
         return text, list(prompt)
-    raise ValueError(f"a prompt must be a string, a list of token ids or a list of chat messages, got "
-                     f"{type(prompt).__name__}")
+    raise ValueError(
+        f"a prompt must be a string, a list of token ids or a list of chat messages, got {type(prompt).__name__}"
+    )
 
 
-def chat_token_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
-                   chat_template: str | None = None, **kwargs) -> list[int]:
+def chat_token_ids(
+    tokenizer, messages: list[dict], add_generation_prompt: bool = True, chat_template: str | None = None, **kwargs
+) -> list[int]:
     """A conversation rendered with the model's chat template (or the one given), as token ids."""
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model has no chat template: pass chat_template=... or use generate()")
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                         chat_template=chat_template, tokenize=False, **kwargs)
+    text = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, chat_template=chat_template, tokenize=False, **kwargs
+    )
     # a template that does not know a role may leave its messages out without a word (assistant messages are not
     # checked: templates rewrite them, e.g. drop an earlier turn's reasoning)
     for m in messages:
@@ -84,16 +89,32 @@ class Request:
     tokenizer: object = None  # decodes the tokens of logprobs
 
     @classmethod
-    def make(cls, request_id: str, text: str | None, ids: list[int], params: SamplingParams, tokenizer,
-             device: str, encoder=None, grammar: Future | None = None) -> "Request":
+    def make(
+        cls,
+        request_id: str,
+        text: str | None,
+        ids: list[int],
+        params: SamplingParams,
+        tokenizer,
+        device: str,
+        encoder=None,
+        grammar: Future | None = None,
+    ) -> "Request":
         """n sequences of the same prompt; a seeded request's sequence i draws from its own generator (seed + i).
         `tokenizer` decodes (on the engine's thread); `encoder` (default: the same) encodes the bad words.
         `grammar`: the structured-output grammar being compiled; each sequence gets its own matcher of it."""
         seqs, detoks = [], []
         bad_words = bad_word_ids(encoder or tokenizer, params.bad_words or [])
         for i in range(params.n):
-            seq = Sequence(request_id, i, list(ids), len(ids), params, bad_words=bad_words,
-                           constraint=Constraint(grammar) if grammar else None)
+            seq = Sequence(
+                request_id,
+                i,
+                list(ids),
+                len(ids),
+                params,
+                bad_words=bad_words,
+                constraint=Constraint(grammar) if grammar else None,
+            )
             if params.seed is not None:
                 seq.generator = torch.Generator(device).manual_seed((params.seed + i) % 2**64)
             if params.logprobs is not None:
@@ -101,10 +122,20 @@ class Request:
             if params.prompt_logprobs is not None and i == 0:
                 seq.prompt_logprobs = [None]
             seqs.append(seq)
-            detoks.append(IncrementalDetokenizer(tokenizer, seq.token_ids, params.skip_special_tokens, params.stop,
-                                                 params.include_stop_str_in_output))
-        return cls(request_id, text, ids, seqs, detoks,
-                   final_only=params.output_kind == RequestOutputKind.FINAL_ONLY, tokenizer=tokenizer)
+            detoks.append(
+                IncrementalDetokenizer(
+                    tokenizer, seq.token_ids, params.skip_special_tokens, params.stop, params.include_stop_str_in_output
+                )
+            )
+        return cls(
+            request_id,
+            text,
+            ids,
+            seqs,
+            detoks,
+            final_only=params.output_kind == RequestOutputKind.FINAL_ONLY,
+            tokenizer=tokenizer,
+        )
 
     def add_logprobs(self, seq: Sequence, ids: list[int], values: list[float], rank: int) -> None:
         """The logprobs of the token `seq` is about to append (ids[0]) and of the most likely ones."""
@@ -114,15 +145,17 @@ class Request:
     def add_prompt_logprobs(self, seq: Sequence, entries: list[tuple[list[int], list[float], int]]) -> None:
         """The logprobs of the next prompt tokens, in order, each with the most likely tokens at its position."""
         decoded = iter(self.decode_each(seq, [t for ids, _, _ in entries for t in ids]))  # one call for all
-        seq.prompt_logprobs += [logprob_dict(ids, values, rank, [next(decoded) for _ in ids])
-                                for ids, values, rank in entries]
+        seq.prompt_logprobs += [
+            logprob_dict(ids, values, rank, [next(decoded) for _ in ids]) for ids, values, rank in entries
+        ]
 
     def decode_each(self, seq: Sequence, ids: list[int]) -> list[str | None]:
         """Each token's text alone (vLLM's decoded_token); None without detokenize."""
         return self.tokenizer.batch_decode([[t] for t in ids]) if seq.params.detokenize else [None] * len(ids)
 
-    def check(self, seq: Sequence, token: int, eos_token_ids: set[int],
-              max_model_len: int) -> tuple[str, int | str | None] | None:
+    def check(
+        self, seq: Sequence, token: int, eos_token_ids: set[int], max_model_len: int
+    ) -> tuple[str, int | str | None] | None:
         """The token just appended to `seq` (its text made if a stop string is looked for); returns (finish reason,
         stop reason) if it ends the sequence: a stop or EOS token (once min_tokens are out), a stop string,
         max_tokens or max_model_len. As in vLLM, a stop string may end in the tokens after the first min_tokens,
@@ -165,13 +198,26 @@ class Request:
         """The outputs so far: while a sequence runs, its text without a tail that could still become a stop. Text
         its tokenizer cannot make fails this request (the engine then aborts it)."""
         try:
-            texts = ([d.text if s.finished else d.stable_text() for s, d in zip(self.seqs, self.detoks)]
-                     if self.seqs[0].params.detokenize else [""] * len(self.seqs))
+            texts = (
+                [d.text if s.finished else d.stable_text() for s, d in zip(self.seqs, self.detoks)]
+                if self.seqs[0].params.detokenize
+                else [""] * len(self.seqs)
+            )
         except Exception as e:
             self.error, texts = self.error or f"{type(e).__name__}: {e}", [""] * len(self.seqs)
-        outs = [CompletionOutput(i, text, s.output_token_ids, s.finish_reason, s.stop_reason,
-                                 s.cumulative_logprob, copy(s.logprobs))
-                for i, (s, text) in enumerate(zip(self.seqs, texts))]
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.finished,
-                             max(self.seqs[0].num_cached_tokens, 0), self.error,
-                             prompt_logprobs=copy(self.seqs[0].prompt_logprobs))
+        outs = [
+            CompletionOutput(
+                i, text, s.output_token_ids, s.finish_reason, s.stop_reason, s.cumulative_logprob, copy(s.logprobs)
+            )
+            for i, (s, text) in enumerate(zip(self.seqs, texts))
+        ]
+        return RequestOutput(
+            self.request_id,
+            self.prompt,
+            self.prompt_token_ids,
+            outs,
+            self.finished,
+            max(self.seqs[0].num_cached_tokens, 0),
+            self.error,
+            prompt_logprobs=copy(self.seqs[0].prompt_logprobs),
+        )

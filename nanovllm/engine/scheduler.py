@@ -13,7 +13,7 @@ from nanovllm.layers.sampler import StepLogprobs
 class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]  # tokens of each sequence computed this step (1 for a decode, a chunk for a prefill,
-                               # 1 + k for a decode verifying k proposals)
+    # 1 + k for a decode verifying k proposals)
     sample_rows: list[int] = field(default_factory=list)  # the sequences whose whole context is computed after it
     verifies: bool = False  # some sequence's speculative proposals are in it
 
@@ -71,7 +71,7 @@ class Scheduler:
             n = min((len(seq.token_ids) - seq.num_computed or 1) + len(seq.spec_token_ids), budget)
             if seq.spec_token_ids and not bm.can_allocate(seq, [], n):  # speculation never preempts
                 n = 1
-            del seq.spec_token_ids[max(n - 1, 0):]  # the proposals the budget leaves room for
+            del seq.spec_token_ids[max(n - 1, 0) :]  # the proposals the budget leaves room for
             if (seq.num_computed + n + bs - 1) // bs > len(seq.block_table):  # it needs a block
                 while not bm.can_allocate(seq, [], n):
                     victim = self.running.pop()
@@ -97,7 +97,7 @@ class Scheduler:
                 break
             hits = bm.match_prefix(seq) if not seq.block_table else []
             if seq.prompt_logprobs is not None:  # positions whose prompt logprobs are still to come are computed
-                hits = hits[:(len(seq.prompt_logprobs) - 1) // bm.block_size]
+                hits = hits[: (len(seq.prompt_logprobs) - 1) // bm.block_size]
             n = min(seq.num_tokens - seq.num_computed - len(hits) * bm.block_size, budget)
             if not self.chunked_prefill and n < seq.num_tokens - seq.num_computed - len(hits) * bm.block_size:
                 break  # the whole prompt in one step, or wait for a step with room for it
@@ -122,8 +122,15 @@ class Scheduler:
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed += n
 
-    def postprocess(self, batch: ScheduledBatch, sample_rows: list[int], tokens: list[list[int]], requests: dict,
-                    eos_token_ids: set[int], logprobs: StepLogprobs | None = None) -> list:
+    def postprocess(
+        self,
+        batch: ScheduledBatch,
+        sample_rows: list[int],
+        tokens: list[list[int]],
+        requests: dict,
+        eos_token_ids: set[int],
+        logprobs: StepLogprobs | None = None,
+    ) -> list:
         """After a step's sampled tokens reached the host: each row's new tokens (one, or the proposals kept and
         one more) appended unless its sequence ended while the step ran (then they are dropped), with its logprobs
         where asked (and prompt logprobs); a verification's rejected proposals out of the KV; newly full blocks
@@ -143,17 +150,19 @@ class Scheduler:
             self.keep_accepted(seq)
         for seq in [s for s in seqs if s.num_computed >= (s.num_keyed_blocks + 1) * bs and s.status is not finished]:
             bm.cache_full_blocks(seq)
-        changed = failed | {s.request_id: requests[s.request_id] for s, _ in live
-                            if not requests[s.request_id].final_only}
+        changed = failed | {
+            s.request_id: requests[s.request_id] for s, _ in live if not requests[s.request_id].final_only
+        }
         # only where a stop may have come: stop strings and tokens, min_tokens, EOS, the length limits, a kept run
         runs = batch.verifies
-        for seq, new in [(s, n) for s, n in live if len(s.token_ids) >= s.check_at or n[0] in eos_token_ids
-                         or runs and len(n) > 1]:
+        for seq, new in [
+            (s, n) for s, n in live if len(s.token_ids) >= s.check_at or n[0] in eos_token_ids or runs and len(n) > 1
+        ]:
             if seq.status is finished:  # its request failed on another sequence's token
                 continue
             request = requests[seq.request_id]
             try:
-                del seq.token_ids[len(seq.token_ids) - len(new) + 1:]  # a kept run's tokens checked one by one
+                del seq.token_ids[len(seq.token_ids) - len(new) + 1 :]  # a kept run's tokens checked one by one
                 for j, token in enumerate(new):
                     if j:
                         seq.token_ids.append(token)
@@ -171,8 +180,10 @@ class Scheduler:
     def add_logprobs(self, seqs: list[Sequence], logprobs: StepLogprobs, requests: dict, failed: dict) -> None:
         """A step's logprobs to their sequences (the prompt's first; none for a sequence that ended while the step
         ran); a request whose logprobs cannot be decoded fails alone, into `failed`."""
-        for row, prompt, entries in [*((r, True, e) for r, e in logprobs.prompt.items()),
-                                     *((r, False, e) for r, e in logprobs.sampled.items())]:
+        for row, prompt, entries in [
+            *((r, True, e) for r, e in logprobs.prompt.items()),
+            *((r, False, e) for r, e in logprobs.sampled.items()),
+        ]:
             seq = seqs[row]
             if seq.status is Status.FINISHED:
                 continue

@@ -19,6 +19,7 @@ class Sequence:
     K/V in the cache, or are on their way there in a launched step. With async scheduling a sampled token can
     still be on the device: then num_computed == len(token_ids) (pending), the next step reads it there and the
     host appends it one step later."""
+
     request_id: str
     index: int
     token_ids: list[int]
@@ -26,21 +27,21 @@ class Sequence:
     params: SamplingParams
     status: Status = Status.WAITING
     num_computed: int = 0
-    num_cached_tokens: int = -1          # prompt tokens served by the prefix cache at first admission; -1 before
+    num_cached_tokens: int = -1  # prompt tokens served by the prefix cache at first admission; -1 before
     block_table: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     generator: torch.Generator | None = None
     bad_words: list[list[int]] = field(default_factory=list)  # SamplingParams.bad_words as token ids
-    logprobs: list | None = None          # per output token {token id: Logprob}, when SamplingParams.logprobs is set
+    logprobs: list | None = None  # per output token {token id: Logprob}, when SamplingParams.logprobs is set
     cumulative_logprob: float | None = None
-    prompt_logprobs: list | None = None   # the request's, held (and computed) by its first sequence only
+    prompt_logprobs: list | None = None  # the request's, held (and computed) by its first sequence only
     # the length from which postprocess looks at each appended token: 0 where every one needs a look (stop strings
     # and tokens, min_tokens, a grammar to advance), else where max_tokens (and, once scheduled, max_model_len)
     # ends it; EOS is looked for apart
     check_at: int = field(init=False)
-    row: int = -1                        # its row in the block manager's tables while it holds blocks
-    num_keyed_blocks: int = 0            # leading blocks keyed for the prefix cache
+    row: int = -1  # its row in the block manager's tables while it holds blocks
+    num_keyed_blocks: int = 0  # leading blocks keyed for the prefix cache
     # speculative decoding (nanovllm/spec): the tokens proposed after token_ids, verified in this step, and the
     # draft's distributions they were drawn from [k, V] (None: a point mass, as n-gram or a greedy draft)
     spec_token_ids: list[int] = field(default_factory=list)
@@ -62,7 +63,7 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def finished(self) -> bool:

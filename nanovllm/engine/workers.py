@@ -6,6 +6,7 @@ Lifecycle: workers are spawned (never forked: torch's threads do not survive a f
 process shuts them down), and exit when their pipe closes, so no worker outlives the engine. A worker that fails
 sends its traceback up its pipe and exits; its closed sockets make rank 0's next collective fail at once, and
 rank 0 raises the worker's message."""
+
 import multiprocessing as mp
 import os
 import signal
@@ -28,12 +29,13 @@ def check_tensor_parallel(config: EngineConfig, hf_config) -> None:
     if config.device == "cuda" and tp > torch.cuda.device_count():
         raise ValueError(f"tensor_parallel_size={tp} needs {tp} GPUs; this machine has {torch.cuda.device_count()}")
     if config.device == "cpu" and tp > (os.cpu_count() or 1):
-        raise ValueError(f"tensor_parallel_size={tp} needs a CPU core per process; this machine has "
-                         f"{os.cpu_count()}")
+        raise ValueError(f"tensor_parallel_size={tp} needs a CPU core per process; this machine has {os.cpu_count()}")
     heads = hf_config.num_attention_heads
-    for name, value in [("num_attention_heads", heads),
-                        ("num_key_value_heads", getattr(hf_config, "num_key_value_heads", None) or heads),
-                        ("intermediate_size", hf_config.intermediate_size)]:
+    for name, value in [
+        ("num_attention_heads", heads),
+        ("num_key_value_heads", getattr(hf_config, "num_key_value_heads", None) or heads),
+        ("intermediate_size", hf_config.intermediate_size),
+    ]:
         if value % tp:
             raise ValueError(f"the model's {name}={value} is not divisible by tensor_parallel_size={tp}")
 
@@ -42,8 +44,13 @@ def init_distributed(config: EngineConfig, rank: int, port: int) -> None:
     if config.device == "cuda":
         torch.cuda.set_device(rank)
     backend = "nccl" if config.device == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=config.tensor_parallel_size, timeout=TIMEOUT)
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=config.tensor_parallel_size,
+        timeout=TIMEOUT,
+    )
 
 
 def worker_main(config: EngineConfig, rank: int, port: int, conn) -> None:
@@ -52,6 +59,7 @@ def worker_main(config: EngineConfig, rank: int, port: int, conn) -> None:
         import nanovllm.ops as ops
         from nanovllm.engine.model_runner import ModelRunner
         from nanovllm.loader import load_model
+
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         init_distributed(config, rank, port)
@@ -81,8 +89,10 @@ class Workers:
 
     def __init__(self, config: EngineConfig):
         if dist.is_initialized():
-            raise RuntimeError("another tensor-parallel engine is running in this process: shut it down first "
-                               "(LLM.shutdown(), or use LLM as a context manager)")
+            raise RuntimeError(
+                "another tensor-parallel engine is running in this process: shut it down first "
+                "(LLM.shutdown(), or use LLM as a context manager)"
+            )
         ctx = mp.get_context("spawn")
         with socket.socket() as s:  # a free port now; the store binds it a moment later
             s.bind(("127.0.0.1", 0))
@@ -90,8 +100,9 @@ class Workers:
         self.procs, self.conns = [], []
         for rank in range(1, config.tensor_parallel_size):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=worker_main, args=(config, rank, port, child), daemon=True,
-                               name=f"nanovllm-tp{rank}")
+            proc = ctx.Process(
+                target=worker_main, args=(config, rank, port, child), daemon=True, name=f"nanovllm-tp{rank}"
+            )
             proc.start()
             child.close()
             self.procs.append(proc)

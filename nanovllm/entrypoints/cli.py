@@ -1,4 +1,5 @@
 """`nanovllm generate | chat | serve`: one CLI; errors are one line on stderr, not a traceback."""
+
 import argparse
 import json
 import os
@@ -19,9 +20,12 @@ def add_engine_args(p: argparse.ArgumentParser, engine_seed: bool = False) -> No
     m.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs for decode steps")
     m.add_argument("--trust-remote-code", action="store_true", help="accepted: no checkpoint code is ever run")
     m.add_argument("--max-logprobs", type=int, default=20, help="the most logprobs a request may ask for (-1: all)")
-    m.add_argument("--generation-config", default="auto",
-                   help="'auto': sampling defaults from the model's generation_config.json; 'vllm': none; or a "
-                        "folder holding a generation_config.json")
+    m.add_argument(
+        "--generation-config",
+        default="auto",
+        help="'auto': sampling defaults from the model's generation_config.json; 'vllm': none; or a "
+        "folder holding a generation_config.json",
+    )
     c = p.add_argument_group("CacheConfig")
     c.add_argument("--block-size", type=int, default=16)
     c.add_argument("--kv-cache-gib", type=float, default=4.0, help="CPU: the KV pool's size per process")
@@ -30,35 +34,68 @@ def add_engine_args(p: argparse.ArgumentParser, engine_seed: bool = False) -> No
     c.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     c.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", help=argparse.SUPPRESS)
     s = p.add_argument_group("SchedulerConfig")
-    s.add_argument("--max-num-seqs", type=int, default=None,
-                   help="default: generate, the number of prompts; chat, 1; serve, 256 (the KV pool is sized by it)")
+    s.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=None,
+        help="default: generate, the number of prompts; chat, 1; serve, 256 (the KV pool is sized by it)",
+    )
     s.add_argument("--max-num-batched-tokens", type=int, default=None, help="per-step token budget (default 2048)")
     s.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
     s.add_argument("--async-scheduling", action="store_true", help="schedule step N+1 while step N runs")
     q = p.add_argument_group("ParallelConfig")
-    q.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                   help="split the model over this many processes (GPUs on CUDA)")
+    q.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=1,
+        help="split the model over this many processes (GPUs on CUDA)",
+    )
     q.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch per process")
     v = p.add_argument_group("VllmConfig")
-    v.add_argument("--speculative-config", "-sc", type=json.loads, default=None,
-                   help='speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 4, '
-                        '"prompt_lookup_max": 4, "prompt_lookup_min": 2} or {"model": DRAFT, '
-                        '"num_speculative_tokens": 4}')
+    v.add_argument(
+        "--speculative-config",
+        "-sc",
+        type=json.loads,
+        default=None,
+        help='speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 4, '
+        '"prompt_lookup_max": 4, "prompt_lookup_min": 2} or {"model": DRAFT, '
+        '"num_speculative_tokens": 4}',
+    )
 
 
 # the flags add_engine_args adds that go to the engine under their own names
-ENGINE_FLAGS = ("tokenizer", "dtype", "max_model_len", "max_num_batched_tokens", "enable_chunked_prefill", "block_size",
-                "kv_cache_gib", "kv_cache_dtype", "enable_prefix_caching", "num_threads", "tensor_parallel_size",
-                "gpu_memory_utilization", "enforce_eager", "trust_remote_code", "generation_config",
-                "async_scheduling", "max_logprobs", "speculative_config")
+ENGINE_FLAGS = (
+    "tokenizer",
+    "dtype",
+    "max_model_len",
+    "max_num_batched_tokens",
+    "enable_chunked_prefill",
+    "block_size",
+    "kv_cache_gib",
+    "kv_cache_dtype",
+    "enable_prefix_caching",
+    "num_threads",
+    "tensor_parallel_size",
+    "gpu_memory_utilization",
+    "enforce_eager",
+    "trust_remote_code",
+    "generation_config",
+    "async_scheduling",
+    "max_logprobs",
+    "speculative_config",
+)
 
 
 def engine_kwargs(args: argparse.Namespace, seqs: int | None = None) -> dict:
     """seqs: max_num_seqs unless given (None: the device's default, 512 on CUDA, 256 on CPU). The KV pool holds at
     most that many full-length sequences and is allocated (every page touched) at start-up, so a command that runs
     a few sequences starts sooner."""
-    return {**{name: getattr(args, name) for name in ENGINE_FLAGS}, "seed": getattr(args, "engine_seed", 0),
-            "max_num_seqs": args.max_num_seqs or seqs}
+    return {
+        **{name: getattr(args, name) for name in ENGINE_FLAGS},
+        "seed": getattr(args, "engine_seed", 0),
+        "max_num_seqs": args.max_num_seqs or seqs,
+    }
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -74,6 +111,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def generate(args: argparse.Namespace) -> None:
     from nanovllm import LLM
+
     params = sampling_params(args)
     llm = LLM(args.model, **engine_kwargs(args, seqs=len(args.prompts)))
     use_chat = not args.raw and getattr(llm.tokenizer, "chat_template", None)
@@ -104,13 +142,22 @@ def generate(args: argparse.Namespace) -> None:
 
 def sampling_params(args: argparse.Namespace):
     from nanovllm import SamplingParams
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop)
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.seed,
+        stop=args.stop,
+    )
 
 
 def chat(args: argparse.Namespace) -> None:
     """A conversation on the terminal: each reply is printed token by token as it is generated."""
     from nanovllm import LLM
+
     params = sampling_params(args)
     llm = LLM(args.model, **engine_kwargs(args, seqs=1))
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -144,6 +191,7 @@ def serve(args: argparse.Namespace) -> None:
     from nanovllm.engine.async_engine import AsyncEngine
     from nanovllm.engine_args import engine_config
     from nanovllm.entrypoints.server import ServerLimits, build_app
+
     model = args.model_pos or args.model
     server = None
 
@@ -151,18 +199,25 @@ def serve(args: argparse.Namespace) -> None:
         print(f"nanovllm: the engine loop has stopped: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
         if args.exit_on_engine_death and server is not None:
             server.should_exit = True  # uvicorn finishes the answers in flight, then serve() exits non-zero
+
     engine = AsyncEngine(engine_config(model, **engine_kwargs(args)), args.request_timeout, on_death)
     names = args.served_model_name or [model or "SmolLM2-135M-Instruct"]
     template = args.chat_template
     if template and os.path.isfile(template):
         with open(template) as f:
             template = f.read()
-    limits = ServerLimits(args.max_request_body_bytes, args.max_n, args.max_stop_strings,
-                          args.max_stop_string_length, args.max_waiting_requests)
+    limits = ServerLimits(
+        args.max_request_body_bytes,
+        args.max_n,
+        args.max_stop_strings,
+        args.max_stop_string_length,
+        args.max_waiting_requests,
+    )
     app = build_app(engine, names, args.api_key or os.environ.get("NANOVLLM_API_KEY"), template, limits)
     print(f"nanovllm: serving {names[0]!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=2))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=2)
+    )
     server.run()
     if engine.dead and args.exit_on_engine_death:
         sys.exit(1)  # a supervisor restarts the server
@@ -191,25 +246,46 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--host", default="127.0.0.1")
     f.add_argument("--port", type=int, default=8000)
     f.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (or $NANOVLLM_API_KEY)")
-    f.add_argument("--served-model-name", nargs="+", default=None,
-                   help="the model names clients may use (default: MODEL); the first is reported")
+    f.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        help="the model names clients may use (default: MODEL); the first is reported",
+    )
     f.add_argument("--chat-template", default=None, help="a chat template (a file or the template itself)")
-    f.add_argument("--uvicorn-log-level", "--log-level", dest="log_level", default="warning",
-                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+    f.add_argument(
+        "--uvicorn-log-level",
+        "--log-level",
+        dest="log_level",
+        default="warning",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+    )
     f.add_argument("--disable-log-requests", action="store_true", help="accepted: requests are not logged anyway")
-    f.add_argument("--exit-on-engine-death", action=argparse.BooleanOptionalAction, default=True,
-                   help="exit with status 1 once the engine loop has failed, so a supervisor restarts the server "
-                        "(off: stay up, /health and new requests answered 503)")
+    f.add_argument(
+        "--exit-on-engine-death",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="exit with status 1 once the engine loop has failed, so a supervisor restarts the server "
+        "(off: stay up, /health and new requests answered 503)",
+    )
     lim = sv.add_argument_group("Limits", "what one request may ask; over a limit is a 4xx naming it")
     lim.add_argument("--max-request-body-bytes", type=int, default=4 * 2**20, help="else 413 (default 4 MiB)")
     lim.add_argument("--max-n", type=int, default=16, help="completions per prompt (`n`)")
     lim.add_argument("--max-stop-strings", type=int, default=16, help="stop strings per request")
     lim.add_argument("--max-stop-string-length", type=int, default=256, help="characters per stop string")
-    lim.add_argument("--max-waiting-requests", type=int, default=None,
-                     help="sequences waiting for the batch; beyond it 503 with Retry-After (default: no limit)")
-    lim.add_argument("--request-timeout", type=float, default=None,
-                     help="seconds from arrival to last token; beyond it the request is aborted, its blocks freed, "
-                          "and answered 408 (default: none)")
+    lim.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=None,
+        help="sequences waiting for the batch; beyond it 503 with Retry-After (default: no limit)",
+    )
+    lim.add_argument(
+        "--request-timeout",
+        type=float,
+        default=None,
+        help="seconds from arrival to last token; beyond it the request is aborted, its blocks freed, "
+        "and answered 408 (default: none)",
+    )
     add_engine_args(sv, engine_seed=True)
     sv.set_defaults(func=serve)
     return parser

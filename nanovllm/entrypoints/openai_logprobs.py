@@ -1,6 +1,7 @@
 """Logprobs as the OpenAI API shows them: the completions API's legacy format (tokens, token_logprobs,
 top_logprobs, text_offset), the chat API's content list (token, logprob, bytes, top_logprobs), and vLLM's
 prompt_logprobs extra; and what a choice shows: its text (with `echo`, the prompt first) and its logprobs."""
+
 from dataclasses import dataclass, field
 
 from nanovllm.logprobs import Logprob, LogprobsOnePosition
@@ -20,8 +21,9 @@ def by_rank(position: LogprobsOnePosition) -> list[tuple[int, Logprob]]:
     return sorted(position.items(), key=lambda item: item[1].rank)
 
 
-def completion_logprobs(ids: list[int], positions: list[LogprobsOnePosition | None], tokenizer, offset: int = 0,
-                        as_ids: bool = False) -> dict:
+def completion_logprobs(
+    ids: list[int], positions: list[LogprobsOnePosition | None], tokenizer, offset: int = 0, as_ids: bool = False
+) -> dict:
     """The legacy format: per token its text, logprob and the most likely tokens with theirs (the chosen one
     too, so up to N + 1), and where its text starts (from `offset`, the text sent before). A prompt's first token
     has no logprob (None)."""
@@ -30,40 +32,57 @@ def completion_logprobs(ids: list[int], positions: list[LogprobsOnePosition | No
         token = token_text(position and position.get(token_id), token_id, tokenizer, as_ids)
         out["tokens"].append(token)
         out["token_logprobs"].append(None if position is None else max(position[token_id].logprob, FLOOR))
-        out["top_logprobs"].append(None if position is None else {
-            token_text(lp, t, tokenizer, as_ids): max(lp.logprob, FLOOR) for t, lp in by_rank(position)})
+        out["top_logprobs"].append(
+            None
+            if position is None
+            else {token_text(lp, t, tokenizer, as_ids): max(lp.logprob, FLOOR) for t, lp in by_rank(position)}
+        )
         out["text_offset"].append(offset)
         offset += len(token)
     return out
 
 
-def chat_logprobs(ids: list[int], positions: list[LogprobsOnePosition], tokenizer, num: int,
-                  as_ids: bool = False) -> dict:
+def chat_logprobs(
+    ids: list[int], positions: list[LogprobsOnePosition], tokenizer, num: int, as_ids: bool = False
+) -> dict:
     """The chat format: per token its text, logprob and UTF-8 bytes, and the `num` most likely tokens."""
+
     def entry(token_id: int, lp: Logprob) -> dict:
         token = token_text(lp, token_id, tokenizer, as_ids)
         return {"token": token, "logprob": max(lp.logprob, FLOOR), "bytes": list(token.encode("utf-8", "replace"))}
-    return {"content": [{**entry(t, position[t]), "top_logprobs": [entry(*item) for item in by_rank(position)[:num]]}
-                        for t, position in zip(ids, positions)]}
+
+    return {
+        "content": [
+            {**entry(t, position[t]), "top_logprobs": [entry(*item) for item in by_rank(position)[:num]]}
+            for t, position in zip(ids, positions)
+        ]
+    }
 
 
 def prompt_logprobs_json(positions: list[LogprobsOnePosition | None] | None) -> list | None:
     """vLLM's prompt_logprobs field: per prompt token None or {token id: {logprob, rank, decoded_token}}."""
     if positions is None:
         return None
-    return [None if p is None else {str(t): {"logprob": max(lp.logprob, FLOOR), "rank": lp.rank,
-                                             "decoded_token": lp.decoded_token} for t, lp in p.items()}
-            for p in positions]
+    return [
+        None
+        if p is None
+        else {
+            str(t): {"logprob": max(lp.logprob, FLOOR), "rank": lp.rank, "decoded_token": lp.decoded_token}
+            for t, lp in p.items()
+        }
+        for p in positions
+    ]
 
 
 @dataclass
 class ChoiceContent:
     """What each choice of a response (or each streamed chunk of it) shows, for one request body. A choice's first
     chunk has the echo; the next one's text_offsets go on from where the last one's ended."""
+
     tokenizer: object
-    body: object           # the CompletionRequest or ChatRequest
+    body: object  # the CompletionRequest or ChatRequest
     chat: bool
-    score_only: bool       # completions' echo with max_tokens 0: the prompt alone
+    score_only: bool  # completions' echo with max_tokens 0: the prompt alone
     offsets: dict = field(default_factory=dict)  # choice index -> where its next token's text starts
 
     def __call__(self, index: int, c: CompletionOutput, out: RequestOutput) -> tuple[str, dict | None]:
@@ -71,8 +90,9 @@ class ChoiceContent:
         request output `out`."""
         num, as_ids = self.body.num_logprobs(), self.body.return_tokens_as_token_ids
         if self.chat:
-            return c.text, None if c.logprobs is None else chat_logprobs(c.token_ids, c.logprobs, self.tokenizer,
-                                                                         num, as_ids)
+            return c.text, None if c.logprobs is None else chat_logprobs(
+                c.token_ids, c.logprobs, self.tokenizer, num, as_ids
+            )
         first, offset = index not in self.offsets, self.offsets.get(index, 0)
         text, ids, positions = ("", [], []) if self.score_only else (c.text, c.token_ids, c.logprobs or [])
         if self.body.echo and first:  # the prompt and its logprobs before the choice's first chunk

@@ -2,6 +2,7 @@
 that nanovllm does not implement are refused), its error shape {"error": {"message", "type", "param", "code"}},
 and what the OpenAPI document (/openapi.json) says each route answers: the responses are built as plain dicts,
 so these models describe them without filtering."""
+
 import asyncio
 from typing import Any, ClassVar, Literal
 
@@ -18,9 +19,16 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
-               500: "internal_error", 503: "service_unavailable"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    500: "internal_error",
+    503: "service_unavailable",
+}
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
@@ -36,8 +44,9 @@ def engine_failure(e: Exception) -> APIError:
     return APIError(500, str(e) if isinstance(e, RuntimeError) else f"internal error: {type(e).__name__}: {e}")
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   headers: dict | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None
+) -> JSONResponse:
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
@@ -48,19 +57,37 @@ class StreamOptions(BaseModel):
     @model_validator(mode="after")
     def refuse_unsupported(self):
         if self.continuous_usage_stats:
-            raise APIError(400, "stream_options.continuous_usage_stats is not supported by nanovllm",
-                           param="stream_options")
+            raise APIError(
+                400, "stream_options.continuous_usage_stats is not supported by nanovllm", param="stream_options"
+            )
         return self
 
 
 # Known OpenAI and vLLM request fields that nanovllm does not implement, with the values that ask for nothing
 # (what clients send by default): any other value is a 400 naming the field, never silently ignored.
-UNSUPPORTED = {"best_of": (1,), "use_beam_search": (False,), "length_penalty": (1.0,), "tools": ([],),
-               "tool_choice": ("none", "auto"), "functions": ([],), "function_call": ("none", "auto"),
-               "prediction": (), "audio": (), "modalities": (["text"],), "web_search_options": (),
-               "reasoning_effort": (), "verbosity": (), "priority": (0,), "cache_salt": (), "kv_transfer_params": (),
-               "vllm_xargs": (), "logits_processors": ([],), "prompt_embeds": (), "mm_processor_kwargs": ({},),
-               "return_token_ids": (False,)}
+UNSUPPORTED = {
+    "best_of": (1,),
+    "use_beam_search": (False,),
+    "length_penalty": (1.0,),
+    "tools": ([],),
+    "tool_choice": ("none", "auto"),
+    "functions": ([],),
+    "function_call": ("none", "auto"),
+    "prediction": (),
+    "audio": (),
+    "modalities": (["text"],),
+    "web_search_options": (),
+    "reasoning_effort": (),
+    "verbosity": (),
+    "priority": (0,),
+    "cache_salt": (),
+    "kv_transfer_params": (),
+    "vllm_xargs": (),
+    "logits_processors": ([],),
+    "prompt_embeds": (),
+    "mm_processor_kwargs": ({},),
+    "return_token_ids": (False,),
+}
 
 
 class JsonSchemaFormat(BaseModel):
@@ -89,9 +116,11 @@ class SamplingFields(BaseModel):
             if name in data and data[name] not in off:
                 raise APIError(400, f"{name} is not supported by nanovllm (got {repr(data[name])[:80]})", param=name)
         if data.get("stream") and "prompt_logprobs" in data:
-            raise APIError(400, "prompt_logprobs are not available when stream=true (as in vLLM)",
-                           param="prompt_logprobs")
+            raise APIError(
+                400, "prompt_logprobs are not available when stream=true (as in vLLM)", param="prompt_logprobs"
+            )
         return data
+
     model: str | None = None
     max_tokens: int | None = None
     temperature: float = 1.0
@@ -124,6 +153,7 @@ class SamplingFields(BaseModel):
     @classmethod
     def clamp_bias(cls, bias: dict[int, float] | None) -> dict[int, float] | None:  # OpenAI's range, as vLLM
         return {t: min(100.0, max(-100.0, b)) for t, b in bias.items()} if bias else bias
+
     # structured outputs: OpenAI's response_format, or one of vLLM's extras
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsParams | None = None
@@ -135,13 +165,21 @@ class SamplingFields(BaseModel):
     def structured(self) -> tuple[StructuredOutputsParams | None, str | None]:
         """The structured-output constraint this body asks for and the field that asks; at most one may."""
         fmt = self.response_format
-        asked = {"structured_outputs": self.structured_outputs, "guided_json": self.guided_json,
-                 "guided_regex": self.guided_regex, "guided_choice": self.guided_choice,
-                 "guided_grammar": self.guided_grammar, "response_format": fmt if fmt and fmt.type != "text" else None}
+        asked = {
+            "structured_outputs": self.structured_outputs,
+            "guided_json": self.guided_json,
+            "guided_regex": self.guided_regex,
+            "guided_choice": self.guided_choice,
+            "guided_grammar": self.guided_grammar,
+            "response_format": fmt if fmt and fmt.type != "text" else None,
+        }
         asked = {k: v for k, v in asked.items() if v is not None}
         if len(asked) > 1:
-            raise APIError(400, f"give one structured-output constraint, not {len(asked)}: {', '.join(asked)}",
-                           param=list(asked)[1])
+            raise APIError(
+                400,
+                f"give one structured-output constraint, not {len(asked)}: {', '.join(asked)}",
+                param=list(asked)[1],
+            )
         if not asked:
             return None, None
         field, value = asked.popitem()
@@ -186,8 +224,14 @@ class CompletionRequest(SamplingFields):
 
 
 class ChatRequest(SamplingFields):
-    unsupported: ClassVar[dict] = {**UNSUPPORTED, "echo": (False,), "continue_final_message": (False,),
-                                   "add_special_tokens": (False,), "documents": ([],), "chat_template_kwargs": ({},)}
+    unsupported: ClassVar[dict] = {
+        **UNSUPPORTED,
+        "echo": (False,),
+        "continue_final_message": (False,),
+        "add_special_tokens": (False,),
+        "documents": ([],),
+        "chat_template_kwargs": ({},),
+    }
     messages: list[dict]
     max_completion_tokens: int | None = None
     logprobs: bool = False
@@ -276,24 +320,38 @@ class DetokenizeResponse(BaseModel):
 
 
 ERROR_RESPONSES = {  # every route: "4XX" also stands in for FastAPI's 422, which this server never answers
-    "4XX": {"model": ErrorResponse, "description": "the request is invalid or over a limit; the message names it "
-                                                   "(401 API key, 404 no such path, 408 request timeout, 413 body "
-                                                   "too large)"},
-    "5XX": {"model": ErrorResponse, "description": "500: the engine failed while serving the request; 503: the "
-                                                   "engine is dead, or the waiting queue is full (Retry-After)"},
+    "4XX": {
+        "model": ErrorResponse,
+        "description": "the request is invalid or over a limit; the message names it "
+        "(401 API key, 404 no such path, 408 request timeout, 413 body "
+        "too large)",
+    },
+    "5XX": {
+        "model": ErrorResponse,
+        "description": "500: the engine failed while serving the request; 503: the "
+        "engine is dead, or the waiting queue is full (Retry-After)",
+    },
 }
-_STREAM = {"text/event-stream": {"schema": {"type": "string", "description": "with \"stream\": true: server-sent "
-                                            "events, each a chunk of the JSON shape above, then [DONE]"}}}
+_STREAM = {
+    "text/event-stream": {
+        "schema": {
+            "type": "string",
+            "description": 'with "stream": true: server-sent events, each a chunk of the JSON shape above, then [DONE]',
+        }
+    }
+}
 
 
 def documented(route: str) -> dict:
     """The 200 response of a route for the OpenAPI document (the errors are ERROR_RESPONSES, on every route)."""
-    return {200: {
-        "health": {"description": "the engine is alive (503 when its loop has stopped)", "content": None},
-        "metrics": {"description": "Prometheus metrics", "content": {"text/plain": {"schema": {"type": "string"}}}},
-        "models": {"model": ModelList},
-        "tokenize": {"model": TokenizeResponse},
-        "detokenize": {"model": DetokenizeResponse},
-        "completions": {"model": CompletionResponse, "content": _STREAM},
-        "chat": {"model": CompletionResponse, "content": _STREAM},
-    }[route]}
+    return {
+        200: {
+            "health": {"description": "the engine is alive (503 when its loop has stopped)", "content": None},
+            "metrics": {"description": "Prometheus metrics", "content": {"text/plain": {"schema": {"type": "string"}}}},
+            "models": {"model": ModelList},
+            "tokenize": {"model": TokenizeResponse},
+            "detokenize": {"model": DetokenizeResponse},
+            "completions": {"model": CompletionResponse, "content": _STREAM},
+            "chat": {"model": CompletionResponse, "content": _STREAM},
+        }[route]
+    }

@@ -3,6 +3,7 @@
 Every request is checked (limits.py too) before it reaches the engine, so a bad one is answered 4xx without
 touching the batch in flight; errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}. A
 request the engine fails while serving is a 500; a dead engine makes /health and new requests 503."""
+
 import asyncio
 import hmac
 import json
@@ -19,20 +20,36 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from nanovllm.engine.async_engine import AsyncEngine, EngineBusyError, EngineDeadError, merged
-from nanovllm.engine.request import Request as EngineRequest, tokenize
+from nanovllm.engine.request import Request as EngineRequest
+from nanovllm.engine.request import tokenize
 from nanovllm.entrypoints.limits import ServerLimits, check_limits, limit_body
 from nanovllm.entrypoints.metrics import ServerMetrics
 from nanovllm.entrypoints.openai_logprobs import ChoiceContent, prompt_logprobs_json
-from nanovllm.entrypoints.protocol import (ERROR_RESPONSES, APIError, ChatRequest, CompletionRequest,
-                                           DetokenizeRequest, SamplingFields, TokenizeRequest, documented,
-                                           engine_failure, error_body, error_response)
+from nanovllm.entrypoints.protocol import (
+    ERROR_RESPONSES,
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    SamplingFields,
+    TokenizeRequest,
+    documented,
+    engine_failure,
+    error_body,
+    error_response,
+)
 from nanovllm.outputs import CompletionOutput, DeltaTracker, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 
 
 # ---- the app ---------------------------------------------------------------------------------------------
-def build_app(engine: AsyncEngine, model_names: str | list[str], api_key: str | None = None,
-              chat_template: str | None = None, limits: ServerLimits | None = None) -> FastAPI:
+def build_app(
+    engine: AsyncEngine,
+    model_names: str | list[str],
+    api_key: str | None = None,
+    chat_template: str | None = None,
+    limits: ServerLimits | None = None,
+) -> FastAPI:
     """model_names: the names clients may send (the first is the one reported); chat_template: the server's own,
     in place of the model's, unless a request brings one."""
     names = [model_names] if isinstance(model_names, str) else list(model_names)
@@ -46,8 +63,10 @@ def build_app(engine: AsyncEngine, model_names: str | list[str], api_key: str | 
     async def check_key(request: Request) -> None:  # a dependency, not middleware: that would hide disconnects
         given = request.headers.get("authorization", "")
         if api_key and not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
+            raise APIError(
+                401, "invalid or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
+
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
 
     @app.exception_handler(APIError)
@@ -73,8 +92,12 @@ def build_app(engine: AsyncEngine, model_names: str | list[str], api_key: str | 
     @app.exception_handler(EngineBusyError)
     async def unavailable(_, e: RuntimeError):  # a dead engine, or a full waiting queue: retry (elsewhere)
         busy = isinstance(e, EngineBusyError)
-        return error_response(503, str(e), code="too_many_waiting_requests" if busy else "engine_dead",
-                              headers={"Retry-After": "1"} if busy else None)
+        return error_response(
+            503,
+            str(e),
+            code="too_many_waiting_requests" if busy else "engine_dead",
+            headers={"Retry-After": "1"} if busy else None,
+        )
 
     @app.exception_handler(Exception)
     async def internal(_, e: Exception):
@@ -93,9 +116,21 @@ def build_app(engine: AsyncEngine, model_names: str | list[str], api_key: str | 
     @v1.get("/models", responses=documented("models"))
     async def models():
         # root: the model's path, as vLLM's (`vllm bench serve` reads it, as the tokenizer when given none)
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "nanovllm", "root": engine.engine.config.model,
-                                            "parent": None, "max_model_len": max_len} for name in names]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": int(time.time()),
+                    "owned_by": "nanovllm",
+                    "root": engine.engine.config.model,
+                    "parent": None,
+                    "max_model_len": max_len,
+                }
+                for name in names
+            ],
+        }
 
     @app.post("/tokenize", responses=documented("tokenize"))
     async def tokenize_text(body: TokenizeRequest):
@@ -112,14 +147,19 @@ def build_app(engine: AsyncEngine, model_names: str | list[str], api_key: str | 
         ids = body.tokens
         bad = [t for t in ids if not 0 <= t < engine.engine.vocab_size]
         if bad:
-            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {engine.engine.vocab_size})",
-                           param="tokens")
+            raise APIError(
+                400, f"token ids {bad[:5]} are outside the vocabulary [0, {engine.engine.vocab_size})", param="tokens"
+            )
         return {"prompt": engine.tokenizer.decode(ids)}
 
     def check_model(name: str | None) -> None:
         if name is not None and name not in names:
-            raise APIError(400, f"the model {name!r} is not served here; this server serves {', '.join(names)}",
-                           param="model", code="model_not_found")
+            raise APIError(
+                400,
+                f"the model {name!r} is not served here; this server serves {', '.join(names)}",
+                param="model",
+                code="model_not_found",
+            )
 
     @v1.post("/completions", responses=documented("completions"))
     async def completions(body: CompletionRequest, raw: Request):
@@ -133,10 +173,10 @@ def build_app(engine: AsyncEngine, model_names: str | list[str], api_key: str | 
         if not prompts:
             raise APIError(400, "the prompt is empty", param="prompt")
         tokenized = [tokenize(engine.tokenizer, p) for p in prompts]
-        requests = make_requests(engine, body, [{"prompt": text, "prompt_token_ids": ids} for text, ids in tokenized],
-                                 default_max=16)
-        return await respond(engine, body, requests, model_name, raw, chat=False, limits=limits,
-                             score_only=score_only)
+        requests = make_requests(
+            engine, body, [{"prompt": text, "prompt_token_ids": ids} for text, ids in tokenized], default_max=16
+        )
+        return await respond(engine, body, requests, model_name, raw, chat=False, limits=limits, score_only=score_only)
 
     @v1.post("/chat/completions", responses=documented("chat"))
     async def chat_completions(body: ChatRequest, raw: Request):
@@ -151,8 +191,9 @@ def build_app(engine: AsyncEngine, model_names: str | list[str], api_key: str | 
     return app
 
 
-def render_chat(engine: AsyncEngine, messages: list, add_generation_prompt: bool = True,
-                chat_template: str | None = None) -> list[int]:
+def render_chat(
+    engine: AsyncEngine, messages: list, add_generation_prompt: bool = True, chat_template: str | None = None
+) -> list[int]:
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list", param="messages")
     flat = []
@@ -175,28 +216,50 @@ def render_chat(engine: AsyncEngine, messages: list, add_generation_prompt: bool
 
 
 # the body's fields that SamplingParams takes as they are
-PASSED_FIELDS = ("n", "presence_penalty", "frequency_penalty", "seed", "min_tokens", "stop", "stop_token_ids",
-                 "ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens",
-                 "truncate_prompt_tokens", "logit_bias", "allowed_token_ids", "bad_words")
+PASSED_FIELDS = (
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "min_tokens",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "truncate_prompt_tokens",
+    "logit_bias",
+    "allowed_token_ids",
+    "bad_words",
+)
 
 
-def make_requests(engine: AsyncEngine, body: SamplingFields, prompts: list[dict],
-                  default_max: int | None) -> list[EngineRequest]:
+def make_requests(
+    engine: AsyncEngine, body: SamplingFields, prompts: list[dict], default_max: int | None
+) -> list[EngineRequest]:
     """Check every (tokenized) prompt and its token budget, then build the engine requests (nothing is queued yet)."""
     requests, base, defaults = [], uuid.uuid4().hex, engine.engine.generation_defaults
     max_len = engine.engine.config.max_model_len
     for i, prompt in enumerate(prompts):
         n_prompt = len(prompt["prompt_token_ids"])
         if n_prompt >= max_len:
-            raise APIError(400, f"the prompt has {n_prompt} tokens, but this model's maximum context length is "
-                                f"{max_len} tokens (max_model_len), and at least one must be left to generate",
-                           param="prompt" if len(prompts) > 1 or "prompt" in prompt else "messages",
-                           code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"the prompt has {n_prompt} tokens, but this model's maximum context length is "
+                f"{max_len} tokens (max_model_len), and at least one must be left to generate",
+                param="prompt" if len(prompts) > 1 or "prompt" in prompt else "messages",
+                code="context_length_exceeded",
+            )
         room = max_len - n_prompt
         if body.max_tokens is not None and body.max_tokens > room:
-            raise APIError(400, f"max_tokens={body.max_tokens} cannot fit: the prompt has {n_prompt} tokens and "
-                                f"max_model_len is {max_len}, so at most {room} tokens can be generated",
-                           param="max_tokens", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"max_tokens={body.max_tokens} cannot fit: the prompt has {n_prompt} tokens and "
+                f"max_model_len is {max_len}, so at most {room} tokens can be generated",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         # the model's sampling defaults (generation_config.json, --generation-config) where the body sets none
         given = {k: getattr(body, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
         sampling = {**given, **{k: v for k, v in defaults.items() if k in given and k not in body.model_fields_set}}
@@ -204,9 +267,14 @@ def make_requests(engine: AsyncEngine, body: SamplingFields, prompts: list[dict]
         default_max = min(defaults["max_tokens"], default_max or room) if "max_tokens" in defaults else default_max
         max_tokens = body.max_tokens if body.max_tokens is not None else min(default_max or room, room)
         try:
-            params = SamplingParams(**{k: getattr(body, k) for k in PASSED_FIELDS}, **sampling, max_tokens=max_tokens,
-                                    logprobs=body.num_logprobs(), prompt_logprobs=body.num_prompt_logprobs(),
-                                    structured_outputs=body.structured()[0])
+            params = SamplingParams(
+                **{k: getattr(body, k) for k in PASSED_FIELDS},
+                **sampling,
+                max_tokens=max_tokens,
+                logprobs=body.num_logprobs(),
+                prompt_logprobs=body.num_prompt_logprobs(),
+                structured_outputs=body.structured()[0],
+            )
             requests.append(engine.make_request(prompt, params, f"{base}-{i}"))
         except ValueError as e:  # SamplingParams' messages start with the field: "SamplingParams.top_p must be ..."
             field = re.match(r"SamplingParams\.(\w+)", str(e))
@@ -214,8 +282,16 @@ def make_requests(engine: AsyncEngine, body: SamplingFields, prompts: list[dict]
     return requests
 
 
-async def respond(engine: AsyncEngine, body: SamplingFields, requests: list[EngineRequest], model: str,
-                  raw: Request, chat: bool, limits: ServerLimits, score_only: bool = False):
+async def respond(
+    engine: AsyncEngine,
+    body: SamplingFields,
+    requests: list[EngineRequest],
+    model: str,
+    raw: Request,
+    chat: bool,
+    limits: ServerLimits,
+    score_only: bool = False,
+):
     check_limits(body, limits)
     await body.grammars_compiled([r.grammar for r in requests])
     readers = engine.submit(requests, limits.max_waiting_requests)  # queued now, or 503 before any answer
@@ -247,9 +323,11 @@ async def respond(engine: AsyncEngine, body: SamplingFields, requests: list[Engi
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     if not body.stream:
+
         async def collect() -> dict[int, RequestOutput]:
             async with aclosing(merged(engine, requests, readers)) as outs:
                 return {i: out async for i, out in outs}  # the last output of each wins
+
         task = asyncio.create_task(collect())
         while not task.done():  # a client that hangs up is not waited for: its requests are aborted
             await asyncio.wait({task}, timeout=0.5)
@@ -267,8 +345,15 @@ async def respond(engine: AsyncEngine, body: SamplingFields, requests: list[Engi
                 if body.prompt_logprobs is not None and not chat:  # vLLM's extra, per choice (chat: per response)
                     choices[-1]["prompt_logprobs"] = prompt_logprobs_json(final[i].prompt_logprobs)
         extra = {"prompt_logprobs": prompt_logprobs_json(final[0].prompt_logprobs)} if chat else {}
-        return {"id": rid, "object": obj, "created": created, "model": model, "choices": choices,
-                "usage": usage(final), **extra}
+        return {
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": model,
+            "choices": choices,
+            "usage": usage(final),
+            **extra,
+        }
 
     chunk_obj = "chat.completion.chunk" if chat else "text_completion"
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -288,9 +373,18 @@ async def respond(engine: AsyncEngine, body: SamplingFields, requests: list[Engi
             async with aclosing(merged(engine, requests, readers)) as outs:
                 async for i, out in outs:
                     if chat and not final:  # with the first output, as vLLM: clients time the first token by it
-                        yield sse([{"index": r * n + j, "delta": {"role": "assistant", "content": ""},
-                                    "logprobs": None, "finish_reason": None}
-                                   for r in range(len(requests)) for j in range(n)])
+                        yield sse(
+                            [
+                                {
+                                    "index": r * n + j,
+                                    "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None,
+                                    "finish_reason": None,
+                                }
+                                for r in range(len(requests))
+                                for j in range(n)
+                            ]
+                        )
                     final[i] = out
                     if choices := delta_choices(i, out, trackers[i]):
                         yield sse(choices)

@@ -11,14 +11,32 @@ Accumulation in fp32 (ieee dots: exact in fp32, the interpreter tests); inputs f
 sm_90 in bf16 without a GPU (Triton's ptxas): 16-row tiles on mma.sync, 64-row tiles on wgmma, no spills; never run
 on a GPU yet.
 """
+
 import torch
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _gate_up(x_ptr, w_ptr, out_ptr, ids_ptr, experts_ptr, num_pairs, top_k, H, I, num_experts,
-             sx, sw0, sw1, so, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gate_up(
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    ids_ptr,
+    experts_ptr,
+    num_pairs,
+    top_k,
+    H,
+    I,
+    num_experts,
+    sx,
+    sw0,
+    sw1,
+    so,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     b, nb = tl.program_id(0), tl.program_id(1)
     e = tl.load(experts_ptr + b)
     if e < num_experts:  # else a tile past the last expert's run
@@ -39,13 +57,33 @@ def _gate_up(x_ptr, w_ptr, out_ptr, ids_ptr, experts_ptr, num_pairs, top_k, H, I
             gate += tl.dot(a, wg, input_precision="ieee")
             up += tl.dot(a, wu, input_precision="ieee")
         h = gate * tl.sigmoid(gate) * up
-        tl.store(out_ptr + rows[:, None] * so + cols[None, :], h.to(out_ptr.dtype.element_ty),
-                 mask=valid[:, None] & (cols[None, :] < I))
+        tl.store(
+            out_ptr + rows[:, None] * so + cols[None, :],
+            h.to(out_ptr.dtype.element_ty),
+            mask=valid[:, None] & (cols[None, :] < I),
+        )
 
 
 @triton.jit
-def _down(h_ptr, w_ptr, out_ptr, weights_ptr, ids_ptr, experts_ptr, num_pairs, H, I, num_experts,
-          sh, sw0, sw1, so, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _down(
+    h_ptr,
+    w_ptr,
+    out_ptr,
+    weights_ptr,
+    ids_ptr,
+    experts_ptr,
+    num_pairs,
+    H,
+    I,
+    num_experts,
+    sh,
+    sw0,
+    sw1,
+    so,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     b, nb = tl.program_id(0), tl.program_id(1)
     e = tl.load(experts_ptr + b)
     if e < num_experts:
@@ -58,12 +96,14 @@ def _down(h_ptr, w_ptr, out_ptr, weights_ptr, ids_ptr, experts_ptr, num_pairs, H
         for k0 in range(0, I, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(h_ptr + rows[:, None] * sh + ks[None, :], mask=valid[:, None] & (ks[None, :] < I), other=0.0)
-            wd = tl.load(w + cols[None, :] * sw1 + ks[:, None], mask=(ks[:, None] < I) & (cols[None, :] < H),
-                         other=0.0)
+            wd = tl.load(w + cols[None, :] * sw1 + ks[:, None], mask=(ks[:, None] < I) & (cols[None, :] < H), other=0.0)
             acc += tl.dot(a, wd, input_precision="ieee")
         weight = tl.load(weights_ptr + pairs, mask=valid, other=0.0).to(tl.float32)
-        tl.store(out_ptr + pairs[:, None] * so + cols[None, :], (acc * weight[:, None]).to(out_ptr.dtype.element_ty),
-                 mask=valid[:, None] & (cols[None, :] < H))
+        tl.store(
+            out_ptr + pairs[:, None] * so + cols[None, :],
+            (acc * weight[:, None]).to(out_ptr.dtype.element_ty),
+            mask=valid[:, None] & (cols[None, :] < H),
+        )
 
 
 def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,8 +125,9 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch
     return sorted_ids, torch.searchsorted(ends, starts, right=True)
 
 
-def triton_fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                         topk_ids: torch.Tensor) -> torch.Tensor:
+def triton_fused_experts(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+) -> torch.Tensor:
     """The GPU backend's fused_experts: the same interface and results as torch_ops.fused_experts."""
     (t, hidden), (num_experts, inter2, _), top_k = x.shape, w13.shape, topk_ids.shape[1]
     inter, n = inter2 // 2, t * top_k
@@ -96,12 +137,46 @@ def triton_fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, t
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
     h = x.new_empty(len(sorted_ids), inter)
     grid = (len(tile_experts), triton.cdiv(inter, 64))
-    _gate_up[grid](x, w13, h, sorted_ids, tile_experts, n, top_k, hidden, inter, num_experts, x.stride(0),
-                   w13.stride(0), w13.stride(1), h.stride(0), BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32,
-                   num_warps=warps)
+    _gate_up[grid](
+        x,
+        w13,
+        h,
+        sorted_ids,
+        tile_experts,
+        n,
+        top_k,
+        hidden,
+        inter,
+        num_experts,
+        x.stride(0),
+        w13.stride(0),
+        w13.stride(1),
+        h.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_N=64,
+        BLOCK_K=32,
+        num_warps=warps,
+    )
     out = torch.empty(n, hidden, device=x.device, dtype=topk_weights.dtype)  # Mixtral: the product in fp32
     grid = (len(tile_experts), triton.cdiv(hidden, 64))
-    _down[grid](h, w2, out, topk_weights.contiguous(), sorted_ids, tile_experts, n, hidden, inter, num_experts,
-                h.stride(0), w2.stride(0), w2.stride(1), out.stride(0), BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32,
-                num_warps=warps)
+    _down[grid](
+        h,
+        w2,
+        out,
+        topk_weights.contiguous(),
+        sorted_ids,
+        tile_experts,
+        n,
+        hidden,
+        inter,
+        num_experts,
+        h.stride(0),
+        w2.stride(0),
+        w2.stride(1),
+        out.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_N=64,
+        BLOCK_K=32,
+        num_warps=warps,
+    )
     return out.to(x.dtype).view(t, top_k, hidden).sum(dim=1)

@@ -7,6 +7,7 @@ import nanovllm.ops as ops
 class Linear(nn.Linear):
     """y = x W^T + b. The backend may keep a faster form of W beside it (ops/cpu_ops.py: `packed` for oneDNN,
     `blocks` for a GGUF's quantized blocks, the same values); the op picks what it reads."""
+
     packed: torch.Tensor | None = None
     blocks: tuple[int, torch.Tensor] | None = None  # (block type, blocks), from the loader
 

@@ -4,6 +4,7 @@ expert from the checkpoint's per-expert tensors (models/moe.py). The grouped pro
 chose runs behind the ops seam (ops.fused_experts).
 Under tensor parallelism each rank holds every expert's share of the intermediate size (I / tp rows of gate and
 of up, I / tp columns of down): a rank's output is a partial sum, all-reduced by the caller like the dense MLP's."""
+
 import torch
 from torch import nn
 
@@ -26,5 +27,6 @@ class FusedMoE(nn.Module):
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """x [T, H]; topk_ids [T, k] the experts each token chose, topk_weights [T, k] their weights:
         sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t])."""
-        return ops.fused_experts(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids,
-                                 blocks=(self.w13_blocks, self.w2_blocks))
+        return ops.fused_experts(
+            x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, blocks=(self.w13_blocks, self.w2_blocks)
+        )

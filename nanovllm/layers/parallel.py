@@ -5,6 +5,7 @@ Row-parallel (o_proj, down_proj): a rank multiplies its slice of the input; the 
 Vocab-parallel (embedding, LM head): a rank holds a contiguous range of the vocabulary (the last range padded);
 the embedding all-reduces (each token is found on one rank), the logits are gathered on rank 0.
 With one process every function here is the plain single-device operation."""
+
 from contextlib import contextmanager
 
 import torch

@@ -32,8 +32,10 @@ class Rotary(nn.Module):
         elif rope_type in ROPE_INIT_FUNCTIONS and rope_type != "dynamic":
             inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](self.hf_config, "cpu")
         else:
-            raise ValueError(f"rope type {rope_type!r} is not supported (supported: default, "
-                             f"{', '.join(k for k in ROPE_INIT_FUNCTIONS if k != 'dynamic')})")
+            raise ValueError(
+                f"rope type {rope_type!r} is not supported (supported: default, "
+                f"{', '.join(k for k in ROPE_INIT_FUNCTIONS if k != 'dynamic')})"
+            )
         freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float), inv_freq.float().cpu())
         self.cos = (freqs.cos() * scaling).to(self.cos.device)
         self.sin = (freqs.sin() * scaling).to(self.sin.device)

@@ -1,5 +1,6 @@
 """Vectorized sampling in torch: one call for the whole batch, every row with its own parameters (the reference
 sampler; ops/cpu_ops.py runs plain temperature sampling in C)."""
+
 from dataclasses import dataclass
 
 import torch
@@ -7,28 +8,28 @@ import torch
 
 @dataclass
 class SamplingBatch:
-    temperature: torch.Tensor          # [B] float; 0 = greedy
-    top_k: torch.Tensor                # [B] int; -1 = off
-    top_p: torch.Tensor                # [B] float
-    min_p: torch.Tensor                # [B] float
-    generators: list | None            # [B] torch.Generator for seeded rows, else None (None: no row is seeded)
+    temperature: torch.Tensor  # [B] float; 0 = greedy
+    top_k: torch.Tensor  # [B] int; -1 = off
+    top_p: torch.Tensor  # [B] float
+    min_p: torch.Tensor  # [B] float
+    generators: list | None  # [B] torch.Generator for seeded rows, else None (None: no row is seeded)
     # penalties: only built when some row uses one
-    repetition_penalty: torch.Tensor | None = None   # [B]
-    presence_penalty: torch.Tensor | None = None     # [B]
-    frequency_penalty: torch.Tensor | None = None    # [B]
+    repetition_penalty: torch.Tensor | None = None  # [B]
+    presence_penalty: torch.Tensor | None = None  # [B]
+    frequency_penalty: torch.Tensor | None = None  # [B]
     prompt_ids: list[list[int]] | None = None
     output_ids: list[list[int]] | None = None
-    banned: list[tuple[int, int]] | None = None      # (row, token) pairs masked out (EOS before min_tokens, bad words)
+    banned: list[tuple[int, int]] | None = None  # (row, token) pairs masked out (EOS before min_tokens, bad words)
     bias: list[tuple[int, int, float]] | None = None  # (row, token, value) added to a logit (logit_bias)
     allowed: list[tuple[int, list[int]]] | None = None  # (row, tokens): only these may be drawn (allowed_token_ids)
-    constrained: list[int] | None = None              # rows with a structured-output grammar
-    token_bitmask: torch.Tensor | None = None         # [len(constrained), ceil(V / 32)] int32 on the CPU: bit t set
-                                                      # where that row's grammar allows token t
+    constrained: list[int] | None = None  # rows with a structured-output grammar
+    token_bitmask: torch.Tensor | None = None  # [len(constrained), ceil(V / 32)] int32 on the CPU: bit t set
+    # where that row's grammar allows token t
     # what the host knows of the rows, so that the sampler never waits on the device to ask (None: read off the
     # tensors, a device sync each)
     all_greedy: bool | None = None
     any_greedy: bool | None = None
-    top_k_width: int | None = None     # topk's width: the largest top_k in use (2**62: some row has none), 0: none
+    top_k_width: int | None = None  # topk's width: the largest top_k in use (2**62: some row has none), 0: none
     use_top_p: bool | None = None
     use_min_p: bool | None = None
 
@@ -48,6 +49,7 @@ class StepLogprobs:
     """The logprobs a step computed, by batch row, each as (token ids: the chosen one first, then the most likely;
     their logprobs; the chosen one's rank): of the token sampled for each row that asked, and of the prompt tokens
     that row's positions predict, in order."""
+
     sampled: dict[int, tuple[list[int], list[float], int]]
     prompt: dict[int, list[tuple[list[int], list[float], int]]]
 
@@ -84,8 +86,7 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, b: SamplingBatch) -> torch.Ten
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     if b.use_min_p:
         probs = logits.softmax(dim=-1)
-        logits = logits.masked_fill(probs < b.min_p[:, None] * probs.max(dim=-1, keepdim=True).values,
-                                    float("-inf"))
+        logits = logits.masked_fill(probs < b.min_p[:, None] * probs.max(dim=-1, keepdim=True).values, float("-inf"))
     return logits
 
 
@@ -114,8 +115,12 @@ def adjust(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     if b.token_bitmask is not None:
         apply_token_bitmask(logits, b.constrained, b.token_bitmask)
     for row, tokens in b.allowed or []:
-        logits[row] = logits[row].masked_fill(torch.ones_like(logits[row], dtype=torch.bool).index_fill_(
-            0, torch.tensor(tokens, device=logits.device), False), float("-inf"))
+        logits[row] = logits[row].masked_fill(
+            torch.ones_like(logits[row], dtype=torch.bool).index_fill_(
+                0, torch.tensor(tokens, device=logits.device), False
+            ),
+            float("-inf"),
+        )
     if b.bias:
         rows, toks, values = zip(*b.bias)
         logits[list(rows), list(toks)] += torch.tensor(values, device=logits.device)
@@ -131,10 +136,11 @@ def apply_token_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Te
     """-inf, in place, on every token of `rows` that its row of `bitmask` does not allow (bit t of a row's little-endian
     int32 words = token t); the other rows are not read."""
     bits = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-    allowed = (bitmask.view(torch.uint8)[:, :, None] & bits).view(len(rows), -1)[:, :logits.shape[-1]]
+    allowed = (bitmask.view(torch.uint8)[:, :, None] & bits).view(len(rows), -1)[:, : logits.shape[-1]]
     index = torch.tensor(rows, device=logits.device)
-    logits.index_copy_(0, index, logits.index_select(0, index).masked_fill_(allowed.to(logits.device) == 0,
-                                                                            float("-inf")))
+    logits.index_copy_(
+        0, index, logits.index_select(0, index).masked_fill_(allowed.to(logits.device) == 0, float("-inf"))
+    )
 
 
 def filtered(b: SamplingBatch) -> bool:
@@ -160,7 +166,7 @@ def inverse_cdf(weights: torch.Tensor, u: torch.Tensor, chunk: int = 256) -> tor
     rows, vocab = weights.shape
     pad = -vocab % chunk  # F.pad copies even when it adds nothing: 2.4 ms per step at 44 x 49152
     chunks = (torch.nn.functional.pad(weights, (0, pad)) if pad else weights).view(rows, -1, chunk)
-    totals = chunks.sum(dim=-1)                                   # [B, vocab / chunk]
+    totals = chunks.sum(dim=-1)  # [B, vocab / chunk]
     cdf = totals.cumsum(dim=-1)
     target = u[:, None] * cdf[:, -1:]
     c = last_nonzero_if_past_end(torch.searchsorted(cdf, target, right=True).squeeze(1), totals)

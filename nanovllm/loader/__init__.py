@@ -1,4 +1,5 @@
 """Model loading: an HF folder of safetensors or a GGUF file -> our model, HF tokenizer and config."""
+
 import importlib.util
 import json
 import os
@@ -44,9 +45,11 @@ def gguf_converted(path: str) -> str:
     second, so it is kept in ~/.cache/nanovllm (or $NANOVLLM_CACHE), keyed by the file and transformers'
     version. Where that cannot be written, a temporary folder serves this process."""
     from nanovllm.loader.gguf import moe_config, open_gguf, tensor_index
+
     st = os.stat(path)
-    key = xxhash.xxh64_hexdigest(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}|"
-                                 "tensors".encode())
+    key = xxhash.xxh64_hexdigest(
+        f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}|tensors".encode()
+    )
     folder = os.path.join(cache_dir("gguf"), key)
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder
@@ -57,9 +60,15 @@ def gguf_converted(path: str) -> str:
     # (their vocabulary converts like any other; AutoTokenizer would ask transformers for the config first)
     tokenizer = (PreTrainedTokenizerFast if cfg else AutoTokenizer).from_pretrained(where, gguf_file=name)
     cfg = cfg or AutoConfig.from_pretrained(where, gguf_file=name)
-    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
-            "olmoe": "OlmoeForCausalLM"}.get(cfg.model_type)
+    arch = {
+        "llama": "LlamaForCausalLM",
+        "mistral": "MistralForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+        "qwen3": "Qwen3ForCausalLM",
+        "qwen3_moe": "Qwen3MoeForCausalLM",
+        "mixtral": "MixtralForCausalLM",
+        "olmoe": "OlmoeForCausalLM",
+    }.get(cfg.model_type)
     cfg.architectures = [arch or cfg.model_type]
     experts = [t["shape"] for t in index if t["name"].endswith("ffn_gate_exps.weight")]
     if cfg.model_type == "qwen3_moe" and experts:  # transformers does not map expert_feed_forward_length
@@ -99,17 +108,27 @@ def load_hf_config(path: str):
         raise ValueError(f"cannot read the model config of {path!r}: {e}") from None
     archs = getattr(cfg, "architectures", None) or []
     if not archs or archs[0] not in MODELS:
-        raise ValueError(f"unsupported architecture {archs[0] if archs else None!r} in {path!r}; "
-                         f"supported: {', '.join(sorted(MODELS))}")
+        raise ValueError(
+            f"unsupported architecture {archs[0] if archs else None!r} in {path!r}; "
+            f"supported: {', '.join(sorted(MODELS))}"
+        )
     return cfg
 
 
-def load_model(path: str, dtype: torch.dtype, device: str, max_positions: int, hf_config=None,
-               tokenizer_path: str | None = None, backend=None) -> LoadedModel:
+def load_model(
+    path: str,
+    dtype: torch.dtype,
+    device: str,
+    max_positions: int,
+    hf_config=None,
+    tokenizer_path: str | None = None,
+    backend=None,
+) -> LoadedModel:
     """The model with its weights, on `device` in `dtype`, prepared for the ops backend (nanovllm/ops) that will
     run it: on CPU in one 2 MB-page buffer unless the backend repacks the weights, a GGUF's quantized blocks kept
     where the backend reads them."""
     import nanovllm.ops.torch_ops as reference
+
     backend = backend or reference
     cfg = hf_config or load_hf_config(path)
     is_gguf = path.endswith(".gguf")
@@ -125,11 +144,13 @@ def load_model(path: str, dtype: torch.dtype, device: str, max_positions: int, h
     params = dict(model.named_parameters())
     if is_gguf:
         from nanovllm.loader.gguf import gguf_weights
+
         with open(os.path.join(gguf_converted(path), TENSOR_INDEX)) as f:
             index = json.load(f)
         weights = gguf_weights(path, index, cfg, torch.get_num_threads())
     else:
         from nanovllm.loader.safetensors import safetensors_weights
+
         weights = safetensors_weights(path)
     loaded = {name for hf_name, tensor in weights if (name := model.load_weight(hf_name, tensor, params))}
     missing = model.expected_weights() - loaded
@@ -151,6 +172,7 @@ def keep_gguf_blocks(model: torch.nn.Module, path: str, index: list[dict], cfg) 
     bf16 bytes, and dequantize them on the fly to the very bf16 values loaded here. Prefills keep the bf16 weights."""
     from nanovllm.layers.moe import FusedMoE
     from nanovllm.loader.gguf import BLOCK_BYTES, gguf_blocks, pack_blocks
+
     projections = {w.name for w in model.layer_weights if w.split is not None}
     targets = {}  # parameter name -> (its module, its shape: [N, K], or [E, N, K] for experts)
     for name, m in model.named_modules():
@@ -193,7 +215,7 @@ def place_in_huge_pages(model: torch.nn.Module) -> None:
     sizes = [-(-p.nbytes // 64) * 64 for p in params]  # each parameter 64-byte aligned
     buf, offset = huge_page_buffer(sum(sizes)), 0
     for p, size in zip(params, sizes):
-        p.data = buf[offset:offset + p.nbytes].view(p.dtype).view(p.shape)
+        p.data = buf[offset : offset + p.nbytes].view(p.dtype).view(p.shape)
         offset += size
 
 
@@ -222,8 +244,14 @@ def eos_ids(path: str, cfg, tokenizer) -> set[int]:
 
 
 # generation_config.json's sampling fields -> SamplingParams' names (the ones vLLM takes as the model's defaults)
-GENERATION_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-                     "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+GENERATION_FIELDS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
 
 
 def generation_defaults(path: str) -> dict:

@@ -12,12 +12,21 @@ from nanovllm.memory import huge_page_buffer
 
 # GGUF tensor name (after "blk.N.") -> HF name (after "model.layers.N.")
 LAYER_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
     # a mixture-of-experts layer: the router, and every expert's matrices in one [E, rows, cols] tensor each
-    "ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.experts.gate_proj", "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
     "ffn_down_exps": "mlp.experts.down_proj",
 }
 GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -51,8 +60,16 @@ def unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
 def tensor_index(reader: gguf.GGUFReader) -> list[dict]:
     """Where each tensor lies in the file: saved with the converted config, so that later loads need not parse
     the file's metadata again (GGUFReader takes seconds over a tokenizer's ~100k strings)."""
-    return [{"name": t.name, "type": int(t.tensor_type), "shape": [int(d) for d in reversed(t.shape)],
-             "offset": int(t.data_offset), "nbytes": int(t.n_bytes)} for t in reader.tensors]
+    return [
+        {
+            "name": t.name,
+            "type": int(t.tensor_type),
+            "shape": [int(d) for d in reversed(t.shape)],
+            "offset": int(t.data_offset),
+            "nbytes": int(t.n_bytes),
+        }
+        for t in reader.tensors
+    ]
 
 
 def moe_config(reader: gguf.GGUFReader, index: list[dict]) -> PretrainedConfig | None:
@@ -65,19 +82,32 @@ def moe_config(reader: gguf.GGUFReader, index: list[dict]) -> PretrainedConfig |
     if arch not in ("llama", "olmoe") or not key("expert_count"):
         return None
     from transformers import MixtralConfig, OlmoeConfig  # (imported only for these files: see load_hf_config)
+
     shapes = {t["name"]: t["shape"] for t in index}
     vocab, hidden = shapes["token_embd.weight"]
-    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=shapes["blk.0.ffn_gate_exps.weight"][1],
-                  num_hidden_layers=key("block_count"), num_attention_heads=key("attention.head_count"),
-                  num_key_value_heads=key("attention.head_count_kv"), max_position_embeddings=key("context_length"),
-                  rms_norm_eps=key("attention.layer_norm_rms_epsilon"), num_experts_per_tok=key("expert_used_count"),
-                  rope_parameters={"rope_type": "default", "rope_theta": key("rope.freq_base", 10000.0)},
-                  tie_word_embeddings="output.weight" not in shapes, bos_token_id=field("tokenizer.ggml.bos_token_id"),
-                  eos_token_id=field("tokenizer.ggml.eos_token_id"))
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=shapes["blk.0.ffn_gate_exps.weight"][1],
+        num_hidden_layers=key("block_count"),
+        num_attention_heads=key("attention.head_count"),
+        num_key_value_heads=key("attention.head_count_kv"),
+        max_position_embeddings=key("context_length"),
+        rms_norm_eps=key("attention.layer_norm_rms_epsilon"),
+        num_experts_per_tok=key("expert_used_count"),
+        rope_parameters={"rope_type": "default", "rope_theta": key("rope.freq_base", 10000.0)},
+        tie_word_embeddings="output.weight" not in shapes,
+        bos_token_id=field("tokenizer.ggml.bos_token_id"),
+        eos_token_id=field("tokenizer.ggml.eos_token_id"),
+    )
     if arch == "olmoe":  # llama.cpp's OLMoE graph never renormalizes the top-k weights
         return OlmoeConfig(**common, num_experts=key("expert_count"), norm_topk_prob=False)
-    return MixtralConfig(**common, num_local_experts=key("expert_count"), sliding_window=None,
-                         head_dim=key("attention.key_length", hidden // common["num_attention_heads"]))
+    return MixtralConfig(
+        **common,
+        num_local_experts=key("expert_count"),
+        sliding_window=None,
+        head_dim=key("attention.key_length", hidden // common["num_attention_heads"]),
+    )
 
 
 def hf_rows(name: str, w: np.ndarray, hf_config) -> np.ndarray:
@@ -104,7 +134,7 @@ def gguf_weights(path: str, index: list[dict], hf_config, threads: int = 1) -> I
     def load(t: dict) -> list[tuple[str, torch.Tensor]]:
         name, qtype = hf_name(t["name"]), gguf.GGMLQuantizationType(t["type"])
         try:
-            w = gguf.dequantize(data[t["offset"]:t["offset"] + t["nbytes"]], qtype).reshape(t["shape"])
+            w = gguf.dequantize(data[t["offset"] : t["offset"] + t["nbytes"]], qtype).reshape(t["shape"])
         except Exception as e:
             raise ValueError(f"cannot dequantize GGUF tensor {t['name']} ({qtype.name}): {e}") from None
         w = hf_rows(name, w, hf_config)
@@ -126,7 +156,7 @@ def gguf_blocks(path: str, index: list[dict], hf_config) -> Iterator[tuple[str, 
     for t in index:
         name = hf_name(t["name"])
         if t["type"] in KEPT_TYPES and len(t["shape"]) in (2, 3) and t["shape"][-1] % 32 == 0:
-            blocks = data[t["offset"]:t["offset"] + t["nbytes"]].reshape(*t["shape"][:-1], -1)
+            blocks = data[t["offset"] : t["offset"] + t["nbytes"]].reshape(*t["shape"][:-1], -1)
             for name, b in split_experts(name, hf_rows(name, blocks, hf_config)):
                 yield name, KEPT_TYPES[t["type"]], torch.from_numpy(np.array(b))  # a copy: writable, the map can close
 

@@ -10,6 +10,7 @@ residual). q/k/v and gate/up are fused into one matmul each; the loader fills th
 Under tensor parallelism each rank builds the same model with its share of the heads, of the intermediate size
 and of the vocabulary (layers/parallel.py); o_proj and down_proj outputs are all-reduced.
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -19,11 +20,16 @@ import nanovllm.ops as ops
 from nanovllm.layers.attention import AttentionMetadata
 from nanovllm.layers.linear import Linear
 from nanovllm.layers.norm import RMSNorm
-from nanovllm.layers.parallel import (all_gather, all_reduce, embed, gather_logits, shard, tp_rank, tp_size,
-                                      vocab_range)
+from nanovllm.layers.parallel import all_gather, all_reduce, embed, gather_logits, shard, tp_rank, tp_size, vocab_range
 from nanovllm.layers.rotary import Rotary
-from nanovllm.models.moe import (MoeRouting, SparseMoeBlock, expected_expert_parts, expert_slice, is_sparse,
-                                 locate_expert)
+from nanovllm.models.moe import (
+    MoeRouting,
+    SparseMoeBlock,
+    expected_expert_parts,
+    expert_slice,
+    is_sparse,
+    locate_expert,
+)
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,7 @@ class LayerWeight:
     """A weight-holding module of a decoder layer: its name in the layer, the checkpoint modules that fill it (in
     order: q, k, v fill one qkv_proj), and how tensor parallelism splits its weight: along 0 (its output rows:
     column-parallel), along 1 (its input columns: row-parallel, output all-reduced) or None (whole on each rank)."""
+
     name: str
     sources: tuple[str, ...]
     split: int | None
@@ -46,8 +53,10 @@ LLAMA_LAYER = (
     LayerWeight("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"), 0),
     LayerWeight("mlp.down_proj", ("mlp.down_proj",), 1),
 )
-QK_NORM = (LayerWeight("self_attn.q_norm", ("self_attn.q_norm",), None),
-           LayerWeight("self_attn.k_norm", ("self_attn.k_norm",), None))
+QK_NORM = (
+    LayerWeight("self_attn.q_norm", ("self_attn.q_norm",), None),
+    LayerWeight("self_attn.k_norm", ("self_attn.k_norm",), None),
+)
 ROUTER = LayerWeight("mlp.gate", ("mlp.gate",), None)  # a MoE layer's router (its experts: models/moe.py)
 
 
@@ -64,10 +73,12 @@ class Attention(nn.Module):
         q_dim, k_dim = (self.q_size * tp, self.kv_size * tp) if qk_norm == "projection" else (head_dim, head_dim)
         self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(k_dim, cfg.rms_norm_eps) if qk_norm else None
-        self.scale = head_dim ** -0.5
+        self.scale = head_dim**-0.5
         self.k_cache = self.v_cache = torch.empty(0)  # this layer's paged caches, set by the model runner
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], -1)
         if self.qk_norm == "projection":  # over every rank's heads: normalize the gathered whole, keep our part
@@ -100,8 +111,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SparseMoeBlock(cfg, moe) if moe else MLP(cfg)
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, residual: torch.Tensor | None,
-                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the previous layer's MLP output, not yet added to the residual stream (at the first layer: the
         embeddings, and no residual). Each add is done by the norm after it."""
         h, residual = self.input_layernorm(x, residual) if residual is not None else (self.input_layernorm(x), x)
@@ -110,15 +126,15 @@ class DecoderLayer(nn.Module):
 
 
 class Model(nn.Module):
-    def __init__(self, cfg, head_dim: int, rotary: Rotary, qkv_bias: bool, qk_norm: str | None,
-                 moe: MoeRouting | None):
+    def __init__(self, cfg, head_dim: int, rotary: Rotary, qkv_bias: bool, qk_norm: str | None, moe: MoeRouting | None):
         super().__init__()
         self.vocab_size, self.rotary = cfg.vocab_size, rotary
         vocab = vocab_range(cfg.vocab_size)[1]  # given a weight, nn.Embedding skips its random init (see Linear)
         self.embed_tokens = nn.Embedding(vocab, cfg.hidden_size, _weight=torch.empty(vocab, cfg.hidden_size))
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, head_dim, qkv_bias, qk_norm, moe if moe and is_sparse(cfg, i) else None)
-            for i in range(cfg.num_hidden_layers))
+            for i in range(cfg.num_hidden_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -153,8 +169,10 @@ class LlamaForCausalLM(nn.Module):
         self.layer_weights = LLAMA_LAYER[:2] + QK_NORM + LLAMA_LAYER[2:] if self.qk_norm else LLAMA_LAYER
         self.layer_weights += (ROUTER,) if self.moe else ()
         a = self.model.layers[0].self_attn
-        self.fused_sizes = {"self_attn.qkv_proj": [a.q_size, a.kv_size, a.kv_size],  # this rank's rows of each part
-                            "mlp.gate_up_proj": [cfg.intermediate_size // tp_size()] * 2}
+        self.fused_sizes = {
+            "self_attn.qkv_proj": [a.q_size, a.kv_size, a.kv_size],  # this rank's rows of each part
+            "mlp.gate_up_proj": [cfg.intermediate_size // tp_size()] * 2,
+        }
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
@@ -196,19 +214,20 @@ class LlamaForCausalLM(nn.Module):
                 param, src = expert_slice(param, tensor, *part)
             elif part is not None:  # this rank's rows of one part of a fused weight (or bias)
                 sizes = self.fused_sizes[weight.name]
-                param = param[sum(sizes[:part]):sum(sizes[:part + 1])]
+                param = param[sum(sizes[:part]) : sum(sizes[: part + 1])]
                 src = shard(tensor, 0, sizes[part])
             elif module in ("model.embed_tokens", "lm_head"):  # a vocabulary range per rank: the last one padded
                 src = shard(tensor, 0, param.shape[0], full=self.vocab_size)
                 param.zero_()
-                param = param[:src.shape[0]]
+                param = param[: src.shape[0]]
             elif weight is not None and weight.split is not None and param.dim() > weight.split:
                 src = shard(tensor, weight.split, param.shape[weight.split])  # a row-parallel bias stays whole
             else:
                 src = tensor[:]
             if src.shape != param.shape:
-                raise ValueError(f"this rank's part has shape {tuple(src.shape)}, the model expects "
-                                 f"{tuple(param.shape)}")
+                raise ValueError(
+                    f"this rank's part has shape {tuple(src.shape)}, the model expects {tuple(param.shape)}"
+                )
             param.copy_(src)
             label = ".".join(map(str, part)) if isinstance(part, tuple) else part  # expert.part, or part
             return target if part is None else f"{target}#{label}"
@@ -248,7 +267,12 @@ class OlmoeForCausalLM(LlamaForCausalLM):
     qk_norm, moe = "projection", MoeRouting(renormalize=None, fp32_weights=False)
 
 
-MODELS = {"LlamaForCausalLM": LlamaForCausalLM, "MistralForCausalLM": LlamaForCausalLM,
-          "Qwen2ForCausalLM": Qwen2ForCausalLM, "Qwen3ForCausalLM": Qwen3ForCausalLM,
-          "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM, "MixtralForCausalLM": MixtralForCausalLM,
-          "OlmoeForCausalLM": OlmoeForCausalLM}
+MODELS = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "OlmoeForCausalLM": OlmoeForCausalLM,
+}

@@ -4,6 +4,7 @@
     S     = the k experts of largest p; w_e = p_e, or p_e / sum_{e' in S} p_e' where the model renormalizes
     MoE(x) = sum_{e in S} w_e W_down_e (silu(W_gate_e x) * W_up_e x)
 The experts' weights are stacked per layer (layers/moe.py) and filled expert by expert from the checkpoint."""
+
 import re
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ class MoeRouting:
     """How a family weights its experts. renormalize: always (Mixtral) or as the config's norm_topk_prob says
     (None: Qwen3-MoE, OLMoE). fp32_weights: Mixtral multiplies the experts' outputs by the fp32 probabilities;
     the others cast the probabilities to the activations' dtype first (a difference in bf16 only)."""
+
     renormalize: bool | None
     fp32_weights: bool
 
@@ -31,8 +33,11 @@ def num_experts(cfg) -> int:
 def is_sparse(cfg, layer: int) -> bool:
     """Qwen3-MoE's rule (a layer is sparse unless listed in mlp_only_layers, every decoder_sparse_step-th layer);
     Mixtral and OLMoE have neither field: every layer is sparse."""
-    return (num_experts(cfg) > 0 and layer not in (getattr(cfg, "mlp_only_layers", None) or [])
-            and (layer + 1) % (getattr(cfg, "decoder_sparse_step", None) or 1) == 0)
+    return (
+        num_experts(cfg) > 0
+        and layer not in (getattr(cfg, "mlp_only_layers", None) or [])
+        and (layer + 1) % (getattr(cfg, "decoder_sparse_step", None) or 1) == 0
+    )
 
 
 class SparseMoeBlock(nn.Module):
@@ -76,7 +81,7 @@ def expert_slice(param: torch.Tensor, tensor, expert: int, part: int) -> tuple[t
     if part == 2:
         return param, shard(tensor, 1, param.shape[1])
     rows = param.shape[0] // 2
-    return param[part * rows:(part + 1) * rows], shard(tensor, 0, rows)
+    return param[part * rows : (part + 1) * rows], shard(tensor, 0, rows)
 
 
 def expected_expert_parts(name: str, param: torch.Tensor) -> list[str]:

@@ -10,6 +10,7 @@ them. One backend serves every op, chosen once when the engine starts (`choose`,
 Each backend module has the ops below plus what the loader and the model runner ask of it: `prepare(model)`
 (after loading, e.g. repack weights), `packs_weights(dtype)`, `keeps_gguf_blocks(dtype)` and
 `step_runner(runner, config)` (a faster way to run whole steps, such as CUDA graphs, or None)."""
+
 import os
 
 import nanovllm.ops.torch_ops as torch_ops
@@ -18,14 +19,14 @@ OPS = ("rms_norm", "add_rms_norm", "rotary", "silu_and_mul", "linear", "fused_ex
 BACKENDS = ("torch", "cpu", "cuda")
 
 # the ops themselves: the reference until an engine chooses (use() rebinds them)
-rms_norm = torch_ops.rms_norm            # (x, weight, eps) -> y
-add_rms_norm = torch_ops.add_rms_norm    # (x, residual, weight, eps) -> (RMSNorm(residual + x), residual + x)
-rotary = torch_ops.rotary                # (q, k, cos, sin) -> (q, k) rotated
-silu_and_mul = torch_ops.silu_and_mul    # ([gate | up]) -> silu(gate) * up
-linear = torch_ops.linear                # (x, Linear) -> x W^T + b
+rms_norm = torch_ops.rms_norm  # (x, weight, eps) -> y
+add_rms_norm = torch_ops.add_rms_norm  # (x, residual, weight, eps) -> (RMSNorm(residual + x), residual + x)
+rotary = torch_ops.rotary  # (q, k, cos, sin) -> (q, k) rotated
+silu_and_mul = torch_ops.silu_and_mul  # ([gate | up]) -> silu(gate) * up
+linear = torch_ops.linear  # (x, Linear) -> x W^T + b
 fused_experts = torch_ops.fused_experts  # (x, w13, w2, topk_weights, topk_ids) -> sum_j weight_j * expert_j(x)
-attention = torch_ops.attention          # (q, k, v, k_cache, v_cache, meta, scale) -> o; stores k, v
-sample = torch_ops.sample                # (logits, SamplingBatch, generator) -> token ids
+attention = torch_ops.attention  # (q, k, v, k_cache, v_cache, meta, scale) -> o; stores k, v
+sample = torch_ops.sample  # (logits, SamplingBatch, generator) -> token ids
 active = torch_ops
 
 
@@ -41,6 +42,7 @@ def choose(device: str, requested: str = "auto") -> str:
         name = device
         if device == "cpu":
             from nanovllm.kernels.cpu.build import library
+
             name = "cpu" if library() is not None else "torch"
     if name != "torch" and name != device:
         raise ValueError(f"ops={name!r} cannot run on device {device!r} (use 'torch' or 'auto')")

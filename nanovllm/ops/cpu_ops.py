@@ -4,14 +4,15 @@ Whether a kernel applies is decided here from the tensors (dtype, layout, sizes)
 built with (AMX, AVX512-BF16), and nowhere else; the layers only call the op. In fp32 the elementwise ops and
 the prefill attention stay torch's (bit for bit what HF computes); decode attention, the KV store and plain
 temperature sampling run in C in both dtypes. Speed-ups: docs/benchmarks.md."""
+
 import torch
 import torch.nn.functional as F
 
+import nanovllm.ops.torch_ops as torch_ops
 from nanovllm.kernels import cpu as kernels
 from nanovllm.layers import attention as reference
 from nanovllm.layers.parallel import tp_size
 from nanovllm.layers.sampler import SamplingBatch, filtered, uniform
-import nanovllm.ops.torch_ops as torch_ops
 
 NAME = "cpu"
 # fp32 linears with 2-96 rows as (W @ x^T)^T, which MKL runs faster there: a 4-sequence fp32 SmolLM2 decode step
@@ -25,8 +26,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return torch_ops.rms_norm(x, weight, eps)
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """In bf16 the residual is updated in place, in the same pass as the norm."""
     if kernels.fused_bf16(x, residual, weight):
         return kernels.rms_norm(residual, weight, eps, add=x), residual
@@ -34,17 +36,20 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     return rms_norm(residual, weight, eps), residual
 
 
-def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-           sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """In bf16, q and k are rotated where they are (torch's rotary is ~20 small ops): in one pass when k's heads
     follow q's in memory (views of the QKV output), else one pass each."""
-    if not (kernels.fused_bf16(cos, sin) and q.dtype == k.dtype == torch.bfloat16
-            and all(x.stride(2) == 1 and x.stride(1) == x.shape[2] for x in (q, k))):
+    if not (
+        kernels.fused_bf16(cos, sin)
+        and q.dtype == k.dtype == torch.bfloat16
+        and all(x.stride(2) == 1 and x.stride(1) == x.shape[2] for x in (q, k))
+    ):
         return torch_ops.rotary(q, k, cos, sin)
     row = q.shape[1] * q.shape[2]
     if k.data_ptr() == q.data_ptr() + row * q.element_size() and q.stride(0) == k.stride(0):
-        kernels.rope_in_place(q.as_strided((q.shape[0], row + k.shape[1] * k.shape[2]), (q.stride(0), 1)),
-                              (cos, sin), q.shape[2])
+        kernels.rope_in_place(
+            q.as_strided((q.shape[0], row + k.shape[1] * k.shape[2]), (q.stride(0), 1)), (cos, sin), q.shape[2]
+        )
     else:
         for x in (q, k):
             kernels.rope_in_place(x.flatten(1), (cos, sin), x.shape[2])
@@ -72,15 +77,22 @@ def linear(x: torch.Tensor, layer) -> torch.Tensor:
     return y if layer.bias is None else y + layer.bias
 
 
-def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                blocks: tuple[int, torch.Tensor] | None) -> torch.Tensor:
+def bf16_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, blocks: tuple[int, torch.Tensor] | None
+) -> torch.Tensor:
     """Decode rows on AMX (reading the GGUF blocks where given), else F.linear."""
     y = kernels.amx_linear(x, weight, bias, blocks)
     return F.linear(x, weight, bias) if y is None else y
 
 
-def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor, blocks: tuple | None = None) -> torch.Tensor:
+def fused_experts(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    blocks: tuple | None = None,
+) -> torch.Tensor:
     """The reference's grouped product: one gate/up and one down matmul per expert that has tokens, so a decode
     step reads only the experts its tokens chose. In bf16 those go through `linear`'s path: decode rows on AMX,
     reading the expert's GGUF blocks where the loader kept them (FusedMoE.w13_blocks / w2_blocks)."""
@@ -91,11 +103,19 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     def expert(e: int, xs: torch.Tensor) -> torch.Tensor:
         h = bf16_linear(xs, w13[e], None, b13 and (b13[0], b13[1][e]))
         return bf16_linear(silu_and_mul(h), w2[e], None, b2 and (b2[0], b2[1][e]))
+
     return torch_ops.grouped_experts(x, topk_weights, topk_ids, w13.shape[0], expert)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              meta: reference.AttentionMetadata, scale: float) -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: reference.AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
     """The reference's interface (layers/attention.py). Decodes: our kernel reads the blocks in place (any dtype
     it takes). Prompt chunks in bf16 with AMX: our flash attention; else the reference's SDPA."""
     if not kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping):
@@ -116,8 +136,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
 def sample(logits: torch.Tensor, b: SamplingBatch, generator: torch.Generator | None = None) -> torch.Tensor:
     """Plain temperature sampling (no filter, penalty, bias, ban or grammar; not all greedy): one C pass per row over
     the logits, read in place. Everything else: the reference sampler."""
-    if (b.repetition_penalty is None and not b.banned and not b.bias and not b.allowed and b.token_bitmask is None
-            and kernels.can_sample(logits) and not b.all_greedy and not filtered(b)):
+    if (
+        b.repetition_penalty is None
+        and not b.banned
+        and not b.bias
+        and not b.allowed
+        and b.token_bitmask is None
+        and kernels.can_sample(logits)
+        and not b.all_greedy
+        and not filtered(b)
+    ):
         return kernels.sample(logits, b.temperature, uniform(b, generator, logits.device))
     return torch_ops.sample(logits, b, generator)
 
@@ -125,8 +153,12 @@ def sample(logits: torch.Tensor, b: SamplingBatch, generator: torch.Generator | 
 def packs_weights(dtype: torch.dtype) -> bool:
     """Whether prepare() packs the bf16 weights for oneDNN: a CPU with native bf16 but no AMX, where oneDNN's
     blocked layout is 1.7-2.5x faster than F.linear at decode sizes (with AMX our kernel reads the plain weight)."""
-    return (dtype == torch.bfloat16 and not kernels.has_amx() and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return (
+        dtype == torch.bfloat16
+        and not kernels.has_amx()
+        and torch.backends.mkldnn.is_available()
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
 
 
 def keeps_gguf_blocks(dtype: torch.dtype) -> bool:
@@ -150,4 +182,5 @@ def prepare(model: torch.nn.Module) -> None:
 def step_runner(runner, config):
     """A decode-only bf16 step's layers in one C call, where the model and the CPU allow it (ops/cpu_decode_step.py)."""
     from nanovllm.ops.cpu_decode_step import FusedDecodeStep
+
     return FusedDecodeStep.build(runner)

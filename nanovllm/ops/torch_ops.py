@@ -1,5 +1,6 @@
 """The reference ops in plain torch: the equations, no C, no Triton. The other backends are tested against these,
 and `EngineConfig(ops="torch")` or NANOVLLM_OPS=torch runs the engine on them alone."""
+
 import torch
 import torch.nn.functional as F
 
@@ -16,8 +17,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual stream's add, then its norm: (RMSNorm(residual + x), residual + x)."""
     residual = residual + x
     return rms_norm(residual, weight, eps), residual
@@ -29,8 +31,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-           sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Queries and keys at their positions; cos, sin [T, 1, D / 2] (layers/rotary.py)."""
     return rotate(q, cos, sin), rotate(k, cos, sin)
 
@@ -46,17 +47,25 @@ def linear(x: torch.Tensor, layer) -> torch.Tensor:
     return F.linear(x, layer.weight, layer.bias)
 
 
-def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor, blocks: tuple | None = None) -> torch.Tensor:
+def fused_experts(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    blocks: tuple | None = None,
+) -> torch.Tensor:
     """A mixture-of-experts layer's experts as a grouped product (grouped_experts): x [T, H], w13 [E, 2I, H],
     w2 [E, H, I], topk_weights / topk_ids [T, k]. `blocks`: the experts' GGUF blocks where the loader kept them
     (FusedMoE), the same values: the reference reads the weights."""
-    return grouped_experts(x, topk_weights, topk_ids, w13.shape[0],
-                           lambda e, xs: F.linear(silu_and_mul(F.linear(xs, w13[e])), w2[e]))
+    return grouped_experts(
+        x, topk_weights, topk_ids, w13.shape[0], lambda e, xs: F.linear(silu_and_mul(F.linear(xs, w13[e])), w2[e])
+    )
 
 
-def grouped_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
-                    expert) -> torch.Tensor:
+def grouped_experts(
+    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, expert
+) -> torch.Tensor:
     """The (token, choice) pairs sorted by expert, `expert(e, rows)` (its MLP) once per expert that has tokens (the
     others are never read). Each output row is weighted in the weights' dtype (Mixtral's fp32), cast, and a
     token's rows are added in expert order, as HF does."""
@@ -67,7 +76,7 @@ def grouped_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch
     xs, ys, start = x[order // ids.shape[1]], x.new_empty(len(order), x.shape[1]), 0
     for e, n in enumerate(counts):
         if n:
-            ys[start:start + n] = expert(e, xs[start:start + n])
+            ys[start : start + n] = expert(e, xs[start : start + n])
             start += n
     pairs = torch.empty_like(ys)
     pairs[order] = (ys * weights.flatten()[order, None]).to(x.dtype)  # back in (token, choice) order

@@ -1,4 +1,5 @@
 """vLLM's `speculative_config`, as a dict to `LLM(...)` or JSON to `--speculative-config`, checked once."""
+
 from dataclasses import dataclass
 
 KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size")
@@ -6,11 +7,11 @@ KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max", "promp
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    method: str                      # ngram (prompt lookup) | draft_model (a small model sharing the vocabulary)
-    num_speculative_tokens: int      # k: tokens proposed, and checked, per step
-    model: str | None = None         # the draft model's folder or .gguf file
-    prompt_lookup_max: int = 0       # ngram: the longest suffix looked up...
-    prompt_lookup_min: int = 0       # ...and the shortest that may propose
+    method: str  # ngram (prompt lookup) | draft_model (a small model sharing the vocabulary)
+    num_speculative_tokens: int  # k: tokens proposed, and checked, per step
+    model: str | None = None  # the draft model's folder or .gguf file
+    prompt_lookup_max: int = 0  # ngram: the longest suffix looked up...
+    prompt_lookup_min: int = 0  # ...and the shortest that may propose
     # no proposals in a step where this many sequences run (None: the engine's default for its device)
     disable_by_batch_size: int | None = None
 
@@ -34,12 +35,15 @@ class SpeculativeConfig:
             hi, lo = d.get("prompt_lookup_max"), d.get("prompt_lookup_min")
             hi, lo = hi or lo or 5, lo or hi or 5
             if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
-                raise ValueError(f"speculative_config needs 1 <= prompt_lookup_min <= prompt_lookup_max, got "
-                                 f"{lo!r} and {hi!r}")
+                raise ValueError(
+                    f"speculative_config needs 1 <= prompt_lookup_min <= prompt_lookup_max, got {lo!r} and {hi!r}"
+                )
             return cls("ngram", k, prompt_lookup_max=hi, prompt_lookup_min=lo, disable_by_batch_size=off)
         if method == "draft_model":
             if not d.get("model"):
                 raise ValueError("speculative_config method 'draft_model' needs 'model': the draft's folder or file")
             return cls("draft_model", k, model=d["model"], disable_by_batch_size=off)
-        raise ValueError(f"speculative_config method={method!r} is not supported; supported: 'ngram', or a draft "
-                         f"'model' ('draft_model')")
+        raise ValueError(
+            f"speculative_config method={method!r} is not supported; supported: 'ngram', or a draft "
+            f"'model' ('draft_model')"
+        )

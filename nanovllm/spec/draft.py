@@ -5,6 +5,7 @@ The draft keeps a shadow of each sequence (its own token list and blocks): its K
 sequence still agrees with what the draft saw (the proposals the target kept), is recomputed from there (the
 target's own token; at first, the whole prompt), and its blocks go back with the sequence (finish, abort or
 preemption)."""
+
 import dataclasses
 
 import torch
@@ -21,22 +22,34 @@ from nanovllm.spec.rejection import probabilities
 
 
 class DraftProposer:
-    def __init__(self, config: EngineConfig, draft_path: str, num_blocks: int, vocab_size: int,
-                 dtype: torch.dtype, backend):
+    def __init__(
+        self, config: EngineConfig, draft_path: str, num_blocks: int, vocab_size: int, dtype: torch.dtype, backend
+    ):
         """config: the target's resolved one; the draft pool has as many blocks as the target's (the draft's
         blocks are smaller by as much as the draft is)."""
         hf_config = load_hf_config(draft_path)
         if hf_config.vocab_size != vocab_size:
-            raise ValueError(f"the draft model {draft_path!r} has a vocabulary of {hf_config.vocab_size} tokens, the "
-                             f"target {vocab_size}: a draft must share the target's tokenizer")
-        draft_config = dataclasses.replace(config, model=draft_path, num_kv_blocks=num_blocks, speculative_config=None,
-                                           tensor_parallel_size=1)
+            raise ValueError(
+                f"the draft model {draft_path!r} has a vocabulary of {hf_config.vocab_size} tokens, the "
+                f"target {vocab_size}: a draft must share the target's tokenizer"
+            )
+        draft_config = dataclasses.replace(
+            config, model=draft_path, num_kv_blocks=num_blocks, speculative_config=None, tensor_parallel_size=1
+        )
         with one_rank():  # under tensor parallelism the draft is whole on rank 0 (the workers never see it)
-            loaded = load_model(draft_path, dtype, config.device, config.max_model_len, hf_config,
-                                config.tokenizer or config.model, backend)
+            loaded = load_model(
+                draft_path,
+                dtype,
+                config.device,
+                config.max_model_len,
+                hf_config,
+                config.tokenizer or config.model,
+                backend,
+            )
             self.runner = ModelRunner(draft_config, loaded.model, dtype, loaded.eos_token_ids)
-        self.block_manager = BlockManager(num_blocks, config.block_size, False, config.max_num_seqs,
-                                          -(-config.max_model_len // config.block_size))
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, False, config.max_num_seqs, -(-config.max_model_len // config.block_size)
+        )
         self.runner.block_tables = self.block_manager.tables
         self.shadows: dict[Sequence, tuple[Sequence, int]] = {}  # sequence -> (its shadow, its length when seen)
 
@@ -62,15 +75,23 @@ class DraftProposer:
                 shadow.token_ids.append(token)
                 qs.append(q)
         for seq, shadow, k, n, qs in active:
-            seq.spec_token_ids = shadow.token_ids[seq.num_tokens:]
+            seq.spec_token_ids = shadow.token_ids[seq.num_tokens :]
             seq.spec_probs = None if qs[0] is None else torch.stack(qs)
 
     def sync(self, seq: Sequence) -> Sequence:
         """The sequence's shadow, its KV kept where the draft's tokens still agree with the sequence's."""
         shadow, seen = self.shadows.get(seq, (None, 0))
         if shadow is None:
-            shadow = Sequence(seq.request_id, seq.index, list(seq.token_ids), seq.num_prompt_tokens, seq.params,
-                              Status.RUNNING, generator=seq.generator, bad_words=seq.bad_words)
+            shadow = Sequence(
+                seq.request_id,
+                seq.index,
+                list(seq.token_ids),
+                seq.num_prompt_tokens,
+                seq.params,
+                Status.RUNNING,
+                generator=seq.generator,
+                bad_words=seq.bad_words,
+            )
         else:
             same, end = min(seen, shadow.num_computed), min(shadow.num_computed, seq.num_tokens)
             while same < end and shadow.token_ids[same] == seq.token_ids[same]:
@@ -91,8 +112,11 @@ class DraftProposer:
         tokens, probs = [], []
         for i, s in enumerate(shadows):
             greedy = s.params.temperature == 0
-            tokens.append(int(q[i].argmax()) if greedy else
-                          int(torch.multinomial(q[i], 1, generator=s.generator or self.runner.generator)))
+            tokens.append(
+                int(q[i].argmax())
+                if greedy
+                else int(torch.multinomial(q[i], 1, generator=s.generator or self.runner.generator))
+            )
             probs.append(None if greedy else q[i])
         return tokens, probs
 

@@ -1,5 +1,6 @@
 """Prompt lookup (n-gram) proposals: text that repeats its input (an edit, a summary quoting its source, code)
 continues the way an earlier occurrence of its last few tokens did. No model: a few numpy passes per sequence."""
+
 import numpy as np
 
 
@@ -18,4 +19,4 @@ def propose(token_ids: list[int], k: int, min_n: int, max_n: int) -> list[int]:
         ends = ends[ends >= m]
         ends = ends[t[ends - m] == t[last - m]]
         m += 1
-    return [] if best is None else t[best + 1:best + 1 + k].tolist()
+    return [] if best is None else t[best + 1 : best + 1 + k].tolist()

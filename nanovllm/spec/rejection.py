@@ -7,6 +7,7 @@ distribution q_j, is kept with probability min(1, p_j(d_j) / q_j(d_j)) under the
 first rejection the token comes from max(0, p_j - q_j) renormalized instead, and when all k are kept one more
 comes from p_k. Each emitted token is then distributed as p: the target's. An n-gram proposal (or a greedy draft's)
 is a point mass: q_j(d_j) = 1, and the residual is p_j without d_j."""
+
 import dataclasses
 
 import torch
@@ -20,8 +21,9 @@ def probabilities(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     """The distribution each row's token is drawn from [B, V]: the sampler's, after bias, bans, penalties,
     temperature and filters (greedy rows at temperature 1: only their argmax is used)."""
     logits = adjust(logits.float(), b)
-    return apply_top_k_top_p_min_p(logits / torch.where(b.temperature == 0, 1.0, b.temperature)[:, None],
-                                   b).softmax(dim=-1)
+    return apply_top_k_top_p_min_p(logits / torch.where(b.temperature == 0, 1.0, b.temperature)[:, None], b).softmax(
+        dim=-1
+    )
 
 
 def positions(seq: Sequence) -> list[Sequence]:
@@ -31,8 +33,9 @@ def positions(seq: Sequence) -> list[Sequence]:
     return [dataclasses.replace(seq, token_ids=seq.token_ids + spec[:j]) for j in range(len(spec) + 1)]
 
 
-def verify(logits: torch.Tensor, seqs: list[Sequence], sampling_batch, generator: torch.Generator | None
-           ) -> list[list[int]]:
+def verify(
+    logits: torch.Tensor, seqs: list[Sequence], sampling_batch, generator: torch.Generator | None
+) -> list[list[int]]:
     """logits [sum(1 + k_i), V]: sequence i's rows for its last token and each of its k_i proposals, in order.
     Returns each sequence's new tokens: the proposals kept and one token of the target's. A sequence without
     proposals is sampled as without speculation (a seeded one draws the same whatever else is in the step)."""
@@ -59,9 +62,9 @@ def verify(logits: torch.Tensor, seqs: list[Sequence], sampling_batch, generator
         s, k = seqs[i], len(seqs[i].spec_token_ids)
         if bool(greedy[row]):
             kept = next((j for j in range(k) if s.spec_token_ids[j] != target[row + j]), k)
-            out[i] = target[row:row + kept + 1]
+            out[i] = target[row : row + kept + 1]
         else:
-            out[i] = accept(probs[row:row + k + 1], s.spec_token_ids, s.spec_probs, s.generator or generator)
+            out[i] = accept(probs[row : row + k + 1], s.spec_token_ids, s.spec_probs, s.generator or generator)
         row += k + 1
     return out
 
@@ -77,7 +80,7 @@ def accept(p: torch.Tensor, draft: list[int], q: torch.Tensor | None, g: torch.G
     if not len(rejected):
         return draft + [int(torch.multinomial(p[k], 1, generator=g))]
     j = int(rejected[0])
-    residual = (p[j] - q[j]).clamp_(min=0) if q is not None else p[j].index_fill(0, d[j:j + 1], 0)
+    residual = (p[j] - q[j]).clamp_(min=0) if q is not None else p[j].index_fill(0, d[j : j + 1], 0)
     if not bool(residual.sum() > 0):  # p_j == q_j up to rounding: a rejection was (almost) impossible
         residual = p[j]
     return draft[:j] + [int(torch.multinomial(residual, 1, generator=g))]

@@ -1,5 +1,6 @@
 """What the engine holds for speculative decoding: before each step it has the proposer guess the next tokens of
 every decoding sequence; after the step it counts what the target kept (vLLM's spec_decode metrics)."""
+
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -11,9 +12,9 @@ from nanovllm.spec.draft import DraftProposer
 
 @dataclass
 class SpecDecodingStats:
-    num_drafts: int = 0             # verifications: a sequence's step with proposals
-    num_draft_tokens: int = 0       # proposals checked
-    num_accepted_tokens: int = 0    # proposals kept
+    num_drafts: int = 0  # verifications: a sequence's step with proposals
+    num_draft_tokens: int = 0  # proposals checked
+    num_accepted_tokens: int = 0  # proposals kept
     accepted_per_pos: list[int] = field(default_factory=list)  # proposals kept at position 0, 1, ... of a draft
 
 
@@ -25,8 +26,9 @@ DISABLE_BY_BATCH_SIZE = {"cpu": 4, "cuda": None}
 
 
 class Speculator:
-    def __init__(self, config: SpeculativeConfig, max_model_len: int, draft: DraftProposer | None = None,
-                 device: str = "cpu"):
+    def __init__(
+        self, config: SpeculativeConfig, max_model_len: int, draft: DraftProposer | None = None, device: str = "cpu"
+    ):
         self.config, self.max_model_len, self.draft = config, max_model_len, draft
         self.disable_by_batch_size = config.disable_by_batch_size or DISABLE_BY_BATCH_SIZE[device]
         self.stats = SpecDecodingStats(accepted_per_pos=[0] * config.num_speculative_tokens)
@@ -78,8 +80,11 @@ class Speculator:
         """engine.stats()'s spec_decode_* entries: vLLM's counters, the acceptance rate (proposals kept / checked)
         and the mean acceptance length (tokens a verification yields, the target's own included)."""
         s = self.stats
-        return {"spec_decode_num_drafts": s.num_drafts, "spec_decode_num_draft_tokens": s.num_draft_tokens,
-                "spec_decode_num_accepted_tokens": s.num_accepted_tokens,
-                "spec_decode_num_accepted_tokens_per_pos": list(s.accepted_per_pos),
-                "spec_decode_acceptance_rate": s.num_accepted_tokens / max(s.num_draft_tokens, 1),
-                "spec_decode_mean_acceptance_length": 1 + s.num_accepted_tokens / max(s.num_drafts, 1)}
+        return {
+            "spec_decode_num_drafts": s.num_drafts,
+            "spec_decode_num_draft_tokens": s.num_draft_tokens,
+            "spec_decode_num_accepted_tokens": s.num_accepted_tokens,
+            "spec_decode_num_accepted_tokens_per_pos": list(s.accepted_per_pos),
+            "spec_decode_acceptance_rate": s.num_accepted_tokens / max(s.num_draft_tokens, 1),
+            "spec_decode_mean_acceptance_length": 1 + s.num_accepted_tokens / max(s.num_drafts, 1),
+        }

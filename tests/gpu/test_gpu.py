@@ -1,9 +1,10 @@
 """On a CUDA machine only (marked gpu, skipped elsewhere): the Triton kernels in bf16 at real sizes, the engine
 against HF transformers, CUDA graphs against eager.  Run: python -m pytest -q tests/gpu -m gpu"""
+
 import pytest
 import torch
-
 from conftest import hf_greedy, random_prompts, save_tiny_model
+
 from nanovllm import LLM, SamplingParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -15,9 +16,9 @@ def test_kernels_bf16_at_real_sizes(heads, kv_heads, block_size):
 
     from nanovllm.kernels.attention import triton_attention
     from nanovllm.layers.attention import torch_attention
+
     gen = torch.Generator().manual_seed(heads)
-    seqs = [(int(c), 1) for c in torch.randint(1, 4000, (48,), generator=gen)] + [(3000, 1000), (700, 700),
-                                                                                   (1500, 37)]
+    seqs = [(int(c), 1) for c in torch.randint(1, 4000, (48,), generator=gen)] + [(3000, 1000), (700, 700), (1500, 37)]
     num_blocks = sum(-(-c // block_size) for c, _ in seqs) + 8
     meta = make_step(seqs, block_size, num_blocks, gen)
     tokens, d = meta.query_start_cpu[-1], 128
@@ -26,8 +27,8 @@ def test_kernels_bf16_at_real_sizes(heads, kv_heads, block_size):
     v_cache = torch.randn(num_blocks, block_size, kv_heads, d, **bf)
     q, k, v = (torch.randn(tokens, n, d, **bf) for n in (heads, kv_heads, kv_heads))
     kc, vc = k_cache.clone(), v_cache.clone()
-    expected = torch_attention(q.float(), k.float(), v.float(), kc.float(), vc.float(), meta, d ** -0.5)
-    got = triton_attention(q, k, v, k_cache, v_cache, meta, d ** -0.5)
+    expected = torch_attention(q.float(), k.float(), v.float(), kc.float(), vc.float(), meta, d**-0.5)
+    got = triton_attention(q, k, v, k_cache, v_cache, meta, d**-0.5)
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
 
 
@@ -39,6 +40,7 @@ def test_decode_splits_bf16_at_the_benchmark_shape(seqs):
 
     from nanovllm.kernels.attention import decode_attention
     from nanovllm.layers.attention import decode_attention as reference
+
     gen = torch.Generator().manual_seed(seqs)
     lens = torch.randint(1, 1500, (seqs,), generator=gen).tolist()
     num_blocks = sum(-(-c // 16) for c in lens) + 4
@@ -46,14 +48,29 @@ def test_decode_splits_bf16_at_the_benchmark_shape(seqs):
     k_cache, v_cache = torch.randn(2, num_blocks, 16, 8, 128, generator=gen).to("cuda", torch.bfloat16)
     q = torch.randn(seqs, 16, 128, generator=gen).to("cuda", torch.bfloat16)
     expected = torch.empty(q.shape, device="cuda")
-    reference(q.float(), expected, k_cache.float(), v_cache.float(), meta, 128 ** -0.5)
+    reference(q.float(), expected, k_cache.float(), v_cache.float(), meta, 128**-0.5)
     longest = meta.decode_max_context
-    for max_context, kw in [(longest, {}), (40960, {}), (longest, dict(num_splits=1)),
-                            (longest, dict(num_splits=16, split_min=16, block_n=16)),
-                            (longest, dict(block_n=128, num_warps=8))]:
+    for max_context, kw in [
+        (longest, {}),
+        (40960, {}),
+        (longest, dict(num_splits=1)),
+        (longest, dict(num_splits=16, split_min=16, block_n=16)),
+        (longest, dict(block_n=128, num_warps=8)),
+    ]:
         out = torch.full_like(q, float("nan"))
-        decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.decode_rows,
-                         meta.decode_tokens, out, 128 ** -0.5, max_context, **kw)
+        decode_attention(
+            q,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.context_lens,
+            meta.decode_rows,
+            meta.decode_tokens,
+            out,
+            128**-0.5,
+            max_context,
+            **kw,
+        )
         torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2, msg=lambda m: f"{kw}: {m}")
 
 

@@ -6,6 +6,7 @@ nothing but gcc. The OpenMP runtime it links is the one torch already loaded (sa
 torch's thread pool. The library is cached per source, flags and CPU (-march=native) in cache_dir("kernels").
 Without gcc, library() warns and returns None, and the engine keeps torch ops.
 """
+
 import ctypes
 import functools
 import glob
@@ -27,8 +28,10 @@ FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", 
 i64, f32, cint, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
 SIGNATURES = {  # name: (restype, argtypes), in the order of the C prototypes in kernels.h
     "amx_init": (cint, []),
-    "decode_attention": (cint, [ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32, cint,
-                                cint, cint]),
+    "decode_attention": (
+        cint,
+        [ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32, cint, cint, cint],
+    ),
     "prefill_attention_bf16": (cint, [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, f32, cint]),
     "linear_bf16": (cint, [ptr, i64, ptr, cint, i64, i64, ptr, ptr, cint]),
     "store_kv": (None, [ptr, ptr, i64, i64, ptr, ptr, ptr, i64, i64, cint]),
@@ -36,8 +39,34 @@ SIGNATURES = {  # name: (restype, argtypes), in the order of the C prototypes in
     "silu_and_mul_bf16": (None, [ptr, ptr, i64, i64, cint]),
     "rope_bf16": (None, [ptr, i64, i64, i64, i64, ptr, ptr, cint]),
     "sample_rows": (None, [ptr, i64, i64, cint, ptr, ptr, ptr, cint]),
-    "decode_layers_bf16": (cint, [i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr,
-                                  ptr, ptr, f32, f32, cint, cint]),
+    "decode_layers_bf16": (
+        cint,
+        [
+            i64,
+            ptr,
+            ptr,
+            i64,
+            ptr,
+            ptr,
+            ptr,
+            ptr,
+            ptr,
+            ptr,
+            i64,
+            ptr,
+            ptr,
+            ptr,
+            ptr,
+            ptr,
+            ptr,
+            ptr,
+            ptr,
+            f32,
+            f32,
+            cint,
+            cint,
+        ],
+    ),
 }
 
 
