@@ -38,7 +38,8 @@ backticks are never quotes, only names.
 
 The layout. design.md's `## Layout` fenced block is a tree (two spaces per level; an entry starts before column
 24, its description after): every entry that names a file or directory must exist, and every module under
-nanovllm/ must be named, as an entry or in its directory entry's description (`norm` or `norm.py`).
+nanovllm/ and every script in benchmarks/ must be named, as an entry or in its directory entry's description
+(`norm` or `norm.py`).
 
 Links. `[text](target)` to a file of the repository must land on one (relative to the doc), and a `#anchor` on
 one of the target's headings (GitHub's anchors). Nothing links outside the repository (no URLs), as the house
@@ -531,7 +532,7 @@ def _layout_fence() -> Fence:
     raise AssertionError("docs/design.md has no '## Layout' section with a fenced tree")
 
 
-def test_layout_names_every_module() -> None:
+def test_layout_names_every_module_and_benchmark() -> None:
     fence = _layout_fence()
     stack: list[tuple[int, str]] = []  # (indent, directory path)
     described: dict[str, str] = {}  # path -> its description (continuations joined)
@@ -555,7 +556,7 @@ def test_layout_names_every_module() -> None:
                 problems.append(f"docs/design.md:{fence.start + i}: the layout's {path} is not a directory")
         elif not (ROOT / path).is_file():
             problems.append(f"docs/design.md:{fence.start + i}: the layout's {path} is not a file")
-    for module in sorted(PACKAGE.rglob("*.py")):
+    for module in [*sorted(PACKAGE.rglob("*.py")), *sorted((ROOT / "benchmarks").glob("*.*"))]:
         rel = str(module.relative_to(ROOT))
         if module.name in SKIP_FILES or rel in described:
             continue
