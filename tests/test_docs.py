@@ -4,8 +4,9 @@ and what is missing, so the commit that changes the code changes the doc with it
 
 The rules (the docs follow them; a new doc that names code should too):
 
-Which docs. Code names, paths and quotes: README.md, docs/design.md, docs/walkthrough.md (NAMED_DOCS). Paths and
-links also in docs/benchmarks.md, whose commands must run (PATH_DOCS). Links in every doc (docs/*.md, README.md).
+Which docs. Code names, paths and quotes: README.md, docs/design.md, docs/walkthrough.md (NAMED_DOCS). Paths also
+in docs/benchmarks.md, whose commands must run (PATH_DOCS; not docs/benchmarks-history.md, which keeps the paths of
+its day). Links in every doc (docs/*.md, README.md).
 
 What counts as a code name. Anything in single backticks, in the text of these docs or in their un-tagged fenced
 blocks (diagrams, layouts), that reads as code:
