@@ -56,7 +56,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+# the repository's root: the folder above this file that holds pyproject.toml (the tests may move into subfolders)
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
 PACKAGE = ROOT / "nanovllm"
 NAMED_DOCS = ["README.md", "docs/design.md", "docs/walkthrough.md"]
 PATH_DOCS = [*NAMED_DOCS, "docs/benchmarks.md"]
@@ -71,18 +72,16 @@ VARIABLES = {
     "request": "Request",
     "batch": "ScheduledBatch",
 }
-# names from outside the project that the docs use (libraries, the standard library, vLLM's, OpenAI's)
+# names from outside the project that the docs use (kept to those in use: a
+# name of ours that is misspelt must not pass as someone else's)
 OUTSIDE = {
-    # modules and their members
-    "torch", "tl", "np", "hmac", "xgrammar", "importlib", "sysconfig", "dataclasses", "transformers",
-    "chunk", "delta", "outs", "client",  # README's examples: the openai client's objects, the LLM's outputs
-    "stream_options", "extra_body",  # OpenAI's request fields
-    "mma",  # PTX's mma.sync
-    # classes
-    "ThreadPoolExecutor", "OpenAI", "GuidedDecodingParams", "KeyError", "FastAPI",
-    # functions
-    "generate", "log_softmax", "topk", "save_pretrained",
-}  # fmt: skip
+    "torch",
+    "tl",  # Triton's language module (`tl.dot`)
+    "hmac",  # `hmac.compare_digest`
+    "mma",  # PTX's `mma.sync`
+    "stream_options",  # OpenAI's request fields
+    "extra_body",
+}
 PATH_SUFFIXES = (".py", ".c", ".h", ".md", ".sh", ".toml")
 SKIP_FILES = {"__init__.py"}  # a package's own module: named by its directory in the layout
 
@@ -91,7 +90,6 @@ SKIP_FILES = {"__init__.py"}  # a package's own module: named by its directory i
 @dataclass
 class ClassInfo:
     attrs: set[str] = field(default_factory=set)  # methods, class-level names, fields, self.x
-    instance_attrs: set[str] = field(default_factory=set)  # self.x = ...: the value's type is unknown
     bases: list[str] = field(default_factory=list)
 
 
@@ -128,11 +126,10 @@ def _class_info(node: ast.ClassDef) -> ClassInfo:
             targets = [sub.target]
         for t in targets:
             if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
-                info.instance_attrs.add(t.attr)
+                info.attrs.add(t.attr)
         if isinstance(sub, ast.Call) and getattr(sub.func, "attr", None) == "__setattr__" and len(sub.args) >= 2:
             if isinstance(sub.args[1], ast.Constant) and isinstance(sub.args[1].value, str):
-                info.instance_attrs.add(sub.args[1].value)  # object.__setattr__(self, "name", ...) (frozen)
-    info.attrs |= info.instance_attrs
+                info.attrs.add(sub.args[1].value)  # object.__setattr__(self, "name", ...) (a frozen dataclass)
     return info
 
 
@@ -184,19 +181,16 @@ INDEX = _build_index()
 
 
 # ---- resolving a name --------------------------------------------------------------------------------------
-def _class_attrs(name: str) -> tuple[set[str], set[str]] | None:
-    """(attributes, instance attributes) of every class of that name and of its bases in the package."""
-    if name not in INDEX.classes:
-        return None
-    attrs, instance, todo, seen = set(), set(), [name], set()
+def _class_attrs(name: str) -> set[str]:
+    """The attributes of every class of that name and of its bases in the package."""
+    attrs, todo, seen = set(), [name], set()
     while todo:
         current = todo.pop()
         seen.add(current)
         for info in INDEX.classes.get(current, []):
             attrs |= info.attrs
-            instance |= info.instance_attrs
             todo += [b for b in info.bases if b not in seen]
-    return attrs, instance
+    return attrs
 
 
 def _any_class_has(attr: str) -> bool:
@@ -210,10 +204,9 @@ def _modules_named(parts: list[str]) -> list[str]:
 
 
 def _resolve_in_class(cls: str, rest: list[str]) -> str | None:
-    attrs, instance = _class_attrs(cls)
     if not rest:
         return None
-    if rest[0] not in attrs:
+    if rest[0] not in _class_attrs(cls):
         return f"{cls} has no attribute {rest[0]!r}"
     if rest[0] in INDEX.classes:  # a nested class
         return _resolve_in_class(rest[0], rest[1:])
@@ -265,6 +258,8 @@ DOTTED = re.compile(rf"^(?:{IDENT}/)*{IDENT}(?:\.{IDENT})+$")
 CALL = re.compile(rf"^({IDENT}(?:[./]{IDENT})*)\(.*\)$")
 CAMEL = re.compile(r"^_?[A-Z][A-Za-z0-9]*[a-z][A-Za-z0-9]*$")
 SNAKE = re.compile(r"^[A-Za-z0-9]+(?:_[A-Za-z0-9]+)+$")
+# a model folder's files (config.json, ...) and ours: file names, not code names
+FILE_SUFFIXES = {s[1:] for s in PATH_SUFFIXES} | {"json", "gguf", "safetensors", "txt", "jinja"}
 PROSE_DOTTED = re.compile(rf"(?<![\w./`-])([A-Z][A-Za-z0-9]*[a-z][A-Za-z0-9]*(?:\.{IDENT})+)")
 
 
@@ -291,10 +286,6 @@ def check_name(span: str) -> str | None:
             return None
         return f"the identifier {span!r} appears nowhere in nanovllm/"
     return None
-
-
-# a model folder's files (config.json, ...) and ours: file names, not code names
-FILE_SUFFIXES = {s[1:] for s in PATH_SUFFIXES} | {"json", "gguf", "safetensors", "txt", "jinja"}
 
 
 # ---- reading a doc ---------------------------------------------------------------------------------------------
