@@ -176,3 +176,19 @@ def test_ggml_ids_are_ggufs():
         shape = cpu.BLOCK_SHAPES[code]
         assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]] == (shape.elems, shape.nbytes)
     assert cpu.BF16 == gguf.GGMLQuantizationType.BF16
+
+
+def test_dequantize_into_a_scratch_and_without_a_compiler(monkeypatch):
+    """`out` receives the rows (a reused tile); without a compiler gguf-py computes the same values and
+    quant_linear declines (the caller then uses torch)."""
+    blocks = random_blocks("Q5_0", 9, 576, seed=5)
+    expected = reference("Q5_0", blocks, 576)
+    scratch = torch.empty(4, 576)
+    assert cpu.dequantize("Q5_0", blocks[2:6], 576, out=scratch) is scratch
+    assert torch.equal(scratch, expected[2:6])
+    with pytest.raises(ValueError, match=r"contiguous fp32 \[4, 576\]"):
+        cpu.dequantize("Q5_0", blocks[2:6], 576, out=torch.empty(4, 575))
+    monkeypatch.setattr(cpu, "library", lambda: None)
+    ids = torch.tensor([8, 1])
+    assert torch.equal(cpu.dequantize("Q5_0", blocks, 576, ids=ids), expected[ids])
+    assert cpu.quant_linear(torch.randn(2, 576), "Q5_0", blocks) is None

@@ -412,8 +412,10 @@ def quant_linear(
     ):
         return None
     m, k = x.shape
-    code, _ = block_shape(qtype, k)
-    if blocks.shape[1] != row_bytes(code, k):
+    code = GGUF_TYPES.get(qtype) if isinstance(qtype, str) else qtype
+    shape = BLOCK_SHAPES.get(code)
+    if shape is None or k % shape.elems or blocks.shape[1] != k // shape.elems * shape.nbytes:  # ~130 calls a step
+        code, _ = block_shape(qtype, k)  # raises for the type or K
         raise ValueError(
             f"GGUF {TYPE_NAMES[code]} rows of {k} weights take {row_bytes(code, k)} bytes; blocks has rows of "
             f"{blocks.shape[1]}"
@@ -438,11 +440,17 @@ def quant_linear(
 
 
 def dequantize(
-    qtype: int | str, blocks: torch.Tensor, k: int, ids: torch.Tensor | None = None, lib=None
+    qtype: int | str,
+    blocks: torch.Tensor,
+    k: int,
+    ids: torch.Tensor | None = None,
+    lib=None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rows of a GGUF weight (blocks: uint8, contiguous, rows of k weights as stored) as fp32 [n, k], the values
     gguf-py's gguf.dequantize computes: all rows, or those at `ids` (int64, e.g. an embedding lookup). Without a
-    compiler, gguf-py's numpy code computes them."""
+    compiler, gguf-py's numpy code computes them. out: where to write them (contiguous fp32 [n, k], e.g. a
+    scratch tile reused), else a new tensor."""
     lib = lib if lib is not None else library()
     code, _ = block_shape(qtype, k)
     nbytes = row_bytes(code, k)
@@ -461,9 +469,12 @@ def dequantize(
         import gguf
 
         picked = blocks.view(rows, nbytes) if ids is None else blocks.view(rows, nbytes)[ids]
-        values = gguf.dequantize(picked.numpy(), gguf.GGMLQuantizationType(code))
-        return torch.from_numpy(values.reshape(n, k).copy())
-    out = torch.empty(n, k, dtype=torch.float32)
+        values = torch.from_numpy(gguf.dequantize(picked.numpy(), gguf.GGMLQuantizationType(code)).reshape(n, k))
+        return values.clone() if out is None else out.copy_(values)
+    if out is None:
+        out = torch.empty(n, k, dtype=torch.float32)
+    elif not (out.dtype == torch.float32 and out.is_contiguous() and out.shape == (n, k)):
+        raise ValueError(f"dequantize writes into a contiguous fp32 [{n}, {k}]; got {out.dtype} {tuple(out.shape)}")
     rc = lib.dequantize_rows(
         blocks.data_ptr(),
         code,
