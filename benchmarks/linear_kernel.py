@@ -101,9 +101,7 @@ def quantized(args) -> None:
     print("the others and the LM head (K = 576 is not a multiple of Q4_K's 256); ms, median of", args.repeats)
     flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
     print(next((line for line in flags if line.startswith("Flags")), "Flags: (lscpu gave none)"))
-    header = "".join(f"{f'{m} rows':>22s}" for m in args.rows)
-    print(f"{'':12s}{header}\n{'':12s}" + f"{'30 layers   LM head':>22s}" * len(args.rows))
-    results = {name: [] for name in candidates}
+    print(f"{'rows':>5s}  {'candidate':12s}{'30 layers':>12s}{'LM head':>10s}   (ms, median)")
     for rows in args.rows:
         inputs = {k: torch.randn(rows, k, generator=gen) for k in {k for _, k in [*SHAPES, LM_HEAD]}}
         times = {name: ([], []) for name in candidates}
@@ -117,9 +115,10 @@ def quantized(args) -> None:
                 times[name][0].append(middle - start)
                 times[name][1].append(time.perf_counter() - middle)
         for name, (layers, head) in times.items():
-            results[name].append((statistics.median(layers) * 1e3, statistics.median(head) * 1e3))
-    for name, cells in results.items():
-        print(f"{name:12s}" + "".join(f"{layers:12.2f}{head:10.2f}" for layers, head in cells))
+            print(
+                f"{rows:5d}  {name:12s}{statistics.median(layers) * 1e3:12.2f}{statistics.median(head) * 1e3:10.2f}",
+                flush=True,
+            )
 
 
 def bf16_amx(args) -> None:

@@ -192,3 +192,9 @@ def test_dequantize_into_a_scratch_and_without_a_compiler(monkeypatch):
     ids = torch.tensor([8, 1])
     assert torch.equal(cpu.dequantize("Q5_0", blocks, 576, ids=ids), expected[ids])
     assert cpu.quant_linear(torch.randn(2, 576), "Q5_0", blocks) is None
+
+
+def test_no_rows():
+    blocks = random_blocks("Q4_1", 3, 64, seed=2)
+    assert cpu.quant_linear(torch.empty(0, 64), "Q4_1", blocks).shape == (0, 3)
+    assert cpu.dequantize("Q4_1", blocks, 64, ids=torch.empty(0, dtype=torch.int64)).shape == (0, 64)

@@ -318,6 +318,7 @@ int linear_f32(const float *x, int64_t M, const void *w, int type, int64_t N, in
     if (dots(type, &one, &rows)) return 1;
     const int64_t elems = block_elems(type), row_bytes = K / elems * block_bytes(type);
     if (K % elems) return 2;
+    if (M <= 0 || N <= 0) return 0;
     /* x as the dot products read it: fp32 rows for F32 / F16, else its quantized blocks */
     const int quantized = elems > 1, super = elems == SUPER_BLOCK;
     const int64_t n = quantized ? K / elems : K;  /* what a dot product counts: blocks, or values */
