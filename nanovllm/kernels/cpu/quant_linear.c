@@ -51,6 +51,10 @@ INLINE int32_t hsum_i(__m256i v) {
 
 INLINE __m256i load256(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
 #else
+/* Element i of a 32-block's 16 bytes of nibbles: i < 16 the low nibble of byte i, else the high one of byte
+ * i - 16 */
+static inline int nibble(const uint8_t *qs, int i) { return i < 16 ? qs[i] & 15 : qs[i - 16] >> 4; }
+
 /* A 32-block's weights as signed integers w = q - offset (Q4_0: q - 8, Q5_0: q - 16), so that the block's
  * weights are d w (+ m for Q4_1 / Q5_1) */
 INLINE void block_ints(const uint8_t *blk, const int type, int w[BLOCK]) {
