@@ -5,7 +5,9 @@ fp32 activations, GGUF weights (default; random blocks of the real shapes: the t
 F.linear          torch's linear on the fp32 weights (what loading a GGUF dequantized to fp32 gives today)
 int4pack          torch._weight_int4pack_mm_for_cpu (4-bit, group size 32, scale and zero per group)
 int8pack          torch._weight_int8pack_mm (int8, one scale per output)
-ours Q4_1 / Q8_0  kernels.quant_linear (quant_linear.c: int8 activations, integer block dot products)
+ours Q4_1 / Q8_0  kernels.quant_linear (quant_linear.c: int8 activations, integer block dot products; from
+                  kernels.TILE_FROM_ROWS rows on, dequantized tiles and torch.mm as "tile Q4_1" below)
+dots Q4_1         the C kernel's int8 dot products at every row count (linear_f32 called directly)
 ours Q4_K         the same on Q4_K where K is a multiple of 256 (only the down projection, K = 1536) and Q5_0
                   elsewhere (K = 576): what a Q4_K_M GGUF of SmolLM2 holds
 ours F32          kernels.quant_linear on the fp32 weights (our fp32 FMA matrix-vector product)
@@ -17,6 +19,7 @@ pages, F.linear.
 
 python benchmarks/linear_kernel.py                       # rows 1 8 32 512
 python benchmarks/linear_kernel.py --rows 1 --repeats 9 --threads 1
+python benchmarks/linear_kernel.py --rows 512 --candidates F.linear "dots Q4_1" "tile Q4_1"
 python benchmarks/linear_kernel.py --bf16 --rows 1 16 44 64 128
 """
 
@@ -62,11 +65,22 @@ def tile_linear(x: torch.Tensor, qtype: str, blocks: torch.Tensor, scratch: torc
     return y
 
 
+def int8_dots(x: torch.Tensor, qtype: str, blocks: torch.Tensor) -> torch.Tensor:
+    """The C kernel's integer dot products whatever the row count (quant_linear switches to tiles for many)."""
+    y = x.new_empty(x.shape[0], blocks.shape[0])
+    code, n, k = cpu.GGUF_TYPES[qtype], blocks.shape[0], x.shape[1]
+    rc = cpu.library().linear_f32(
+        x.data_ptr(), x.shape[0], blocks.data_ptr(), code, n, k, None, y.data_ptr(), torch.get_num_threads()
+    )
+    assert rc == 0, rc
+    return y
+
+
 def quantized_candidates(gen: torch.Generator) -> dict:
     """name -> (function(x, weight), [per-layer weights in SHAPES order, then the LM head's])."""
     shapes = [*SHAPES * LAYERS, LM_HEAD]
     weights = {name: [] for name in ("F.linear", "int4pack", "int8pack", "ours Q4_1", "ours Q8_0", "ours Q4_K")}
-    weights |= {"ours F32": weights["F.linear"], "tile Q4_1": weights["ours Q4_1"]}
+    weights |= {"ours F32": weights["F.linear"], "dots Q4_1": weights["ours Q4_1"], "tile Q4_1": weights["ours Q4_1"]}
     for n, k in shapes:
         q4_1 = random_blocks("Q4_1", n, k, gen)
         w = cpu.dequantize("Q4_1", q4_1, k)
@@ -89,6 +103,7 @@ def quantized_candidates(gen: torch.Generator) -> dict:
         "ours Q8_0": lambda x, w: cpu.quant_linear(x, "Q8_0", w),
         "ours Q4_K": lambda x, w: cpu.quant_linear(x, w[0], w[1]),
         "ours F32": lambda x, w: cpu.quant_linear(x, f32, w.view(torch.uint8)),
+        "dots Q4_1": lambda x, w: int8_dots(x, "Q4_1", w),
         "tile Q4_1": lambda x, w: tile_linear(x, "Q4_1", w, scratch),
     }
     return {name: (fn, weights[name]) for name, fn in runs.items()}
@@ -97,6 +112,8 @@ def quantized_candidates(gen: torch.Generator) -> dict:
 def quantized(args) -> None:
     gen = torch.Generator().manual_seed(0)
     candidates = quantized_candidates(gen)
+    if args.candidates:
+        candidates = {name: candidates[name] for name in args.candidates}
     print(f"torch threads {torch.get_num_threads()}; ours Q4_K: Q4_K on the down projection (K = 1536), Q5_0 on")
     print("the others and the LM head (K = 576 is not a multiple of Q4_K's 256); ms, median of", args.repeats)
     flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
@@ -164,6 +181,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 512])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--candidates", nargs="+", help="only these (names as printed)")
     ap.add_argument("--bf16", action="store_true", help="the AMX comparison on bf16 weights")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch's and our kernels' threads")
     args = ap.parse_args()

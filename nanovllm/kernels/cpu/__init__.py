@@ -390,12 +390,35 @@ def row_bytes(qtype: int | str, k: int) -> int:
     return k // shape.elems * shape.nbytes
 
 
+# From this many rows of x on, quant_linear dequantizes W a tile of TILE_ROWS rows at a time (an fp32 tile of at most
+# ~1.5 MB: about a core's L2) and multiplies each with torch.mm: the int8 dot products cost the same per row of x
+# whatever M, and at 32 rows already equal torch's fp32 matmul, which then gains with M (benchmarks/linear_kernel.py)
+TILE_FROM_ROWS = 64
+TILE_ROWS = 256
+
+
+def tiled_linear(x: torch.Tensor, code: int, blocks: torch.Tensor, lib) -> torch.Tensor:
+    """x [M, K] fp32 @ W.T for many rows: W's rows dequantized TILE_ROWS at a time into one scratch tile, each
+    tile's outputs computed by torch.mm into rows of y.T (contiguous), transposed once at the end."""
+    n, k = blocks.shape[0], x.shape[1]
+    if code == GGUF_TYPES["F32"]:
+        return torch.nn.functional.linear(x, blocks.view(torch.float32))
+    scratch = torch.empty(min(n, TILE_ROWS) * k)
+    y_t = x.new_empty(n, x.shape[0])
+    for start in range(0, n, TILE_ROWS):
+        rows = min(TILE_ROWS, n - start)
+        tile = dequantize(code, blocks[start : start + rows], k, lib=lib, out=scratch[: rows * k].view(rows, k))
+        torch.mm(tile, x.T, out=y_t[start : start + rows])
+    return y_t.T.contiguous()
+
+
 def quant_linear(
     x: torch.Tensor, qtype: int | str, blocks: torch.Tensor, bias: torch.Tensor | None = None, lib=None
 ) -> torch.Tensor | None:
     """y [M, N] = x [M, K] @ W.T (+ bias), W's N rows as GGUF stores them in `blocks` (uint8 [N, row bytes],
-    contiguous), read in place (quant_linear.c: x quantized to int8 blocks, integer dot products). x fp32 or bf16
-    (computed in fp32, returned in x's dtype). None where the kernel does not apply (not CPU, another dtype or
+    contiguous), read in place (quant_linear.c: x quantized to int8 blocks, integer dot products); from
+    TILE_FROM_ROWS rows on, tiles of W dequantized and torch.mm. x fp32 or bf16 (computed in fp32, returned in
+    x's dtype). None where the kernel does not apply (not CPU, another dtype or
     layout, no compiler): the caller uses torch. ValueError for a type it cannot read or K not in its blocks.
     lib: the kernel library (tests pass library("portable"))."""
     lib = lib if lib is not None else library()
@@ -422,6 +445,11 @@ def quant_linear(
         )
     xf = x.float()
     bf = None if bias is None else bias.float()
+    if m >= TILE_FROM_ROWS:
+        y = tiled_linear(xf, code, blocks, lib)
+        if bf is not None:
+            y += bf
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
     y = xf.new_empty(m, blocks.shape[0])
     rc = lib.linear_f32(
         xf.data_ptr(),
