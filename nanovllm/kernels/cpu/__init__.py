@@ -399,17 +399,18 @@ TILE_ROWS = 256
 
 def tiled_linear(x: torch.Tensor, code: int, blocks: torch.Tensor, lib) -> torch.Tensor:
     """x [M, K] fp32 @ W.T for many rows: W's rows dequantized TILE_ROWS at a time into one scratch tile, each
-    tile's outputs computed by torch.mm into rows of y.T (contiguous), transposed once at the end."""
+    tile's outputs computed by F.linear and copied into their columns of y (a few % faster, under load, than
+    torch.mm into rows of y.T and one transpose)."""
     n, k = blocks.shape[0], x.shape[1]
     if code == GGUF_TYPES["F32"]:
         return torch.nn.functional.linear(x, blocks.view(torch.float32))
     scratch = torch.empty(min(n, TILE_ROWS) * k)
-    y_t = x.new_empty(n, x.shape[0])
+    y = x.new_empty(x.shape[0], n)
     for start in range(0, n, TILE_ROWS):
         rows = min(TILE_ROWS, n - start)
         tile = dequantize(code, blocks[start : start + rows], k, lib=lib, out=scratch[: rows * k].view(rows, k))
-        torch.mm(tile, x.T, out=y_t[start : start + rows])
-    return y_t.T.contiguous()
+        y[:, start : start + rows] = torch.nn.functional.linear(x, tile)
+    return y
 
 
 def quant_linear(
