@@ -44,7 +44,8 @@ from llama_cpp._internals import LlamaSampler
 
 args = json.load(open(sys.argv[1]))
 llm = llama_cpp.Llama(model_path=args["model"], n_threads=args["threads"], n_threads_batch=args["threads"],
-                      n_ctx=args["n_ctx"], n_batch=args["n_batch"], n_ubatch=args["n_batch"], verbose=False)
+                      n_ctx=args["n_ctx"], n_batch=args["n_batch"], n_ubatch=args["n_batch"],
+                      flash_attn=args["flash_attn"], verbose=False)
 ctx = llm.ctx
 memory = llama_cpp.llama_get_memory(ctx)
 eos = llm.token_eos()
@@ -118,7 +119,13 @@ def random_prompt(rng: random.Random, length: int) -> list[int]:
 
 
 def run_llama_python(
-    python: str, model: str, threads: int, single: list[list[int]], prompts: list[list[int]], tokens: int
+    python: str,
+    model: str,
+    threads: int,
+    single: list[list[int]],
+    prompts: list[list[int]],
+    tokens: int,
+    flash_attn: str,
 ) -> dict:
     """One round of llama-cpp-python in its venv: single-stream runs of `single`, then prompt evaluations."""
     longest = max(len(p) for p in single + prompts) + tokens
@@ -133,6 +140,7 @@ def run_llama_python(
                 "prompts": prompts,
                 "tokens": tokens,
                 "warmup": single[0][:8],
+                "flash_attn": flash_attn == "on",
             },
             f,
         )
@@ -144,11 +152,17 @@ def run_llama_python(
     return json.loads(line[len("RESULT ") :])
 
 
-def run_llama_bench(bin_dir: str, model: str, threads: int, lengths: list[int]) -> dict[int, float]:
+def tool_env(bin_dir: str) -> dict[str, str]:
+    """The tools' shared libraries (libllama, libggml*) sit beside them: found there whatever their RUNPATH says."""
+    paths = [bin_dir] + [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
+    return {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(paths)}
+
+
+def run_llama_bench(bin_dir: str, model: str, threads: int, lengths: list[int], flash_attn: str) -> dict[int, float]:
     """{prompt length: tok/s} from one llama-bench run (one repetition after its own warm-up)."""
     cmd = [os.path.join(bin_dir, "llama-bench"), "-m", model, "-t", str(threads), "-n", "0", "-r", "1", "-o", "json"]
-    cmd += ["-p", ",".join(map(str, lengths))]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    cmd += ["-p", ",".join(map(str, lengths)), "-fa", flash_attn]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=tool_env(bin_dir))
     if proc.returncode != 0:
         sys.exit(f"llama-bench failed (rc {proc.returncode}): {shlex.join(cmd)}\n{proc.stderr[-3000:]}")
     return {r["n_prompt"]: r["avg_ts"] for r in json.loads(proc.stdout) if r["n_gen"] == 0}
@@ -168,13 +182,16 @@ def parse_batched_bench(text: str) -> dict[int, dict[str, float]]:
     return rows
 
 
-def run_batched_bench(bin_dir: str, model: str, threads: int, prompt: int, tokens: int, batches: list[int]) -> dict:
+def run_batched_bench(
+    bin_dir: str, model: str, threads: int, prompt: int, tokens: int, batches: list[int], flash_attn: str
+) -> dict:
     # every sequence needs prompt + tokens cells; the context is split evenly among max(B) sequences, and a row
     # that does not fit is skipped silently by the tool, hence the check below
     n_ctx = max(batches) * (prompt + tokens)
     cmd = [os.path.join(bin_dir, "llama-batched-bench"), "-m", model, "-t", str(threads), "-tb", str(threads)]
     cmd += ["-c", str(n_ctx), "-npp", str(prompt), "-ntg", str(tokens), "-npl", ",".join(map(str, batches))]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    cmd += ["-fa", flash_attn]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=tool_env(bin_dir))
     rows = parse_batched_bench(proc.stdout + proc.stderr)  # the table goes to the log, stderr or stdout by version
     if proc.returncode != 0 or set(rows) != set(batches):
         sys.exit(
@@ -308,6 +325,13 @@ def main() -> None:
         "no batched rows)",
     )
     ap.add_argument("--threads", type=int, default=2, help="threads for both engines")
+    ap.add_argument(
+        "--flash-attn",
+        choices=["on", "off"],
+        default="on",
+        help="llama.cpp's flash attention, the same for its Python API and its tools (the tools' default, auto, "
+        "turns it on for a CPU; llama-cpp-python's default is off)",
+    )
     ap.add_argument("--busy", type=int, default=0, metavar="N", help="run N busy-loop processes for the whole run")
     ap.add_argument("--runs", type=int, default=3, help="rounds; each figure is the median")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="ours")
@@ -362,16 +386,20 @@ def measure(model: str, args: argparse.Namespace) -> tuple[Rounds, dict]:
 
 def measure_llama(model: str, args, singles: dict, prompts: dict, rounds: Rounds, samples: dict) -> None:
     via_python = [] if args.llama_bin else list(prompts.values())
-    r = run_llama_python(args.llama_python, model, args.threads, list(singles.values()), via_python, args.tokens)
+    r = run_llama_python(
+        args.llama_python, model, args.threads, list(singles.values()), via_python, args.tokens, args.flash_attn
+    )
     samples["llama_cpp_python"] = r["version"]
     for name, s in zip(singles, r["single"]):
         rounds.add(f"{name} ttft", "llama.cpp", s["ttft_s"])
         rounds.add(f"{name} decode", "llama.cpp", (args.tokens - 1) / s["decode_s"])
         samples["tokens"].setdefault(name, {})["llama.cpp"] = s["tokens"]
     if args.llama_bin:
-        for n, rate in run_llama_bench(args.llama_bin, model, args.threads, list(prompts)).items():
+        for n, rate in run_llama_bench(args.llama_bin, model, args.threads, list(prompts), args.flash_attn).items():
             rounds.add(f"prompt {n}", "llama.cpp", rate)
-        rows = run_batched_bench(args.llama_bin, model, args.threads, args.batch_prompt, args.tokens, args.batch_sizes)
+        rows = run_batched_bench(
+            args.llama_bin, model, args.threads, args.batch_prompt, args.tokens, args.batch_sizes, args.flash_attn
+        )
         for b, row in rows.items():
             for col in ["S_PP t/s", "S_TG t/s", "S t/s"]:
                 rounds.add(f"batched {b} {col}", "llama.cpp", row[col])
@@ -417,6 +445,7 @@ def report(model: str, args, command: str, load_before, load_after, rounds: Roun
         print(line)
     print(f"model:   {model}")
     print(f"threads: {args.threads} each; dtype (nanovllm): {args.dtype}; runs: {args.runs} (medians)")
+    print(f"llama.cpp flash attention: {args.flash_attn}")
     print(f"llama-cpp-python: {samples.get('llama_cpp_python', '?')}")
     if args.busy:
         print(f"busy:    {args.busy} busy-loop process(es) ran beside the engines for the whole run")
