@@ -7,23 +7,25 @@ the reference our C kernels (kernels/cpu) are tested against and what ops/torch_
 
 from dataclasses import dataclass
 
-import gguf
 import torch
 
-T = gguf.GGMLQuantizationType
 QK_K = 256  # the K-quants' super-block: 256 weights in 8 (Q4_K, Q5_K) or 16 (Q6_K) sub-blocks of their own scale
-# ggml type id -> (weights per block, bytes per block): the types a layer can keep quantized
-BLOCK_SIZES = {
-    int(t): gguf.GGML_QUANT_SIZES[t] for t in (T.F16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K)
-}
-SUPPORTED = ", ".join(T(t).name for t in BLOCK_SIZES)
+# the types a layer can keep quantized: ggml's type ids (as gguf.GGMLQuantizationType numbers them; written out
+# here so that the reference needs no gguf import)
+F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 1, 2, 3, 6, 7, 8, 12, 13, 14
+NAMES = {F16: "F16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q5_1: "Q5_1", Q8_0: "Q8_0"}
+NAMES |= {Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K"}
+# type -> (weights per block, bytes per block)
+BLOCK_SIZES = {F16: (1, 2), Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22), Q5_1: (32, 24), Q8_0: (32, 34)}
+BLOCK_SIZES |= {Q4_K: (QK_K, 144), Q5_K: (QK_K, 176), Q6_K: (QK_K, 210)}
+SUPPORTED = ", ".join(NAMES.values())
 
 
 @dataclass
 class QuantWeight:
     """A [N, K] weight as GGUF stores it: `blocks` uint8 [N, K / block_elems * block_bytes], one row per output."""
 
-    qtype: int  # the ggml type id (gguf.GGMLQuantizationType)
+    qtype: int  # the ggml type id (F16, Q4_0, ... above)
     blocks: torch.Tensor
     shape: tuple[int, int]  # (N, K)
 
@@ -133,8 +135,7 @@ def f16(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.float16).float()
 
 
-BLOCKS = {int(T.F16): f16, int(T.Q4_0): q4_0, int(T.Q4_1): q4_1, int(T.Q5_0): q5_0, int(T.Q5_1): q5_1}
-BLOCKS |= {int(T.Q8_0): q8_0, int(T.Q4_K): q4_k, int(T.Q5_K): q5_k, int(T.Q6_K): q6_k}
+BLOCKS = {F16: f16, Q4_0: q4_0, Q4_1: q4_1, Q5_0: q5_0, Q5_1: q5_1, Q8_0: q8_0, Q4_K: q4_k, Q5_K: q5_k, Q6_K: q6_k}
 
 
 def dequantize_torch(w: QuantWeight) -> torch.Tensor:
@@ -149,3 +150,9 @@ def row_bytes(qtype: int, k: int) -> int:
     """Bytes of one row of K weights."""
     elems, size = BLOCK_SIZES[qtype]
     return k // elems * size
+
+
+def dequantize_rows(w: QuantWeight, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of the weight as fp32 [len(ids), K]: an embedding lookup (only those rows' blocks are read)."""
+    rows = w.blocks[ids.flatten()]
+    return dequantize_torch(QuantWeight(w.qtype, rows, (rows.shape[0], w.shape[1]))).view(*ids.shape, w.shape[1])
