@@ -2,6 +2,8 @@
 and calls it through ctypes (kernels/cpu/build.py builds and loads the library). Functions that may decline
 return False or None, and the caller (ops/cpu_ops.py) then uses torch. They know tensors, never the model."""
 
+from dataclasses import dataclass
+
 import torch
 
 from nanovllm.kernels.cpu.build import has_amx, library
@@ -135,7 +137,21 @@ def amx_linear(
     return y
 
 
-BF16, Q4_1, Q8_0 = 0, 1, 2  # what linear_bf16 reads (kernels.h): the plain weight, or its GGUF blocks
+# Weight types by ggml's own ids (kernels.h), one numbering for every kernel: what linear_bf16 reads (the plain
+# bf16 weight, or its Q4_1 / Q8_0 GGUF blocks in pack_blocks' layout) and what linear_f32 / dequantize_rows read
+GGUF_TYPES: dict[str, int] = {
+    "F32": 0,
+    "F16": 1,
+    "Q4_0": 2,
+    "Q4_1": 3,
+    "Q5_0": 6,
+    "Q5_1": 7,
+    "Q8_0": 8,
+    "Q4_K": 12,
+    "Q5_K": 13,
+    "Q6_K": 14,
+}
+BF16, Q4_1, Q8_0 = 30, GGUF_TYPES["Q4_1"], GGUF_TYPES["Q8_0"]  # 30: ggml's GGML_TYPE_BF16
 # decode_layers_bf16's table (decode_step.c), per layer: 6 weights in the order the layer applies them (input
 # norm, qkv, o, post norm, gate/up, down), each as (weight or GGUF blocks, bias or 0, type), then the K and V cache
 LAYER_POINTERS = 6 * 3 + 2
@@ -327,4 +343,136 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor) -> 
         out.data_ptr(),
         torch.get_num_threads(),
     )
+    return out
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """A GGUF weight type's block as stored: `elems` weights in `nbytes` bytes (kernels.h has the layouts)."""
+
+    elems: int
+    nbytes: int
+
+
+BLOCK_SHAPES: dict[int, BlockShape] = {  # by ggml id: every type quant_linear and dequantize read
+    GGUF_TYPES["F32"]: BlockShape(1, 4),
+    GGUF_TYPES["F16"]: BlockShape(1, 2),
+    GGUF_TYPES["Q4_0"]: BlockShape(32, 18),
+    GGUF_TYPES["Q4_1"]: BlockShape(32, 20),
+    GGUF_TYPES["Q5_0"]: BlockShape(32, 22),
+    GGUF_TYPES["Q5_1"]: BlockShape(32, 24),
+    GGUF_TYPES["Q8_0"]: BlockShape(32, 34),
+    GGUF_TYPES["Q4_K"]: BlockShape(256, 144),
+    GGUF_TYPES["Q5_K"]: BlockShape(256, 176),
+    GGUF_TYPES["Q6_K"]: BlockShape(256, 210),
+}
+TYPE_NAMES = {v: k for k, v in GGUF_TYPES.items()}
+
+
+def block_shape(qtype: int | str, k: int) -> tuple[int, BlockShape]:
+    """The ggml id and block of `qtype` (a ggml id or name), for rows of k weights; ValueError naming the type and
+    the rule where the kernels cannot read it."""
+    code = GGUF_TYPES.get(qtype) if isinstance(qtype, str) else int(qtype)
+    if code not in BLOCK_SHAPES:
+        raise ValueError(f"GGUF type {qtype!r} is not one the CPU kernels read; they read {sorted(GGUF_TYPES)}")
+    shape = BLOCK_SHAPES[code]
+    if k % shape.elems:
+        raise ValueError(
+            f"GGUF type {TYPE_NAMES[code]} stores rows in blocks of {shape.elems} weights; a row of {k} is not a "
+            f"multiple of {shape.elems}"
+        )
+    return code, shape
+
+
+def row_bytes(qtype: int | str, k: int) -> int:
+    """Bytes of one row of k weights of `qtype` as GGUF stores it."""
+    _, shape = block_shape(qtype, k)
+    return k // shape.elems * shape.nbytes
+
+
+def quant_linear(
+    x: torch.Tensor, qtype: int | str, blocks: torch.Tensor, bias: torch.Tensor | None = None, lib=None
+) -> torch.Tensor | None:
+    """y [M, N] = x [M, K] @ W.T (+ bias), W's N rows as GGUF stores them in `blocks` (uint8 [N, row bytes],
+    contiguous), read in place (quant_linear.c: x quantized to int8 blocks, integer dot products). x fp32 or bf16
+    (computed in fp32, returned in x's dtype). None where the kernel does not apply (not CPU, another dtype or
+    layout, no compiler): the caller uses torch. ValueError for a type it cannot read or K not in its blocks.
+    lib: the kernel library (tests pass library("portable"))."""
+    lib = lib if lib is not None else library()
+    if not (
+        lib is not None
+        and x.device.type == "cpu"
+        and x.dim() == 2
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and x.is_contiguous()
+        and blocks.dtype == torch.uint8
+        and blocks.dim() == 2
+        and blocks.is_contiguous()
+        and (bias is None or (bias.dtype in (torch.float32, torch.bfloat16) and bias.is_contiguous()))
+    ):
+        return None
+    m, k = x.shape
+    code, _ = block_shape(qtype, k)
+    if blocks.shape[1] != row_bytes(code, k):
+        raise ValueError(
+            f"GGUF {TYPE_NAMES[code]} rows of {k} weights take {row_bytes(code, k)} bytes; blocks has rows of "
+            f"{blocks.shape[1]}"
+        )
+    xf = x.float()
+    bf = None if bias is None else bias.float()
+    y = xf.new_empty(m, blocks.shape[0])
+    rc = lib.linear_f32(
+        xf.data_ptr(),
+        m,
+        blocks.data_ptr(),
+        code,
+        blocks.shape[0],
+        k,
+        None if bf is None else bf.data_ptr(),
+        y.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if rc:
+        raise RuntimeError(f"linear_f32 failed ({rc}) on {TYPE_NAMES[code]} [{blocks.shape[0]}, {k}], {m} rows")
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def dequantize(
+    qtype: int | str, blocks: torch.Tensor, k: int, ids: torch.Tensor | None = None, lib=None
+) -> torch.Tensor:
+    """Rows of a GGUF weight (blocks: uint8, contiguous, rows of k weights as stored) as fp32 [n, k], the values
+    gguf-py's gguf.dequantize computes: all rows, or those at `ids` (int64, e.g. an embedding lookup). Without a
+    compiler, gguf-py's numpy code computes them."""
+    lib = lib if lib is not None else library()
+    code, _ = block_shape(qtype, k)
+    nbytes = row_bytes(code, k)
+    if blocks.dtype != torch.uint8 or not blocks.is_contiguous() or blocks.numel() % nbytes:
+        raise ValueError(
+            f"dequantize reads contiguous uint8 rows of {nbytes} bytes ({TYPE_NAMES[code]}, {k} weights); got "
+            f"{blocks.dtype} {tuple(blocks.shape)}"
+        )
+    rows = blocks.numel() // nbytes
+    if ids is not None:
+        ids = ids.to(torch.int64).contiguous().view(-1)
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= rows):
+            raise IndexError(f"row ids must lie in [0, {rows}); got {int(ids.min())} .. {int(ids.max())}")
+    n = rows if ids is None else len(ids)
+    if lib is None:
+        import gguf
+
+        picked = blocks.view(rows, nbytes) if ids is None else blocks.view(rows, nbytes)[ids]
+        values = gguf.dequantize(picked.numpy(), gguf.GGMLQuantizationType(code))
+        return torch.from_numpy(values.reshape(n, k).copy())
+    out = torch.empty(n, k, dtype=torch.float32)
+    rc = lib.dequantize_rows(
+        blocks.data_ptr(),
+        code,
+        k,
+        None if ids is None else ids.data_ptr(),
+        n,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if rc:
+        raise RuntimeError(f"dequantize_rows failed ({rc}) on {TYPE_NAMES[code]} rows of {k}")
     return out

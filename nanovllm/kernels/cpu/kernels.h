@@ -1,8 +1,9 @@
 /* The one header of nanovllm's C kernels for CPU: every .c file in this folder includes it, and build.py
  * compiles them all into one library (gcc -O3 -march=native -ffast-math -fopenmp). It holds what more than one
  * file uses: the 16-lane vector types and their helpers (bf16 widening and rounding, the transposed 16-row
- * reductions, exp16), what the compiler targets (AVX512-BF16, AMX), the AMX tile configuration, the weight
- * types the linears read, the kernels' size limits, and the prototype of every exported function.
+ * reductions, exp16), what the compiler targets (AVX2, AVX512-BF16, AMX), the AMX tile configuration, the weight
+ * types the linears read (ggml's ids and block layouts), the quantized activation blocks, the kernels' size
+ * limits, and the prototype of every exported function.
  * Why C at all: torch's ops cost a gather, a copy or a fp32 round trip each; these kernels read the paged KV
  * cache, the bf16 weights and GGUF blocks in place (figures in each file and docs/benchmarks.md). Of the helpers
  * here: exp16 replaced libm's scalar expf, which took most of decode attention's time (and in SiLU-and-mul,
@@ -17,10 +18,21 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+/* AVX2 with FMA and F16C: the integer dot products of quant_linear.c (vpmaddubsw, vpmaddwd) and its fp32 FMA;
+ * without it (build.py's portable variant, -march=x86-64) plain C serves, the same arithmetic */
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define HAVE_AVX2 1
+#else
+#define HAVE_AVX2 0
+#endif
+
 /* AVX512-BF16 (vdpbf16ps: bf16 pairs multiplied exactly, summed in fp32; one-instruction bf16 conversions) and
  * AMX (tile products of bf16 pairs) where -march has them; the plain-C paths serve everything else */
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
-#include <immintrin.h>
 #define NATIVE_BF16 1
 #else
 #define NATIVE_BF16 0
@@ -41,11 +53,120 @@
 
 #define CACHE_LINE 64  /* bytes: what one prefetch brings */
 
-/* What linear_bf16 reads: the plain bf16 weight, or GGUF blocks of 32 weights (Q4_1: fp16 scale d, fp16
- * minimum m, 32 x 4 bits; Q8_0: fp16 d, 32 x int8), rearranged by loader/gguf.py pack_blocks (see linear.c) */
-enum { BF16 = 0, Q4_1 = 1, Q8_0 = 2 };
+/* Weight types, by ggml's own ids (one numbering for every kernel and the GGUF file). linear_bf16 (AMX) reads
+ * BF16, or GGUF blocks of Q4_1 / Q8_0 rearranged by loader/gguf.py pack_blocks (see linear.c); linear_f32 and
+ * dequantize_rows (quant_linear.c, dequantize.c) read every type below but BF16 in GGUF's own row layout.
+ * Blocks (gguf-py's gguf/quants.py is the reference for each layout and its dequantization):
+ *   Q4_0  fp16 d, 16 bytes of 4-bit q (element i < 16: low nibble of byte i, i + 16: its high nibble); d (q - 8)
+ *   Q4_1  fp16 d, fp16 m, 16 bytes of 4-bit q as Q4_0; d q + m
+ *   Q5_0  fp16 d, uint32 of fifth bits (bit i: element i), 16 bytes of low nibbles as Q4_0; d (q - 16)
+ *   Q5_1  fp16 d, fp16 m, the fifth bits, the low nibbles; d q + m
+ *   Q8_0  fp16 d, 32 x int8 q; d q
+ *   Q4_K  256 weights in 8 sub-blocks of 32: fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of
+ *         4-bit q (bytes 32j .. 32j + 31: sub-block 2j in the low nibbles, 2j + 1 in the high); d sc q - dmin m
+ *   Q5_K  as Q4_K with 32 bytes of fifth bits after the scales (bit j of byte i: element i of sub-block j)
+ *   Q6_K  256 weights: 128 bytes of low nibbles, 64 of high 2 bits, 16 int8 scales (one per 16), fp16 d;
+ *         d scale (q - 32) */
+enum {
+    F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30
+};
+#define BLOCK 32         /* weights per block of Q4_0 .. Q8_0 */
+#define SUPER_BLOCK 256  /* weights per super-block of the K-quants */
+#define Q4_0_BLOCK_BYTES 18
 #define Q4_1_BLOCK_BYTES 20
+#define Q5_0_BLOCK_BYTES 22
+#define Q5_1_BLOCK_BYTES 24
 #define Q8_0_BLOCK_BYTES 34
+#define Q4_K_BLOCK_BYTES 144
+#define Q5_K_BLOCK_BYTES 176
+#define Q6_K_BLOCK_BYTES 210
+#define K_SCALE_BYTES 12  /* Q4_K / Q5_K: 8 six-bit scales and 8 six-bit mins */
+
+/* A weight type's block: how many weights, how many bytes; 0 for a type linear_f32 does not read */
+static inline int block_elems(int type) {
+    switch (type) {
+    case F32: case F16: return 1;
+    case Q4_0: case Q4_1: case Q5_0: case Q5_1: case Q8_0: return BLOCK;
+    case Q4_K: case Q5_K: case Q6_K: return SUPER_BLOCK;
+    default: return 0;
+    }
+}
+
+static inline int block_bytes(int type) {
+    switch (type) {
+    case F32: return 4;
+    case F16: return 2;
+    case Q4_0: return Q4_0_BLOCK_BYTES;
+    case Q4_1: return Q4_1_BLOCK_BYTES;
+    case Q5_0: return Q5_0_BLOCK_BYTES;
+    case Q5_1: return Q5_1_BLOCK_BYTES;
+    case Q8_0: return Q8_0_BLOCK_BYTES;
+    case Q4_K: return Q4_K_BLOCK_BYTES;
+    case Q5_K: return Q5_K_BLOCK_BYTES;
+    case Q6_K: return Q6_K_BLOCK_BYTES;
+    default: return 0;
+    }
+}
+
+/* An IEEE half (GGUF's block scales, F16 weights) widened to fp32, exactly (subnormals, infinities and NaN
+ * too): F16C's one instruction where the CPU has it, else the bits moved by hand */
+static inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    uint32_t u;
+    if (exp == 0x1f) u = sign | 0x7f800000 | (man << 13);  /* infinity, NaN */
+    else if (exp) u = sign | ((exp + 112) << 23) | (man << 13);  /* normal: rebias 15 -> 127 */
+    else if (!man) u = sign;  /* zero */
+    else {  /* subnormal: man 2^-24, normalized for fp32 */
+        int e = 113;
+        uint32_t m = man;
+        while (!(m & 0x400)) { m <<= 1; e--; }
+        u = sign | ((uint32_t)e << 23) | ((m & 0x3ff) << 13);
+    }
+    float x;
+    memcpy(&x, &u, 4);
+    return x;
+#endif
+}
+
+static inline float read_half(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return half_to_float(h);
+}
+
+/* Element i of a 32-block's 16 bytes of nibbles: i < 16 the low nibble of byte i, else the high one of byte
+ * i - 16 */
+static inline int nibble(const uint8_t *qs, int i) { return i < 16 ? qs[i] & 15 : qs[i - 16] >> 4; }
+
+static inline uint32_t read_u32(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* Q4_K / Q5_K: the 12 bytes of 6-bit scales and mins -> sc[8], mn[8] (bytes 0-3: scales 0-3 in their low 6
+ * bits, the top 2 bits of scales 4-7; bytes 4-7: the same for the mins; bytes 8-11: the low nibbles of scales
+ * 4-7 and, high, of mins 4-7) */
+static inline void k_scales(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {
+    for (int j = 0; j < 4; j++) {
+        sc[j] = s[j] & 63;
+        mn[j] = s[4 + j] & 63;
+        sc[4 + j] = (uint8_t)((s[8 + j] & 15) | ((s[j] >> 2) & 0x30));
+        mn[4 + j] = (uint8_t)((s[8 + j] >> 4) | ((s[4 + j] >> 2) & 0x30));
+    }
+}
+
+/* Activations quantized for the integer dot products of linear_f32 (quantize_rows.c): x's rows in blocks of
+ * int8, one fp32 scale each, so that x ~ d q. s = d * sum(q): what a weight block's minimum (Q4_1, Q5_1) or
+ * offset (Q4_0: q - 8, Q5_0: q - 16) multiplies. The K-quants' super-block keeps the sums of its 16-element
+ * groups instead (their mins and Q6_K's offset apply per 32 or per 16). */
+typedef struct { float d, s; int8_t q[BLOCK]; } QBlock;
+typedef struct { float d; int16_t sums[SUPER_BLOCK / 16]; int8_t q[SUPER_BLOCK]; } QSuperBlock;
+void quantize_blocks(const float *x, int64_t K, QBlock *out);
+void quantize_super_blocks(const float *x, int64_t K, QSuperBlock *out);
 
 /* Vectors of 16 lanes: one AVX-512 register, two AVX2 ones */
 typedef float vf __attribute__((vector_size(64)));
@@ -205,6 +326,9 @@ int prefill_attention_bf16(const uint16_t *q, int64_t q_stride, const int64_t *k
                            int64_t dim, float scale, int num_threads);
 int linear_bf16(const uint16_t *x, int64_t M, const void *w, int type, int64_t N, int64_t K, const uint16_t *bias,
                 uint16_t *y, int num_threads);
+int linear_f32(const float *x, int64_t M, const void *w, int type, int64_t N, int64_t K, const float *bias, float *y,
+               int num_threads);
+int dequantize_rows(const void *w, int type, int64_t K, const int64_t *ids, int64_t n, float *out, int num_threads);
 void store_kv(const char *k, const char *v, int64_t k_stride, int64_t v_stride, char *k_cache, char *v_cache,
               const int64_t *slots, int64_t tokens, int64_t row_bytes, int num_threads);
 void rms_norm_bf16(uint16_t *x, const uint16_t *add, const uint16_t *weight, uint16_t *out, int64_t rows,

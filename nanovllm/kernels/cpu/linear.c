@@ -37,7 +37,7 @@ static inline void store_block(const float *acc, uint16_t *y, int64_t ldy, int r
 #define Q4_1_D (16 * 16)           /* where a Q4_1 tile's 16 d start */
 #define Q4_1_M (Q4_1_D + 16 * 2)   /* and its 16 m */
 #define Q8_0_D (16 * 32)           /* where a Q8_0 tile's 16 d start */
-static const int64_t GGUF_TILE_BYTES[] = {0, 16 * Q4_1_BLOCK_BYTES, 16 * Q8_0_BLOCK_BYTES};  /* by weight type */
+#define GGUF_TILE_BYTES(type) ((type) == Q4_1 ? 16 * Q4_1_BLOCK_BYTES : (type) == Q8_0 ? 16 * Q8_0_BLOCK_BYTES : 0)
 
 static inline void dequant_q4_1(const uint8_t *blk, uint16_t *tile) {
     float s[32] __attribute__((aligned(64)));
@@ -91,7 +91,7 @@ static inline int linear_amx(const uint16_t *x, int64_t M, const void *w, int64_
                              const uint16_t *bias, uint16_t *y, int num_threads, const int type) {
     if (N % 16 || K % 32 || M < 1) return 1;
     const int64_t blocks = N / 16, ksteps = K / 32, tiles = (M + 15) / 16, ldw = K * 2;
-    const int64_t tile_bytes = GGUF_TILE_BYTES[type], block_bytes = type ? ksteps * tile_bytes : 16 * ldw;
+    const int64_t tile_bytes = GGUF_TILE_BYTES(type), block_bytes = type != BF16 ? ksteps * tile_bytes : 16 * ldw;
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     {
@@ -113,14 +113,14 @@ static inline int linear_amx(const uint16_t *x, int64_t M, const void *w, int64_
                 _tile_zero(1);
                 _tile_zero(2);
                 _tile_zero(3);
-                if (type) {  /* the block's first tile */
+                if (type != BF16) {  /* the block's first tile */
                     if (type == Q4_1) dequant_q4_1((const uint8_t *)a, wt[0]);
                     else dequant_q8_0((const uint8_t *)a, wt[0]);
                 }
                 for (int64_t k = 0; k < ksteps; k++) {
                     const char *wk;  /* this step's A: 16 weight rows x 32 inputs */
                     int64_t lda;
-                    if (type) {
+                    if (type != BF16) {
                         /* the next block prefetched into L2 as this one is read; this block's tiles dequantized a
                          * step ahead (a tile load waits for the stores it reads to retire) */
                         if (t0 == 0)

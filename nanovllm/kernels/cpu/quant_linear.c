@@ -1,0 +1,335 @@
+/* fp32 linear layers on GGUF weights read as they are stored: y[M, N] = x[M, K] @ W[N, K]^T (+ bias).
+ *
+ * Dequantizing a GGUF file to fp32 at load makes a decode step read 4 bytes a weight (Q4_1: 0.625) and torch's
+ * fp32 matrix-vector product runs on about one core. Here the weights stay in their blocks, llama.cpp's way:
+ * x's rows are quantized once per call to int8 blocks (quantize_rows.c), and each weight block times an
+ * activation block is an integer dot product (AVX2: vpmaddubsw, unsigned weight q times signed x q, then
+ * vpmaddwd) scaled by the two blocks' scales in fp32; a minimum or offset of the weight block multiplies the
+ * activation block's sum. The weight's F32 and F16 types take fp32 FMAs instead (no quantization of x).
+ * Threads take output rows CHUNK at a time (dynamic: a thread whose core another process took does not hold the
+ * others at the end), and each weight row is read once per call: dotted with X_ROWS rows of x at a time, its
+ * blocks decoded once for them.
+ * Measured: benchmarks/linear_kernel.py (SmolLM2's 30 layers of linears; figures below). */
+#include "kernels.h"
+
+#define CHUNK 16  /* output rows a thread takes at a time */
+#define X_ROWS 4  /* rows of x dotted with a weight row at once: its blocks decoded once for them */
+
+#if HAVE_AVX2
+/* 16 bytes of nibbles -> 32 bytes: the low nibbles (elements 0-15), then the high ones (16-31) */
+INLINE __m256i nibbles32(const uint8_t *qs) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)qs);
+    const __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(v), _mm_srli_epi16(v, 4), 1);
+    return _mm256_and_si256(both, _mm256_set1_epi8(15));
+}
+
+/* Q5_0 / Q5_1's 32 fifth bits -> byte i = 16 where bit i is set */
+INLINE __m256i fifth_bits(uint32_t h) {
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3,
+                                            3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x(0x8040201008040201);
+    const __m256i v = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)h), spread), bit);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(v, bit), _mm256_set1_epi8(16));
+}
+
+/* 32 unsigned bytes times 32 signed ones -> 8 int32 sums of 4 products (no saturation: |u| <= 63 here) */
+INLINE __m256i dot_u8_s8(__m256i u, __m256i s) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+INLINE float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+INLINE int32_t hsum_i(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
+}
+
+INLINE __m256i load256(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+#else
+/* A 32-block's weights as signed integers w = q - offset (Q4_0: q - 8, Q5_0: q - 16), so that the block's
+ * weights are d w (+ m for Q4_1 / Q5_1) */
+INLINE void block_ints(const uint8_t *blk, const int type, int w[BLOCK]) {
+    const uint8_t *qs = blk + (type == Q4_0 ? 2 : type == Q4_1 ? 4 : type == Q5_0 ? 6 : 8);
+    const uint32_t h = type == Q5_0 ? read_u32(blk + 2) : type == Q5_1 ? read_u32(blk + 4) : 0;
+    for (int i = 0; i < BLOCK; i++) {
+        if (type == Q8_0) w[i] = (int8_t)blk[2 + i];
+        else w[i] = (nibble(qs, i) | (int)((h >> i & 1) << 4)) - (type == Q4_0 ? 8 : type == Q5_0 ? 16 : 0);
+    }
+}
+#endif
+
+/* out[r] = (weight row w) . (quantized x row r), r < R, for the 32-blocks (Q4_0 .. Q8_0); x's rows
+ * x_stride bytes apart. R and type are constants where this is inlined: each pair its own loop. */
+INLINE void dot_blocks(const uint8_t *w, const char *x, int64_t x_stride, int64_t nb, float *out, const int type,
+                       const int R) {
+    const int bytes = block_bytes(type);
+    const int has_min = type == Q4_1 || type == Q5_1;
+#if HAVE_AVX2
+    __m256 acc[X_ROWS];
+    float extra[X_ROWS];  /* the minimum (or offset) times the activation block's sum */
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps(), extra[r] = 0.f;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = w + b * bytes;
+        const float d = read_half(blk);
+        __m256i q, sign = _mm256_setzero_si256();
+        float c = 0.f;  /* what the activation block's sum s = d_x sum(q_x) is multiplied by */
+        if (type == Q4_0) q = nibbles32(blk + 2), c = -8.f * d;
+        else if (type == Q4_1) q = nibbles32(blk + 4), c = read_half(blk + 2);
+        else if (type == Q5_0) q = _mm256_or_si256(nibbles32(blk + 6), fifth_bits(read_u32(blk + 2))), c = -16.f * d;
+        else if (type == Q5_1)
+            q = _mm256_or_si256(nibbles32(blk + 8), fifth_bits(read_u32(blk + 4))), c = read_half(blk + 2);
+        else {  /* Q8_0: signed times signed as |w| times x with w's sign */
+            sign = load256(blk + 2);
+            q = _mm256_sign_epi8(sign, sign);
+        }
+        for (int r = 0; r < R; r++) {
+            const QBlock *xb = (const QBlock *)(x + r * x_stride) + b;
+            __m256i xq = load256(xb->q);
+            if (type == Q8_0) xq = _mm256_sign_epi8(xq, sign);
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb->d), _mm256_cvtepi32_ps(dot_u8_s8(q, xq)), acc[r]);
+            if (type != Q8_0) extra[r] += c * xb->s;
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum(acc[r]) + extra[r];
+#else
+    float acc[X_ROWS] = {0};
+    int wq[BLOCK];
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = w + b * bytes;
+        const float d = read_half(blk), m = has_min ? read_half(blk + 2) : 0.f;
+        block_ints(blk, type, wq);
+        for (int r = 0; r < R; r++) {
+            const QBlock *xb = (const QBlock *)(x + r * x_stride) + b;
+            int32_t isum = 0;
+            for (int i = 0; i < BLOCK; i++) isum += wq[i] * xb->q[i];
+            acc[r] += d * xb->d * (float)isum + (has_min ? m * xb->s : 0.f);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = acc[r];
+#endif
+    (void)has_min;
+}
+
+/* The same for the K-quants' super-blocks of 256: the weights are d sc q - dmin mn per sub-block of 32 (Q4_K,
+ * Q5_K) or d scale (q - 32) per 16 (Q6_K); the integer sums are scaled by the sub-blocks' integer scales before
+ * the super-block's one fp32 multiply, and the mins (offsets) multiply the activation's 16-value group sums. */
+INLINE void dot_super_blocks(const uint8_t *w, const char *x, int64_t x_stride, int64_t nb, float *out,
+                             const int type, const int R) {
+    const int bytes = block_bytes(type);
+    float acc[X_ROWS] = {0};
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = w + b * bytes;
+        int32_t isum[X_ROWS] = {0}, offset[X_ROWS] = {0};  /* sum sc q qx; the mins' (offsets') part */
+        float d, dmin = 0.f;
+        if (type == Q6_K) {
+            const uint8_t *ql = blk, *qh = blk + 128;
+            const int8_t *scales = (const int8_t *)(blk + 192);
+            d = read_half(blk + 208);
+            for (int r = 0; r < R; r++) {
+                const QSuperBlock *xb = (const QSuperBlock *)(x + r * x_stride) + b;
+                for (int g = 0; g < SUPER_BLOCK / 16; g++) offset[r] += 32 * scales[g] * xb->sums[g];
+            }
+#if HAVE_AVX2
+            __m256i vsum[X_ROWS];
+            for (int r = 0; r < R; r++) vsum[r] = _mm256_setzero_si256();
+            const __m256i low4 = _mm256_set1_epi8(15), low2 = _mm256_set1_epi8(3);
+            for (int h = 0; h < 2; h++) {  /* halves of 128: ql bytes 64 h .., qh bytes 32 h .. */
+                const __m256i a = load256(ql + 64 * h), c = load256(ql + 64 * h + 32), hb = load256(qh + 32 * h);
+                __m256i q[4];
+                q[0] = _mm256_or_si256(_mm256_and_si256(a, low4), _mm256_slli_epi16(_mm256_and_si256(hb, low2), 4));
+                q[1] = _mm256_or_si256(_mm256_and_si256(c, low4),
+                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), low2), 4));
+                q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), low4),
+                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), low2), 4));
+                q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), low4),
+                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), low2), 4));
+                for (int s = 0; s < 4; s++) {  /* 32 weights: two groups of 16, one scale each (128-bit halves) */
+                    const int g = 8 * h + 2 * s;
+                    const __m256i sc = _mm256_setr_m128i(_mm_set1_epi16(scales[g]), _mm_set1_epi16(scales[g + 1]));
+                    for (int r = 0; r < R; r++) {
+                        const QSuperBlock *xb = (const QSuperBlock *)(x + r * x_stride) + b;
+                        const __m256i p = _mm256_maddubs_epi16(q[s], load256(xb->q + 128 * h + 32 * s));
+                        vsum[r] = _mm256_add_epi32(vsum[r], _mm256_madd_epi16(p, sc));
+                    }
+                }
+            }
+            for (int r = 0; r < R; r++) isum[r] = hsum_i(vsum[r]);
+#else
+            for (int h = 0; h < 2; h++)
+                for (int s = 0; s < 4; s++)
+                    for (int half = 0; half < 2; half++) {
+                        const int g = 8 * h + 2 * s + half;
+                        int wq[16];
+                        for (int l = 16 * half; l < 16 * half + 16; l++) {
+                            const int byte = ql[64 * h + 32 * (s & 1) + l];
+                            wq[l - 16 * half] = (s < 2 ? byte & 15 : byte >> 4) | (qh[32 * h + l] >> (2 * s) & 3) << 4;
+                        }
+                        for (int r = 0; r < R; r++) {
+                            const QSuperBlock *xb = (const QSuperBlock *)(x + r * x_stride) + b;
+                            int32_t sum = 0;
+                            for (int l = 0; l < 16; l++) sum += wq[l] * xb->q[16 * g + l];
+                            isum[r] += scales[g] * sum;
+                        }
+                    }
+#endif
+        } else {  /* Q4_K, Q5_K */
+            d = read_half(blk), dmin = read_half(blk + 2);
+            uint8_t sc[8], mn[8];
+            k_scales(blk + 4, sc, mn);
+            const uint8_t *qh = blk + 4 + K_SCALE_BYTES, *qs = type == Q5_K ? qh + 32 : qh;
+            for (int r = 0; r < R; r++) {
+                const QSuperBlock *xb = (const QSuperBlock *)(x + r * x_stride) + b;
+                for (int j = 0; j < 8; j++) offset[r] += mn[j] * (xb->sums[2 * j] + xb->sums[2 * j + 1]);
+            }
+#if HAVE_AVX2
+            __m256i vsum[X_ROWS];
+            for (int r = 0; r < R; r++) vsum[r] = _mm256_setzero_si256();
+            const __m256i low4 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
+            __m256i hb = type == Q5_K ? load256(qh) : _mm256_setzero_si256();
+            for (int j = 0; j < 4; j++) {  /* bytes 32 j ..: sub-block 2 j low, 2 j + 1 high */
+                const __m256i raw = load256(qs + 32 * j);
+                __m256i lo = _mm256_and_si256(raw, low4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+                if (type == Q5_K) {
+                    lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(hb, one), 4));
+                    hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 1), one), 4));
+                    hb = _mm256_srli_epi16(hb, 2);
+                }
+                const __m256i sl = _mm256_set1_epi16(sc[2 * j]), sh = _mm256_set1_epi16(sc[2 * j + 1]);
+                for (int r = 0; r < R; r++) {
+                    const QSuperBlock *xb = (const QSuperBlock *)(x + r * x_stride) + b;
+                    const __m256i pl = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load256(xb->q + 64 * j)), sl);
+                    const __m256i ph = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load256(xb->q + 64 * j + 32)), sh);
+                    vsum[r] = _mm256_add_epi32(vsum[r], _mm256_add_epi32(pl, ph));
+                }
+            }
+            for (int r = 0; r < R; r++) isum[r] = hsum_i(vsum[r]);
+#else
+            for (int j = 0; j < 8; j++) {
+                int wq[32];
+                for (int l = 0; l < 32; l++) {
+                    const uint8_t byte = qs[32 * (j / 2) + l];
+                    wq[l] = ((j & 1) ? byte >> 4 : byte & 15) | (type == Q5_K ? (qh[l] >> j & 1) << 4 : 0);
+                }
+                for (int r = 0; r < R; r++) {
+                    const QSuperBlock *xb = (const QSuperBlock *)(x + r * x_stride) + b;
+                    int32_t sum = 0;
+                    for (int l = 0; l < 32; l++) sum += wq[l] * xb->q[32 * j + l];
+                    isum[r] += sc[j] * sum;
+                }
+            }
+#endif
+        }
+        for (int r = 0; r < R; r++) {
+            const float dx = ((const QSuperBlock *)(x + r * x_stride) + b)->d;
+            if (type == Q6_K) acc[r] += d * dx * (float)(isum[r] - offset[r]);
+            else acc[r] += d * dx * (float)isum[r] - dmin * dx * (float)offset[r];
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = acc[r];
+}
+
+/* F32 / F16 weights: fp32 FMAs of the weight row with R rows of x (not quantized), K any length */
+INLINE void dot_floats(const uint8_t *w, const char *x, int64_t x_stride, int64_t K, float *out, const int type,
+                       const int R) {
+    int64_t k = 0;
+#if HAVE_AVX2
+    __m256 acc[X_ROWS][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (; k + 16 <= K; k += 16)
+        for (int u = 0; u < 2; u++) {  /* two accumulators a row: one FMA's latency hidden behind the other */
+            const __m256 wv = type == F32 ? _mm256_loadu_ps((const float *)w + k + 8 * u)
+                                          : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + k + 8 * u)));
+            for (int r = 0; r < R; r++)
+                acc[r][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps((const float *)(x + r * x_stride) + k + 8 * u), acc[r][u]);
+        }
+    for (int r = 0; r < R; r++) out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+#else
+    for (int r = 0; r < R; r++) out[r] = 0.f;
+#endif
+    for (int r = 0; r < R; r++) {  /* the tail (portable: everything); -ffast-math lets gcc vectorize the sum */
+        const float *xr = (const float *)(x + r * x_stride);
+        float sum = 0.f;
+        for (int64_t i = k; i < K; i++)
+            sum += (type == F32 ? ((const float *)w)[i] : half_to_float(((const uint16_t *)w)[i])) * xr[i];
+        out[r] += sum;
+    }
+}
+
+/* A type's dot products, R = 1 and R = X_ROWS: each a specialized copy of the loops above */
+typedef void (*DotFn)(const uint8_t *w, const char *x, int64_t x_stride, int64_t n, float *out);
+#define DOTS(name, kernel, type)                                                                              \
+    static void name##_1(const uint8_t *w, const char *x, int64_t s, int64_t n, float *o) {                   \
+        kernel(w, x, s, n, o, type, 1);                                                                       \
+    }                                                                                                         \
+    static void name##_rows(const uint8_t *w, const char *x, int64_t s, int64_t n, float *o) {                \
+        kernel(w, x, s, n, o, type, X_ROWS);                                                                  \
+    }
+DOTS(f32, dot_floats, F32)
+DOTS(f16, dot_floats, F16)
+DOTS(q4_0, dot_blocks, Q4_0)
+DOTS(q4_1, dot_blocks, Q4_1)
+DOTS(q5_0, dot_blocks, Q5_0)
+DOTS(q5_1, dot_blocks, Q5_1)
+DOTS(q8_0, dot_blocks, Q8_0)
+DOTS(q4_k, dot_super_blocks, Q4_K)
+DOTS(q5_k, dot_super_blocks, Q5_K)
+DOTS(q6_k, dot_super_blocks, Q6_K)
+
+static int dots(int type, DotFn *one, DotFn *rows) {
+    switch (type) {
+#define CASE(T, name) case T: *one = name##_1, *rows = name##_rows; return 0;
+    CASE(F32, f32) CASE(F16, f16) CASE(Q4_0, q4_0) CASE(Q4_1, q4_1) CASE(Q5_0, q5_0) CASE(Q5_1, q5_1)
+    CASE(Q8_0, q8_0) CASE(Q4_K, q4_k) CASE(Q5_K, q5_k) CASE(Q6_K, q6_k)
+#undef CASE
+    default: return 1;
+    }
+}
+
+/* Returns 0; 1 for a type it cannot read, 2 for K not a multiple of the type's block, 3 without memory */
+int linear_f32(const float *x, int64_t M, const void *w, int type, int64_t N, int64_t K, const float *bias, float *y,
+               int num_threads) {
+    DotFn one, rows;
+    if (dots(type, &one, &rows)) return 1;
+    const int64_t elems = block_elems(type), row_bytes = K / elems * block_bytes(type);
+    if (K % elems) return 2;
+    /* x as the dot products read it: fp32 rows for F32 / F16, else its quantized blocks */
+    const int quantized = elems > 1, super = elems == SUPER_BLOCK;
+    const int64_t n = quantized ? K / elems : K;  /* what a dot product counts: blocks, or values */
+    const int64_t x_stride = !quantized ? K * (int64_t)sizeof(float)
+                             : super    ? n * (int64_t)sizeof(QSuperBlock)
+                                        : n * (int64_t)sizeof(QBlock);
+    char *xq = quantized ? malloc(M * x_stride) : (char *)x;
+    if (!xq) return 3;
+#pragma omp parallel num_threads(num_threads)
+    {
+        if (quantized) {
+#pragma omp for schedule(static)
+            for (int64_t m = 0; m < M; m++) {
+                if (super) quantize_super_blocks(x + m * K, K, (QSuperBlock *)(xq + m * x_stride));
+                else quantize_blocks(x + m * K, K, (QBlock *)(xq + m * x_stride));
+            }
+        }
+#pragma omp for schedule(dynamic, CHUNK)
+        for (int64_t j = 0; j < N; j++) {
+            const uint8_t *wr = (const uint8_t *)w + j * row_bytes;
+            const float b = bias ? bias[j] : 0.f;
+            float out[X_ROWS];
+            int64_t m = 0;
+            for (; m + X_ROWS <= M; m += X_ROWS) {
+                rows(wr, xq + m * x_stride, x_stride, n, out);
+                for (int r = 0; r < X_ROWS; r++) y[(m + r) * N + j] = out[r] + b;
+            }
+            for (; m < M; m++) {
+                one(wr, xq + m * x_stride, x_stride, n, out);
+                y[m * N + j] = out[0] + b;
+            }
+        }
+    }
+    if (quantized) free(xq);
+    return 0;
+}
