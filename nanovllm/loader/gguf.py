@@ -32,10 +32,31 @@ LAYER_NAMES = {
 GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
+class CheckedReader(gguf.GGUFReader):
+    """gguf-py's reader, with a clear error where a tensor's data runs past the end of the file (a truncated
+    copy): its own fails on a numpy reshape of the last tensor, naming nothing."""
+
+    def _build_tensors(self, start_offs: int, fields: list) -> None:
+        for field in fields:
+            try:  # the reader's private layout of a tensor's info: if it ever changes, the reader's own checks stand
+                _, name, _, dims, raw_type, offset = field.parts
+                elems, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(raw_type[0]))]
+                start = int(start_offs + offset[0])
+                end = start + int(np.prod(dims)) * size // elems
+            except Exception:
+                break
+            if end > len(self.data):
+                name = bytes(name).decode(errors="replace")
+                raise ValueError(
+                    f"GGUF tensor {name} lies at bytes {start}-{end} but the file has {len(self.data)}: truncated?"
+                )
+        super()._build_tensors(start_offs, fields)
+
+
 @functools.lru_cache(maxsize=2)  # the config check and the weight loading read the same file
 def open_gguf(path: str) -> gguf.GGUFReader:
     try:
-        return gguf.GGUFReader(path)
+        return CheckedReader(path)
     except Exception as e:  # the reader raises anything from ValueError to struct errors on a bad file
         raise ValueError(f"cannot read GGUF file {path}: {e}") from None
 
