@@ -139,17 +139,20 @@ def load_model(
     with torch.device("meta"):
         model = MODELS[cfg.architectures[0]](cfg, max_positions)
     expected = model.expected_weights()  # every weight, quantized or float
+    beside = backend.keeps_gguf_blocks(dtype)  # AMX in bf16: float weights and blocks (keep_gguf_blocks)
     plan, index = {}, None
     if is_gguf:
-        from nanovllm.loader.gguf_quant import drop_float_weights, plan_quant
+        from nanovllm.loader.gguf_quant import plan_quant
 
         with open(os.path.join(gguf_converted(path), TENSOR_INDEX)) as f:
             index = json.load(f)
-        if device == "cpu" and quantization != "dequantize":
-            plan = plan_quant(model, index)
-    # AMX in bf16 (backend.keeps_gguf_blocks) keeps the bf16 weights for prefills beside the blocks it decodes from
-    beside = backend.keeps_gguf_blocks(dtype)
-    if not beside:
+        # AMX in bf16 (backend.keeps_gguf_blocks) packs Q4_1 / Q8_0 blocks for its decode steps beside the bf16
+        # weights that prefills read, with quantization="dequantize" too (the bf16 values alike)
+        if device == "cpu" and (quantization != "dequantize" or beside):
+            plan = plan_quant(model, index, strict=quantization != "dequantize")
+    if plan and not beside:
+        from nanovllm.loader.gguf_quant import drop_float_weights
+
         drop_float_weights(model, plan)
     # cast on the meta device (free; casting allocated memory took 0.6 s), then allocate: no random init, every
     # weight comes from the checkpoint

@@ -51,9 +51,10 @@ def split_dim(model: nn.Module, name: str) -> int | None:
     return None
 
 
-def plan_quant(model: nn.Module, index: list[dict]) -> dict[str, QuantTarget]:
+def plan_quant(model: nn.Module, index: list[dict], strict: bool = True) -> dict[str, QuantTarget]:
     """The parameters (names as in named_parameters, of the model still on the meta device) that stay quantized.
-    Raises for a weight stored in a quantized type we cannot keep (quantization='dequantize' loads it)."""
+    strict: raise for a weight stored in a quantized type we cannot keep (quantization='dequantize' loads it as
+    floats); else such a weight stays float."""
     params = dict(model.named_parameters())
     types, ks, tensors, splits = defaultdict(set), {}, defaultdict(list), {}
     for t in index:
@@ -63,7 +64,7 @@ def plan_quant(model: nn.Module, index: list[dict]) -> dict[str, QuantTarget]:
         target = model.locate(probe)[0]
         if split is None or target not in params:
             continue
-        if t["type"] not in BLOCK_SIZES and t["type"] not in FLOAT_TYPES:
+        if strict and t["type"] not in BLOCK_SIZES and t["type"] not in FLOAT_TYPES:
             raise ValueError(
                 f"GGUF tensor {t['name']} is {T(t['type']).name}, which is not supported quantized (supported: "
                 f"{SUPPORTED}); quantization='dequantize' loads every type gguf-py reads as float weights"
