@@ -42,9 +42,12 @@ def our_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
         engine.block_manager.free_blocks(seq)
 
 
-def test_gguf_logits_match_transformers(llm):
+def test_gguf_logits_match_transformers():
+    """The float path (quantization="dequantize": every weight dequantized at load) is HF's; the default keeps
+    the blocks (tests/test_gguf_quant.py, benchmarks/quant_agreement.py)."""
     from transformers import AutoModelForCausalLM
 
+    llm = LLM(dtype="float32", kv_cache_gib=0.25, quantization="dequantize")
     path = default_model_path()
     hf = AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
