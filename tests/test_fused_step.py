@@ -2,8 +2,6 @@
 against the layer-by-layer path, the engine's greedy tokens either way, with plain fp32 weights and with GGUF blocks
 (Q8_0, Q4_1) read by linear_f32; and its fp32 elementwise kernels (elementwise_f32.c) against torch_ops."""
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 import torch
@@ -11,6 +9,7 @@ from conftest import random_prompts, save_tiny_model
 
 import nanovllm.ops.torch_ops as torch_ops
 from nanovllm.kernels import cpu as cpu_kernel
+from nanovllm.layers.quant import QuantWeight
 from nanovllm.ops.cpu_decode_step import PROJECTIONS, FusedDecodeStep
 
 pytestmark = pytest.mark.skipif(cpu_kernel.library() is None, reason="no C compiler here")
@@ -66,27 +65,18 @@ def test_f32_rope_in_place_matches_rotary(head_dim):
     assert torch.equal(qkv[:, 12 * head_dim :], v)
 
 
-@dataclass
-class QuantWeight:
-    """A Linear's kept GGUF blocks, by the fields the loader's QuantWeight has (read by name)."""
-
-    qtype: int
-    blocks: torch.Tensor  # uint8 [N, row_bytes], rows as GGUF stores them
-    shape: tuple[int, int]  # (N, K)
-
-
 def quantize_projections(model: torch.nn.Module, qtype: int) -> None:
-    """Every projection and the LM head quantized: its blocks kept as `quant`, its weight the blocks' values (what
-    the layer-by-layer path then computes with)."""
+    """Every projection, the LM head and the embedding kept in GGUF blocks as the loader keeps them: `quant`, and no
+    weight (the layer-by-layer path then reads the blocks too, by the same linear_f32 for decode rows)."""
     from gguf import GGMLQuantizationType, quants
 
     kind = GGMLQuantizationType(qtype)
     layers = [layer.get_submodule(name) for layer in model.model.layers for name in PROJECTIONS]
-    for m in [*layers, model.lm_head]:
+    for m in [*layers, model.lm_head, model.model.embed_tokens]:  # the embedding: its rows dequantized
         w = m.weight.detach().numpy()
         blocks = quants.quantize(w, kind)
         m.quant = QuantWeight(qtype, torch.from_numpy(np.ascontiguousarray(blocks)), tuple(w.shape))
-        m.weight = torch.nn.Parameter(torch.from_numpy(quants.dequantize(blocks, kind).reshape(w.shape)).float())
+        m.weight = None
 
 
 def f32_engine(tmp_path, arch: str, qtype: int | None):
@@ -106,10 +96,10 @@ def f32_engine(tmp_path, arch: str, qtype: int | None):
     [("llama", None), ("qwen2", None), ("llama", Q8_0), ("llama", Q4_1)],  # qwen2: the QKV bias, a tied LM head
 )
 def test_fused_f32_step_matches_the_layer_by_layer_path(arch, qtype, tmp_path, monkeypatch):
-    """A decode-only fp32 step through the fused C step: its logits within 1e-4 of the per-layer path's (C
-    elementwise kernels a few ulp from torch's, linear_f32's sums in another order; with GGUF blocks the per-layer
-    path reads their dequantized values, linear_f32 the blocks), and the engine's greedy tokens over 32 steps of
-    5 sequences are the same either way."""
+    """A decode-only fp32 step through the fused C step: its logits within 1e-4 of the per-layer path's (the C
+    elementwise kernels are a few ulp from torch's; plain weights: linear_f32's sums in another order than MKL's;
+    GGUF blocks: both paths read them by linear_f32), and the engine's greedy tokens over 32 steps of 5 sequences
+    are the same either way."""
     from nanovllm import SamplingParams
 
     llm = f32_engine(tmp_path, arch, qtype)

@@ -135,7 +135,11 @@ class FusedDecodeStep:
         norm (with the last residual add) and the LM head in C; returns fresh logits (the sampler may change them)."""
         model, b = self.model.model, self.rows(input_ids.shape[0])
         with torch.inference_mode():
-            torch.index_select(model.embed_tokens.weight, 0, input_ids, out=b["residual"])
+            table = model.embed_tokens
+            if table.weight is not None:
+                torch.index_select(table.weight, 0, input_ids, out=b["residual"])
+            else:  # kept in GGUF blocks: the rows dequantized in place
+                kernels.dequantize_rows_into(table.quant.qtype, table.quant.blocks, input_ids, b["residual"])
             torch.index_select(model.rotary.cos, 0, positions, out=b["cos"])
             torch.index_select(model.rotary.sin, 0, positions, out=b["sin"])
             eps, scale = model.norm.eps, model.layers[0].self_attn.scale

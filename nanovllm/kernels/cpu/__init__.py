@@ -247,6 +247,16 @@ def linear_f32(
     return y
 
 
+def dequantize_rows_into(qtype: int, blocks: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> None:
+    """out [n, K] (fp32, contiguous) = rows `ids` (int64, contiguous) of a weight kept in GGUF blocks, dequantized:
+    an embedding lookup with no float table and no allocation."""
+    rc = library().dequantize_rows(
+        blocks.data_ptr(), qtype, out.shape[1], ids.data_ptr(), len(ids), out.data_ptr(), torch.get_num_threads()
+    )
+    if rc:
+        raise ValueError(f"dequantize_rows cannot read ggml type {qtype} with K = {out.shape[1]} (code {rc})")
+
+
 def prefill_attention(
     q: torch.Tensor,
     out: torch.Tensor,
