@@ -227,7 +227,8 @@ def prepare(model: torch.nn.Module) -> None:
 
 
 def step_runner(runner, config):
-    """A decode-only bf16 step's layers in one C call, where the model and the CPU allow it (ops/cpu_decode_step.py)."""
+    """A decode-only step's layers in one C call (bf16 with AMX, fp32 anywhere), where the model allows it
+    (ops/cpu_decode_step.py)."""
     from nanovllm.ops.cpu_decode_step import FusedDecodeStep
 
     return FusedDecodeStep.build(runner)

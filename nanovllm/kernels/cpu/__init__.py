@@ -247,11 +247,15 @@ def linear_f32(
     return y
 
 
+PARALLEL_ROWS = 16  # fewer embedding rows: dequantized on one thread (~1 us a row; a fork/join costs more)
+
+
 def dequantize_rows_into(qtype: int, blocks: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> None:
     """out [n, K] (fp32, contiguous) = rows `ids` (int64, contiguous) of a weight kept in GGUF blocks, dequantized:
     an embedding lookup with no float table and no allocation."""
+    threads = torch.get_num_threads() if len(ids) >= PARALLEL_ROWS else 1  # a decode step's rows: no fork/join
     rc = library().dequantize_rows(
-        blocks.data_ptr(), qtype, out.shape[1], ids.data_ptr(), len(ids), out.data_ptr(), torch.get_num_threads()
+        blocks.data_ptr(), qtype, out.shape[1], ids.data_ptr(), len(ids), out.data_ptr(), threads
     )
     if rc:
         raise ValueError(f"dequantize_rows cannot read ggml type {qtype} with K = {out.shape[1]} (code {rc})")
