@@ -10,6 +10,8 @@ import torch
 
 from nanovllm.kernels import cpu as kernels
 from nanovllm.layers.parallel import tp_size
+from nanovllm.layers.quant import BLOCK_SIZES
+from nanovllm.ops.cpu_ops import QUANT_KERNEL_ROWS
 
 # the layer the C step computes, weight by weight (the model's `layer_weights`, models/llama.py)
 LAYER = (
@@ -21,8 +23,6 @@ LAYER = (
     "mlp.down_proj",
 )
 PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-# weights per block of the GGUF types linear_f32 may read, by ggml type id (a projection's K must be a multiple)
-GGUF_BLOCK = {1: 1, 2: 32, 3: 32, 6: 32, 8: 32, 12: 256, 13: 256, 14: 256}
 
 
 def f32_weight(m: torch.nn.Module) -> tuple[int, torch.Tensor] | None:
@@ -31,7 +31,7 @@ def f32_weight(m: torch.nn.Module) -> tuple[int, torch.Tensor] | None:
     quant = getattr(m, "quant", None)
     if quant is not None:
         k = quant.shape[1]
-        fits = quant.qtype in GGUF_BLOCK and k % GGUF_BLOCK[quant.qtype] == 0 and quant.blocks.is_contiguous()
+        fits = quant.qtype in BLOCK_SIZES and k % BLOCK_SIZES[quant.qtype][0] == 0 and quant.blocks.is_contiguous()
         return (quant.qtype, quant.blocks) if fits else None
     w = m.weight
     if w is None or w.dtype != torch.float32 or not w.is_contiguous():
@@ -103,9 +103,12 @@ class FusedDecodeStep:
         return cls(model, cache, dims, runner.dtype)
 
     def covers(self, input_ids: torch.Tensor, meta, last: torch.Tensor) -> bool:
-        """Steps whose every row is a decode that is sampled, at most as many as the C linear takes."""
+        """Steps whose every row is a decode that is sampled, at most as many as the C linear serves: in bf16 up to
+        where AMX beats oneDNN, in fp32 as many as the per-layer path gives linear_f32 (more: MKL's GEMM on
+        dequantized tiles)."""
         n = input_ids.shape[0]
-        return 0 < n <= kernels.LINEAR_ROWS and len(meta.decode_rows) == n and last.shape[0] == n
+        most = kernels.LINEAR_ROWS if self.bf16 else QUANT_KERNEL_ROWS
+        return 0 < n <= most and len(meta.decode_rows) == n and last.shape[0] == n
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
         if not self.bf16:
