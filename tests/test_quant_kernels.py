@@ -176,3 +176,41 @@ def test_ggml_ids_are_ggufs():
         shape = cpu.BLOCK_SHAPES[code]
         assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]] == (shape.elems, shape.nbytes)
     assert cpu.BF16 == gguf.GGMLQuantizationType.BF16
+
+
+def test_dequantize_into_a_scratch_and_without_a_compiler(monkeypatch):
+    """`out` receives the rows (a reused tile); without a compiler gguf-py computes the same values and
+    quant_linear declines (the caller then uses torch)."""
+    blocks = random_blocks("Q5_0", 9, 576, seed=5)
+    expected = reference("Q5_0", blocks, 576)
+    scratch = torch.empty(4, 576)
+    assert cpu.dequantize("Q5_0", blocks[2:6], 576, out=scratch) is scratch
+    assert torch.equal(scratch, expected[2:6])
+    with pytest.raises(ValueError, match=r"contiguous fp32 \[4, 576\]"):
+        cpu.dequantize("Q5_0", blocks[2:6], 576, out=torch.empty(4, 575))
+    monkeypatch.setattr(cpu, "library", lambda: None)
+    ids = torch.tensor([8, 1])
+    assert torch.equal(cpu.dequantize("Q5_0", blocks, 576, ids=ids), expected[ids])
+    assert cpu.quant_linear(torch.randn(2, 576), "Q5_0", blocks) is None
+
+
+def test_no_rows():
+    blocks = random_blocks("Q4_1", 3, 64, seed=2)
+    assert cpu.quant_linear(torch.empty(0, 64), "Q4_1", blocks).shape == (0, 3)
+    assert cpu.dequantize("Q4_1", blocks, 64, ids=torch.empty(0, dtype=torch.int64)).shape == (0, 64)
+
+
+@pytest.mark.parametrize("name", ["F32", "F16", "Q4_1", "Q5_0", "Q6_K"])
+def test_many_rows_take_dequantized_tiles(name):
+    """From TILE_FROM_ROWS rows on, W is dequantized a tile at a time (exact values) and multiplied in fp32: within
+    fp32 rounding of the reference, across tiles (N > TILE_ROWS, not a multiple of it), bf16 x too."""
+    k, n, m = row_length(name), cpu.TILE_ROWS + 37, cpu.TILE_FROM_ROWS + 3
+    blocks = random_blocks(name, n, k, seed=11)
+    w = reference(name, blocks, k)
+    gen = torch.Generator().manual_seed(11)
+    x, bias = torch.randn(m, k, generator=gen), torch.randn(n, generator=gen)
+    got = cpu.quant_linear(x, name, blocks, bias)
+    expected = x.double() @ w.double().T + bias.double()
+    assert got.shape == (m, n) and got.is_contiguous()
+    assert ((got.double() - expected).abs() <= FP32_SLACK * (x.double().abs() @ w.double().abs().T + 1)).all()
+    assert cpu.quant_linear(x.bfloat16(), name, blocks).dtype == torch.bfloat16

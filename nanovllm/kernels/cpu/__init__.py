@@ -455,12 +455,36 @@ def row_bytes(qtype: int | str, k: int) -> int:
     return k // shape.elems * shape.nbytes
 
 
+# From this many rows of x on, quant_linear dequantizes W a tile of TILE_ROWS rows at a time (an fp32 tile of at most
+# ~1.5 MB: about a core's L2) and multiplies each with torch.mm: the int8 dot products cost the same per row of x
+# whatever M, and at 32 rows already equal torch's fp32 matmul, which then gains with M (benchmarks/linear_kernel.py)
+TILE_FROM_ROWS = 64
+TILE_ROWS = 256
+
+
+def tiled_linear(x: torch.Tensor, code: int, blocks: torch.Tensor, lib) -> torch.Tensor:
+    """x [M, K] fp32 @ W.T for many rows: W's rows dequantized TILE_ROWS at a time into one scratch tile, each
+    tile's outputs computed by F.linear and copied into their columns of y (a few % faster, under load, than
+    torch.mm into rows of y.T and one transpose)."""
+    n, k = blocks.shape[0], x.shape[1]
+    if code == GGUF_TYPES["F32"]:
+        return torch.nn.functional.linear(x, blocks.view(torch.float32))
+    scratch = torch.empty(min(n, TILE_ROWS) * k)
+    y = x.new_empty(x.shape[0], n)
+    for start in range(0, n, TILE_ROWS):
+        rows = min(TILE_ROWS, n - start)
+        tile = dequantize(code, blocks[start : start + rows], k, lib=lib, out=scratch[: rows * k].view(rows, k))
+        y[:, start : start + rows] = torch.nn.functional.linear(x, tile)
+    return y
+
+
 def quant_linear(
     x: torch.Tensor, qtype: int | str, blocks: torch.Tensor, bias: torch.Tensor | None = None, lib=None
 ) -> torch.Tensor | None:
     """y [M, N] = x [M, K] @ W.T (+ bias), W's N rows as GGUF stores them in `blocks` (uint8 [N, row bytes],
-    contiguous), read in place (quant_linear.c: x quantized to int8 blocks, integer dot products). x fp32 or bf16
-    (computed in fp32, returned in x's dtype). None where the kernel does not apply (not CPU, another dtype or
+    contiguous), read in place (quant_linear.c: x quantized to int8 blocks, integer dot products); from
+    TILE_FROM_ROWS rows on, tiles of W dequantized and torch.mm. x fp32 or bf16 (computed in fp32, returned in
+    x's dtype). None where the kernel does not apply (not CPU, another dtype or
     layout, no compiler): the caller uses torch. ValueError for a type it cannot read or K not in its blocks.
     lib: the kernel library (tests pass library("portable"))."""
     lib = lib if lib is not None else library()
@@ -477,14 +501,21 @@ def quant_linear(
     ):
         return None
     m, k = x.shape
-    code, _ = block_shape(qtype, k)
-    if blocks.shape[1] != row_bytes(code, k):
+    code = GGUF_TYPES.get(qtype) if isinstance(qtype, str) else qtype
+    shape = BLOCK_SHAPES.get(code)
+    if shape is None or k % shape.elems or blocks.shape[1] != k // shape.elems * shape.nbytes:  # ~130 calls a step
+        code, _ = block_shape(qtype, k)  # raises for the type or K
         raise ValueError(
             f"GGUF {TYPE_NAMES[code]} rows of {k} weights take {row_bytes(code, k)} bytes; blocks has rows of "
             f"{blocks.shape[1]}"
         )
     xf = x.float()
     bf = None if bias is None else bias.float()
+    if m >= TILE_FROM_ROWS:
+        y = tiled_linear(xf, code, blocks, lib)
+        if bf is not None:
+            y += bf
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
     y = xf.new_empty(m, blocks.shape[0])
     rc = lib.linear_f32(
         xf.data_ptr(),
@@ -503,11 +534,17 @@ def quant_linear(
 
 
 def dequantize(
-    qtype: int | str, blocks: torch.Tensor, k: int, ids: torch.Tensor | None = None, lib=None
+    qtype: int | str,
+    blocks: torch.Tensor,
+    k: int,
+    ids: torch.Tensor | None = None,
+    lib=None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rows of a GGUF weight (blocks: uint8, contiguous, rows of k weights as stored) as fp32 [n, k], the values
     gguf-py's gguf.dequantize computes: all rows, or those at `ids` (int64, e.g. an embedding lookup). Without a
-    compiler, gguf-py's numpy code computes them."""
+    compiler, gguf-py's numpy code computes them. out: where to write them (contiguous fp32 [n, k], e.g. a
+    scratch tile reused), else a new tensor."""
     lib = lib if lib is not None else library()
     code, _ = block_shape(qtype, k)
     nbytes = row_bytes(code, k)
@@ -526,9 +563,12 @@ def dequantize(
         import gguf
 
         picked = blocks.view(rows, nbytes) if ids is None else blocks.view(rows, nbytes)[ids]
-        values = gguf.dequantize(picked.numpy(), gguf.GGMLQuantizationType(code))
-        return torch.from_numpy(values.reshape(n, k).copy())
-    out = torch.empty(n, k, dtype=torch.float32)
+        values = torch.from_numpy(gguf.dequantize(picked.numpy(), gguf.GGMLQuantizationType(code)).reshape(n, k))
+        return values.clone() if out is None else out.copy_(values)
+    if out is None:
+        out = torch.empty(n, k, dtype=torch.float32)
+    elif not (out.dtype == torch.float32 and out.is_contiguous() and out.shape == (n, k)):
+        raise ValueError(f"dequantize writes into a contiguous fp32 [{n}, {k}]; got {out.dtype} {tuple(out.shape)}")
     rc = lib.dequantize_rows(
         blocks.data_ptr(),
         code,

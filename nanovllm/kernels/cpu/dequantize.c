@@ -9,28 +9,46 @@
 
 #define ROWS_PER_TASK 16  /* rows a thread takes at a time */
 
-static void dequantize_block(const uint8_t *b, int type, float *out) {
+INLINE void dequantize_block(const uint8_t *b, const int type, float *out) {
     switch (type) {
+    /* the 32-blocks: element i < 16 in the low nibble of byte i, i + 16 in its high nibble (two stores a byte:
+     * loops gcc vectorizes, ~3x the speed of one element at a time) */
     case Q4_0: {
         const float d = read_half(b);
-        for (int i = 0; i < BLOCK; i++) out[i] = d * (float)(nibble(b + 2, i) - 8);
+        const uint8_t *qs = b + 2;
+        for (int i = 0; i < 16; i++) {
+            out[i] = d * (float)((qs[i] & 15) - 8);
+            out[i + 16] = d * (float)((qs[i] >> 4) - 8);
+        }
         break;
     }
     case Q4_1: {
         const float d = read_half(b), m = read_half(b + 2);
-        for (int i = 0; i < BLOCK; i++) out[i] = d * (float)nibble(b + 4, i) + m;
+        const uint8_t *qs = b + 4;
+        for (int i = 0; i < 16; i++) {
+            out[i] = d * (float)(qs[i] & 15) + m;
+            out[i + 16] = d * (float)(qs[i] >> 4) + m;
+        }
         break;
     }
     case Q5_0: {
         const float d = read_half(b);
         const uint32_t h = read_u32(b + 2);
-        for (int i = 0; i < BLOCK; i++) out[i] = d * (float)((nibble(b + 6, i) | (int)((h >> i & 1) << 4)) - 16);
+        const uint8_t *qs = b + 6;
+        for (int i = 0; i < 16; i++) {
+            out[i] = d * (float)((int)((qs[i] & 15) | (h >> i & 1) << 4) - 16);
+            out[i + 16] = d * (float)((int)((qs[i] >> 4) | (h >> (i + 16) & 1) << 4) - 16);
+        }
         break;
     }
     case Q5_1: {
         const float d = read_half(b), m = read_half(b + 2);
         const uint32_t h = read_u32(b + 4);
-        for (int i = 0; i < BLOCK; i++) out[i] = d * (float)(nibble(b + 8, i) | ((h >> i & 1) << 4)) + m;
+        const uint8_t *qs = b + 8;
+        for (int i = 0; i < 16; i++) {
+            out[i] = d * (float)((qs[i] & 15) | (h >> i & 1) << 4) + m;
+            out[i + 16] = d * (float)((qs[i] >> 4) | (h >> (i + 16) & 1) << 4) + m;
+        }
         break;
     }
     case Q8_0: {
@@ -86,7 +104,14 @@ int dequantize_rows(const void *w, int type, int64_t K, const int64_t *ids, int6
         else if (type == F16)
             for (int64_t i = 0; i < K; i++) o[i] = read_half(row + 2 * i);
         else
-            for (int64_t b = 0; b < K / elems; b++) dequantize_block(row + b * bytes, type, o + b * elems);
+            switch (type) {  /* a loop for each type: its block's code inlined, the type's tests folded away */
+#define ROW(T)                                                                                                \
+    case T:                                                                                                   \
+        for (int64_t b = 0; b < K / elems; b++) dequantize_block(row + b * bytes, T, o + b * elems);          \
+        break;
+                ROW(Q4_0) ROW(Q4_1) ROW(Q5_0) ROW(Q5_1) ROW(Q8_0) ROW(Q4_K) ROW(Q5_K) ROW(Q6_K)
+#undef ROW
+            }
     }
     return 0;
 }

@@ -137,10 +137,6 @@ static inline float read_half(const uint8_t *p) {
     return half_to_float(h);
 }
 
-/* Element i of a 32-block's 16 bytes of nibbles: i < 16 the low nibble of byte i, else the high one of byte
- * i - 16 */
-static inline int nibble(const uint8_t *qs, int i) { return i < 16 ? qs[i] & 15 : qs[i - 16] >> 4; }
-
 static inline uint32_t read_u32(const uint8_t *p) {
     uint32_t v;
     memcpy(&v, p, 4);
