@@ -68,9 +68,10 @@ def main() -> None:
     ap.add_argument("--kernel-rows", type=int, default=1 << 30, help="rows up to which the C kernel runs")
     args = ap.parse_args()
     import nanovllm.ops.cpu_ops as cpu_ops
+    from nanovllm.kernels.cpu.build import library
 
-    if not cpu_ops.HAS_QUANT_KERNELS:
-        raise SystemExit("this needs our C GGUF kernels (kernels.quant_linear)")
+    if library() is None:
+        raise SystemExit("this needs our C kernels (kernels/cpu: a C compiler)")
     common = dict(dtype=args.dtype, device="cpu", ops="cpu", kv_cache_gib=1, enable_prefix_caching=False)
     reference = LLM(args.model, quantization="dequantize", **common)
     greedy = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)

@@ -16,7 +16,6 @@ from nanovllm.layers.quant import QuantWeight, dequantize_torch
 from nanovllm.layers.sampler import SamplingBatch, filtered, uniform
 
 NAME = "cpu"
-HAS_QUANT_KERNELS = hasattr(kernels, "quant_linear")  # our C GGUF kernels (until they are merged: torch alone)
 # fp32 linears with 2-96 rows as (W @ x^T)^T, which MKL runs faster there: a 4-sequence fp32 SmolLM2 decode step
 # 120 -> 63 ms; at 1 row even, from 128 rows slower
 SMALL_ROWS = range(2, 97)
@@ -92,8 +91,8 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = No
     weight dequantized to fp32 (cast to x's dtype) and multiplied by torch: the float path's GEMM speed, with
     one tile of float weight in memory at a time."""
     x = x.contiguous()
-    if x.shape[0] <= QUANT_KERNEL_ROWS and HAS_QUANT_KERNELS:
-        y = kernels.quant_linear(x, w.qtype, w.blocks, bias)
+    if x.shape[0] <= QUANT_KERNEL_ROWS:
+        y = kernels.quant_linear(x, w.qtype, w.blocks, bias)  # None without our library
         if y is not None:
             return y
     n = w.shape[0]
@@ -107,9 +106,10 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = No
 
 
 def dequantize(w: QuantWeight) -> torch.Tensor:
-    """fp32 [N, K]: our C kernel where it takes the type, else the torch reference (the same values)."""
-    out = kernels.dequantize(w.qtype, w.blocks, w.shape[1]) if HAS_QUANT_KERNELS else None
-    return dequantize_torch(w) if out is None else out
+    """fp32 [N, K]: our C kernel where the library is built, else the torch reference (the same values)."""
+    if kernels.library() is None:
+        return dequantize_torch(w)
+    return kernels.dequantize(w.qtype, w.blocks, w.shape[1])
 
 
 def bf16_linear(
