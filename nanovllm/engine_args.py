@@ -27,7 +27,6 @@ IGNORED = {
 ONLY = {
     "tokenizer_mode": (("auto", "hf"), "HF tokenizers ('auto')"),
     "kv_cache_dtype": (("auto",), "the model's dtype ('auto'); no fp8 KV cache"),
-    "quantization": ((None, "gguf"), "none, or the GGUF file's own quantization ('gguf', read from the file)"),
     "pipeline_parallel_size": ((1,), "1 (tensor parallelism only)"),
     "data_parallel_size": ((1,), "1"),
     "enable_lora": ((False, None), "no LoRA adapters"),

@@ -111,11 +111,12 @@ def test_without_compiler_the_torch_path_serves(tmp_path, monkeypatch):
 
 def test_engine_uses_the_kernel_and_matches_torch_path(llm, monkeypatch):
     """The whole engine gives the same greedy tokens with the kernel and with the torch path, and the kernel
-    is what decode steps call."""
+    is what decode steps call (the layer-by-layer path: the fused step is tests/test_fused_step.py)."""
     from conftest import random_prompts
 
     from nanovllm import SamplingParams
 
+    monkeypatch.setattr(llm.engine.runner, "step_runner", None)
     prompts = random_prompts(4, 5, 60, seed=4)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     calls = []
@@ -195,7 +196,7 @@ def test_rope_in_place_matches_rotary():
     assert cpu_kernel.rope_in_place(qkv[:, : 12 * 64], tables, 64)
     assert torch.equal(q, expected[0]) and torch.equal(k, expected[1])
     assert torch.equal(qkv[:, 12 * 64 :], v)  # values untouched
-    assert not cpu_kernel.rope_in_place(qkv.float(), rotary.tables(positions, torch.float32), 64)  # fp32: torch
+    assert not cpu_kernel.rope_in_place(qkv.half(), rotary.tables(positions, torch.half), 64)  # fp16: not ours
     # the op: in place on views of the QKV output (one pass), and on separate q, k tensors (one pass each)
     qkv2 = (torch.randn(70, (9 + 2 * 3) * 64, generator=gen) * 2).bfloat16()
     q, k = (x.unflatten(-1, (-1, 64)) for x in qkv2[:, : 12 * 64].split([9 * 64, 3 * 64], -1))

@@ -241,7 +241,7 @@ def test_moe_gguf_logits_match_transformers(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path, _ = gguf_moe("qwen3_moe", tmp_path)
-    llm = LLM(path, dtype="float32")
+    llm = LLM(path, dtype="float32", quantization="dequantize")  # HF's float weights (kept blocks: test_gguf_quant)
     # transformers does not map expert_feed_forward_length: given here
     cfg = AutoConfig.from_pretrained(tmp_path, gguf_file="moe.gguf")
     cfg.moe_intermediate_size = 64
@@ -260,7 +260,7 @@ def test_moe_gguf_transformers_cannot_read_gives_hf_logits_of_its_weights(arch, 
     from nanovllm.models.moe import num_experts
 
     path, folder = gguf_moe(arch, tmp_path)
-    llm = LLM(path, dtype="float32")
+    llm = LLM(path, dtype="float32", quantization="dequantize")  # HF's float weights (kept blocks: test_gguf_quant)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     cfg = load_hf_config(path)
     assert cfg.architectures == hf.config.architectures

@@ -76,7 +76,14 @@ class LLMEngine:
         workers = Workers(resolved) if resolved.tensor_parallel_size > 1 else None  # they load while we do
         try:
             loaded = load_model(
-                path, self.dtype, resolved.device, resolved.max_model_len, hf_config, resolved.tokenizer, backend
+                path,
+                self.dtype,
+                resolved.device,
+                resolved.max_model_len,
+                hf_config,
+                resolved.tokenizer,
+                backend,
+                resolved.quantization,
             )
             self.runner = ModelRunner(resolved, loaded.model, self.dtype, loaded.eos_token_ids, workers)
             if workers:

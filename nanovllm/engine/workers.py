@@ -64,7 +64,8 @@ def worker_main(config: EngineConfig, rank: int, port: int, conn) -> None:
             torch.set_num_threads(config.num_threads)
         init_distributed(config, rank, port)
         dtype, backend = config.torch_dtype(), ops.backend(config.ops)  # the config is rank 0's resolved one
-        loaded = load_model(config.model, dtype, config.device, config.max_model_len, None, config.tokenizer, backend)
+        c = config
+        loaded = load_model(c.model, dtype, c.device, c.max_model_len, None, c.tokenizer, backend, c.quantization)
         runner = ModelRunner(config, loaded.model, dtype, loaded.eos_token_ids)
         dist.barrier()  # loaded everywhere
         while True:

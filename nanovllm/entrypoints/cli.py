@@ -15,6 +15,12 @@ def add_engine_args(p: argparse.ArgumentParser, engine_seed: bool = False) -> No
     m.add_argument("--tokenizer", default=None, help="a tokenizer folder (default: the model's own)")
     m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "half", "float"])
     m.add_argument("--max-model-len", type=int, default=None)
+    m.add_argument(
+        "--quantization",
+        "-q",
+        default=None,
+        help="a GGUF file on CPU: 'gguf' (the default) keeps its quantized weights, 'dequantize' loads floats",
+    )
     if engine_seed:
         m.add_argument("--seed", dest="engine_seed", type=int, default=0)
     m.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs for decode steps")
@@ -84,6 +90,7 @@ ENGINE_FLAGS = (
     "async_scheduling",
     "max_logprobs",
     "speculative_config",
+    "quantization",
 )
 
 

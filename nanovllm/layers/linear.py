@@ -2,14 +2,17 @@ import torch
 from torch import nn
 
 import nanovllm.ops as ops
+from nanovllm.layers.quant import QuantWeight
 
 
 class Linear(nn.Linear):
     """y = x W^T + b. The backend may keep a faster form of W beside it (ops/cpu_ops.py: `packed` for oneDNN,
-    `blocks` for a GGUF's quantized blocks, the same values); the op picks what it reads."""
+    `blocks` for a GGUF's quantized blocks in the AMX kernel's layout, the same values); the op picks what it
+    reads. A GGUF weight kept quantized on CPU is `quant` alone, its `weight` None (loader/gguf_quant.py)."""
 
     packed: torch.Tensor | None = None
     blocks: tuple[int, torch.Tensor] | None = None  # (block type, blocks), from the loader
+    quant: QuantWeight | None = None  # the GGUF blocks as stored, from the loader
 
     def reset_parameters(self) -> None:
         """No random init: every weight comes from the checkpoint (and the first init on the meta device

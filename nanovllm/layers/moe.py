@@ -10,6 +10,7 @@ from torch import nn
 
 import nanovllm.ops as ops
 from nanovllm.layers.parallel import tp_size
+from nanovllm.layers.quant import QuantWeight
 
 
 class FusedMoE(nn.Module):
@@ -17,6 +18,10 @@ class FusedMoE(nn.Module):
     # uint8 [E, bytes], each expert's blocks in the CPU kernel's layout), the same values as the weights
     w13_blocks: tuple[int, torch.Tensor] | None = None
     w2_blocks: tuple[int, torch.Tensor] | None = None
+    # a GGUF's experts kept quantized on CPU: each expert's gate-then-up rows (w13) and down (w2) as stored, the
+    # stacked float weights then None (loader/gguf_quant.py)
+    w13_quant: list[QuantWeight] | None = None
+    w2_quant: list[QuantWeight] | None = None
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -28,5 +33,11 @@ class FusedMoE(nn.Module):
         """x [T, H]; topk_ids [T, k] the experts each token chose, topk_weights [T, k] their weights:
         sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t])."""
         return ops.fused_experts(
-            x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, blocks=(self.w13_blocks, self.w2_blocks)
+            x,
+            self.w13_weight,
+            self.w2_weight,
+            topk_weights,
+            topk_ids,
+            blocks=(self.w13_blocks, self.w2_blocks),
+            quant=(self.w13_quant, self.w2_quant),
         )

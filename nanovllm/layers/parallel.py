@@ -10,7 +10,6 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 alone = False  # inside one_rank()
 
@@ -56,13 +55,15 @@ def vocab_range(vocab_size: int) -> tuple[int, int]:
     return tp_rank() * rows, rows
 
 
-def embed(ids: torch.Tensor, weight: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def embed(ids: torch.Tensor, lookup, vocab_size: int) -> torch.Tensor:
+    """The rows of `ids`; lookup(local ids) -> this rank's rows (F.embedding over its weight, or a quantized
+    weight's rows dequantized)."""
     if tp_size() == 1:
-        return F.embedding(ids, weight)
+        return lookup(ids)
     start, rows = vocab_range(vocab_size)
     local = ids - start
     outside = (local < 0) | (local >= rows)
-    x = F.embedding(local.masked_fill(outside, 0), weight)
+    x = lookup(local.masked_fill(outside, 0))
     return all_reduce(x.masked_fill_(outside.unsqueeze(-1), 0))
 
 

@@ -12,7 +12,7 @@ import transformers
 import xxhash
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerFast
 
-from nanovllm.config import cache_dir
+from nanovllm.config import QUANTIZATIONS, cache_dir
 from nanovllm.memory import huge_page_buffer
 from nanovllm.models.llama import MODELS
 
@@ -123,17 +123,37 @@ def load_model(
     hf_config=None,
     tokenizer_path: str | None = None,
     backend=None,
+    quantization: str | None = None,
 ) -> LoadedModel:
     """The model with its weights, on `device` in `dtype`, prepared for the ops backend (nanovllm/ops) that will
-    run it: on CPU in one 2 MB-page buffer unless the backend repacks the weights, a GGUF's quantized blocks kept
-    where the backend reads them."""
+    run it: on CPU in one 2 MB-page buffer unless the backend repacks the weights. A GGUF file on CPU keeps its
+    quantized weights as blocks, with no float copy (loader/gguf_quant.py), unless quantization="dequantize"
+    (every weight dequantized to `dtype` at load: HF's values, the reference)."""
     import nanovllm.ops.torch_ops as reference
 
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization={quantization!r} is not supported; supported: {QUANTIZATIONS}")
     backend = backend or reference
     cfg = hf_config or load_hf_config(path)
     is_gguf = path.endswith(".gguf")
     with torch.device("meta"):
         model = MODELS[cfg.architectures[0]](cfg, max_positions)
+    expected = model.expected_weights()  # every weight, quantized or float
+    beside = backend.keeps_gguf_blocks(dtype)  # AMX in bf16: float weights and blocks (keep_gguf_blocks)
+    plan, index = {}, None
+    if is_gguf:
+        from nanovllm.loader.gguf_quant import plan_quant
+
+        with open(os.path.join(gguf_converted(path), TENSOR_INDEX)) as f:
+            index = json.load(f)
+        # AMX in bf16 (backend.keeps_gguf_blocks) packs Q4_1 / Q8_0 blocks for its decode steps beside the bf16
+        # weights that prefills read, with quantization="dequantize" too (the bf16 values alike)
+        if device == "cpu" and (quantization != "dequantize" or beside):
+            plan = plan_quant(model, index, strict=quantization != "dequantize")
+    if plan and not beside:
+        from nanovllm.loader.gguf_quant import drop_float_weights
+
+        drop_float_weights(model, plan)
     # cast on the meta device (free; casting allocated memory took 0.6 s), then allocate: no random init, every
     # weight comes from the checkpoint
     model = model.to(dtype).to_empty(device=device)
@@ -145,19 +165,22 @@ def load_model(
     if is_gguf:
         from nanovllm.loader.gguf import gguf_weights
 
-        with open(os.path.join(gguf_converted(path), TENSOR_INDEX)) as f:
-            index = json.load(f)
-        weights = gguf_weights(path, index, cfg, torch.get_num_threads())
+        kept = frozenset() if beside else frozenset(name for t in plan.values() for name in t.tensors)
+        weights = gguf_weights(path, index, cfg, torch.get_num_threads(), skip=kept)
     else:
         from nanovllm.loader.safetensors import safetensors_weights
 
         weights = safetensors_weights(path)
     loaded = {name for hf_name, tensor in weights if (name := model.load_weight(hf_name, tensor, params))}
-    missing = model.expected_weights() - loaded
+    if plan:
+        from nanovllm.loader.gguf_quant import fill_quant
+
+        loaded |= fill_quant(model, path, index, cfg, plan)
+    missing = expected - loaded
     if missing:
         raise ValueError(f"checkpoint {path!r} lacks weights: {', '.join(sorted(missing)[:8])}")
-    if is_gguf and device == "cpu" and backend.keeps_gguf_blocks(dtype):
-        keep_gguf_blocks(model, path, index, cfg)
+    if beside:
+        keep_gguf_blocks(model)
     model.rotary.build()  # after to_empty and the cast: the cos/sin tables are computed here, in fp32
     model.eval()
     backend.prepare(model)
@@ -165,47 +188,33 @@ def load_model(
     return LoadedModel(cfg, model, tokenizer, eos_ids(path, cfg, tokenizer))
 
 
-def keep_gguf_blocks(model: torch.nn.Module, path: str, index: list[dict], cfg) -> None:
-    """Give each projection (the layer weights that tensor parallelism splits), the LM head and each layer's
-    stacked experts whose GGUF tensors are all Q4_1 or all Q8_0 their blocks too (Linear.blocks,
-    FusedMoE.w13_blocks / w2_blocks: in the CPU kernel's tile layout): decode steps read those, 31% or 53% of the
-    bf16 bytes, and dequantize them on the fly to the very bf16 values loaded here. Prefills keep the bf16 weights."""
+def keep_gguf_blocks(model: torch.nn.Module) -> None:
+    """AMX in bf16: each Linear and each layer's experts kept as Q4_1 or Q8_0 (Linear.quant, FusedMoE.w13_quant /
+    w2_quant) get their blocks in the CPU kernel's tile layout too (Linear.blocks, FusedMoE.w13_blocks /
+    w2_blocks): decode steps read those, 31% or 53% of the bf16 bytes, and dequantize them on the fly to the very
+    bf16 values loaded beside. Prefills read the bf16 weights; the GGUF-order blocks are then let go."""
+    from nanovllm.layers.linear import Linear
     from nanovllm.layers.moe import FusedMoE
-    from nanovllm.loader.gguf import BLOCK_BYTES, gguf_blocks, pack_blocks
+    from nanovllm.loader.gguf import AMX_TYPES, pack_blocks
 
-    projections = {w.name for w in model.layer_weights if w.split is not None}
-    targets = {}  # parameter name -> (its module, its shape: [N, K], or [E, N, K] for experts)
-    for name, m in model.named_modules():
-        if name == "lm_head" or name.split(".", 3)[-1] in projections:
-            targets[f"{name}.weight"] = m, m.weight.shape
+    def packs(quant: list) -> bool:  # one kind the kernel reads, in its tiles of 16 rows x 32 inputs
+        kinds = {q.qtype for q in quant}
+        return len(kinds) == 1 and kinds <= AMX_TYPES.keys() and all(q.shape[0] % 16 == 0 for q in quant)
+
+    for m in model.modules():
+        if isinstance(m, Linear) and m.quant is not None:
+            if packs([m.quant]):
+                m.blocks = AMX_TYPES[m.quant.qtype], pack_blocks(m.quant.blocks, AMX_TYPES[m.quant.qtype])
         elif isinstance(m, FusedMoE):
-            targets.update({f"{name}.{p}": (m, getattr(m, p).shape) for p in ("w13_weight", "w2_weight")})
-    targets = {k: v for k, v in targets.items() if v[1][-2] % 16 == 0 and v[1][-1] % 32 == 0}
-    shadows, kinds, filled = {}, {}, set()
-    for name, kind, blocks in gguf_blocks(path, index, cfg):
-        if model.tie_word_embeddings and name == "model.embed_tokens.weight":
-            name = "lm_head.weight"  # the LM head reads the embedding's blocks
-        target = model.locate(name)[0]
-        if target not in targets or kinds.setdefault(target, kind) != kind:  # not kept, or parts of two types
-            kinds[target] = None
-            continue
-        if target not in shadows:
-            shape = targets[target][1]
-            shadows[target] = torch.empty(*shape[:-1], shape[-1] // 32 * BLOCK_BYTES[kind], dtype=torch.uint8)
-        if target == "lm_head.weight":  # one rank: the whole vocabulary, no padding
-            shadows[target].copy_(blocks)
-            filled.add(target)
-        else:
-            filled.add(model.load_weight(name, blocks, shadows))
-    expected = model.expected_weights() | {"lm_head.weight"}
-    for name, (m, shape) in targets.items():
-        kind = kinds.get(name)
-        if kind and {e for e in expected if e.split("#")[0] == name} <= filled:  # q, k and v alike; every expert
-            packed = pack_blocks(shadows[name].view(-1, shadows[name].shape[-1]), kind)  # experts: one after another
-            if isinstance(m, FusedMoE):
-                setattr(m, name.rsplit(".", 1)[1].replace("weight", "blocks"), (kind, packed.view(shape[0], -1)))
-            else:
-                m.blocks = kind, packed
+            for part in ("w13", "w2"):
+                quant = getattr(m, f"{part}_quant")
+                if quant and packs(quant):
+                    kind = AMX_TYPES[quant[0].qtype]
+                    packed = pack_blocks(torch.cat([q.blocks for q in quant]), kind)  # experts one after another
+                    setattr(m, f"{part}_blocks", (kind, packed.view(len(quant), -1)))
+                setattr(m, f"{part}_quant", None)
+        if hasattr(m, "quant"):
+            m.quant = None
 
 
 def place_in_huge_pages(model: torch.nn.Module) -> None:

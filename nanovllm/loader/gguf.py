@@ -32,10 +32,31 @@ LAYER_NAMES = {
 GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
+class CheckedReader(gguf.GGUFReader):
+    """gguf-py's reader, with a clear error where a tensor's data runs past the end of the file (a truncated
+    copy): its own fails on a numpy reshape of the last tensor, naming nothing."""
+
+    def _build_tensors(self, start_offs: int, fields: list) -> None:
+        for field in fields:
+            try:  # the reader's private layout of a tensor's info: if it ever changes, the reader's own checks stand
+                _, name, _, dims, raw_type, offset = field.parts
+                elems, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(raw_type[0]))]
+                start = int(start_offs + offset[0])
+                end = start + int(np.prod(dims)) * size // elems
+            except Exception:
+                break
+            if end > len(self.data):
+                name = bytes(name).decode(errors="replace")
+                raise ValueError(
+                    f"GGUF tensor {name} lies at bytes {start}-{end} but the file has {len(self.data)}: truncated?"
+                )
+        super()._build_tensors(start_offs, fields)
+
+
 @functools.lru_cache(maxsize=2)  # the config check and the weight loading read the same file
 def open_gguf(path: str) -> gguf.GGUFReader:
     try:
-        return gguf.GGUFReader(path)
+        return CheckedReader(path)
     except Exception as e:  # the reader raises anything from ValueError to struct errors on a bad file
         raise ValueError(f"cannot read GGUF file {path}: {e}") from None
 
@@ -126,39 +147,54 @@ def split_experts(name: str, w) -> list[tuple[str, object]]:
     return [(name, w)]
 
 
-def gguf_weights(path: str, index: list[dict], hf_config, threads: int = 1) -> Iterator[tuple[str, torch.Tensor]]:
+def tensor_bytes(data: np.ndarray, t: dict) -> np.ndarray:
+    """A tensor's bytes in the memory-mapped file; a clear error where the file ends before them (truncated)."""
+    end = t["offset"] + t["nbytes"]
+    if end > len(data):
+        raise ValueError(
+            f"GGUF tensor {t['name']} lies at bytes {t['offset']}-{end} but the file has {len(data)}: truncated?"
+        )
+    return data[t["offset"] : end]
+
+
+def gguf_weights(
+    path: str, index: list[dict], hf_config, threads: int = 1, skip: frozenset[str] = frozenset()
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Dequantized tensors with HF names, read from a memory map; `threads` tensors are dequantized at once
-    (numpy releases the GIL in its array loops). A stacked experts tensor comes as each expert's HF tensor."""
+    (numpy releases the GIL in its array loops). A stacked experts tensor comes as each expert's HF tensor.
+    The GGUF tensors named in `skip` (kept quantized: gguf_quant_blocks) are not read."""
     data = np.memmap(path, np.uint8, mode="r")
 
     def load(t: dict) -> list[tuple[str, torch.Tensor]]:
         name, qtype = hf_name(t["name"]), gguf.GGMLQuantizationType(t["type"])
+        raw = tensor_bytes(data, t)
         try:
-            w = gguf.dequantize(data[t["offset"] : t["offset"] + t["nbytes"]], qtype).reshape(t["shape"])
+            w = gguf.dequantize(raw, qtype).reshape(t["shape"])
         except Exception as e:
             raise ValueError(f"cannot dequantize GGUF tensor {t['name']} ({qtype.name}): {e}") from None
         w = hf_rows(name, w, hf_config)
         return split_experts(name, torch.from_numpy(w if w.flags.writeable and w.flags.c_contiguous else w.copy()))
 
     with ThreadPoolExecutor(threads) as pool:
-        for tensors in pool.map(load, index):
+        for tensors in pool.map(load, [t for t in index if t["name"] not in skip]):
             yield from tensors
 
 
-KEPT_TYPES = {gguf.GGMLQuantizationType.Q4_1: Q4_1, gguf.GGMLQuantizationType.Q8_0: Q8_0}
-
-
-def gguf_blocks(path: str, index: list[dict], hf_config) -> Iterator[tuple[str, int, torch.Tensor]]:
-    """(HF name, kernels/cpu block type, uint8 [rows, bytes]) of each Q4_1 or Q8_0 matrix as stored (a stacked
-    experts tensor: each expert's), rows in HF's order: what our CPU decode kernels read in place of their bf16
-    values (kernels/cpu/linear.c)."""
+def gguf_quant_blocks(path: str, index: list[dict], hf_config, names: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, uint8 [rows, row bytes]) of each GGUF tensor in `names` as stored, rows in HF's order (q/k
+    unpermuted: a row is whole blocks); a stacked experts tensor as each expert's. Views of the memory map: the
+    caller copies them where they stay."""
     data = np.memmap(path, np.uint8, mode="r")
     for t in index:
-        name = hf_name(t["name"])
-        if t["type"] in KEPT_TYPES and len(t["shape"]) in (2, 3) and t["shape"][-1] % 32 == 0:
-            blocks = data[t["offset"] : t["offset"] + t["nbytes"]].reshape(*t["shape"][:-1], -1)
-            for name, b in split_experts(name, hf_rows(name, blocks, hf_config)):
-                yield name, KEPT_TYPES[t["type"]], torch.from_numpy(np.array(b))  # a copy: writable, the map can close
+        if t["name"] in names:
+            name = hf_name(t["name"])
+            rows = tensor_bytes(data, t).reshape(*t["shape"][:-1], -1)
+            for name, b in split_experts(name, hf_rows(name, rows, hf_config)):
+                yield name, torch.from_numpy(np.array(b))  # a copy: writable (the map is read-only)
+
+
+# the GGUF types the AMX bf16 decode kernel reads in place of its bf16 weights -> its block type (kernels/cpu)
+AMX_TYPES = {int(gguf.GGMLQuantizationType.Q4_1): Q4_1, int(gguf.GGMLQuantizationType.Q8_0): Q8_0}
 
 
 def pack_blocks(blocks: torch.Tensor, kind: int) -> torch.Tensor:

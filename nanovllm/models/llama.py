@@ -14,6 +14,7 @@ and of the vocabulary (layers/parallel.py); o_proj and down_proj outputs are all
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import nanovllm.ops as ops
@@ -21,6 +22,7 @@ from nanovllm.layers.attention import AttentionMetadata
 from nanovllm.layers.linear import Linear
 from nanovllm.layers.norm import RMSNorm
 from nanovllm.layers.parallel import all_gather, all_reduce, embed, gather_logits, shard, tp_rank, tp_size, vocab_range
+from nanovllm.layers.quant import dequantize_rows
 from nanovllm.layers.rotary import Rotary
 from nanovllm.models.moe import (
     MoeRouting,
@@ -131,6 +133,7 @@ class Model(nn.Module):
         self.vocab_size, self.rotary = cfg.vocab_size, rotary
         vocab = vocab_range(cfg.vocab_size)[1]  # given a weight, nn.Embedding skips its random init (see Linear)
         self.embed_tokens = nn.Embedding(vocab, cfg.hidden_size, _weight=torch.empty(vocab, cfg.hidden_size))
+        self.embed_tokens.quant = None  # a GGUF embedding kept quantized (its weight then None): rows dequantized
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, head_dim, qkv_bias, qk_norm, moe if moe and is_sparse(cfg, i) else None)
             for i in range(cfg.num_hidden_layers)
@@ -138,7 +141,11 @@ class Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return embed(input_ids, self.embed_tokens.weight, self.vocab_size)
+        table = self.embed_tokens
+        if table.weight is not None:
+            return embed(input_ids, lambda ids: F.embedding(ids, table.weight), self.vocab_size)
+        dtype = self.norm.weight.dtype  # the model's (the embedding has no float weight to tell)
+        return embed(input_ids, lambda ids: dequantize_rows(table.quant, ids).to(dtype), self.vocab_size)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed(input_ids)

@@ -12,12 +12,18 @@ import nanovllm.ops.torch_ops as torch_ops
 from nanovllm.kernels import cpu as kernels
 from nanovllm.layers import attention as reference
 from nanovllm.layers.parallel import tp_size
+from nanovllm.layers.quant import QuantWeight, dequantize_torch
 from nanovllm.layers.sampler import SamplingBatch, filtered, uniform
 
 NAME = "cpu"
 # fp32 linears with 2-96 rows as (W @ x^T)^T, which MKL runs faster there: a 4-sequence fp32 SmolLM2 decode step
 # 120 -> 63 ms; at 1 row even, from 128 rows slower
 SMALL_ROWS = range(2, 97)
+# a weight kept in GGUF blocks: up to this many rows (decodes) our C kernel reads the blocks (int8 activations);
+# above, a prefill dequantizes the weight a tile of rows at a time and keeps MKL's GEMM speed. A first guess:
+# benchmarks/linear_kernel.py decides it
+QUANT_KERNEL_ROWS = 32
+DEQUANT_TILE_ROWS = 256  # weight rows dequantized at once: 256 x K fp32 stays in L2 for K up to ~2k
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -63,10 +69,13 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, layer) -> torch.Tensor:
-    """The weight packed for oneDNN where prepare() packed it; bf16 decode rows on AMX (reading the GGUF blocks
-    where the loader kept them); fp32 small batches as (W x^T)^T; else F.linear."""
+    """The weight packed for oneDNN where prepare() packed it; a weight kept only in GGUF blocks: quant_linear;
+    bf16 decode rows on AMX (reading the GGUF blocks where the loader kept them beside the weight); fp32 small
+    batches as (W x^T)^T; else F.linear."""
     if layer.packed is not None:
         return torch.ops.mkldnn._linear_pointwise(x, layer.packed, layer.bias, "none", [], "")
+    if layer.weight is None:
+        return quant_linear(x.reshape(-1, x.shape[-1]), layer.quant, layer.bias).view(*x.shape[:-1], -1)
     if x.dim() != 2:
         return F.linear(x, layer.weight, layer.bias)
     if x.dtype == torch.bfloat16:
@@ -75,6 +84,32 @@ def linear(x: torch.Tensor, layer) -> torch.Tensor:
         return F.linear(x, layer.weight, layer.bias)
     y = (layer.weight @ x.t()).t().contiguous()
     return y if layer.bias is None else y + layer.bias
+
+
+def quant_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] (fp32 or bf16) times a weight in GGUF blocks: our C kernel for decode rows, else tiles of the
+    weight dequantized to fp32 (cast to x's dtype) and multiplied by torch: the float path's GEMM speed, with
+    one tile of float weight in memory at a time."""
+    x = x.contiguous()
+    if x.shape[0] <= QUANT_KERNEL_ROWS:
+        y = kernels.quant_linear(x, w.qtype, w.blocks, bias)  # None without our library
+        if y is not None:
+            return y
+    n = w.shape[0]
+    y = x.new_empty(x.shape[0], n)
+    for start in range(0, n, DEQUANT_TILE_ROWS):
+        rows = QuantWeight(
+            w.qtype, w.blocks[start : start + DEQUANT_TILE_ROWS], (min(DEQUANT_TILE_ROWS, n - start), w.shape[1])
+        )
+        y[:, start : start + rows.shape[0]] = x @ dequantize(rows).to(x.dtype).t()
+    return y if bias is None else y.add_(bias)
+
+
+def dequantize(w: QuantWeight) -> torch.Tensor:
+    """fp32 [N, K]: our C kernel where the library is built, else the torch reference (the same values)."""
+    if kernels.library() is None:
+        return dequantize_torch(w)
+    return kernels.dequantize(w.qtype, w.blocks, w.shape[1])
 
 
 def bf16_linear(
@@ -92,10 +127,22 @@ def fused_experts(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     blocks: tuple | None = None,
+    quant: tuple | None = None,
 ) -> torch.Tensor:
     """The reference's grouped product: one gate/up and one down matmul per expert that has tokens, so a decode
-    step reads only the experts its tokens chose. In bf16 those go through `linear`'s path: decode rows on AMX,
-    reading the expert's GGUF blocks where the loader kept them (FusedMoE.w13_blocks / w2_blocks)."""
+    step reads only the experts its tokens chose. Experts kept in GGUF blocks (`quant`: each expert's QuantWeight,
+    the stacked weight None) go through quant_linear, in fp32 and bf16. In bf16 the others go through `linear`'s
+    path: decode rows on AMX, reading the expert's GGUF blocks where the loader kept them (FusedMoE.w13_blocks /
+    w2_blocks)."""
+    q13, q2 = quant or (None, None)
+    if w13 is None or w2 is None:
+
+        def quantized(e: int, xs: torch.Tensor) -> torch.Tensor:
+            h = quant_linear(xs, q13[e]) if w13 is None else F.linear(xs, w13[e])
+            h = silu_and_mul(h)
+            return quant_linear(h, q2[e]) if w2 is None else F.linear(h, w2[e])
+
+        return torch_ops.grouped_experts(x, topk_weights, topk_ids, len(q13 or q2), quantized)
     if x.dtype != torch.bfloat16:
         return torch_ops.fused_experts(x, w13, w2, topk_weights, topk_ids)
     b13, b2 = blocks or (None, None)
@@ -180,7 +227,8 @@ def prepare(model: torch.nn.Module) -> None:
 
 
 def step_runner(runner, config):
-    """A decode-only bf16 step's layers in one C call, where the model and the CPU allow it (ops/cpu_decode_step.py)."""
+    """A decode-only step's layers in one C call (bf16 with AMX, fp32 anywhere), where the model allows it
+    (ops/cpu_decode_step.py)."""
     from nanovllm.ops.cpu_decode_step import FusedDecodeStep
 
     return FusedDecodeStep.build(runner)

@@ -28,6 +28,7 @@ def fused_experts(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     blocks: tuple | None = None,
+    quant: tuple | None = None,
 ) -> torch.Tensor:
     """The fused MoE Triton kernel on the stacked weights (no GGUF blocks are kept on GPU)."""
     return triton_fused_experts(x, w13, w2, topk_weights, topk_ids)

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from nanovllm.layers.attention import torch_attention as attention  # noqa: F401 (an op of this backend)
+from nanovllm.layers.quant import QuantWeight, dequantize_torch
 from nanovllm.layers.sampler import sample  # noqa: F401 (an op of this backend)
 
 NAME = "torch"
@@ -43,8 +44,16 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, layer) -> torch.Tensor:
-    """x W^T + b of a Linear layer."""
+    """x W^T + b of a Linear layer; a weight kept quantized (Linear.quant) is dequantized first."""
+    if layer.weight is None:
+        return quant_linear(x, layer.quant, layer.bias)
     return F.linear(x, layer.weight, layer.bias)
+
+
+def quant_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T + b for W in GGUF blocks: W dequantized to fp32 (gguf's values), cast to x's dtype as the float
+    path's loader casts it, then F.linear: the float path's result."""
+    return F.linear(x, dequantize_torch(w).to(x.dtype), bias)
 
 
 def fused_experts(
@@ -54,13 +63,20 @@ def fused_experts(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     blocks: tuple | None = None,
+    quant: tuple | None = None,
 ) -> torch.Tensor:
     """A mixture-of-experts layer's experts as a grouped product (grouped_experts): x [T, H], w13 [E, 2I, H],
-    w2 [E, H, I], topk_weights / topk_ids [T, k]. `blocks`: the experts' GGUF blocks where the loader kept them
-    (FusedMoE), the same values: the reference reads the weights."""
-    return grouped_experts(
-        x, topk_weights, topk_ids, w13.shape[0], lambda e, xs: F.linear(silu_and_mul(F.linear(xs, w13[e])), w2[e])
-    )
+    w2 [E, H, I], topk_weights / topk_ids [T, k]. `blocks`: the experts' GGUF blocks in the AMX layout where the
+    loader kept them beside the weights (FusedMoE), the same values: the reference reads the weights. `quant`:
+    (w13, w2) each expert's QuantWeight where the experts were kept quantized (a stacked weight is then None)."""
+    q13, q2 = quant or (None, None)
+
+    def expert(e: int, xs: torch.Tensor) -> torch.Tensor:
+        h = F.linear(xs, w13[e]) if w13 is not None else quant_linear(xs, q13[e])
+        h = silu_and_mul(h)
+        return F.linear(h, w2[e]) if w2 is not None else quant_linear(h, q2[e])
+
+    return grouped_experts(x, topk_weights, topk_ids, len(q13) if w13 is None else w13.shape[0], expert)
 
 
 def grouped_experts(

@@ -45,6 +45,7 @@ class DraftProposer:
                 hf_config,
                 config.tokenizer or config.model,
                 backend,
+                config.quantization,
             )
             self.runner = ModelRunner(draft_config, loaded.model, dtype, loaded.eos_token_ids)
         self.block_manager = BlockManager(

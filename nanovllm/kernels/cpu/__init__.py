@@ -152,10 +152,28 @@ GGUF_TYPES: dict[str, int] = {
     "Q6_K": 14,
 }
 BF16, Q4_1, Q8_0 = 30, GGUF_TYPES["Q4_1"], GGUF_TYPES["Q8_0"]  # 30: ggml's GGML_TYPE_BF16
-# decode_layers_bf16's table (decode_step.c), per layer: 6 weights in the order the layer applies them (input
-# norm, qkv, o, post norm, gate/up, down), each as (weight or GGUF blocks, bias or 0, type), then the K and V cache
+F32 = GGUF_TYPES["F32"]  # linear_f32's type for a plain fp32 weight
+# decode_layers' table (decode_step.c), per layer: 6 weights in the order the layer applies them (input norm, qkv,
+# o, post norm, gate/up, down), each as (weight or GGUF blocks, bias or 0, type), then the K and V cache
 LAYER_POINTERS = 6 * 3 + 2
 BLOCK_BYTES = {Q4_1: 20, Q8_0: 34}  # per 32 weights: Q4_1 fp16 d, fp16 m, 32 x 4 bits of q; Q8_0 fp16 d, 32 x int8
+
+
+def decode_scratch(dims: list[int], m: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """decode_layers' buffers for m rows: its output (the last MLP output) and its scratch, by name."""
+    hidden, heads, kv_heads, head_dim, inter, _ = dims
+
+    def empty(*shape):
+        return torch.empty(*shape, dtype=dtype)
+
+    return {
+        "mlp_out": empty(m, hidden),
+        "h": empty(m, hidden),
+        "qkv": empty(m, (heads + 2 * kv_heads) * head_dim),
+        "attn": empty(m, heads * head_dim),
+        "gate_up": empty(m, 2 * inter),
+        "act": empty(m, inter),
+    }
 
 
 def decode_layers(
@@ -166,25 +184,23 @@ def decode_layers(
     meta,
     eps: float,
     scale: float,
+    scratch: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """A decode-only bf16 step's decoder layers in one C call (decode_step.c). dims: hidden, heads, kv_heads,
-    head_dim, intermediate, block_size. residual [M, hidden]: the embeddings, updated in place into the residual
-    stream. Returns the last layer's MLP output (the final norm adds it)."""
-    hidden, heads, kv_heads, head_dim, inter, _ = dims.tolist()
-    m = residual.shape[0]
-    mlp_out, h = torch.empty_like(residual), torch.empty_like(residual)
-    qkv = residual.new_empty(m, (heads + 2 * kv_heads) * head_dim)
-    attn, act = residual.new_empty(m, heads * head_dim), residual.new_empty(m, inter)
-    gate_up = residual.new_empty(m, 2 * inter)
+    """A decode-only step's decoder layers in one C call (decode_step.c), bf16 (on AMX) or fp32. dims: hidden,
+    heads, kv_heads, head_dim, intermediate, block_size. residual [M, hidden]: the embeddings, updated in place into
+    the residual stream. scratch: decode_scratch's buffers for these M rows (made here if None). Returns the last
+    layer's MLP output (the final norm adds it): scratch["mlp_out"]."""
+    m, bf16 = residual.shape[0], residual.dtype == torch.bfloat16
+    s = scratch or decode_scratch(dims.tolist(), m, residual.dtype)
     cos, sin = tables
     t, lib = meta.block_tables, library()
-    rc = lib.decode_layers_bf16(
+    rc = lib.decode_layers(
         len(pointers) // LAYER_POINTERS,
         pointers.data_ptr(),
         dims.data_ptr(),
         m,
         residual.data_ptr(),
-        mlp_out.data_ptr(),
+        s["mlp_out"].data_ptr(),
         cos.data_ptr(),
         sin.data_ptr(),
         meta.slot_mapping.data_ptr(),
@@ -193,19 +209,56 @@ def decode_layers(
         meta.context_lens.data_ptr(),
         meta.decode_rows.data_ptr(),
         meta.decode_tokens.data_ptr(),
-        h.data_ptr(),
-        qkv.data_ptr(),
-        attn.data_ptr(),
-        gate_up.data_ptr(),
-        act.data_ptr(),
+        s["h"].data_ptr(),
+        s["qkv"].data_ptr(),
+        s["attn"].data_ptr(),
+        s["gate_up"].data_ptr(),
+        s["act"].data_ptr(),
         eps,
         scale,
+        bf16,
         lib.amx,
         torch.get_num_threads(),
     )
     if rc:
-        raise RuntimeError(f"decode_layers_bf16 failed ({rc}) on sizes {dims.tolist()}")
-    return mlp_out
+        raise RuntimeError(f"decode_layers failed ({rc}) on sizes {dims.tolist()} in {residual.dtype}")
+    return s["mlp_out"]
+
+
+def linear_f32(
+    x: torch.Tensor, weight: torch.Tensor, kind: int, n: int, bias: torch.Tensor | None = None, out=None
+) -> torch.Tensor:
+    """x [M, K] fp32 @ W[n, K]^T (+ bias) by linear_f32: W a plain fp32 weight (kind F32) or its GGUF blocks as
+    stored (kind: ggml's type id). Into `out` [M, n] where given."""
+    y = x.new_empty(x.shape[0], n) if out is None else out
+    rc = library().linear_f32(
+        x.data_ptr(),
+        x.shape[0],
+        weight.data_ptr(),
+        kind,
+        n,
+        x.shape[1],
+        None if bias is None else bias.data_ptr(),
+        y.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if rc:
+        raise ValueError(f"linear_f32 does not take weight type {kind} with K = {x.shape[1]} (code {rc})")
+    return y
+
+
+PARALLEL_ROWS = 16  # fewer embedding rows: dequantized on one thread (~1 us a row; a fork/join costs more)
+
+
+def dequantize_rows_into(qtype: int, blocks: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> None:
+    """out [n, K] (fp32, contiguous) = rows `ids` (int64, contiguous) of a weight kept in GGUF blocks, dequantized:
+    an embedding lookup with no float table and no allocation."""
+    threads = torch.get_num_threads() if len(ids) >= PARALLEL_ROWS else 1  # a decode step's rows: no fork/join
+    rc = library().dequantize_rows(
+        blocks.data_ptr(), qtype, out.shape[1], ids.data_ptr(), len(ids), out.data_ptr(), threads
+    )
+    if rc:
+        raise ValueError(f"dequantize_rows cannot read ggml type {qtype} with K = {out.shape[1]} (code {rc})")
 
 
 def prefill_attention(
@@ -274,11 +327,15 @@ def fused_bf16(*tensors: torch.Tensor) -> bool:
     return library() is not None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, add: torch.Tensor | None = None) -> torch.Tensor:
-    """HF's RMSNorm of bf16 rows [..., dim] in one pass (torch takes six ops and two fp32 copies). With `add`,
-    x += add in place first (the residual stream), in the same pass."""
-    out = torch.empty_like(x)
-    library().rms_norm_bf16(
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, add: torch.Tensor | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """HF's RMSNorm of bf16 or fp32 rows [..., dim] (contiguous) in one pass (torch takes six ops and, in bf16, two
+    fp32 copies). With `add`, x += add in place first (the residual stream), in the same pass. Into `out` (contiguous,
+    x's shape) where given."""
+    out = torch.empty_like(x) if out is None else out
+    kernel = library().rms_norm_bf16 if x.dtype == torch.bfloat16 else library().rms_norm_f32
+    kernel(
         x.data_ptr(),
         None if add is None else add.data_ptr(),
         weight.data_ptr(),
@@ -292,20 +349,28 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, add: torch.Tenso
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for contiguous bf16 or fp32 rows [..., 2 * dim] (gate first)."""
     out = x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
-    library().silu_and_mul_bf16(
-        x.data_ptr(), out.data_ptr(), out.numel() // out.shape[-1], out.shape[-1], torch.get_num_threads()
-    )
+    kernel = library().silu_and_mul_bf16 if x.dtype == torch.bfloat16 else library().silu_and_mul_f32
+    kernel(x.data_ptr(), out.data_ptr(), out.numel() // out.shape[-1], out.shape[-1], torch.get_num_threads())
     return out
 
 
 def rope_in_place(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor], head_dim: int) -> bool:
-    """Rotate the heads of bf16 rows x [T, heads * head_dim] (a view of the QKV output: query and key heads) in
-    place with the step's cos/sin tables ([T, 1, head_dim / 2]); False (nothing done) where it does not apply."""
+    """Rotate the heads of bf16 or fp32 rows x [T, heads * head_dim] (a view of the QKV output: query and key heads)
+    in place with the step's cos/sin tables ([T, 1, head_dim / 2], contiguous, x's dtype); False (nothing done)
+    where it does not apply."""
     cos, sin = tables
-    if not (fused_bf16(cos, sin) and x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.stride(-1) == 1):
+    if not (
+        x.device.type == "cpu"
+        and x.dtype in (torch.bfloat16, torch.float32)
+        and x.stride(-1) == 1
+        and all(t.dtype == x.dtype and t.is_contiguous() and t.device.type == "cpu" for t in (cos, sin))
+        and library() is not None
+    ):
         return False
-    library().rope_bf16(
+    kernel = library().rope_bf16 if x.dtype == torch.bfloat16 else library().rope_f32
+    kernel(
         x.data_ptr(),
         x.stride(0),
         x.shape[0],

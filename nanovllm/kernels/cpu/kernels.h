@@ -334,10 +334,15 @@ void rope_bf16(uint16_t *x, int64_t stride, int64_t tokens, int64_t heads, int64
                const uint16_t *sin, int num_threads);
 void sample_rows(const void *logits, int64_t rows, int64_t vocab, int bf16, const float *temperature, const float *u,
                  int64_t *out, int num_threads);
-int decode_layers_bf16(int64_t layers, const int64_t *layer, const int64_t *dims, int64_t M, uint16_t *residual,
-                       uint16_t *mlp_out, const uint16_t *cos, const uint16_t *sin, const int64_t *slots,
-                       const int64_t *tables, int64_t table_stride, const int64_t *lens, const int64_t *rows,
-                       const int64_t *tokens, uint16_t *h, uint16_t *qkv, uint16_t *attn, uint16_t *gate_up,
-                       uint16_t *act, float eps, float scale, int amx, int num_threads);
+void rms_norm_f32(float *x, const float *add, const float *weight, float *out, int64_t rows, int64_t dim, float eps,
+                  int num_threads);
+void silu_and_mul_f32(const float *x, float *out, int64_t rows, int64_t dim, int num_threads);
+void rope_f32(float *x, int64_t stride, int64_t tokens, int64_t heads, int64_t head_dim, const float *cos,
+              const float *sin, int num_threads);
+int decode_layers(int64_t layers, const int64_t *layer, const int64_t *dims, int64_t M, void *residual,
+                  void *mlp_out, const void *cos, const void *sin, const int64_t *slots, const int64_t *tables,
+                  int64_t table_stride, const int64_t *lens, const int64_t *rows, const int64_t *tokens, void *h,
+                  void *qkv, void *attn, void *gate_up, void *act, float eps, float scale, int bf16, int amx,
+                  int num_threads);
 
 #endif

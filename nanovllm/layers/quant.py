@@ -1,0 +1,158 @@
+"""A GGUF weight kept quantized (QuantWeight), and its dequantization in plain torch: the formats' equations.
+
+Each row of a [N, K] matrix is K / block_elems blocks of bytes, as llama.cpp writes them. A block holds fp16
+scale(s) and small integers q; the weights are w = d * q (+ m, or - dmin * m). Every function here computes in
+fp32 in the same order as gguf-py's numpy code, so `dequantize_torch` equals `gguf.dequantize` bit for bit: it is
+the reference our C kernels (kernels/cpu) are tested against and what ops/torch_ops.linear reads."""
+
+from dataclasses import dataclass
+
+import torch
+
+QK_K = 256  # the K-quants' super-block: 256 weights in 8 (Q4_K, Q5_K) or 16 (Q6_K) sub-blocks of their own scale
+# the types a layer can keep quantized: ggml's type ids (as gguf.GGMLQuantizationType numbers them; written out
+# here so that the reference needs no gguf import)
+F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 1, 2, 3, 6, 7, 8, 12, 13, 14
+NAMES = {F16: "F16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q5_1: "Q5_1", Q8_0: "Q8_0"}
+NAMES |= {Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K"}
+# type -> (weights per block, bytes per block)
+BLOCK_SIZES = {F16: (1, 2), Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22), Q5_1: (32, 24), Q8_0: (32, 34)}
+BLOCK_SIZES |= {Q4_K: (QK_K, 144), Q5_K: (QK_K, 176), Q6_K: (QK_K, 210)}
+SUPPORTED = ", ".join(NAMES.values())
+
+
+@dataclass
+class QuantWeight:
+    """A [N, K] weight as GGUF stores it: `blocks` uint8 [N, K / block_elems * block_bytes], one row per output."""
+
+    qtype: int  # the ggml type id (F16, Q4_0, ... above)
+    blocks: torch.Tensor
+    shape: tuple[int, int]  # (N, K)
+
+
+def fp16(b: torch.Tensor) -> torch.Tensor:
+    """Little-endian fp16 bytes [..., 2] -> fp32 [..., 1] (exact)."""
+    return b.contiguous().view(torch.float16).float()
+
+
+def nibbles(qs: torch.Tensor, group: int) -> torch.Tensor:
+    """Bytes [n, groups * group] -> 4-bit values [n, groups * 2 * group]: within each group of bytes, the low
+    nibbles first, then the high ones (the order llama.cpp packs them in)."""
+    qs = qs.reshape(qs.shape[0], -1, 1, group)
+    return torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(qs.shape[0], -1)
+
+
+def q4_0(b: torch.Tensor) -> torch.Tensor:
+    """[d fp16][16 bytes: 32 x 4-bit q]: w = d * (q - 8)."""
+    d = fp16(b[:, :2])
+    q = nibbles(b[:, 2:], 16).to(torch.int8) - 8
+    return d * q.float()
+
+
+def q4_1(b: torch.Tensor) -> torch.Tensor:
+    """[d fp16][m fp16][16 bytes: 32 x 4-bit q]: w = d * q + m."""
+    d, m = fp16(b[:, :2]), fp16(b[:, 2:4])
+    q = nibbles(b[:, 4:], 16).float()
+    return d * q + m
+
+
+def high_bits(qh: torch.Tensor) -> torch.Tensor:
+    """Q5_0 / Q5_1's 4 bytes of fifth bits -> [n, 32]: weight j's is bit j of the little-endian uint32."""
+    shifts = torch.arange(8, dtype=torch.uint8)
+    return ((qh.unsqueeze(-1) >> shifts) & 1).reshape(qh.shape[0], 32)
+
+
+def q5_0(b: torch.Tensor) -> torch.Tensor:
+    """[d fp16][4 bytes: 32 high bits][16 bytes: 32 x 4 low bits]: w = d * (q - 16), q 5 bits."""
+    d = fp16(b[:, :2])
+    q = (nibbles(b[:, 6:], 16) | (high_bits(b[:, 2:6]) << 4)).to(torch.int8) - 16
+    return d * q.float()
+
+
+def q5_1(b: torch.Tensor) -> torch.Tensor:
+    """[d fp16][m fp16][4 bytes: 32 high bits][16 bytes: 32 x 4 low bits]: w = d * q + m, q 5 bits."""
+    d, m = fp16(b[:, :2]), fp16(b[:, 2:4])
+    q = (nibbles(b[:, 8:], 16) | (high_bits(b[:, 4:8]) << 4)).float()
+    return d * q + m
+
+
+def q8_0(b: torch.Tensor) -> torch.Tensor:
+    """[d fp16][32 x int8 q]: w = q * d."""
+    d = fp16(b[:, :2])
+    q = b[:, 2:].contiguous().view(torch.int8).float()
+    return q * d
+
+
+def k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K's 12 bytes -> the 8 sub-blocks' 6-bit scales and 6-bit mins. Bytes 0-3 hold scales 0-3 (low 6
+    bits), 4-7 mins 0-3; scales and mins 4-7 are byte 8-11's low / high nibble plus bytes 0-3 / 4-7's top 2 bits."""
+    s = s.reshape(s.shape[0], 3, 4)
+    d, m, md = s[:, 0], s[:, 1], s[:, 2]
+    scale = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
+    mins = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=-1)
+    return scale, mins
+
+
+def q4_k(b: torch.Tensor) -> torch.Tensor:
+    """[d fp16][dmin fp16][12 bytes: 8 scales, 8 mins][128 bytes: 256 x 4-bit q]: sub-block i's
+    w = (d * scale_i) * q - (dmin * min_i)."""
+    n = b.shape[0]
+    scale, mins = k_scales(b[:, 4:16])
+    d = (fp16(b[:, :2]) * scale.float()).reshape(n, -1, 1)
+    dm = (fp16(b[:, 2:4]) * mins.float()).reshape(n, -1, 1)
+    q = nibbles(b[:, 16:], 32).reshape(n, -1, 32).float()
+    return (d * q - dm).reshape(n, QK_K)
+
+
+def q5_k(b: torch.Tensor) -> torch.Tensor:
+    """Q4_K with a fifth bit per weight: [d][dmin][12 bytes of scales][32 bytes: bit j of byte i is weight
+    32 j + i's][128 bytes: 256 x 4 low bits]."""
+    n = b.shape[0]
+    scale, mins = k_scales(b[:, 4:16])
+    d = (fp16(b[:, :2]) * scale.float()).reshape(n, -1, 1)
+    dm = (fp16(b[:, 2:4]) * mins.float()).reshape(n, -1, 1)
+    shifts = torch.arange(8, dtype=torch.uint8).reshape(1, 8, 1)
+    qh = (b[:, 16:48].reshape(n, 1, 32) >> shifts) & 1  # [n, 8 sub-blocks, 32]
+    q = (nibbles(b[:, 48:], 32).reshape(n, 8, 32) | (qh << 4)).float()
+    return (d * q - dm).reshape(n, QK_K)
+
+
+def q6_k(b: torch.Tensor) -> torch.Tensor:
+    """[128 bytes: 256 x 4 low bits][64 bytes: 256 x 2 high bits][16 x int8 scales][d fp16]: each 16 weights'
+    w = (d * scale) * (q - 32), q 6 bits. Per half of 128 weights: low bits from 64 bytes (low then high
+    nibbles), high bits from 32 bytes (bits 0-1, 2-3, 4-5, 6-7: a quarter each)."""
+    n = b.shape[0]
+    scale = b[:, 192:208].contiguous().view(torch.int8).float()
+    d = (fp16(b[:, 208:210]) * scale).reshape(n, QK_K // 16, 1)
+    low = nibbles(b[:, :128], 64)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)
+    high = ((b[:, 128:192].reshape(n, 2, 1, 32) >> shifts) & 0x03).reshape(n, -1)
+    q = (low | (high << 4)).to(torch.int8) - 32
+    return (d * q.reshape(n, QK_K // 16, -1).float()).reshape(n, QK_K)
+
+
+def f16(b: torch.Tensor) -> torch.Tensor:
+    return b.contiguous().view(torch.float16).float()
+
+
+BLOCKS = {F16: f16, Q4_0: q4_0, Q4_1: q4_1, Q5_0: q5_0, Q5_1: q5_1, Q8_0: q8_0, Q4_K: q4_k, Q5_K: q5_k, Q6_K: q6_k}
+
+
+def dequantize_torch(w: QuantWeight) -> torch.Tensor:
+    """The weight as fp32 [N, K], equal to gguf.dequantize of the same bytes."""
+    n, k = w.shape
+    elems, size = BLOCK_SIZES[w.qtype]
+    blocks = w.blocks.reshape(n * (k // elems), size)
+    return BLOCKS[w.qtype](blocks).reshape(n, k)
+
+
+def row_bytes(qtype: int, k: int) -> int:
+    """Bytes of one row of K weights."""
+    elems, size = BLOCK_SIZES[qtype]
+    return k // elems * size
+
+
+def dequantize_rows(w: QuantWeight, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of the weight as fp32 [len(ids), K]: an embedding lookup (only those rows' blocks are read)."""
+    rows = w.blocks[ids.flatten()]
+    return dequantize_torch(QuantWeight(w.qtype, rows, (rows.shape[0], w.shape[1]))).view(*ids.shape, w.shape[1])

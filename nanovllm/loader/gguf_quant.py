@@ -1,0 +1,120 @@
+"""Which of a GGUF model's weights stay in their quantized blocks on CPU, and filling them with this rank's blocks.
+
+Kept (the point: SmolLM2's Q4_1 file is 92 MiB of weights, its fp32 copy 540 MB): every projection (the layer
+weights tensor parallelism splits: qkv, o, gate/up, down), the LM head, the token embedding (its lookup gathers
+rows: Model.embed) and the experts, where all of a weight's GGUF tensors have one supported type (layers/quant.py).
+A kept weight has no float copy: Linear.quant / the embedding's .quant / FusedMoE.w13_quant, w2_quant (a
+QuantWeight per expert) hold the blocks, and the ops read those (ops/cpu_ops.py, ops/torch_ops.py).
+Stays float: norms, routers, biases, F32 / BF16 tensors; a fused weight whose parts have different types (a
+Q4_K_M file's q/k in Q4_K beside v in Q6_K: one QuantWeight holds one type); a row-parallel weight whose
+per-rank K is not whole blocks (see plan_quant)."""
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import gguf
+import torch
+from torch import nn
+
+from nanovllm.layers.parallel import tp_size
+from nanovllm.layers.quant import BLOCK_SIZES, SUPPORTED, QuantWeight, row_bytes
+from nanovllm.loader.gguf import gguf_quant_blocks, hf_name
+from nanovllm.memory import huge_page_buffer
+
+T = gguf.GGMLQuantizationType
+FLOAT_TYPES = {int(T.F32), int(T.F64), int(T.BF16)}  # not quantized: such a weight simply stays float
+EMBEDDING = "model.embed_tokens.weight"
+
+
+@dataclass
+class QuantTarget:
+    """A parameter that becomes blocks: its module and attribute, this rank's float shape ([N, K], experts
+    [E, N, K]), the GGUF type and the GGUF tensors that fill it."""
+
+    module: nn.Module
+    attr: str
+    shape: tuple[int, ...]
+    qtype: int
+    tensors: list[str] = field(default_factory=list)
+
+
+def split_dim(model: nn.Module, name: str) -> int | None:
+    """Along which dim tensor parallelism splits the parameter a checkpoint tensor fills (0 its rows, 1 its K),
+    for the weights that may stay quantized; None for the others (norms, routers, biases)."""
+    target, weight, part = model.locate(name)
+    if isinstance(part, tuple):  # an expert's gate / up (rows) or down (K)
+        return 1 if part[1] == 2 else 0
+    if target in (EMBEDDING, "lm_head.weight"):  # vocabulary rows
+        return 0
+    if weight is not None and weight.split is not None and target.endswith(".weight"):
+        return weight.split
+    return None
+
+
+def plan_quant(model: nn.Module, index: list[dict], strict: bool = True) -> dict[str, QuantTarget]:
+    """The parameters (names as in named_parameters, of the model still on the meta device) that stay quantized.
+    strict: raise for a weight stored in a quantized type we cannot keep (quantization='dequantize' loads it as
+    floats); else such a weight stays float."""
+    params = dict(model.named_parameters())
+    types, ks, tensors, splits = defaultdict(set), {}, defaultdict(list), {}
+    for t in index:
+        name = hf_name(t["name"])
+        probe = name.replace(".experts.", ".experts.0.") if ".mlp.experts." in name else name  # experts: stacked
+        split = split_dim(model, probe)
+        target = model.locate(probe)[0]
+        if split is None or target not in params:
+            continue
+        if strict and t["type"] not in BLOCK_SIZES and t["type"] not in FLOAT_TYPES:
+            raise ValueError(
+                f"GGUF tensor {t['name']} is {T(t['type']).name}, which is not supported quantized (supported: "
+                f"{SUPPORTED}); quantization='dequantize' loads every type gguf-py reads as float weights"
+            )
+        types[target].add(t["type"])
+        ks[target], splits[target] = t["shape"][-1], split
+        tensors[target].append(t["name"])
+    plan = {}
+    for target, kinds in types.items():
+        qtype = next(iter(kinds))
+        if len(kinds) > 1 or qtype not in BLOCK_SIZES:  # parts of two types, or a float tensor: stays float
+            continue
+        # a row-parallel weight's rank holds K / tp of each row: whole blocks only (else it stays float)
+        if splits[target] == 1 and (ks[target] // tp_size()) % BLOCK_SIZES[qtype][0]:
+            continue
+        module, attr = target.rsplit(".", 1)
+        plan[target] = QuantTarget(
+            model.get_submodule(module), attr, tuple(params[target].shape), qtype, tensors[target]
+        )
+    return plan
+
+
+def drop_float_weights(model: nn.Module, plan: dict[str, QuantTarget]) -> None:
+    """No float copy of a kept weight (before the model is allocated: nothing is ever allocated for it)."""
+    for target in plan.values():
+        setattr(target.module, target.attr, None)
+    if model.tie_word_embeddings and EMBEDDING in plan:
+        model.lm_head.weight = None
+
+
+def fill_quant(model: nn.Module, path: str, index: list[dict], hf_config, plan: dict[str, QuantTarget]) -> set[str]:
+    """Read the planned weights' blocks (this rank's rows, or K range, as load_weight shards floats) into one
+    2 MB-page buffer, and hand them to their modules; returns the names load_weight filled (name#part)."""
+    shapes = {n: (*t.shape[:-1], row_bytes(t.qtype, t.shape[-1])) for n, t in plan.items()}
+    sizes = {n: -(-torch.Size(s).numel() // 64) * 64 for n, s in shapes.items()}  # each 64-byte aligned
+    buf, offset, shadows = huge_page_buffer(sum(sizes.values())), 0, {}
+    for n, s in shapes.items():
+        shadows[n] = buf[offset : offset + torch.Size(s).numel()].view(s)
+        offset += sizes[n]
+    names = {name for t in plan.values() for name in t.tensors}
+    filled = {
+        model.load_weight(name, blocks, shadows) for name, blocks in gguf_quant_blocks(path, index, hf_config, names)
+    }
+    for n, t in plan.items():
+        blocks = shadows[n]
+        if t.attr == "weight":
+            t.module.quant = QuantWeight(t.qtype, blocks, (t.shape[0], t.shape[1]))
+            if model.tie_word_embeddings and n == EMBEDDING:  # the LM head reads the embedding's blocks
+                model.lm_head.quant = t.module.quant
+        else:  # FusedMoE.w13_weight -> w13_quant: each expert's blocks
+            quant = [QuantWeight(t.qtype, blocks[e], (t.shape[1], t.shape[2])) for e in range(t.shape[0])]
+            setattr(t.module, t.attr.replace("weight", "quant"), quant)
+    return filled
