@@ -210,7 +210,8 @@ def test_prompt_state_from_the_templates_tail():
 
 
 def test_tool_calls_after_reasoning():
-    text = '<think>Weather needs a tool.</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Bern"}}\n</tool_call>'
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Bern"}}\n</tool_call>'
+    text = "<think>Weather needs a tool.</think>\n\n" + call
     message = auto_parser("hermes", "qwen3").message(text)
     assert message["reasoning_content"] == "Weather needs a tool."
     assert message["content"] is None and json.loads(message["tool_calls"][0]["function"]["arguments"]) == {
@@ -266,7 +267,13 @@ def test_required_and_named_answers_read_as_calls():
             "tools",
             "tools[0].function.parameters",
         ),
-        ([{"type": "function", "function": {"name": "f", "parameters": 3}}], "required", ChatParsing(), "tools", "got int"),
+        (
+            [{"type": "function", "function": {"name": "f", "parameters": 3}}],
+            "required",
+            ChatParsing(),
+            "tools",
+            "got int",
+        ),
         ([{"type": "function", "function": {}}], "required", ChatParsing(), "tools", "tools[0].function.name"),
         ([{"type": "retrieval"}], "required", ChatParsing(), "tools", "tools[0]"),
         ([], "required", ChatParsing(), "tool_choice", "needs tools"),

@@ -205,7 +205,8 @@ class ChoiceParser:
     text: str = ""
     sent_reasoning: int = 0
     sent_content: int = 0
-    sent_calls: list[dict] = field(default_factory=list)  # per call: {"id", "name_sent", "arguments"}
+    sent_calls: list[dict] = field(default_factory=list)  # per streamed call: its id, the arguments' length sent
+    message_calls: int = 0  # the calls of the whole answer's message
 
     def parse(self, final: bool) -> Parsed:
         reasoning, answer = None, self.text
@@ -246,6 +247,7 @@ class ChoiceParser:
                 }
                 for c in parsed.calls.calls
             ]
+            self.message_calls = len(message["tool_calls"])
             if not message["tool_calls"] and message["content"] is None:
                 message["content"] = ""
         elif message["content"] is None and self.reasoning is None:
@@ -253,8 +255,13 @@ class ChoiceParser:
         return message
 
     @property
-    def called(self) -> bool:
-        return bool(self.sent_calls)
+    def calls_made(self) -> int:
+        """The tool calls this choice's answer made (so far, when streamed)."""
+        return len(self.sent_calls) or self.message_calls
+
+    def fresh(self) -> "ChoiceParser":
+        """A parser with the same settings for another choice."""
+        return ChoiceParser(self.plan, self.tool_parser, self.reasoning, self.prompt_state)
 
     def delta(self, new_text: str, final: bool) -> dict:
         """The stream's delta for the text's new piece (final: the choice's last, held-back text released)."""
