@@ -297,3 +297,73 @@ def test_server_flags_checked_at_start_up():
         ChatParsing(reasoning_parser="o1")
     assert plan_tools([WEATHER], "auto", None, ChatParsing(True, "hermes")).choice == "auto"
     assert plan_tools([WEATHER], "none", None, ChatParsing()).choice == "none"  # no flags needed
+
+
+@pytest.mark.parametrize(
+    "name, state, accepted",
+    [
+        ("qwen3", None, [True, True, False, False]),  # may think first, or answer at once
+        ("qwen3", "open", [False, True, True, False]),  # the template opened <think>: reasoning first
+        ("qwen3", "closed", [True, False, False, False]),  # enable_thinking=False: the answer at once
+        ("deepseek_r1", None, [False, True, True, False]),
+    ],
+)
+def test_structured_answer_after_the_reasoning(name, state, accepted):
+    """The constraint (here a JSON schema) applies to the answer after </think>, not to the reasoning."""
+    import xgrammar as xgr
+
+    from nanovllm.entrypoints.reasoning_parsers import answer_after_reasoning
+    from nanovllm.sampling_params import StructuredOutputsParams
+
+    params = StructuredOutputsParams(
+        json={"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+        disable_any_whitespace=True,
+    )
+    prefix = get_reasoning_parser(name).grammar_prefix(state)
+    assert (prefix is None) == (state == "closed")
+    grammar = answer_after_reasoning(params, prefix).grammar if prefix else None
+    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo(["a", "b"]))
+
+    def accepts(text: str) -> bool:
+        compiled = compiler.compile_grammar(grammar) if grammar else compiler.compile_json_schema(params.json)
+        matcher = xgr.GrammarMatcher(compiled)
+        return matcher.accept_string(text) and matcher.is_completed()
+
+    texts = ['{"a": 1}', '<think>a plan</think>\n\n{"a": 1}', 'a plan</think>{"a": 1}', 'a plan</think>{"a": x}']
+    assert [accepts(t) for t in texts] == accepted
+
+
+def test_offline_chat_shows_tools_to_the_template(llm):
+    """LLM.chat(..., tools=[...], chat_template_kwargs=...) as vLLM's: the tools and the kwargs reach the template,
+    an earlier call's JSON-string arguments reach it as an object."""
+    template = (
+        "{% if tools %}TOOLS:{{ tools | map(attribute='function.name') | join(',') }}\n{% endif %}"
+        "{% if enable_thinking is defined %}THINK:{{ enable_thinking }}\n{% endif %}"
+        "{% for m in messages %}{{ m['role'] }}:{{ m['content'] or '' }}"
+        "{% for c in m.get('tool_calls') or [] %}CALL:{{ c.function.name }}(city={{ c.function.arguments.city }})"
+        "{% endfor %}\n{% endfor %}"
+    )
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "rain"},
+    ]
+    from nanovllm import SamplingParams
+
+    out = llm.chat(
+        messages,
+        SamplingParams(max_tokens=1),
+        use_tqdm=False,
+        chat_template=template,
+        tools=[WEATHER, TIME],
+        chat_template_kwargs={"enable_thinking": False},
+    )[0]
+    prompt = llm.tokenizer.decode(out.prompt_token_ids)
+    assert "TOOLS:get_weather,get_time\nTHINK:False\n" in prompt
+    assert "CALL:get_weather(city=Oslo)" in prompt and "tool:rain" in prompt

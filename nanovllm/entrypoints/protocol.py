@@ -247,8 +247,12 @@ class ChatRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     # the constraint a "required" or named tool_choice puts on the answer (set by the server, which knows the flags)
     _tool_constraint: StructuredOutputsParams | None = PrivateAttr(None)
+    # the constraint and its field once the server has put it after the reasoning (--reasoning-parser)
+    _after_reasoning: tuple[StructuredOutputsParams, str] | None = PrivateAttr(None)
 
     def structured(self) -> tuple[StructuredOutputsParams | None, str | None]:
+        if self._after_reasoning is not None:
+            return self._after_reasoning
         asked, field = super().structured()
         if self._tool_constraint is None:
             return asked, field

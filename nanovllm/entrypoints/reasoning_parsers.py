@@ -9,6 +9,7 @@ False, a piece that may be the start of a marker is held back."""
 from dataclasses import dataclass
 
 from nanovllm.entrypoints.tool_parsers import held
+from nanovllm.sampling_params import StructuredOutputsParams
 
 START, END = "<think>", "</think>"
 
@@ -39,6 +40,18 @@ class ReasoningParser:
             return None, body or None
         return (body if final else held(body, END)) or None, None
 
+    def grammar_prefix(self, prompt_state: str | None) -> str | None:
+        """The EBNF grammar of the reasoning a structured answer follows (None: the answer starts at once): the
+        reasoning may hold any text but "</" (a close approximation of "anything before </think>")."""
+        if prompt_state == "closed":
+            return None
+        thought = '([^<] | "<" [^/])* "</think>" [ \\n]*'
+        if prompt_state == "open":
+            return f"root ::= {thought}"
+        if self.thinks_unopened:
+            return f'root ::= "<think>"? {thought}'
+        return f'root ::= ("<think>" {thought})?'
+
     def extract_reasoning(self, text: str) -> tuple[str | None, str | None]:
         """vLLM's ReasoningParser.extract_reasoning (the older extract_reasoning_content) for a finished text."""
         return self.split(text)
@@ -64,3 +77,29 @@ def prompt_state(prompt_tail: str) -> str | None:
     if tail.endswith(START):
         return "open"
     return None
+
+
+def answer_after_reasoning(params: StructuredOutputsParams, prefix: str) -> StructuredOutputsParams:
+    """A structured-output constraint that applies after the reasoning, as vLLM applies it: one grammar, the
+    reasoning's (`prefix`, EBNF) then the answer's. A ValueError when the answer's spec is invalid."""
+    import xgrammar as xgr  # imported here: it takes seconds, and only requests with a grammar need it
+
+    from nanovllm.structured_outputs import WHAT, grammar_key
+
+    kind, spec, any_whitespace = grammar_key(params)
+    try:
+        if kind == "json":
+            answer = xgr.Grammar.from_json_schema(spec, any_whitespace=any_whitespace)
+        elif kind == "json_object":
+            answer = xgr.Grammar.from_json_schema(
+                '{"type": "object"}', any_whitespace=any_whitespace, strict_mode=False
+            )
+        elif kind == "regex":
+            answer = xgr.Grammar.from_regex(spec)
+        elif kind == "lark":
+            answer = xgr.Grammar.from_lark(spec)
+        else:
+            answer = xgr.Grammar.from_ebnf(spec)
+    except RuntimeError as e:
+        raise ValueError(f"invalid {WHAT[kind]} for structured outputs: {e}") from None
+    return StructuredOutputsParams(grammar=str(xgr.Grammar.concat(xgr.Grammar.from_ebnf(prefix), answer)))

@@ -38,7 +38,7 @@ from nanovllm.entrypoints.protocol import (
     error_body,
     error_response,
 )
-from nanovllm.entrypoints.reasoning_parsers import prompt_state
+from nanovllm.entrypoints.reasoning_parsers import answer_after_reasoning, prompt_state
 from nanovllm.entrypoints.tools import (
     ChatParsing,
     ChoiceParser,
@@ -212,6 +212,13 @@ def build_app(
         if plan is not None and plan.schema is not None:
             # compact JSON: the arguments are re-serialized anyway, and a small model cannot wander off in whitespace
             body._tool_constraint = StructuredOutputsParams(json=plan.schema, disable_any_whitespace=True)
+        prefix = parser.reasoning.grammar_prefix(state) if parser is not None and parser.reasoning else None
+        asked, field = body.structured()
+        if prefix and asked is not None:  # the answer's constraint applies after the reasoning, as in vLLM
+            try:
+                body._after_reasoning = (answer_after_reasoning(asked, prefix), field)
+            except ValueError as e:
+                raise APIError(400, str(e), param=field) from None
         if parser is not None and parser.tool_parser is not None and parser.tool_parser.keeps_special_tokens:
             body.skip_special_tokens = False  # its markers are special tokens (vLLM does the same)
         if body.max_completion_tokens is not None:
