@@ -260,6 +260,14 @@ def test_required_and_named_answers_read_as_calls():
         ([WEATHER], {"type": "function", "function": {"name": "nope"}}, ChatParsing(), "tool_choice", "'nope'"),
         ([WEATHER], "sometimes", ChatParsing(), "tool_choice", "'sometimes'"),
         ([WEATHER], {"type": "function"}, ChatParsing(), "tool_choice", "{'name': ...}"),
+        ([WEATHER], {"type": "function", "function": ["f"]}, ChatParsing(), "tool_choice", "{'name': ...}"),
+        (
+            [{"type": "function", "function": {"name": "f", "parameters": {"$schema": [1]}}}],
+            "required",
+            ChatParsing(),
+            "tools",
+            "not a valid JSON schema",
+        ),
         (
             [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}],
             "required",

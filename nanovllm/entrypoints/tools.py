@@ -78,6 +78,8 @@ def check_parameters(schema, where: str) -> None:
             jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
         except jsonschema.SchemaError as e:
             raise ToolRequestError(f"{where}.parameters is not a valid JSON schema: {e.message}", "tools") from None
+        except Exception as e:  # a schema odd enough to break the checker itself ("$schema": [...], ...)
+            raise ToolRequestError(f"{where}.parameters is not a valid JSON schema: {e!r}", "tools") from None
         return
     kinds = schema.get("type", "object")
     for kind in kinds if isinstance(kinds, list) else [kinds]:
@@ -109,7 +111,8 @@ def plan_tools(
         names.append(fn["name"])
     choice, named = tool_choice if tool_choice is not None else "auto", None
     if isinstance(choice, dict):
-        named = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        fn = choice.get("function") if choice.get("type") == "function" else None
+        named = fn.get("name") if isinstance(fn, dict) else None
         if not isinstance(named, str):
             raise ToolRequestError(
                 "tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}",
