@@ -8,6 +8,7 @@ from tqdm.auto import tqdm
 from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.engine.request import Prompt, chat_token_ids
 from nanovllm.engine_args import engine_config
+from nanovllm.entrypoints.tools import template_messages
 from nanovllm.outputs import DeltaTracker, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 
@@ -89,13 +90,23 @@ class LLM:
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        tools: list[dict] | None = None,
+        chat_template_kwargs: dict | None = None,
         **template_kwargs,
     ) -> list[RequestOutput]:
         """One conversation (a list of messages) or many; each is rendered with the model's chat template.
-        continue_final_message: the last (assistant) message is left open for the model to continue."""
+        continue_final_message: the last (assistant) message is left open for the model to continue. tools: OpenAI's
+        function tools, shown to the template (read the calls out of the text with
+        nanovllm.entrypoints.tool_parsers, as vLLM's parsers); an assistant message's tool_calls may carry their
+        arguments as JSON strings, as the OpenAI API does. chat_template_kwargs: more template variables (e.g.
+        enable_thinking)."""
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message=True needs add_generation_prompt=False (as in vLLM)")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        conversations = [template_messages(c) for c in conversations]
+        template_kwargs = {**(chat_template_kwargs or {}), **template_kwargs}
+        if tools:
+            template_kwargs["tools"] = tools
         prompts = [
             {
                 "prompt_token_ids": self.apply_chat_template(

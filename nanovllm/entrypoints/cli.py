@@ -5,6 +5,9 @@ import json
 import os
 import sys
 
+from nanovllm.entrypoints.reasoning_parsers import REASONING_PARSERS
+from nanovllm.entrypoints.tool_parsers import TOOL_PARSERS
+
 
 def add_engine_args(p: argparse.ArgumentParser, engine_seed: bool = False) -> None:
     """The engine's knobs under vLLM's flag names, in vLLM's groups; the flags vLLM has and nanovllm need not
@@ -198,8 +201,10 @@ def serve(args: argparse.Namespace) -> None:
     from nanovllm.engine.async_engine import AsyncEngine
     from nanovllm.engine_args import engine_config
     from nanovllm.entrypoints.server import ServerLimits, build_app
+    from nanovllm.entrypoints.tools import ChatParsing
 
     model = args.model_pos or args.model
+    ChatParsing(args.enable_auto_tool_choice, args.tool_call_parser, args.reasoning_parser)  # before the model loads
     server = None
 
     def on_death(error: BaseException) -> None:  # on the engine's thread, once every request has its 500
@@ -220,7 +225,8 @@ def serve(args: argparse.Namespace) -> None:
         args.max_stop_string_length,
         args.max_waiting_requests,
     )
-    app = build_app(engine, names, args.api_key or os.environ.get("NANOVLLM_API_KEY"), template, limits)
+    parsing = ChatParsing(args.enable_auto_tool_choice, args.tool_call_parser, args.reasoning_parser)
+    app = build_app(engine, names, args.api_key or os.environ.get("NANOVLLM_API_KEY"), template, limits, parsing)
     print(f"nanovllm: serving {names[0]!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     server = uvicorn.Server(
         uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=2)
@@ -274,6 +280,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="exit with status 1 once the engine loop has failed, so a supervisor restarts the server "
         "(off: stay up, /health and new requests answered 503)",
+    )
+    t = sv.add_argument_group("Tools and reasoning", "chat's tool calls and reasoning, read as vLLM reads them")
+    t.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='serve tool_choice "auto": the model may call the tools; needs --tool-call-parser',
+    )
+    t.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=list(TOOL_PARSERS),
+        help="how the model writes tool calls: hermes (Qwen2.5/Qwen3, <tool_call> JSON), llama3_json, mistral",
+    )
+    t.add_argument(
+        "--reasoning-parser",
+        default=None,
+        choices=list(REASONING_PARSERS),
+        help="split <think>...</think> into the message's reasoning_content",
     )
     lim = sv.add_argument_group("Limits", "what one request may ask; over a limit is a 4xx naming it")
     lim.add_argument("--max-request-body-bytes", type=int, default=4 * 2**20, help="else 413 (default 4 MiB)")

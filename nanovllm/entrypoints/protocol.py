@@ -7,7 +7,7 @@ import asyncio
 from typing import Any, ClassVar, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from nanovllm.engine.async_engine import EngineDeadError, RequestTimeoutError
 from nanovllm.sampling_params import StructuredOutputsParams
@@ -223,14 +223,16 @@ class CompletionRequest(SamplingFields):
         return self.prompt_logprobs if self.prompt_logprobs is not None else self.logprobs if self.echo else None
 
 
+CHAT_IMPLEMENTS = ("tools", "tool_choice")  # refused by completions, served by chat (entrypoints/tools.py)
+
+
 class ChatRequest(SamplingFields):
     unsupported: ClassVar[dict] = {
-        **UNSUPPORTED,
+        **{k: v for k, v in UNSUPPORTED.items() if k not in CHAT_IMPLEMENTS},
         "echo": (False,),
         "continue_final_message": (False,),
         "add_special_tokens": (False,),
         "documents": ([],),
-        "chat_template_kwargs": ({},),
     }
     messages: list[dict]
     max_completion_tokens: int | None = None
@@ -238,6 +240,29 @@ class ChatRequest(SamplingFields):
     top_logprobs: int | None = None
     chat_template: str | None = None
     add_generation_prompt: bool = True
+    chat_template_kwargs: dict | None = None  # e.g. {"enable_thinking": false}, passed to the chat template
+    # tools: checked and served by entrypoints/tools.py (the server's flags decide what "auto" may do)
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+    # the constraint a "required" or named tool_choice puts on the answer (set by the server, which knows the flags)
+    _tool_constraint: StructuredOutputsParams | None = PrivateAttr(None)
+    # the constraint and its field once the server has put it after the reasoning (--reasoning-parser)
+    _after_reasoning: tuple[StructuredOutputsParams, str] | None = PrivateAttr(None)
+
+    def structured(self) -> tuple[StructuredOutputsParams | None, str | None]:
+        if self._after_reasoning is not None:
+            return self._after_reasoning
+        asked, field = super().structured()
+        if self._tool_constraint is None:
+            return asked, field
+        if asked is not None:
+            raise APIError(
+                400,
+                f"tool_choice {self.tool_choice!r} constrains the answer to a tool call: it cannot take {field} too",
+                param=field,
+            )
+        return self._tool_constraint, "tool_choice"
 
     def num_logprobs(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:

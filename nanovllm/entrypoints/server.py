@@ -38,8 +38,17 @@ from nanovllm.entrypoints.protocol import (
     error_body,
     error_response,
 )
+from nanovllm.entrypoints.reasoning_parsers import answer_after_reasoning, prompt_state
+from nanovllm.entrypoints.tools import (
+    ChatParsing,
+    ChoiceParser,
+    ToolRequestError,
+    choice_parser,
+    plan_tools,
+    template_messages,
+)
 from nanovllm.outputs import CompletionOutput, DeltaTracker, RequestOutput
-from nanovllm.sampling_params import SamplingParams
+from nanovllm.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 # ---- the app ---------------------------------------------------------------------------------------------
@@ -49,9 +58,12 @@ def build_app(
     api_key: str | None = None,
     chat_template: str | None = None,
     limits: ServerLimits | None = None,
+    chat_parsing: ChatParsing | None = None,
 ) -> FastAPI:
     """model_names: the names clients may send (the first is the one reported); chat_template: the server's own,
-    in place of the model's, unless a request brings one."""
+    in place of the model's, unless a request brings one; chat_parsing: --enable-auto-tool-choice,
+    --tool-call-parser and --reasoning-parser."""
+    chat_parsing = chat_parsing or ChatParsing()
     names = [model_names] if isinstance(model_names, str) else list(model_names)
     model_name = names[0]
     limits = limits or ServerLimits()
@@ -181,18 +193,49 @@ def build_app(
     @v1.post("/chat/completions", responses=documented("chat"))
     async def chat_completions(body: ChatRequest, raw: Request):
         check_model(body.model)
-        ids = render_chat(engine, body.messages, body.add_generation_prompt, body.chat_template or chat_template)
+        try:
+            plan = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, chat_parsing)
+        except ToolRequestError as e:
+            raise APIError(400, str(e), param=e.param) from None
+        template_kwargs = dict(body.chat_template_kwargs or {})
+        if body.tools:  # every choice shows them to the template, "none" too (as vLLM)
+            template_kwargs["tools"] = body.tools
+        ids = render_chat(
+            engine,
+            template_messages(body.messages),
+            body.add_generation_prompt,
+            body.chat_template or chat_template,
+            **template_kwargs,
+        )
+        state = prompt_state(engine.tokenizer.decode(ids[-8:])) if chat_parsing.reasoning_parser else None
+        parser = choice_parser(plan, chat_parsing, state)
+        if plan is not None and plan.schema is not None:
+            # compact JSON: the arguments are re-serialized anyway, and a small model cannot wander off in whitespace
+            body._tool_constraint = StructuredOutputsParams(json=plan.schema, disable_any_whitespace=True)
+        prefix = parser.reasoning.grammar_prefix(state) if parser is not None and parser.reasoning else None
+        asked, field = body.structured()
+        if prefix and asked is not None:  # the answer's constraint applies after the reasoning, as in vLLM
+            try:
+                body._after_reasoning = (answer_after_reasoning(asked, prefix), field)
+            except ValueError as e:
+                raise APIError(400, str(e), param=field) from None
+        if parser is not None and parser.tool_parser is not None and parser.tool_parser.keeps_special_tokens:
+            body.skip_special_tokens = False  # its markers are special tokens (vLLM does the same)
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
         requests = make_requests(engine, body, [{"prompt_token_ids": ids}], default_max=None)
-        return await respond(engine, body, requests, model_name, raw, chat=True, limits=limits)
+        return await respond(engine, body, requests, model_name, raw, chat=True, limits=limits, parser=parser)
 
     app.include_router(v1)
     return app
 
 
 def render_chat(
-    engine: AsyncEngine, messages: list, add_generation_prompt: bool = True, chat_template: str | None = None
+    engine: AsyncEngine,
+    messages: list,
+    add_generation_prompt: bool = True,
+    chat_template: str | None = None,
+    **template_kwargs,
 ) -> list[int]:
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list", param="messages")
@@ -210,7 +253,7 @@ def render_chat(
             raise APIError(400, "a message's content must be a string or a list of text parts", param="messages")
         flat.append({**m, "content": content})
     try:
-        return tokenize(engine.tokenizer, flat, chat_template, add_generation_prompt)[1]
+        return tokenize(engine.tokenizer, flat, chat_template, add_generation_prompt, **template_kwargs)[1]
     except Exception as e:  # a template that rejects the conversation (roles out of order, ...)
         raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from None
 
@@ -291,7 +334,9 @@ async def respond(
     chat: bool,
     limits: ServerLimits,
     score_only: bool = False,
+    parser: ChoiceParser | None = None,
 ):
+    """parser: reads each chat choice's reasoning and tool calls (a fresh one per choice); None shows the text."""
     check_limits(body, limits)
     await body.grammars_compiled([r.grammar for r in requests])
     readers = engine.submit(requests, limits.max_waiting_requests)  # queued now, or 503 before any answer
@@ -299,22 +344,29 @@ async def respond(
     rid = ("chatcmpl-" if chat else "cmpl-") + requests[0].request_id.split("-")[0]
     obj = "chat.completion" if chat else "text_completion"
     shown = ChoiceContent(engine.tokenizer, body, chat, score_only)
+    choice_readers: dict[int, ChoiceParser] = {}  # choice index -> its reader of reasoning and tool calls
 
     def choice(i: int, c: CompletionOutput, out: RequestOutput, stream: bool) -> dict | None:
         """Completion c of request i as a choice (a stream's: None while its new tokens show no text yet)."""
-        text, logprobs = shown(i * n + c.index, c, out)
-        if stream and not text and c.finish_reason is None and logprobs is None:
-            return None
-        finish_reason = c.finish_reason and ("length" if score_only else c.finish_reason)
-        entry = {"index": i * n + c.index, "logprobs": logprobs, "finish_reason": finish_reason}
-        if finish_reason is not None:
-            entry["stop_reason"] = c.stop_reason
+        index = i * n + c.index
+        text, logprobs = shown(index, c, out)
+        reader = choice_readers.setdefault(index, parser.fresh()) if chat and parser is not None else None
+        entry = {"index": index, "logprobs": logprobs}
         if not chat:
             entry["text"] = text
         elif stream:
-            entry["delta"] = {"content": text} if text else {}
+            last = c.finish_reason is not None
+            entry["delta"] = reader.delta(text, last) if reader else ({"content": text} if text else {})
         else:
-            entry["message"] = {"role": "assistant", "content": text}
+            entry["message"] = reader.message(text) if reader else {"role": "assistant", "content": text}
+        if stream and not (entry.get("text") or entry.get("delta")) and c.finish_reason is None and logprobs is None:
+            return None
+        finish_reason = c.finish_reason and ("length" if score_only else c.finish_reason)
+        if finish_reason == "stop" and reader is not None and reader.calls_made:
+            finish_reason = "tool_calls"
+        entry["finish_reason"] = finish_reason
+        if finish_reason is not None:
+            entry["stop_reason"] = c.stop_reason
         return entry
 
     def usage(outs: dict[int, RequestOutput]) -> dict:
