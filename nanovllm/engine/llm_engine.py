@@ -158,6 +158,7 @@ class LLMEngine:
                     f"SamplingParams.{name} ({asked}) is more than this engine allows: max_logprobs="
                     f"{self.config.max_logprobs} (an engine argument; -1 allows the whole vocabulary)"
                 )
+        self.runner.logits_processors.validate(params)  # the user's processors refuse what they cannot serve
         so = params.structured_outputs  # its grammar compiles on another thread from here on
         grammar = self.structured_outputs.compile(so, encoder) if so else None
         return Request.make(request_id, text, ids, params, self.tokenizer, self.config.device, encoder, grammar)

@@ -6,7 +6,7 @@ import numpy as np
 from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import Sequence, Status
-from nanovllm.layers.sampler import StepLogprobs
+from nanovllm.sampling.sampler import StepLogprobs
 
 
 @dataclass
