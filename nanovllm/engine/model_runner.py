@@ -1,4 +1,4 @@
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -14,6 +14,46 @@ from nanovllm.sampling.persistent_batch import LogitsProcessors
 from nanovllm.sampling.sampler import SamplingBatch, StepLogprobs
 from nanovllm.sampling.table import Column, Flag, SamplingTable
 from nanovllm.spec import rejection
+
+
+@dataclass
+class PackedStep:
+    """A step's inputs on the host: what tensor-parallel workers receive, and what every rank (rank 0 included)
+    builds its tensors from, packed into one int64 array by `pack` from these fields: a header (each array's
+    length, then the numbers), then the arrays in this order."""
+
+    input_ids: np.ndarray  # [T] the step's tokens (a pending one is a placeholder, filled in on the device)
+    positions: np.ndarray  # [T]
+    slots: np.ndarray  # [T] where each token's K/V goes in the pool
+    query_start: np.ndarray  # [B + 1] each sequence's first token in the flat batch
+    context_lens: np.ndarray  # [B] each sequence's context after the step
+    block_tables: np.ndarray  # [B * table_width]
+    decode_rows: np.ndarray  # [D] the sequences with one token this step
+    decode_tokens: np.ndarray  # [D] and that token's index
+    logit_tokens: np.ndarray  # [L] the tokens whose logits are computed, in token order
+    sample_table_rows: np.ndarray  # [S] each sampled row's row of the sampling table
+    pending_dst: np.ndarray  # [P] the input tokens still on the device (async scheduling): where they go
+    pending_src: np.ndarray  # [P] and their sequences' rows of last_sampled
+    table_width: int  # W: the block tables' columns
+    decode_max_context: int  # the longest context among the decode rows
+
+    def pack(self) -> np.ndarray:
+        arrays = [getattr(self, name) for name in PACKED_ARRAYS]
+        header = [len(a) for a in arrays] + [getattr(self, name) for name in PACKED_NUMBERS]
+        return np.concatenate([header, *arrays]).astype(np.int64, copy=False)
+
+    @staticmethod
+    def layout(packed: np.ndarray) -> tuple[dict[str, int], dict[str, int], np.ndarray]:
+        """A packed step's array lengths and numbers by name, and the arrays' values (one array)."""
+        header = packed[:PACKED_HEADER].tolist()
+        lengths = dict(zip(PACKED_ARRAYS, header))
+        numbers = dict(zip(PACKED_NUMBERS, header[len(PACKED_ARRAYS) :]))
+        return lengths, numbers, packed[PACKED_HEADER:]
+
+
+PACKED_ARRAYS = [f.name for f in fields(PackedStep) if f.type is np.ndarray]
+PACKED_NUMBERS = [f.name for f in fields(PackedStep) if f.type is int]
+PACKED_HEADER = len(PACKED_ARRAYS) + len(PACKED_NUMBERS)
 
 
 @dataclass
@@ -91,14 +131,9 @@ class ModelRunner:
     def pack(
         self, batch: ScheduledBatch, sample_rows: list[int], prompt_positions: dict[int, range] | None = None
     ) -> np.ndarray:
-        """A step's inputs as one int64 array: what tensor-parallel workers receive, and what every rank
-        (rank 0 included) builds its tensors from. Layout: [T, B, W, D, S, decode_max_context, P, L], then input
-        ids, positions, slots (T each), query starts (B+1), context lengths (B), block tables (B*W), decode rows
-        and their token indices (D each), the tokens whose logits are computed (L, in token order: the sampled
-        rows' last ones, each speculative proposal's before them, and the `prompt_positions` of rows that asked
-        for prompt logprobs), the sampled rows' sampling-table rows (S), and for the P input tokens still on the
-        device (async scheduling) where they go and their sequences' rows (P each). Vectorized: no loop over
-        tokens, one over sequences per field."""
+        """A step's inputs (PackedStep) as one int64 array. The tokens whose logits are computed: the sampled rows'
+        last ones, each speculative proposal's before them, and the `prompt_positions` of rows that asked for
+        prompt logprobs. Vectorized: no loop over tokens, one over sequences per field."""
         seqs, bs = batch.seqs, self.block_size
         n = np.array(batch.num_new_tokens, dtype=np.int64)
         start = np.array([s.num_computed for s in seqs], dtype=np.int64)
@@ -141,50 +176,55 @@ class ModelRunner:
                     ]
                 )
             )
-        header = [T, B, tables.shape[1], len(decode_rows), len(sampled), decode_max, len(dst), len(last)]
-        return np.concatenate(
-            [
-                header,
-                input_ids,
-                positions,
-                slots,
-                query_start,
-                ends,
-                tables.ravel(),
-                decode_rows,
-                query_start[decode_rows],
-                last,
-                table_rows[sampled],
-                dst,
-                src,
-            ]
-        ).astype(np.int64, copy=False)
+        step = PackedStep(
+            input_ids=input_ids,
+            positions=positions,
+            slots=slots,
+            query_start=query_start,
+            context_lens=ends,
+            block_tables=tables.ravel(),
+            decode_rows=decode_rows,
+            decode_tokens=query_start[decode_rows],
+            logit_tokens=last,
+            sample_table_rows=table_rows[sampled],
+            pending_dst=dst,
+            pending_src=src,
+            table_width=tables.shape[1],
+            decode_max_context=decode_max,
+        )
+        return step.pack()
 
     def unpack(self, packed: np.ndarray) -> Step:
         """The packed inputs as tensors on the device; a pending input token is its row's last sampled token."""
-        T, B, W, D, S, decode_max, P, L = packed[:8].tolist()
-        dev = (
-            torch.from_numpy(packed[8:].copy())
-            .to(self.device, non_blocking=True)
-            .split([T, T, T, B + 1, B, B * W, D, D, L, S, P, P])
-        )
-        input_ids, positions, slots, query_start, context_lens, tables, decode_rows, decode_tokens, last = dev[:9]
-        if P:
-            input_ids[dev[10]] = self.last_sampled[dev[11]]
-        at = 8 + 3 * T  # the query starts and context lengths on the host too, and the sampling-table rows
+        lengths, numbers, values = PackedStep.layout(packed)
+        split = torch.from_numpy(values.copy()).to(self.device, non_blocking=True).split(list(lengths.values()))
+        dev = dict(zip(lengths, split))
+        if lengths["pending_dst"]:
+            dev["input_ids"][dev["pending_dst"]] = self.last_sampled[dev["pending_src"]]
+        host, at = {}, 0  # what is also read on the host
+        for name, n in lengths.items():
+            host[name] = values[at : at + n]
+            at += n
+        num_seqs = lengths["context_lens"]
         meta = AttentionMetadata.for_step(
-            query_start,
-            context_lens,
-            tables.view(B, W),
-            slots,
-            decode_rows,
-            decode_tokens,
-            packed[at : at + B + 1].tolist(),
-            packed[at + B + 1 : at + 2 * B + 1].tolist(),
-            decode_max,
+            dev["query_start"],
+            dev["context_lens"],
+            dev["block_tables"].view(num_seqs, numbers["table_width"]),
+            dev["slots"],
+            dev["decode_rows"],
+            dev["decode_tokens"],
+            host["query_start"].tolist(),
+            host["context_lens"].tolist(),
+            numbers["decode_max_context"],
         )
-        at += 2 * B + 1 + B * W + 2 * D + L
-        return Step(input_ids, positions, meta, last, packed[at : at + S], dev[9])
+        return Step(
+            dev["input_ids"],
+            dev["positions"],
+            meta,
+            dev["logit_tokens"],
+            host["sample_table_rows"],
+            dev["sample_table_rows"],
+        )
 
     def prepare(self, batch: ScheduledBatch, sample_rows: list[int] = ()):
         step = self.unpack(self.pack(batch, list(sample_rows)))
@@ -252,6 +292,24 @@ class ModelRunner:
         rows = np.array([s.row for s in seqs], dtype=np.int64)
         return self.sampling_batch(seqs, rows, torch.from_numpy(rows).to(self.device))
 
+    def execute(self, packed: np.ndarray) -> tuple[Step, torch.Tensor | None]:
+        """The packed step on every rank (the tensor-parallel workers receive it first): its inputs and logits."""
+        if self.workers is None:
+            step = self.unpack(packed)
+            return step, self.forward(step.input_ids, step.positions, step.meta, step.last)
+        if self.failed:
+            raise RuntimeError("tensor parallelism failed earlier; this engine cannot continue")
+        try:
+            self.workers.send(packed)
+            step = self.unpack(packed)
+            return step, self.forward(step.input_ids, step.positions, step.meta, step.last)
+        except BaseException as e:  # the ranks are out of step now (Ctrl-C included): stop them all
+            self.failed = True
+            if isinstance(e, Exception):
+                raise self.workers.failure(e) from e
+            self.workers.kill()
+            raise
+
     def run(self, batch: ScheduledBatch, sample_rows: list[int]) -> Launched:
         """Launch the batch's step: forward, and a next token sampled for the sequences at `sample_rows` (those
         whose whole context is now computed) from the logits of their last scheduled token. The sampled ids stay
@@ -261,23 +319,7 @@ class ModelRunner:
         copy, only in steps where a request asked. A step that verifies speculative proposals (never beside
         logprobs, never async) keeps what the target agrees with, and one token more (nanovllm/spec/rejection.py)."""
         prompt_positions = prompt_logprob_positions(batch)
-        if self.workers is None:
-            step = self.unpack(self.pack(batch, sample_rows, prompt_positions))
-            logits = self.forward(step.input_ids, step.positions, step.meta, step.last)
-        else:
-            if self.failed:
-                raise RuntimeError("tensor parallelism failed earlier; this engine cannot continue")
-            try:
-                packed = self.pack(batch, sample_rows, prompt_positions)
-                self.workers.send(packed)
-                step = self.unpack(packed)
-                logits = self.forward(step.input_ids, step.positions, step.meta, step.last)
-            except BaseException as e:  # the ranks are out of step now (Ctrl-C included): stop them all
-                self.failed = True
-                if isinstance(e, Exception):
-                    raise self.workers.failure(e) from e
-                self.workers.kill()
-                raise
+        step, logits = self.execute(self.pack(batch, sample_rows, prompt_positions))
         if not sample_rows and not prompt_positions:
             return Launched(batch, sample_rows, tokens=None, host=None, event=None, needs_tokens=False)
         seqs, tokens, host, event, raw, asked = [batch.seqs[i] for i in sample_rows], None, None, None, None, []
