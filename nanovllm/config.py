@@ -48,6 +48,8 @@ class EngineConfig:
     # vllm (none), or a folder holding one
     speculative_config: dict | None = None  # vLLM's: {"method": "ngram", "num_speculative_tokens": k, ...} or
     # {"model": DRAFT, "num_speculative_tokens": k} (nanovllm/spec)
+    logits_processors: list | None = None  # vLLM's: LogitsProcessor classes, or "package.module:Class" strings
+    # (nanovllm/logits_processor.py); each request's arguments in SamplingParams.extra_args
 
     def __post_init__(self) -> None:
         for name in ["block_size", "tensor_parallel_size"]:
@@ -89,6 +91,11 @@ class EngineConfig:
                 raise ValueError(
                     "speculative_config cannot be combined with async_scheduling=True: a step's "
                     "proposals depend on the tokens the step before sampled"
+                )
+            if self.logits_processors:  # as vLLM: a user's processor sees one row per request, not per position
+                raise ValueError(
+                    "speculative_config cannot be combined with logits_processors: a verification samples several "
+                    "positions of a request at once, which a logits processor's per-row state does not follow"
                 )
 
     def resolved_device(self) -> str:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nanovllm.layers.sampler import StepLogprobs, logprobs_of
+from nanovllm.sampling.sampler import StepLogprobs, logprobs_of
 
 
 @dataclass

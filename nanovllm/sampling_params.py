@@ -98,7 +98,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for each prompt token (its cached prefix is recomputed)
     structured_outputs: StructuredOutputsParams | None = None  # a grammar the output must follow
     guided_decoding: StructuredOutputsParams | None = None  # vLLM's name before 0.11 (moved to structured_outputs)
-    extra_args: dict | None = None  # for vLLM's custom logits processors; unused here
+    extra_args: dict | None = None  # arguments for the logits processors (nanovllm/logits_processor.py)
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, allowed: str) -> None:

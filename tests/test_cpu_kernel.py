@@ -211,7 +211,7 @@ def test_c_sampler_matches_inverse_cdf(dtype):
     """Plain temperature sampling in C: for the same uniform numbers, the tokens the torch path's inverse CDF
     picks (but for a float rounding at a chunk edge), argmax for temperature 0 (first of ties), and a vocabulary
     that is not a multiple of 16."""
-    from nanovllm.layers.sampler import inverse_cdf
+    from nanovllm.sampling.sampler import inverse_cdf
 
     gen = torch.Generator().manual_seed(17)
     rows, vocab = 2000, 1007

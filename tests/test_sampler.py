@@ -2,7 +2,10 @@
 
 import torch
 
-from nanovllm.layers.sampler import SamplingBatch, apply_penalties, apply_top_k_top_p_min_p, inverse_cdf, sample
+from nanovllm.config import EngineConfig
+from nanovllm.logits_processor import BatchUpdate, MinTokensLogitsProcessor
+from nanovllm.sampling.sampler import SamplingBatch, apply_penalties, apply_top_k_top_p_min_p, inverse_cdf, sample
+from nanovllm.sampling_params import SamplingParams
 
 NEG = float("-inf")
 
@@ -111,10 +114,12 @@ def test_penalties():
 
 
 def test_banned_tokens_never_sampled():
+    """A token a logits processor bans (here EOS before min_tokens) is never the sampler's pick."""
     logits = torch.tensor([[5.0, 0.0, 0.0]])
     b = batch(1, temperature=0.0)
-    b.banned = [(0, 0)]
-    assert sample(logits, b).item() != 0
+    processor = MinTokensLogitsProcessor(EngineConfig(), torch.device("cpu"), False, eos_token_ids=[0])
+    processor.update_state(BatchUpdate(1, [], [(0, SamplingParams(min_tokens=2), [1], [])], []))
+    assert sample(processor.apply(logits), b).item() != 0
 
 
 def test_zero_probability_tokens_never_drawn_even_at_the_edges():

@@ -270,7 +270,7 @@ def test_server_an_invalid_spec_is_a_400_naming_it(client):
 def test_the_mask_touches_only_the_constrained_rows():
     import torch
 
-    from nanovllm.layers.sampler import apply_token_bitmask
+    from nanovllm.sampling.sampler import apply_token_bitmask
 
     vocab, rows = 100, [0, 2]
     bitmask = torch.randint(-(2**31), 2**31 - 1, (2, 4), dtype=torch.int32)

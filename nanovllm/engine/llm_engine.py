@@ -1,11 +1,11 @@
 import dataclasses
 import os
-from concurrent.futures import FIRST_COMPLETED, wait
 
 import torch
 
 import nanovllm.ops as ops
 from nanovllm.config import EngineConfig
+from nanovllm.engine.async_scheduling import OverlappedSteps
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.model_runner import Launched, ModelRunner
 from nanovllm.engine.request import Prompt, Request, tokenize
@@ -112,6 +112,8 @@ class LLMEngine:
         )
         self.runner.block_tables = self.block_manager.tables
         self.in_flight: Launched | None = None  # async scheduling: the step launched last, not yet postprocessed
+        if resolved.async_scheduling:
+            self.step = OverlappedSteps(self)
         self.scheduler = Scheduler(resolved, self.block_manager)
         self.speculator = None  # speculative decoding (nanovllm/spec), when speculative_config asks for it
         if resolved.speculative_config:
@@ -123,6 +125,7 @@ class LLMEngine:
             )
             self.speculator = Speculator(spec, resolved.max_model_len, draft, resolved.device)
             self.scheduler.on_free, self.scheduler.speculative = self.speculator.free, True
+            self.scheduler.propose = self.speculator.propose
         self.requests: dict[str, Request] = {}
         self.vocab_size = hf_config.vocab_size
         self.structured_outputs = StructuredOutputManager(self.runner.model.vocab_size, loaded.eos_token_ids)
@@ -165,6 +168,7 @@ class LLMEngine:
                     f"SamplingParams.{name} ({asked}) is more than this engine allows: max_logprobs="
                     f"{self.config.max_logprobs} (an engine argument; -1 allows the whole vocabulary)"
                 )
+        self.runner.logits_processors.validate(params)  # the user's processors refuse what they cannot serve
         so = params.structured_outputs  # its grammar compiles on another thread from here on
         grammar = self.structured_outputs.compile(so, encoder) if so else None
         return Request.make(request_id, text, ids, params, self.tokenizer, self.config.device, encoder, grammar)
@@ -192,35 +196,26 @@ class LLMEngine:
 
     # ---- the loop -------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule and launch a step; returns the outputs of the requests that changed. With async scheduling
-        these are the previous step's: its sampled tokens were on their way while this step was scheduled and
-        prepared (its sequences' inputs read them on the device), and a sequence that stopped there has one
-        token computed here in vain, dropped when this step is postprocessed. With speculative decoding (never
-        async) each decoding sequence first gets its proposals, verified in this step."""
-        outputs, prev = [], self.in_flight
-        if prev is not None and prev.needs_tokens:  # a draw (or logprobs) of this step needs them on the host first
-            self.in_flight = None
-            outputs, prev = self.postprocess(prev), None
-        if self.speculator is not None:
-            self.speculator.propose(self.scheduler.running, self.scheduler.waiting)
+        """Schedule and launch a step, then postprocess it: the outputs of the requests that changed. (With async
+        scheduling `step` is an OverlappedSteps instead, which keeps one launched step in flight.)"""
+        return self.collect(self.launch())
+
+    def launch(self) -> Launched | None:
+        """Schedule a batch and launch its step (None: nothing could be scheduled)."""
         batch = self.scheduler.schedule()
-        launched = None
-        if batch.seqs:
-            launched = self.runner.run(batch, batch.sample_rows)
-            self.scheduler.launched(batch)
-            if batch.verifies:  # a verifying row is a decode step of its sequence (the tokens it gave: postprocess)
-                decodes = [n for s, n in zip(batch.seqs, batch.num_new_tokens) if n == 1 + len(s.spec_token_ids)]
-                self.last_step = (batch.num_tokens - sum(decodes), len(decodes))
-            else:
-                decodes = batch.num_new_tokens.count(1)
-                self.last_step = (batch.num_tokens - decodes, decodes)
-        elif prev is None:  # all that waits, waits for a grammar: sleep until one compiles (briefly: requests come)
-            pending = [s.constraint.grammar for s in self.scheduler.waiting if s.constraint and not s.constraint.ready]
-            wait(pending, timeout=0.01, return_when=FIRST_COMPLETED)
-        if not self.config.async_scheduling:  # this step's own tokens, now
-            prev, launched = launched, None
-        self.in_flight = launched
-        return outputs + (self.postprocess(prev) if prev else [])
+        if not batch.seqs:
+            return None
+        launched = self.runner.run(batch, batch.sample_rows)
+        self.scheduler.launched(batch)
+        self.last_step = batch.token_counts()
+        return launched
+
+    def collect(self, launched: Launched | None) -> list[RequestOutput]:
+        """A launched step's outputs; with nothing launched, a short wait for something to become schedulable."""
+        if launched is None:
+            self.scheduler.wait_until_ready()
+            return []
+        return self.postprocess(launched)
 
     def postprocess(self, step: Launched) -> list[RequestOutput]:
         """A launched step's sampled tokens, once on the host, appended; the outputs of the requests that changed

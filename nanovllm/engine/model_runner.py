@@ -1,4 +1,4 @@
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -9,10 +9,51 @@ from nanovllm.engine import kv_cache
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import AttentionMetadata
-from nanovllm.layers.sampler import SamplingBatch, StepLogprobs
 from nanovllm.logprobs import logit_rows, prompt_logprob_positions, step_logprobs
-from nanovllm.sampling_params import SamplingParams
+from nanovllm.sampling.persistent_batch import LogitsProcessors
+from nanovllm.sampling.sampler import SamplingBatch, StepLogprobs
+from nanovllm.sampling.table import Column, Flag, SamplingTable
 from nanovllm.spec import rejection
+
+
+@dataclass
+class PackedStep:
+    """A step's inputs on the host: what tensor-parallel workers receive, and what every rank (rank 0 included)
+    builds its tensors from, packed into one int64 array by `pack` from these fields: a header (each array's
+    length, then the numbers), then the arrays in this order."""
+
+    input_ids: np.ndarray  # [T] the step's tokens (a pending one is a placeholder, filled in on the device)
+    positions: np.ndarray  # [T]
+    slots: np.ndarray  # [T] where each token's K/V goes in the pool
+    query_start: np.ndarray  # [B + 1] each sequence's first token in the flat batch
+    context_lens: np.ndarray  # [B] each sequence's context after the step
+    block_tables: np.ndarray  # [B * table_width]
+    decode_rows: np.ndarray  # [D] the sequences with one token this step
+    decode_tokens: np.ndarray  # [D] and that token's index
+    logit_tokens: np.ndarray  # [L] the tokens whose logits are computed, in token order
+    sample_table_rows: np.ndarray  # [S] each sampled row's row of the sampling table
+    pending_dst: np.ndarray  # [P] the input tokens still on the device (async scheduling): where they go
+    pending_src: np.ndarray  # [P] and their sequences' rows of last_sampled
+    table_width: int  # W: the block tables' columns
+    decode_max_context: int  # the longest context among the decode rows
+
+    def pack(self) -> np.ndarray:
+        arrays = [getattr(self, name) for name in PACKED_ARRAYS]
+        header = [len(a) for a in arrays] + [getattr(self, name) for name in PACKED_NUMBERS]
+        return np.concatenate([header, *arrays]).astype(np.int64, copy=False)
+
+    @staticmethod
+    def layout(packed: np.ndarray) -> tuple[dict[str, int], dict[str, int], np.ndarray]:
+        """A packed step's array lengths and numbers by name, and the arrays' values (one array)."""
+        header = packed[:PACKED_HEADER].tolist()
+        lengths = dict(zip(PACKED_ARRAYS, header))
+        numbers = dict(zip(PACKED_NUMBERS, header[len(PACKED_ARRAYS) :]))
+        return lengths, numbers, packed[PACKED_HEADER:]
+
+
+PACKED_ARRAYS = [f.name for f in fields(PackedStep) if f.type is np.ndarray]
+PACKED_NUMBERS = [f.name for f in fields(PackedStep) if f.type is int]
+PACKED_HEADER = len(PACKED_ARRAYS) + len(PACKED_NUMBERS)
 
 
 @dataclass
@@ -52,18 +93,6 @@ class Launched:
         return [] if self.host is None else [[t] for t in self.host.tolist()]
 
 
-def needs_own_tokens(seq: Sequence) -> bool:
-    """Its next draw depends on the token before (penalties, a bad word of several tokens, a grammar)."""
-    p = seq.params
-    return bool(
-        p.repetition_penalty != 1
-        or p.presence_penalty
-        or p.frequency_penalty
-        or any(len(w) > 1 for w in seq.bad_words)
-        or seq.constraint is not None
-    )
-
-
 class ModelRunner:
     """Turns a scheduled batch into flat tensors, runs the model over the paged KV cache and samples.
 
@@ -87,21 +116,11 @@ class ModelRunner:
         for i, layer in enumerate(model.model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
-        # per row of the block manager's tables (one per sequence holding blocks), written when a sequence first
-        # samples in its row: temperature, top_k (the vocabulary for none), top_p, min_p and the three penalties
-        # (also on the device: the same memory on CPU); host-only flags: min_tokens, per-step lists (bad words,
-        # logit_bias, allowed_token_ids), penalties, seeded, needs its own tokens (see Launched), asks for
-        # logprobs, has a grammar
         rows = config.max_num_seqs
         self.block_tables: np.ndarray | None = None  # the block manager's; the engine hands it over
-        self.sampling = np.zeros((rows, 7), dtype=np.float32)
-        self.sampling_flags = np.zeros((rows, 7), dtype=bool)
-        self.sampling_dev = (
-            torch.from_numpy(self.sampling) if self.device.type == "cpu" else torch.zeros(rows, 7, device=self.device)
-        )
-        self.row_owner: list[SamplingParams | None] = [None] * rows  # whose parameters a row holds
+        self.sampling_table = SamplingTable(rows, model.vocab_size, self.device)  # per row of the block tables
+        self.logits_processors = LogitsProcessors(config.logits_processors or [], config, self.device, eos_token_ids)
         self.last_sampled = torch.zeros(rows, dtype=torch.long, device=self.device)  # per row, on the device
-        self.dirty_rows: list[int] = []
         self.step_runner = self.ops.step_runner(self, config)
 
     @property
@@ -112,14 +131,9 @@ class ModelRunner:
     def pack(
         self, batch: ScheduledBatch, sample_rows: list[int], prompt_positions: dict[int, range] | None = None
     ) -> np.ndarray:
-        """A step's inputs as one int64 array: what tensor-parallel workers receive, and what every rank
-        (rank 0 included) builds its tensors from. Layout: [T, B, W, D, S, decode_max_context, P, L], then input
-        ids, positions, slots (T each), query starts (B+1), context lengths (B), block tables (B*W), decode rows
-        and their token indices (D each), the tokens whose logits are computed (L, in token order: the sampled
-        rows' last ones, each speculative proposal's before them, and the `prompt_positions` of rows that asked
-        for prompt logprobs), the sampled rows' sampling-table rows (S), and for the P input tokens still on the
-        device (async scheduling) where they go and their sequences' rows (P each). Vectorized: no loop over
-        tokens, one over sequences per field."""
+        """A step's inputs (PackedStep) as one int64 array. The tokens whose logits are computed: the sampled rows'
+        last ones, each speculative proposal's before them, and the `prompt_positions` of rows that asked for
+        prompt logprobs. Vectorized: no loop over tokens, one over sequences per field."""
         seqs, bs = batch.seqs, self.block_size
         n = np.array(batch.num_new_tokens, dtype=np.int64)
         start = np.array([s.num_computed for s in seqs], dtype=np.int64)
@@ -162,50 +176,55 @@ class ModelRunner:
                     ]
                 )
             )
-        header = [T, B, tables.shape[1], len(decode_rows), len(sampled), decode_max, len(dst), len(last)]
-        return np.concatenate(
-            [
-                header,
-                input_ids,
-                positions,
-                slots,
-                query_start,
-                ends,
-                tables.ravel(),
-                decode_rows,
-                query_start[decode_rows],
-                last,
-                table_rows[sampled],
-                dst,
-                src,
-            ]
-        ).astype(np.int64, copy=False)
+        step = PackedStep(
+            input_ids=input_ids,
+            positions=positions,
+            slots=slots,
+            query_start=query_start,
+            context_lens=ends,
+            block_tables=tables.ravel(),
+            decode_rows=decode_rows,
+            decode_tokens=query_start[decode_rows],
+            logit_tokens=last,
+            sample_table_rows=table_rows[sampled],
+            pending_dst=dst,
+            pending_src=src,
+            table_width=tables.shape[1],
+            decode_max_context=decode_max,
+        )
+        return step.pack()
 
     def unpack(self, packed: np.ndarray) -> Step:
         """The packed inputs as tensors on the device; a pending input token is its row's last sampled token."""
-        T, B, W, D, S, decode_max, P, L = packed[:8].tolist()
-        dev = (
-            torch.from_numpy(packed[8:].copy())
-            .to(self.device, non_blocking=True)
-            .split([T, T, T, B + 1, B, B * W, D, D, L, S, P, P])
-        )
-        input_ids, positions, slots, query_start, context_lens, tables, decode_rows, decode_tokens, last = dev[:9]
-        if P:
-            input_ids[dev[10]] = self.last_sampled[dev[11]]
-        at = 8 + 3 * T  # the query starts and context lengths on the host too, and the sampling-table rows
+        lengths, numbers, values = PackedStep.layout(packed)
+        split = torch.from_numpy(values.copy()).to(self.device, non_blocking=True).split(list(lengths.values()))
+        dev = dict(zip(lengths, split))
+        if lengths["pending_dst"]:
+            dev["input_ids"][dev["pending_dst"]] = self.last_sampled[dev["pending_src"]]
+        host, at = {}, 0  # what is also read on the host
+        for name, n in lengths.items():
+            host[name] = values[at : at + n]
+            at += n
+        num_seqs = lengths["context_lens"]
         meta = AttentionMetadata.for_step(
-            query_start,
-            context_lens,
-            tables.view(B, W),
-            slots,
-            decode_rows,
-            decode_tokens,
-            packed[at : at + B + 1].tolist(),
-            packed[at + B + 1 : at + 2 * B + 1].tolist(),
-            decode_max,
+            dev["query_start"],
+            dev["context_lens"],
+            dev["block_tables"].view(num_seqs, numbers["table_width"]),
+            dev["slots"],
+            dev["decode_rows"],
+            dev["decode_tokens"],
+            host["query_start"].tolist(),
+            host["context_lens"].tolist(),
+            numbers["decode_max_context"],
         )
-        at += 2 * B + 1 + B * W + 2 * D + L
-        return Step(input_ids, positions, meta, last, packed[at : at + S], dev[9])
+        return Step(
+            dev["input_ids"],
+            dev["positions"],
+            meta,
+            dev["logit_tokens"],
+            host["sample_table_rows"],
+            dev["sample_table_rows"],
+        )
 
     def prepare(self, batch: ScheduledBatch, sample_rows: list[int] = ()):
         step = self.unpack(self.pack(batch, list(sample_rows)))
@@ -230,60 +249,42 @@ class ModelRunner:
             return self.model.compute_logits(hidden[last]) if last.numel() else None
 
     def sampling_batch(self, seqs: list[Sequence], rows: np.ndarray, rows_dev: torch.Tensor) -> SamplingBatch:
-        """The sampled sequences' parameters: their rows of the sampling table (written once per sequence, when it
-        first samples in its row) gathered on the device; what the sampler branches on is read here, on the host.
-        Only the rows that need it (min_tokens, bad words, logit_bias, allowed_token_ids, penalties, seeds) are
+        """The sampled sequences' parameters: their rows of the sampling table gathered on the device; what the
+        sampler branches on is read here, on the host. Only the rows that need it (penalties, seeds, grammars) are
         looked at one by one."""
-        for s in [s for s in seqs if self.row_owner[s.row] is not s.params]:
-            self.write_sampling_row(s)
-        if self.dirty_rows:  # on CUDA the device's copy of the table catches up (on CPU they are one)
-            idx = torch.tensor(self.dirty_rows)
-            self.sampling_dev[idx.to(self.device)] = torch.from_numpy(self.sampling[idx.numpy()]).to(self.device)
-            self.dirty_rows.clear()
-        values, flags = self.sampling[rows], self.sampling_flags[rows]
-        (t_min, k_min, p_min, _, _, _, _), (t_max, k_max, _, min_p_max, _, _, _) = values.min(0), values.max(0)
-        any_flag = flags.any(0).tolist()
-        t = self.sampling_dev[rows_dev]
+        table = self.sampling_table
+        table.write_missing(seqs)
+        values, flags = table.values[rows], table.flags[rows]
+        low, high = values.min(0), values.max(0)
+        any_flag = flags.any(0)
+        t = table.values_dev[rows_dev]
         b = SamplingBatch(
-            temperature=t[:, 0],
-            top_k=t[:, 1],
-            top_p=t[:, 2],
-            min_p=t[:, 3],
+            temperature=t[:, Column.TEMPERATURE],
+            top_k=t[:, Column.TOP_K],
+            top_p=t[:, Column.TOP_P],
+            min_p=t[:, Column.MIN_P],
             generators=None,
-            all_greedy=bool(t_max == 0),
-            any_greedy=bool(t_min == 0),
-            top_k_width=int(k_max) if k_min < self.model.vocab_size else 0,
-            use_top_p=bool(p_min < 1),
-            use_min_p=bool(min_p_max > 0),
+            all_greedy=bool(high[Column.TEMPERATURE] == 0),
+            any_greedy=bool(low[Column.TEMPERATURE] == 0),
+            top_k_width=int(high[Column.TOP_K]) if low[Column.TOP_K] < self.model.vocab_size else 0,
+            use_top_p=bool(low[Column.TOP_P] < 1),
+            use_min_p=bool(high[Column.MIN_P] > 0),
         )
-        if any_flag[3]:
+        if any_flag[Flag.SEEDED]:
             b.generators = [s.generator for s in seqs]
-        if any_flag[2]:
-            b.repetition_penalty, b.presence_penalty, b.frequency_penalty = t[:, 4], t[:, 5], t[:, 6]
+        if any_flag[Flag.PENALTIES]:
+            b.repetition_penalty = t[:, Column.REPETITION_PENALTY]
+            b.presence_penalty = t[:, Column.PRESENCE_PENALTY]
+            b.frequency_penalty = t[:, Column.FREQUENCY_PENALTY]
             b.prompt_ids = [s.token_ids[: s.num_prompt_tokens] for s in seqs]
             b.output_ids = [s.output_token_ids for s in seqs]
-        b.banned, b.bias, b.allowed = [], [], []
-        for i in np.flatnonzero(flags[:, :2].any(axis=1)).tolist() if any_flag[0] or any_flag[1] else ():
-            s = seqs[i]
-            p = s.params
-            # min_tokens: EOS and stop tokens cannot be drawn before it is reached (as in vLLM)
-            if s.num_output_tokens + (s.num_computed == len(s.token_ids)) < p.min_tokens:  # (+ a pending one)
-                b.banned += [(i, t) for t in (*self.eos_token_ids, *p.stop_token_ids)]
-            # a bad word's last token, where the output ends with the rest of it (as in vLLM)
-            b.banned += [
-                (i, word[-1])
-                for word in s.bad_words
-                if len(word) == 1 or s.output_token_ids[-(len(word) - 1) :] == word[:-1]
-            ]
-            b.bias += [(i, t, v) for t, v in (p.logit_bias or {}).items()]
-            if p.allowed_token_ids:
-                b.allowed.append((i, p.allowed_token_ids))
         # structured outputs: the constrained rows' grammars' masks (the other rows pay nothing)
-        b.constrained = [i for i in np.flatnonzero(flags[:, 6]).tolist() if seqs[i].constraint.usable]
+        b.constrained = [i for i in np.flatnonzero(flags[:, Flag.GRAMMAR]).tolist() if seqs[i].constraint.usable]
         if b.constrained:
             b.token_bitmask = torch.empty(len(b.constrained), (self.model.vocab_size + 31) // 32, dtype=torch.int32)
             for row, i in enumerate(b.constrained):
                 seqs[i].constraint.fill(b.token_bitmask, row)
+        b.uses_processors = bool(any_flag[Flag.PROCESSORS])
         return b
 
     def sampling_batch_of(self, seqs: list[Sequence]) -> SamplingBatch:
@@ -291,31 +292,23 @@ class ModelRunner:
         rows = np.array([s.row for s in seqs], dtype=np.int64)
         return self.sampling_batch(seqs, rows, torch.from_numpy(rows).to(self.device))
 
-    def write_sampling_row(self, seq: Sequence) -> None:
-        """A sequence's row of the sampling table: all it holds follows from the request's parameters, so the
-        row is written again only when a sequence of other parameters takes it."""
-        p, vocab = seq.params, self.model.vocab_size
-        self.sampling[seq.row] = (
-            p.temperature,
-            min(p.top_k, vocab) if p.top_k > 0 else vocab,
-            p.top_p,
-            p.min_p,
-            p.repetition_penalty,
-            p.presence_penalty,
-            p.frequency_penalty,
-        )
-        self.sampling_flags[seq.row] = (
-            p.min_tokens > 0,
-            bool(seq.bad_words or p.logit_bias or p.allowed_token_ids),
-            p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty,
-            seq.generator is not None,
-            needs_own_tokens(seq),
-            seq.logprobs is not None,
-            seq.constraint is not None,
-        )
-        self.row_owner[seq.row] = p
-        if self.device.type != "cpu":
-            self.dirty_rows.append(seq.row)
+    def execute(self, packed: np.ndarray) -> tuple[Step, torch.Tensor | None]:
+        """The packed step on every rank (the tensor-parallel workers receive it first): its inputs and logits."""
+        if self.workers is None:
+            step = self.unpack(packed)
+            return step, self.forward(step.input_ids, step.positions, step.meta, step.last)
+        if self.failed:
+            raise RuntimeError("tensor parallelism failed earlier; this engine cannot continue")
+        try:
+            self.workers.send(packed)
+            step = self.unpack(packed)
+            return step, self.forward(step.input_ids, step.positions, step.meta, step.last)
+        except BaseException as e:  # the ranks are out of step now (Ctrl-C included): stop them all
+            self.failed = True
+            if isinstance(e, Exception):
+                raise self.workers.failure(e) from e
+            self.workers.kill()
+            raise
 
     def run(self, batch: ScheduledBatch, sample_rows: list[int]) -> Launched:
         """Launch the batch's step: forward, and a next token sampled for the sequences at `sample_rows` (those
@@ -326,38 +319,26 @@ class ModelRunner:
         copy, only in steps where a request asked. A step that verifies speculative proposals (never beside
         logprobs, never async) keeps what the target agrees with, and one token more (nanovllm/spec/rejection.py)."""
         prompt_positions = prompt_logprob_positions(batch)
-        if self.workers is None:
-            step = self.unpack(self.pack(batch, sample_rows, prompt_positions))
-            logits = self.forward(step.input_ids, step.positions, step.meta, step.last)
-        else:
-            if self.failed:
-                raise RuntimeError("tensor parallelism failed earlier; this engine cannot continue")
-            try:
-                packed = self.pack(batch, sample_rows, prompt_positions)
-                self.workers.send(packed)
-                step = self.unpack(packed)
-                logits = self.forward(step.input_ids, step.positions, step.meta, step.last)
-            except BaseException as e:  # the ranks are out of step now (Ctrl-C included): stop them all
-                self.failed = True
-                if isinstance(e, Exception):
-                    raise self.workers.failure(e) from e
-                self.workers.kill()
-                raise
+        step, logits = self.execute(self.pack(batch, sample_rows, prompt_positions))
         if not sample_rows and not prompt_positions:
-            return Launched(batch, sample_rows, None, None, None, False)
+            return Launched(batch, sample_rows, tokens=None, host=None, event=None, needs_tokens=False)
         seqs, tokens, host, event, raw, asked = [batch.seqs[i] for i in sample_rows], None, None, None, None, []
         prompt_logits = None
+        flags = self.sampling_table.flags
         with torch.inference_mode():
             if prompt_positions:
                 sample_at, prompt_at = logit_rows(len(batch.seqs), sample_rows, prompt_positions)
                 logits, prompt_logits = logits[sample_at], logits[prompt_at]
             if batch.verifies:
-                kept = rejection.verify(logits, seqs, self.sampling_batch_of, self.generator)
-                return Launched(batch, sample_rows, None, None, None, True, kept=kept)
+                kept = rejection.verify(
+                    logits, seqs, self.sampling_batch_of, self.logits_processors.apply_once, self.generator
+                )
+                return Launched(batch, sample_rows, tokens=None, host=None, event=None, needs_tokens=True, kept=kept)
             if seqs:
                 b = self.sampling_batch(seqs, step.sample_table_rows, step.sample_table_rows_dev)
-                asked = np.flatnonzero(self.sampling_flags[step.sample_table_rows, 5]).tolist()
+                asked = np.flatnonzero(flags[step.sample_table_rows, Flag.LOGPROBS]).tolist()
                 raw = logits[asked] if asked else None  # a copy: the sampler may change the logits in place
+                logits = self.logits_processors.apply(logits, seqs, b.uses_processors, b.all_greedy)
                 tokens = ops.sample(logits, b, self.generator)
                 self.last_sampled[step.sample_table_rows_dev] = tokens
                 host = tokens.to("cpu", non_blocking=True)
@@ -365,10 +346,13 @@ class ModelRunner:
                     event = torch.cuda.Event()
                     event.record()
             if not asked and not prompt_positions:
-                needs_tokens = bool(self.sampling_flags[step.sample_table_rows, 4].any())
-                return Launched(batch, sample_rows, tokens, host, event, needs_tokens)
+                needs_tokens = bool(
+                    flags[step.sample_table_rows, Flag.NEEDS_OWN_TOKENS].any()
+                    or self.logits_processors.needs_output_tokens
+                )
+                return Launched(batch, sample_rows, tokens=tokens, host=host, event=event, needs_tokens=needs_tokens)
             logprobs = step_logprobs(batch, sample_rows, asked, raw, tokens, prompt_positions, prompt_logits)
-        return Launched(batch, sample_rows, tokens, host, event, True, logprobs)
+        return Launched(batch, sample_rows, tokens=tokens, host=host, event=event, needs_tokens=True, logprobs=logprobs)
 
     def shutdown(self) -> None:
         if self.workers is not None:

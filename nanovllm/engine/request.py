@@ -105,6 +105,8 @@ class Request:
         `grammar`: the structured-output grammar being compiled; each sequence gets its own matcher of it."""
         seqs, detoks = [], []
         bad_words = bad_word_ids(encoder or tokenizer, params.bad_words or [])
+        if bad_words:  # where the bad-words logits processor reads them (vLLM keeps them there too)
+            params._bad_words_token_ids = bad_words
         for i in range(params.n):
             seq = Sequence(
                 request_id,

@@ -1,4 +1,5 @@
 from collections import deque
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -6,7 +7,7 @@ import numpy as np
 from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import Sequence, Status
-from nanovllm.layers.sampler import StepLogprobs
+from nanovllm.sampling.sampler import StepLogprobs
 
 
 @dataclass
@@ -20,6 +21,15 @@ class ScheduledBatch:
     @property
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
+
+    def token_counts(self) -> tuple[int, int]:
+        """(prefill tokens, decode tokens) of the step, for progress reports. A verifying row is a decode step of
+        its sequence (the tokens it gave are counted when it is postprocessed)."""
+        if self.verifies:
+            decodes = [n for s, n in zip(self.seqs, self.num_new_tokens) if n == 1 + len(s.spec_token_ids)]
+            return self.num_tokens - sum(decodes), len(decodes)
+        decodes = self.num_new_tokens.count(1)
+        return self.num_tokens - decodes, decodes
 
 
 class Scheduler:
@@ -37,6 +47,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.speculative = False  # speculative decoding: sequences may come with proposals
         self.on_free = None  # speculative decoding's hook: a sequence left the running batch (its draft blocks go)
+        self.propose = None  # speculative decoding's proposer: called with (running, waiting) before each schedule
 
     def add(self, seq: Sequence) -> None:
         seq.check_at = min(seq.check_at, self.max_model_len)
@@ -46,6 +57,8 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
+        if self.propose is not None:
+            self.propose(self.running, self.waiting)
         bm, budget, running = self.block_manager, self.max_num_batched_tokens, self.running
         bs = bm.block_size
         # Running sequences that fit the budget whole, at once: each computes what it has left (a token still on
@@ -114,6 +127,12 @@ class Scheduler:
             budget -= n
         batch.verifies = self.speculative and any(s.spec_token_ids for s in batch.seqs)
         return batch
+
+    def wait_until_ready(self, timeout: float = 0.01) -> None:
+        """Nothing could be scheduled: if what waits waits for a structured-output grammar to compile, sleep until
+        one does (briefly: requests come)."""
+        pending = [s.constraint.grammar for s in self.waiting if s.constraint and not s.constraint.ready]
+        wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
 
     @staticmethod
     def launched(batch: ScheduledBatch) -> None:

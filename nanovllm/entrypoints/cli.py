@@ -71,6 +71,14 @@ def add_engine_args(p: argparse.ArgumentParser, engine_seed: bool = False) -> No
         '"prompt_lookup_max": 4, "prompt_lookup_min": 2} or {"model": DRAFT, '
         '"num_speculative_tokens": 4}',
     )
+    v.add_argument(
+        "--logits-processors",
+        nargs="+",
+        default=None,
+        metavar="MODULE:CLASS",
+        help="logits processors to load (vLLM's interface, nanovllm.logits_processor); a request passes them "
+        "arguments in vllm_xargs",
+    )
 
 
 # the flags add_engine_args adds that go to the engine under their own names
@@ -94,6 +102,7 @@ ENGINE_FLAGS = (
     "max_logprobs",
     "speculative_config",
     "quantization",
+    "logits_processors",
 )
 
 

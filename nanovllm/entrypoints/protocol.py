@@ -82,7 +82,6 @@ UNSUPPORTED = {
     "priority": (0,),
     "cache_salt": (),
     "kv_transfer_params": (),
-    "vllm_xargs": (),
     "logits_processors": ([],),
     "prompt_embeds": (),
     "mm_processor_kwargs": ({},),
@@ -148,6 +147,7 @@ class SamplingFields(BaseModel):
     bad_words: list[str] | None = None
     prompt_logprobs: int | None = None
     return_tokens_as_token_ids: bool = False
+    vllm_xargs: dict[str, Any] | None = None  # SamplingParams.extra_args: the logits processors' arguments
 
     @field_validator("logit_bias")
     @classmethod

@@ -317,6 +317,7 @@ def make_requests(
                 logprobs=body.num_logprobs(),
                 prompt_logprobs=body.num_prompt_logprobs(),
                 structured_outputs=body.structured()[0],
+                extra_args=body.vllm_xargs,
             )
             requests.append(engine.make_request(prompt, params, f"{base}-{i}"))
         except ValueError as e:  # SamplingParams' messages start with the field: "SamplingParams.top_p must be ..."

@@ -13,7 +13,7 @@ from nanovllm.kernels import cpu as kernels
 from nanovllm.layers import attention as reference
 from nanovllm.layers.parallel import tp_size
 from nanovllm.layers.quant import QuantWeight, dequantize_torch
-from nanovllm.layers.sampler import SamplingBatch, filtered, uniform
+from nanovllm.sampling.sampler import SamplingBatch, filtered, uniform
 
 NAME = "cpu"
 # fp32 linears with 2-96 rows as (W @ x^T)^T, which MKL runs faster there: a 4-sequence fp32 SmolLM2 decode step

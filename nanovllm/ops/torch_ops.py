@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from nanovllm.layers.attention import torch_attention as attention  # noqa: F401 (an op of this backend)
 from nanovllm.layers.quant import QuantWeight, dequantize_torch
-from nanovllm.layers.sampler import sample  # noqa: F401 (an op of this backend)
+from nanovllm.sampling.sampler import sample  # noqa: F401 (an op of this backend)
 
 NAME = "torch"
 

@@ -107,6 +107,7 @@ class DraftProposer:
     def draw(self, logits: torch.Tensor, shadows: list[Sequence]) -> tuple[list[int], list[torch.Tensor | None]]:
         """Each row's proposal from the draft's logits, and the distribution it was drawn from (None: greedy)."""
         b = self.runner.sampling_batch_of(shadows)
+        logits = self.runner.logits_processors.apply_once(logits, shadows)
         if bool((b.temperature == 0).all()):
             return ops.sample(logits, b, self.runner.generator).tolist(), [None] * len(shadows)
         q = probabilities(logits, b)

@@ -14,7 +14,7 @@ import torch
 
 import nanovllm.ops as ops
 from nanovllm.engine.sequence import Sequence
-from nanovllm.layers.sampler import SamplingBatch, adjust, apply_top_k_top_p_min_p
+from nanovllm.sampling.sampler import SamplingBatch, adjust, apply_top_k_top_p_min_p
 
 
 def probabilities(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
@@ -34,23 +34,32 @@ def positions(seq: Sequence) -> list[Sequence]:
 
 
 def verify(
-    logits: torch.Tensor, seqs: list[Sequence], sampling_batch, generator: torch.Generator | None
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    sampling_batch,
+    logits_processors,
+    generator: torch.Generator | None,
 ) -> list[list[int]]:
     """logits [sum(1 + k_i), V]: sequence i's rows for its last token and each of its k_i proposals, in order.
     Returns each sequence's new tokens: the proposals kept and one token of the target's. A sequence without
-    proposals is sampled as without speculation (a seeded one draws the same whatever else is in the step)."""
+    proposals is sampled as without speculation (a seeded one draws the same whatever else is in the step).
+    `sampling_batch(seqs)` gives rows' sampling parameters, `logits_processors(logits, seqs)` applies the built-in
+    logits processors to rows that each hold a sequence as it stands at one position."""
     starts = [0]
     for s in seqs:
         starts.append(starts[-1] + 1 + len(s.spec_token_ids))
     out: list[list[int]] = [[] for _ in seqs]
     plain = [i for i, s in enumerate(seqs) if not s.spec_token_ids]
     if plain:
-        b = sampling_batch([seqs[i] for i in plain])
-        for i, t in zip(plain, ops.sample(logits[[starts[i] for i in plain]], b, generator).tolist()):
+        plain_seqs = [seqs[i] for i in plain]
+        b = sampling_batch(plain_seqs)
+        plain_logits = logits_processors(logits[[starts[i] for i in plain]], plain_seqs)
+        for i, t in zip(plain, ops.sample(plain_logits, b, generator).tolist()):
             out[i] = [t]
     spec = [i for i, s in enumerate(seqs) if s.spec_token_ids]
-    b = sampling_batch([v for i in spec for v in positions(seqs[i])])
-    logits = logits[[r for i in spec for r in range(starts[i], starts[i + 1])]]
+    verified = [v for i in spec for v in positions(seqs[i])]
+    b = sampling_batch(verified)
+    logits = logits_processors(logits[[r for i in spec for r in range(starts[i], starts[i + 1])]], verified)
     greedy = b.temperature == 0
     if bool(greedy.all()):
         target, probs = ops.sample(logits, b, generator).tolist(), None

@@ -19,9 +19,12 @@ class SamplingBatch:
     frequency_penalty: torch.Tensor | None = None  # [B]
     prompt_ids: list[list[int]] | None = None
     output_ids: list[list[int]] | None = None
-    banned: list[tuple[int, int]] | None = None  # (row, token) pairs masked out (EOS before min_tokens, bad words)
-    bias: list[tuple[int, int, float]] | None = None  # (row, token, value) added to a logit (logit_bias)
-    allowed: list[tuple[int, list[int]]] | None = None  # (row, tokens): only these may be drawn (allowed_token_ids)
+    # min_tokens, bad words, logit_bias and allowed_token_ids are logits processors now (nanovllm/sampling/builtin.py),
+    # applied to the logits before the sampler: these stay None, kept while nanovllm/ops/cpu_ops.py still asks
+    banned: None = None
+    bias: None = None
+    allowed: None = None
+    uses_processors: bool = False  # some row asks for a built-in logits processor (run before the sampler)
     constrained: list[int] | None = None  # rows with a structured-output grammar
     token_bitmask: torch.Tensor | None = None  # [len(constrained), ceil(V / 32)] int32 on the CPU: bit t set
     # where that row's grammar allows token t
@@ -110,23 +113,11 @@ def sample(logits: torch.Tensor, b: SamplingBatch, generator: torch.Generator | 
 
 
 def adjust(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
-    """The logits [B, V] (fp32, changed in place where it can) after allowed tokens, bias, bans and penalties:
-    what temperature and the filters then act on (the sampler, and speculative decoding's verification)."""
+    """The logits [B, V] (fp32, changed in place where it can) after the grammars' masks and penalties: what
+    temperature and the filters then act on (the sampler, and speculative decoding's verification). The logits
+    processors ran before (nanovllm/sampling/persistent_batch.py)."""
     if b.token_bitmask is not None:
         apply_token_bitmask(logits, b.constrained, b.token_bitmask)
-    for row, tokens in b.allowed or []:
-        logits[row] = logits[row].masked_fill(
-            torch.ones_like(logits[row], dtype=torch.bool).index_fill_(
-                0, torch.tensor(tokens, device=logits.device), False
-            ),
-            float("-inf"),
-        )
-    if b.bias:
-        rows, toks, values = zip(*b.bias)
-        logits[list(rows), list(toks)] += torch.tensor(values, device=logits.device)
-    if b.banned:
-        rows, toks = zip(*b.banned)
-        logits[list(rows), list(toks)] = float("-inf")
     if b.repetition_penalty is not None:
         logits = apply_penalties(logits, b)
     return logits
