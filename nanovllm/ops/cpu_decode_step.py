@@ -12,6 +12,7 @@ from nanovllm.kernels import cpu as kernels
 from nanovllm.layers.parallel import tp_size
 from nanovllm.layers.quant import BLOCK_SIZES
 from nanovllm.ops.cpu_ops import QUANT_KERNEL_ROWS
+from nanovllm.ops.cpu_threads import ThreadGovernor
 
 # the layer the C step computes, weight by weight (the model's `layer_weights`, models/llama.py)
 LAYER = (
@@ -42,6 +43,7 @@ def f32_weight(m: torch.nn.Module) -> tuple[int, torch.Tensor] | None:
 class FusedDecodeStep:
     def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, dims: list[int], dtype: torch.dtype):
         self.model, self.dims, self.bf16 = model, torch.tensor(dims, dtype=torch.int64), dtype == torch.bfloat16
+        self.governor = ThreadGovernor(torch.get_num_threads())  # fewer threads while other processes hold cores
 
         def ptr(t):
             return 0 if t is None else t.data_ptr()
@@ -111,6 +113,7 @@ class FusedDecodeStep:
         return 0 < n <= most and len(meta.decode_rows) == n and last.shape[0] == n
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
+        self.governor.adjust()
         if not self.bf16:
             return self.run_f32(input_ids, positions, meta)
         model = self.model.model
