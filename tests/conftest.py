@@ -108,10 +108,12 @@ def start_server(args: list[str], env: dict | None = None, timeout: float = 180)
 
 @pytest.fixture(scope="session")
 def embedded_llm():
-    """The embedded SmolLM2-135M-Instruct in fp32, loaded once for every test that needs it."""
+    """The embedded SmolLM2-135M-Instruct in fp32, loaded once for every test that needs it; its weights dequantized
+    (quantization="dequantize"), so that a sequence's tokens do not depend on what shares its steps (kept GGUF
+    blocks: int8 activations in steps of few rows, float tiles in larger ones)."""
     from nanovllm import LLM
 
-    return LLM(dtype="float32", kv_cache_gib=1)
+    return LLM(dtype="float32", kv_cache_gib=1, quantization="dequantize")
 
 
 def byte_tokenizer():

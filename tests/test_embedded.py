@@ -14,9 +14,10 @@ from nanovllm.layers.linear import Linear
 from nanovllm.loader import default_model_path
 
 
-@pytest.fixture
-def llm(embedded_llm) -> LLM:
-    return embedded_llm
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    """The embedded model as it loads by default: its GGUF blocks kept (the shared embedded_llm is dequantized)."""
+    return LLM(dtype="float32", kv_cache_gib=0.25)
 
 
 @pytest.fixture(scope="module")

@@ -86,7 +86,8 @@ def f32_engine(tmp_path, arch: str, qtype: int | None):
     runner = llm.engine.runner
     if qtype is not None:
         quantize_projections(runner.model, qtype)
-        runner.step_runner = FusedDecodeStep.build(runner)  # its table points at the blocks now
+    # its table points at the blocks now; plain fp32 weights only when asked (the engine's default keeps torch's)
+    runner.step_runner = FusedDecodeStep.build(runner, plain_fp32_weights=qtype is None)
     assert isinstance(runner.step_runner, FusedDecodeStep) and not runner.step_runner.bf16
     return llm
 
@@ -134,4 +135,5 @@ def test_f32_step_declines_what_linear_f32_cannot_read(tmp_path):
     runner = llm.engine.runner
     proj = runner.model.model.layers[1].mlp.down_proj
     proj.weight = torch.nn.Parameter(proj.weight.half())
+    assert FusedDecodeStep.build(runner, plain_fp32_weights=True) is None
     assert FusedDecodeStep.build(runner) is None

@@ -181,7 +181,7 @@ def test_preemption_does_not_advance_a_matcher_twice(embedded_llm):
     not see their tokens again, so the outputs equal those of a pool with room for all."""
     params = [greedy(40, json=s, disable_any_whitespace=True) for s in SCHEMAS.values()]
     roomy = embedded_llm.generate([chat(embedded_llm, q) for q in QUESTIONS], params, use_tqdm=False)
-    with LLM(dtype="float32", num_kv_blocks=12) as llm:
+    with LLM(dtype="float32", num_kv_blocks=12, quantization="dequantize") as llm:
         small = llm.generate([chat(llm, q) for q in QUESTIONS], params, use_tqdm=False)
         assert llm.engine.stats()["preemptions"] > 0
     assert [o.outputs[0].text for o in small] == [o.outputs[0].text for o in roomy]
@@ -193,7 +193,11 @@ def test_constrained_rows_are_not_speculated_on(embedded_llm):
     params = [greedy(40, json=SCHEMAS["enums"], disable_any_whitespace=True), greedy(24)]
     prompts = [chat(embedded_llm, QUESTIONS[1]), "one two three four one two three four one two three four one two"]
     plain = embedded_llm.generate(prompts, params, use_tqdm=False)
-    with LLM(dtype="float32", speculative_config={"method": "ngram", "num_speculative_tokens": 3}) as llm:
+    with LLM(
+        dtype="float32",
+        quantization="dequantize",
+        speculative_config={"method": "ngram", "num_speculative_tokens": 3},
+    ) as llm:
         spec = llm.generate(prompts, params, use_tqdm=False)
         assert llm.engine.stats()["spec_decode_num_draft_tokens"] > 0
     assert [o.outputs[0].token_ids for o in spec] == [o.outputs[0].token_ids for o in plain]
@@ -203,7 +207,10 @@ def test_constrained_rows_are_not_speculated_on(embedded_llm):
 # ---- the server --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def client():
-    proc, url = start_server(["--dtype", "float32", "--max-model-len", "512", "--kv-cache-gib", "0.1"], timeout=900)
+    proc, url = start_server(
+        ["--dtype", "float32", "--max-model-len", "512", "--kv-cache-gib", "0.1", "--quantization", "dequantize"],
+        timeout=900,
+    )
     yield openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
     stop_server(proc)
 

@@ -128,7 +128,8 @@ def plan_tools(
             f"tool_choice must be 'none', 'auto', 'required' or a named function, got {choice!r}", "tool_choice"
         )
     if choice == "auto" and not (parsing.enable_auto_tool_choice and parsing.tool_call_parser):
-        raise ToolRequestError(AUTO_NEEDS_FLAGS, "tool_choice")
+        # the field to blame: the tool_choice asked for, or (auto by default) the tools sent without the flags
+        raise ToolRequestError(AUTO_NEEDS_FLAGS, "tools" if tool_choice is None else "tool_choice")
     plan = ToolPlan(tools=tools, choice=choice, named=named, parallel=parallel_tool_calls is not False)
     plan.schema = forced_schema(plan)
     return plan

@@ -11,7 +11,6 @@ import torch
 from nanovllm.kernels import cpu as kernels
 from nanovllm.layers.parallel import tp_size
 from nanovllm.layers.quant import BLOCK_SIZES
-from nanovllm.ops.cpu_ops import QUANT_KERNEL_ROWS
 from nanovllm.ops.cpu_threads import ThreadGovernor
 
 # the layer the C step computes, weight by weight (the model's `layer_weights`, models/llama.py)
@@ -65,10 +64,12 @@ class FusedDecodeStep:
             self.buffers, self.capacity = {}, 0
 
     @classmethod
-    def build(cls, runner) -> "FusedDecodeStep | None":
+    def build(cls, runner, plain_fp32_weights: bool = False) -> "FusedDecodeStep | None":
         """Where every kernel of the step applies: one rank, the layer the C step computes (no q/k norm), sizes the
         kernels take; in bf16 a CPU with AMX and plain bf16 weights (not packed for oneDNN), in fp32 any CPU and
-        projections that are plain fp32 weights or kept GGUF blocks linear_f32 reads."""
+        projections kept in GGUF blocks linear_f32 reads. Plain fp32 weights only when asked (`plain_fp32_weights`):
+        there linear_f32 sums in another order than MKL's F.linear, so decode steps would no longer give what HF,
+        the prefill and a speculative verification compute bit for bit (greedy ties would part)."""
         model, cache = runner.model, runner.kv_cache
         if not (
             runner.dtype in (torch.bfloat16, torch.float32)
@@ -101,6 +102,9 @@ class FusedDecodeStep:
         projections = [layer.get_submodule(name) for layer in model.model.layers for name in PROJECTIONS]
         if runner.dtype == torch.float32 and not all(f32_weight(m) is not None for m in [model.lm_head, *projections]):
             return None
+        kept = all(getattr(m, "quant", None) is not None for m in projections)
+        if runner.dtype == torch.float32 and not (kept or plain_fp32_weights):
+            return None
         dims = [hidden, a.num_heads, a.num_kv_heads, a.head_dim, inter, cache.shape[3]]
         return cls(model, cache, dims, runner.dtype)
 
@@ -109,7 +113,7 @@ class FusedDecodeStep:
         where AMX beats oneDNN, in fp32 as many as the per-layer path gives linear_f32 (more: MKL's GEMM on
         dequantized tiles)."""
         n = input_ids.shape[0]
-        most = kernels.LINEAR_ROWS if self.bf16 else QUANT_KERNEL_ROWS
+        most = kernels.LINEAR_ROWS if self.bf16 else kernels.QUANT_KERNEL_ROWS
         return 0 < n <= most and len(meta.decode_rows) == n and last.shape[0] == n
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:

@@ -19,10 +19,9 @@ NAME = "cpu"
 # fp32 linears with 2-96 rows as (W @ x^T)^T, which MKL runs faster there: a 4-sequence fp32 SmolLM2 decode step
 # 120 -> 63 ms; at 1 row even, from 128 rows slower
 SMALL_ROWS = range(2, 97)
-# a weight kept in GGUF blocks: up to this many rows (decodes) our C kernel reads the blocks (int8 activations);
-# above, a prefill dequantizes the weight a tile of rows at a time and keeps MKL's GEMM speed. A first guess:
-# benchmarks/linear_kernel.py decides it
-QUANT_KERNEL_ROWS = 32
+# a weight kept in GGUF blocks: up to kernels.QUANT_KERNEL_ROWS rows (decodes) our C kernel reads the blocks (int8
+# activations); above, a prefill dequantizes the weight a tile of rows at a time and keeps MKL's GEMM speed
+QUANT_KERNEL_ROWS = kernels.QUANT_KERNEL_ROWS
 DEQUANT_TILE_ROWS = 256  # weight rows dequantized at once: 256 x K fp32 stays in L2 for K up to ~2k
 
 

@@ -99,6 +99,8 @@ def store_kv(
 
 
 LINEAR_ROWS = 128  # up to here the AMX kernel beats oneDNN (docs/benchmarks.md); prefills stay on torch
+# up to here linear_f32's int8 dots beat dequantized tiles through torch's fp32 GEMM (benchmarks/linear_kernel.py)
+QUANT_KERNEL_ROWS = 32
 
 
 def amx_linear(
