@@ -1,7 +1,7 @@
 """vLLM's engine arguments, as a vLLM script passes them to `LLM(...)`: each is implemented (an EngineConfig field
 of the same name and meaning, or renamed below), accepted because it cannot change what we do, or refused with a
 ValueError that names the argument, the value and what is supported. docs/from-vllm.md is the table;
-tests/test_from_vllm.py checks every row of it against this file."""
+tests/engine/test_from_vllm.py checks every row of it against this file."""
 
 from dataclasses import fields
 

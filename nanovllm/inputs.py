@@ -1,5 +1,6 @@
-"""vLLM's prompt types (`vllm.inputs`): a prompt is a string, a TextPrompt or a TokensPrompt (or plain token ids).
-engine/request.py's `tokenize` reads them."""
+"""The prompt types, vLLM's (`vllm.inputs`): a prompt is a string, plain token ids, a TextPrompt or a TokensPrompt;
+the engine also takes a conversation (ChatMessages), rendered with the model's chat template. The one definition:
+the fronts and the engine (engine/request.py's `tokenize` reads them) all use PromptType."""
 
 from typing import TypedDict
 
@@ -16,4 +17,7 @@ class TokensPrompt(_TokenIds, total=False):
     prompt: str  # the text the ids came from (optional), returned in RequestOutput.prompt
 
 
-PromptType = str | TextPrompt | TokensPrompt
+# a conversation: {"role", "content"} messages, rendered with the chat template
+ChatMessages = list[dict]
+
+PromptType = str | list[int] | TextPrompt | TokensPrompt | ChatMessages

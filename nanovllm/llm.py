@@ -6,9 +6,10 @@ from collections.abc import Sequence as Seq
 from tqdm.auto import tqdm
 
 from nanovllm.engine.llm_engine import LLMEngine
-from nanovllm.engine.request import Prompt, chat_token_ids
+from nanovllm.engine.request import chat_token_ids
 from nanovllm.engine_args import engine_config
 from nanovllm.entrypoints.tools import template_messages
+from nanovllm.inputs import PromptType
 from nanovllm.outputs import DeltaTracker, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 
@@ -51,7 +52,7 @@ class LLM:
 
     def generate(
         self,
-        prompts: Prompt | Seq[Prompt],
+        prompts: PromptType | Seq[PromptType],
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = True,
         lora_request=None,
@@ -126,7 +127,7 @@ class LLM:
     ) -> list[int]:
         return chat_token_ids(self.tokenizer, messages, add_generation_prompt, chat_template, **kwargs)
 
-    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+    def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Generate for one prompt, yielding deltas as tokens come: each RequestOutput holds, per completion,
         only the new text and token ids (text that could still turn into a stop string is held back).
         Joined, the deltas equal what generate() returns. Leaving the loop early aborts the request. One stream

@@ -281,3 +281,28 @@ def make_step(seqs: list[tuple[int, int]], block_size: int, num_blocks: int, gen
         prefill_rows=t(prefill),
         prefill_max_query=max([seqs[i][1] for i in prefill] or [0]),
     )
+
+
+# ---- the fast tier: `pytest -m "not slow"` -----------------------------------------------------------------------
+# Whole files that start servers, spawn tensor-parallel workers or load the embedded model many ways, and single
+# tests that spawn tensor-parallel workers or build a second kernel library; `-m slow` runs just these.
+SLOW_FILES = {
+    "server/test_server.py",
+    "server/test_server_fuzz.py",
+    "server/test_server_limits.py",
+    "server/test_server_tools.py",
+    "engine/test_tp.py",
+    "engine/test_embedded.py",
+    "engine/test_structured_outputs.py",
+    "engine/test_from_vllm.py",
+    "engine/test_logits_processors.py",
+    "unit/test_errors.py",
+}
+SLOW_NAMES = ("tensor_parallel", "tp2", "portable", "compile_for_hopper", "cli_streams", "embedded_model")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = item.path.as_posix()
+        if any(path.endswith("tests/" + f) for f in SLOW_FILES) or any(n in item.name for n in SLOW_NAMES):
+            item.add_marker(pytest.mark.slow)

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.llm_engine import LLMEngine
-from nanovllm.engine.request import Prompt, Request, tokenize
+from nanovllm.engine.request import Request, tokenize
+from nanovllm.inputs import PromptType
 from nanovllm.outputs import DeltaTracker, RequestOutput
 from nanovllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -97,7 +98,7 @@ class AsyncEngine:
         return EngineDeadError(f"the engine loop has stopped: {type(self.error).__name__}: {self.error}")
 
     def make_request(
-        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+        self, prompt: PromptType, params: SamplingParams | None = None, request_id: str | None = None
     ) -> Request:
         """Validate and tokenize (with the callers' tokenizer) without queueing: raises ValueError on bad input."""
         self.check_alive()

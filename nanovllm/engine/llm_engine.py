@@ -8,9 +8,10 @@ from nanovllm.config import EngineConfig
 from nanovllm.engine.async_scheduling import OverlappedSteps
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.model_runner import Launched, ModelRunner
-from nanovllm.engine.request import Prompt, Request, tokenize
+from nanovllm.engine.request import Request, tokenize
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.workers import Workers, check_tensor_parallel
+from nanovllm.inputs import PromptType
 from nanovllm.loader import default_model_path, generation_defaults, load_hf_config, load_model
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
@@ -135,7 +136,7 @@ class LLMEngine:
         self.last_step = (0, 0)  # (prefill tokens, decode tokens) of the last step, for progress reports
 
     # ---- requests -------------------------------------------------------------------------------------
-    def make_request(self, request_id: str, prompt: Prompt, params: SamplingParams, tokenizer=None) -> Request:
+    def make_request(self, request_id: str, prompt: PromptType, params: SamplingParams, tokenizer=None) -> Request:
         """Validate and tokenize without touching the engine: a batch can check every prompt before it starts.
         (The request id is checked when the request is added.) tokenizer: what encodes the prompt and the bad
         words, the caller's own copy when it runs off the engine's thread (the async engine); default the engine's."""
@@ -181,7 +182,7 @@ class LLMEngine:
         for seq in request.seqs:
             self.scheduler.add(seq)
 
-    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> None:
         self.add(self.make_request(request_id, prompt, params or SamplingParams()))
 
     def abort(self, request_id: str) -> None:

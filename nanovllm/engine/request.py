@@ -9,18 +9,19 @@ import torch
 
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
 from nanovllm.engine.sequence import Sequence
+from nanovllm.inputs import PromptType
 from nanovllm.logprobs import logprob_dict
 from nanovllm.outputs import CompletionOutput, RequestOutput
 from nanovllm.sampling_params import RequestOutputKind, SamplingParams
 from nanovllm.structured_outputs import Constraint
 
-# text; token ids; {"prompt": text} or {"prompt_token_ids": ids, "prompt": optional text} (vLLM's TextPrompt and
-# TokensPrompt); or a conversation: a list of {"role", "content"} messages, rendered with the chat template
-Prompt = str | list[int] | dict | list[dict]
-
 
 def tokenize(
-    tokenizer, prompt: Prompt, chat_template: str | None = None, add_generation_prompt: bool = True, **template_kwargs
+    tokenizer,
+    prompt: PromptType,
+    chat_template: str | None = None,
+    add_generation_prompt: bool = True,
+    **template_kwargs,
 ) -> tuple[str | None, list[int]]:
     """(the prompt's text if it had one, its token ids). Token ids are taken as they are (checked later, against
     the vocabulary); a conversation is rendered with the model's chat template (or the one given)."""

@@ -46,7 +46,7 @@ class LayerWeight:
 
 
 # A decoder layer's weights in the order it applies them: the one list that loading, tensor-parallel sharding,
-# the GGUF block packing and the fused CPU decode step (ops/cpu_decode_step.py) read.
+# the GGUF block packing and the fused CPU decode step (step_runners/cpu_decode_step.py) read.
 LLAMA_LAYER = (
     LayerWeight("input_layernorm", ("input_layernorm",), None),
     LayerWeight("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), 0),

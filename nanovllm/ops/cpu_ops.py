@@ -227,7 +227,7 @@ def prepare(model: torch.nn.Module) -> None:
 
 def step_runner(runner, config):
     """A decode-only step's layers in one C call (bf16 with AMX, fp32 anywhere), where the model allows it
-    (ops/cpu_decode_step.py)."""
-    from nanovllm.ops.cpu_decode_step import FusedDecodeStep
+    (step_runners/cpu_decode_step.py)."""
+    from nanovllm.step_runners.cpu_decode_step import FusedDecodeStep
 
     return FusedDecodeStep.build(runner)

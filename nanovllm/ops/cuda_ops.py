@@ -1,6 +1,6 @@
 """The CUDA ops: our Triton paged attention (kernels/attention.py: KV store, flash-decoding, chunked prefill over a
 cached prefix) and fused mixture-of-experts (kernels/moe.py), torch elsewhere, and decode steps replayed from CUDA
-graphs (engine/cuda_graphs.py)."""
+graphs (step_runners/cuda_graphs.py)."""
 
 import torch
 
@@ -38,6 +38,6 @@ def step_runner(runner, config):
     """Decode-only steps replay CUDA graphs captured at start-up, unless enforce_eager."""
     if config.enforce_eager:
         return None
-    from nanovllm.engine.cuda_graphs import DecodeGraphs
+    from nanovllm.step_runners.cuda_graphs import DecodeGraphs
 
     return DecodeGraphs(runner, config)

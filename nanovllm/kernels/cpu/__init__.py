@@ -99,8 +99,9 @@ def store_kv(
 
 
 LINEAR_ROWS = 128  # up to here the AMX kernel beats oneDNN (docs/benchmarks.md); prefills stay on torch
-# up to here linear_f32's int8 dots beat dequantized tiles through torch's fp32 GEMM (benchmarks/linear_kernel.py)
-QUANT_KERNEL_ROWS = 32
+# up to here linear_f32's int8 dots beat dequantized tiles through torch's fp32 GEMM: a 37-token chat prefill 156-287 ms
+# at 32 -> ~100 ms at 64 (2026-12-07, quiet EPYC; docs/benchmarks.md)
+QUANT_KERNEL_ROWS = 64
 
 
 def amx_linear(
@@ -459,8 +460,9 @@ def row_bytes(qtype: int | str, k: int) -> int:
 
 # From this many rows of x on, quant_linear dequantizes W a tile of TILE_ROWS rows at a time (an fp32 tile of at most
 # ~1.5 MB: about a core's L2) and multiplies each with torch.mm: the int8 dot products cost the same per row of x
-# whatever M, and at 32 rows already equal torch's fp32 matmul, which then gains with M (benchmarks/linear_kernel.py)
-TILE_FROM_ROWS = 64
+# whatever M, and at 32-64 rows equal torch's fp32 matmul, which then gains with M (benchmarks/linear_kernel.py);
+# the engine's dispatch (ops/cpu_ops.py) switches at the same point
+TILE_FROM_ROWS = QUANT_KERNEL_ROWS + 1
 TILE_ROWS = 256
 
 

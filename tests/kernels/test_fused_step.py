@@ -1,4 +1,5 @@
-"""The fused fp32 decode step (ops/cpu_decode_step.py, kernels/cpu/decode_step.c) on any CPU with gcc: its logits
+"""The fused fp32 decode step (step_runners/cpu_decode_step.py, kernels/cpu/decode_step.c) on any CPU with gcc:
+its logits
 against the layer-by-layer path, the engine's greedy tokens either way, with plain fp32 weights and with GGUF blocks
 (Q8_0, Q4_1) read by linear_f32; and its fp32 elementwise kernels (elementwise_f32.c) against torch_ops."""
 
@@ -10,7 +11,7 @@ from conftest import random_prompts, save_tiny_model
 import nanovllm.ops.torch_ops as torch_ops
 from nanovllm.kernels import cpu as cpu_kernel
 from nanovllm.layers.quant import QuantWeight
-from nanovllm.ops.cpu_decode_step import PROJECTIONS, FusedDecodeStep
+from nanovllm.step_runners.cpu_decode_step import PROJECTIONS, FusedDecodeStep
 
 pytestmark = pytest.mark.skipif(cpu_kernel.library() is None, reason="no C compiler here")
 

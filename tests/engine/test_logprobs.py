@@ -377,7 +377,7 @@ def test_every_known_unsupported_field_is_refused_by_name_and_documented():
 
     from nanovllm.entrypoints.protocol import APIError, ChatRequest, CompletionRequest
 
-    doc = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "from-vllm.md").read_text()
+    doc = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "from-vllm.md").read_text()
     refused = set(re.findall(r"\w+", doc.split("- Refused with a 400")[1].split("- Unknown")[0]))
     for model, base in ((CompletionRequest, {"prompt": "hi"}), (ChatRequest, {"messages": []})):
         for name in model.unsupported:

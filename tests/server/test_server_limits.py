@@ -326,7 +326,7 @@ def test_short_soak_leaves_nothing_behind(model_path):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "soak", os.path.join(os.path.dirname(__file__), "..", "scripts", "soak.py")
+        "soak", os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "soak.py")
     )
     soak = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(soak)

@@ -11,7 +11,7 @@ import sys
 import pytest
 from conftest import hf_greedy, random_prompts
 
-PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "nanovllm"
+PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "nanovllm"
 
 
 def import_graph() -> dict[str, set[str]]:

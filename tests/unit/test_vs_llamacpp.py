@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "vs_llamacpp.py")
+PATH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "vs_llamacpp.py")
 
 
 @pytest.fixture(scope="module")

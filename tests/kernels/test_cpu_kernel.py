@@ -111,7 +111,7 @@ def test_without_compiler_the_torch_path_serves(tmp_path, monkeypatch):
 
 def test_engine_uses_the_kernel_and_matches_torch_path(llm, monkeypatch):
     """The whole engine gives the same greedy tokens with the kernel and with the torch path, and the kernel
-    is what decode steps call (the layer-by-layer path: the fused step is tests/test_fused_step.py)."""
+    is what decode steps call (the layer-by-layer path: the fused step is tests/kernels/test_fused_step.py)."""
     from conftest import random_prompts
 
     from nanovllm import SamplingParams

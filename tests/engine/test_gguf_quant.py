@@ -179,7 +179,7 @@ def test_kept_blocks_with_our_c_kernels_stay_close(tiny_gguf):
 
     import nanovllm.ops.cpu_ops as cpu_ops
 
-    short, long = random_prompts(1, 24, 24, seed=2)[0], random_prompts(1, 48, 48, seed=3)[0]
+    short, long = random_prompts(1, 24, 24, seed=2)[0], random_prompts(1, 96, 96, seed=3)[0]
     assert len(short) <= cpu_ops.QUANT_KERNEL_ROWS < len(long)
     reference = engine(tiny_gguf, quantization="dequantize", ops="cpu")
     expected = {n: our_logits(reference, p) for n, p in (("short", short), ("long", long))}

@@ -226,7 +226,7 @@ def test_padding_rows_write_and_see_nothing():
     reason="no ptxas",
 )
 def test_kernels_compile_for_hopper():
-    """What the interpreter cannot show (tests/compile_hopper.py, its own process): the bf16 kernels at
+    """What the interpreter cannot show (tools/compile_hopper.py, its own process): the bf16 kernels at
     Qwen3-0.6B's shape compile for an H100/H200 with the engine's default tiles; decode's and prefill's K/V
     loads are software-pipelined (async copies), prefill runs on Hopper's warpgroup tensor cores and decode's
     16-row tiles on mma.sync; nothing spills and shared memory stays within the 227 KiB a block may use."""
@@ -236,7 +236,7 @@ def test_kernels_compile_for_hopper():
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
-        [sys.executable, os.path.join(os.path.dirname(__file__), "compile_hopper.py")],
+        [sys.executable, os.path.join(os.path.dirname(__file__), "..", "..", "tools", "compile_hopper.py")],
         env=env,
         capture_output=True,
         text=True,

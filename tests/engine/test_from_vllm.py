@@ -13,7 +13,7 @@ from nanovllm import SamplingParams
 from nanovllm.config import EngineConfig
 from nanovllm.engine_args import RENAMED, engine_config
 
-TABLE = pathlib.Path(__file__).resolve().parent.parent / "docs" / "from-vllm.md"
+TABLE = pathlib.Path(__file__).resolve().parents[2] / "docs" / "from-vllm.md"
 ROW = re.compile(r"^\| `(\w+)` \| `(.+?)` \| (implemented|accepted|refused) \|")
 
 

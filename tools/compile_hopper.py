@@ -2,7 +2,7 @@
 engine's default tiles, compiled for sm_90 (H100/H200) to cubins by Triton's own ptxas: no GPU needed. Prints
 JSON per kernel: K/V loads pipelined (async copies), the tensor-core instructions, shared memory, registers and
 spill bytes. Its own process: the Triton interpreter (TRITON_INTERPRET=1) must not be on.
-    python tests/compile_hopper.py"""
+    python tools/compile_hopper.py"""
 
 import json
 import os

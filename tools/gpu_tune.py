@@ -3,9 +3,9 @@ prefill attention's TFLOP/s, for the default configuration and a sweep of tile s
 split counts, each checked against the torch reference. Qwen3-0.6B's heads (16 query heads, 8 KV heads, head
 dim 128), block size 16, blocks scattered over the pool, bf16.
 
-    python3 scripts/gpu_tune.py                      # on a GPU: 128 and 256 sequences, ~1,000-token contexts
-    python3 scripts/gpu_tune.py --budget 60          # stop sweeping after 60 s (the defaults are always run)
-    TRITON_INTERPRET=1 python3 scripts/gpu_tune.py --tiny   # CPU smoke test: tiny shapes, fp32, interpreter
+    python3 tools/gpu_tune.py                      # on a GPU: 128 and 256 sequences, ~1,000-token contexts
+    python3 tools/gpu_tune.py --budget 60          # stop sweeping after 60 s (the defaults are always run)
+    TRITON_INTERPRET=1 python3 tools/gpu_tune.py --tiny   # CPU smoke test: tiny shapes, fp32, interpreter
 """
 
 import argparse
