@@ -6,7 +6,7 @@ F.linear          torch's linear on the fp32 weights (what loading a GGUF dequan
 int4pack          torch._weight_int4pack_mm_for_cpu (4-bit, group size 32, scale and zero per group)
 int8pack          torch._weight_int8pack_mm (int8, one scale per output)
 ours Q4_1 / Q8_0  kernels.quant_linear (quant_linear.c: int8 activations, integer block dot products; from
-                  kernels.TILE_FROM_ROWS rows on, dequantized tiles and torch.mm as "tile Q4_1" below)
+                  kernels/cpu/quant.py's TILE_FROM_ROWS rows on, dequantized tiles and torch.mm as "tile Q4_1" below)
 dots Q4_1         the C kernel's int8 dot products at every row count (linear_f32 called directly)
 ours Q4_K         the same on Q4_K where K is a multiple of 256 (only the down projection, K = 1536) and Q5_0
                   elsewhere (K = 576): what a Q4_K_M GGUF of SmolLM2 holds

@@ -67,8 +67,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--kernel-rows", type=int, default=1 << 30, help="rows up to which the C kernel runs")
     args = ap.parse_args()
-    import nanovllm.kernels.cpu as kernels
-    import nanovllm.ops.cpu_ops as cpu_ops
+    import nanovllm.kernels.cpu.quant as quant
     from nanovllm.kernels.cpu.build import library
 
     if library() is None:
@@ -82,8 +81,7 @@ def main() -> None:
     expected = score(reference, sequences)
     del reference
     kept = LLM(args.model, **common)
-    cpu_ops.QUANT_KERNEL_ROWS = args.kernel_rows
-    kernels.TILE_FROM_ROWS = args.kernel_rows + 1  # the kernel wrapper's own switch to tiles
+    quant.TILE_FROM_ROWS = args.kernel_rows + 1  # where the kernel wrapper switches to dequantized tiles
     got = score(kept, sequences)
     chosen = [torch.tensor(c) for _, c in sequences]
     top1 = torch.cat([(g.argmax(-1) == e.argmax(-1)) for g, e in zip(got, expected)]).float().mean().item()

@@ -1,8 +1,8 @@
 """llama.cpp and nanovllm on the same GGUF file, the same thread count, in one invocation: engines alternate, each
 figure is the median of --runs rounds.
 
-    python benchmarks/vs_llamacpp.py --llama-python /work/venvs/llama/bin/python \
-        --llama-bin /work/peers/llama.cpp-bin --json /tmp/vs_llamacpp.json
+    python benchmarks/vs_llamacpp.py --llama-python ~/venvs/llama/bin/python \
+        --llama-bin ~/peers/llama.cpp-bin --json /tmp/vs_llamacpp.json
     python benchmarks/vs_llamacpp.py ... --busy 1      # the same with one busy-loop process beside it
 
 What is measured (docs/benchmarks.md, "llama.cpp as a peer", says why each is fair):

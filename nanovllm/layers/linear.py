@@ -7,8 +7,9 @@ from nanovllm.layers.quant import QuantWeight
 
 class Linear(nn.Linear):
     """y = x W^T + b. The backend may keep a faster form of W beside it (ops/cpu_ops.py: `packed` for oneDNN,
-    `blocks` for a GGUF's quantized blocks in the AMX kernel's layout, the same values); the op picks what it
-    reads. A GGUF weight kept quantized on CPU is `quant` alone, its `weight` None (loader/gguf_quant.py)."""
+    `blocks` for a GGUF's quantized blocks in the bf16 decode kernel's tile layout, the same values); the op
+    picks what it reads. A GGUF weight kept quantized on CPU is `quant` alone, its `weight` None
+    (loader/gguf_quant.py)."""
 
     packed: torch.Tensor | None = None
     blocks: tuple[int, torch.Tensor] | None = None  # (block type, blocks), from the loader

@@ -19,10 +19,9 @@ NAME = "cpu"
 # fp32 linears with 2-96 rows as (W @ x^T)^T, which MKL runs faster there: a 4-sequence fp32 SmolLM2 decode step
 # 120 -> 63 ms; at 1 row even, from 128 rows slower
 SMALL_ROWS = range(2, 97)
-# a weight kept in GGUF blocks: up to kernels.QUANT_KERNEL_ROWS rows (decodes) our C kernel reads the blocks (int8
-# activations); above, a prefill dequantizes the weight a tile of rows at a time and keeps MKL's GEMM speed
+# a weight kept in GGUF blocks: up to this many rows (decodes) our C kernel reads the blocks (int8 activations);
+# above, a prefill dequantizes the weight a tile of rows at a time and keeps MKL's GEMM speed (kernels/cpu/quant.py)
 QUANT_KERNEL_ROWS = kernels.QUANT_KERNEL_ROWS
-DEQUANT_TILE_ROWS = 256  # weight rows dequantized at once: 256 x K fp32 stays in L2 for K up to ~2k
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -86,29 +85,13 @@ def linear(x: torch.Tensor, layer) -> torch.Tensor:
 
 
 def quant_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] (fp32 or bf16) times a weight in GGUF blocks: our C kernel for decode rows, else tiles of the
-    weight dequantized to fp32 (cast to x's dtype) and multiplied by torch: the float path's GEMM speed, with
-    one tile of float weight in memory at a time."""
-    x = x.contiguous()
-    if x.shape[0] <= QUANT_KERNEL_ROWS:
-        y = kernels.quant_linear(x, w.qtype, w.blocks, bias)  # None without our library
-        if y is not None:
-            return y
-    n = w.shape[0]
-    y = x.new_empty(x.shape[0], n)
-    for start in range(0, n, DEQUANT_TILE_ROWS):
-        rows = QuantWeight(
-            w.qtype, w.blocks[start : start + DEQUANT_TILE_ROWS], (min(DEQUANT_TILE_ROWS, n - start), w.shape[1])
-        )
-        y[:, start : start + rows.shape[0]] = x @ dequantize(rows).to(x.dtype).t()
-    return y if bias is None else y.add_(bias)
-
-
-def dequantize(w: QuantWeight) -> torch.Tensor:
-    """fp32 [N, K]: our C kernel where the library is built, else the torch reference (the same values)."""
-    if kernels.library() is None:
-        return dequantize_torch(w)
-    return kernels.dequantize(w.qtype, w.blocks, w.shape[1])
+    """x [M, K] (fp32 or bf16) times a weight in GGUF blocks: our kernels (kernels/cpu/quant.py: the int8 kernel for
+    up to QUANT_KERNEL_ROWS rows, dequantized tiles into torch's GEMM above); without our library, the torch
+    reference's dequantized weight."""
+    y = kernels.quant_linear(x.contiguous(), w.qtype, w.blocks, bias)
+    if y is not None:
+        return y
+    return F.linear(x, dequantize_torch(w).to(x.dtype), bias)
 
 
 def bf16_linear(

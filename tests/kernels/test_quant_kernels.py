@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from nanovllm.kernels import cpu
+from nanovllm.kernels.cpu import quant
 from nanovllm.kernels.cpu.build import library
 
 pytestmark = pytest.mark.skipif(library() is None, reason="no C compiler here")
@@ -188,7 +189,7 @@ def test_dequantize_into_a_scratch_and_without_a_compiler(monkeypatch):
     assert torch.equal(scratch, expected[2:6])
     with pytest.raises(ValueError, match=r"contiguous fp32 \[4, 576\]"):
         cpu.dequantize("Q5_0", blocks[2:6], 576, out=torch.empty(4, 575))
-    monkeypatch.setattr(cpu, "library", lambda: None)
+    monkeypatch.setattr(quant, "library", lambda: None)
     ids = torch.tensor([8, 1])
     assert torch.equal(cpu.dequantize("Q5_0", blocks, 576, ids=ids), expected[ids])
     assert cpu.quant_linear(torch.randn(2, 576), "Q5_0", blocks) is None
@@ -204,7 +205,7 @@ def test_no_rows():
 def test_many_rows_take_dequantized_tiles(name):
     """From TILE_FROM_ROWS rows on, W is dequantized a tile at a time (exact values) and multiplied in fp32: within
     fp32 rounding of the reference, across tiles (N > TILE_ROWS, not a multiple of it), bf16 x too."""
-    k, n, m = row_length(name), cpu.TILE_ROWS + 37, cpu.TILE_FROM_ROWS + 3
+    k, n, m = row_length(name), quant.TILE_ROWS + 37, quant.TILE_FROM_ROWS + 3
     blocks = random_blocks(name, n, k, seed=11)
     w = reference(name, blocks, k)
     gen = torch.Generator().manual_seed(11)

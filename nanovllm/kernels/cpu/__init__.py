@@ -2,11 +2,20 @@
 and calls it through ctypes (kernels/cpu/build.py builds and loads the library). Functions that may decline
 return False or None, and the caller (ops/cpu_ops.py) then uses torch. They know tensors, never the model."""
 
-from dataclasses import dataclass
-
 import torch
 
 from nanovllm.kernels.cpu.build import has_amx, library
+from nanovllm.kernels.cpu.quant import (  # noqa: F401 (this package's API: GGUF blocks, quant.py)
+    BLOCK_SHAPES,
+    GGUF_TYPES,
+    QUANT_KERNEL_ROWS,
+    TYPE_NAMES,
+    BlockShape,
+    block_shape,
+    dequantize,
+    quant_linear,
+    row_bytes,
+)
 
 MAX_GROUP, MAX_HEAD_DIM = 64, 256  # decode attention's fixed-size scratch (kernels.h)
 
@@ -99,9 +108,6 @@ def store_kv(
 
 
 LINEAR_ROWS = 128  # up to here the AMX kernel beats oneDNN (docs/benchmarks.md); prefills stay on torch
-# up to here linear_f32's int8 dots beat dequantized tiles through torch's fp32 GEMM: a 37-token chat prefill 156-287 ms
-# at 32 -> ~100 ms at 64 (2026-12-07, quiet EPYC; docs/benchmarks.md)
-QUANT_KERNEL_ROWS = 64
 
 
 def amx_linear(
@@ -140,20 +146,6 @@ def amx_linear(
     return y
 
 
-# Weight types by ggml's own ids (kernels.h), one numbering for every kernel: what linear_bf16 reads (the plain
-# bf16 weight, or its Q4_1 / Q8_0 GGUF blocks in pack_blocks' layout) and what linear_f32 / dequantize_rows read
-GGUF_TYPES: dict[str, int] = {
-    "F32": 0,
-    "F16": 1,
-    "Q4_0": 2,
-    "Q4_1": 3,
-    "Q5_0": 6,
-    "Q5_1": 7,
-    "Q8_0": 8,
-    "Q4_K": 12,
-    "Q5_K": 13,
-    "Q6_K": 14,
-}
 BF16, Q4_1, Q8_0 = 30, GGUF_TYPES["Q4_1"], GGUF_TYPES["Q8_0"]  # 30: ggml's GGML_TYPE_BF16
 F32 = GGUF_TYPES["F32"]  # linear_f32's type for a plain fp32 weight
 # decode_layers' table (decode_step.c), per layer: 6 weights in the order the layer applies them (input norm, qkv,
@@ -411,177 +403,4 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor) -> 
         out.data_ptr(),
         torch.get_num_threads(),
     )
-    return out
-
-
-@dataclass(frozen=True)
-class BlockShape:
-    """A GGUF weight type's block as stored: `elems` weights in `nbytes` bytes (kernels.h has the layouts)."""
-
-    elems: int
-    nbytes: int
-
-
-BLOCK_SHAPES: dict[int, BlockShape] = {  # by ggml id: every type quant_linear and dequantize read
-    GGUF_TYPES["F32"]: BlockShape(1, 4),
-    GGUF_TYPES["F16"]: BlockShape(1, 2),
-    GGUF_TYPES["Q4_0"]: BlockShape(32, 18),
-    GGUF_TYPES["Q4_1"]: BlockShape(32, 20),
-    GGUF_TYPES["Q5_0"]: BlockShape(32, 22),
-    GGUF_TYPES["Q5_1"]: BlockShape(32, 24),
-    GGUF_TYPES["Q8_0"]: BlockShape(32, 34),
-    GGUF_TYPES["Q4_K"]: BlockShape(256, 144),
-    GGUF_TYPES["Q5_K"]: BlockShape(256, 176),
-    GGUF_TYPES["Q6_K"]: BlockShape(256, 210),
-}
-TYPE_NAMES = {v: k for k, v in GGUF_TYPES.items()}
-
-
-def block_shape(qtype: int | str, k: int) -> tuple[int, BlockShape]:
-    """The ggml id and block of `qtype` (a ggml id or name), for rows of k weights; ValueError naming the type and
-    the rule where the kernels cannot read it."""
-    code = GGUF_TYPES.get(qtype) if isinstance(qtype, str) else int(qtype)
-    if code not in BLOCK_SHAPES:
-        raise ValueError(f"GGUF type {qtype!r} is not one the CPU kernels read; they read {sorted(GGUF_TYPES)}")
-    shape = BLOCK_SHAPES[code]
-    if k % shape.elems:
-        raise ValueError(
-            f"GGUF type {TYPE_NAMES[code]} stores rows in blocks of {shape.elems} weights; a row of {k} is not a "
-            f"multiple of {shape.elems}"
-        )
-    return code, shape
-
-
-def row_bytes(qtype: int | str, k: int) -> int:
-    """Bytes of one row of k weights of `qtype` as GGUF stores it."""
-    _, shape = block_shape(qtype, k)
-    return k // shape.elems * shape.nbytes
-
-
-# From this many rows of x on, quant_linear dequantizes W a tile of TILE_ROWS rows at a time (an fp32 tile of at most
-# ~1.5 MB: about a core's L2) and multiplies each with torch.mm: the int8 dot products cost the same per row of x
-# whatever M, and at 32-64 rows equal torch's fp32 matmul, which then gains with M (benchmarks/linear_kernel.py);
-# the engine's dispatch (ops/cpu_ops.py) switches at the same point
-TILE_FROM_ROWS = QUANT_KERNEL_ROWS + 1
-TILE_ROWS = 256
-
-
-def tiled_linear(x: torch.Tensor, code: int, blocks: torch.Tensor, lib) -> torch.Tensor:
-    """x [M, K] fp32 @ W.T for many rows: W's rows dequantized TILE_ROWS at a time into one scratch tile, each
-    tile's outputs computed by F.linear and copied into their columns of y (a few % faster, under load, than
-    torch.mm into rows of y.T and one transpose)."""
-    n, k = blocks.shape[0], x.shape[1]
-    if code == GGUF_TYPES["F32"]:
-        return torch.nn.functional.linear(x, blocks.view(torch.float32))
-    scratch = torch.empty(min(n, TILE_ROWS) * k)
-    y = x.new_empty(x.shape[0], n)
-    for start in range(0, n, TILE_ROWS):
-        rows = min(TILE_ROWS, n - start)
-        tile = dequantize(code, blocks[start : start + rows], k, lib=lib, out=scratch[: rows * k].view(rows, k))
-        y[:, start : start + rows] = torch.nn.functional.linear(x, tile)
-    return y
-
-
-def quant_linear(
-    x: torch.Tensor, qtype: int | str, blocks: torch.Tensor, bias: torch.Tensor | None = None, lib=None
-) -> torch.Tensor | None:
-    """y [M, N] = x [M, K] @ W.T (+ bias), W's N rows as GGUF stores them in `blocks` (uint8 [N, row bytes],
-    contiguous), read in place (quant_linear.c: x quantized to int8 blocks, integer dot products); from
-    TILE_FROM_ROWS rows on, tiles of W dequantized and torch.mm. x fp32 or bf16 (computed in fp32, returned in
-    x's dtype). None where the kernel does not apply (not CPU, another dtype or
-    layout, no compiler): the caller uses torch. ValueError for a type it cannot read or K not in its blocks.
-    lib: the kernel library (tests pass library("portable"))."""
-    lib = lib if lib is not None else library()
-    if not (
-        lib is not None
-        and x.device.type == "cpu"
-        and x.dim() == 2
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and x.is_contiguous()
-        and blocks.dtype == torch.uint8
-        and blocks.dim() == 2
-        and blocks.is_contiguous()
-        and (bias is None or (bias.dtype in (torch.float32, torch.bfloat16) and bias.is_contiguous()))
-    ):
-        return None
-    m, k = x.shape
-    code = GGUF_TYPES.get(qtype) if isinstance(qtype, str) else qtype
-    shape = BLOCK_SHAPES.get(code)
-    if shape is None or k % shape.elems or blocks.shape[1] != k // shape.elems * shape.nbytes:  # ~130 calls a step
-        code, _ = block_shape(qtype, k)  # raises for the type or K
-        raise ValueError(
-            f"GGUF {TYPE_NAMES[code]} rows of {k} weights take {row_bytes(code, k)} bytes; blocks has rows of "
-            f"{blocks.shape[1]}"
-        )
-    xf = x.float()
-    bf = None if bias is None else bias.float()
-    if m >= TILE_FROM_ROWS:
-        y = tiled_linear(xf, code, blocks, lib)
-        if bf is not None:
-            y += bf
-        return y if x.dtype == torch.float32 else y.to(x.dtype)
-    y = xf.new_empty(m, blocks.shape[0])
-    rc = lib.linear_f32(
-        xf.data_ptr(),
-        m,
-        blocks.data_ptr(),
-        code,
-        blocks.shape[0],
-        k,
-        None if bf is None else bf.data_ptr(),
-        y.data_ptr(),
-        torch.get_num_threads(),
-    )
-    if rc:
-        raise RuntimeError(f"linear_f32 failed ({rc}) on {TYPE_NAMES[code]} [{blocks.shape[0]}, {k}], {m} rows")
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
-
-
-def dequantize(
-    qtype: int | str,
-    blocks: torch.Tensor,
-    k: int,
-    ids: torch.Tensor | None = None,
-    lib=None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Rows of a GGUF weight (blocks: uint8, contiguous, rows of k weights as stored) as fp32 [n, k], the values
-    gguf-py's gguf.dequantize computes: all rows, or those at `ids` (int64, e.g. an embedding lookup). Without a
-    compiler, gguf-py's numpy code computes them. out: where to write them (contiguous fp32 [n, k], e.g. a
-    scratch tile reused), else a new tensor."""
-    lib = lib if lib is not None else library()
-    code, _ = block_shape(qtype, k)
-    nbytes = row_bytes(code, k)
-    if blocks.dtype != torch.uint8 or not blocks.is_contiguous() or blocks.numel() % nbytes:
-        raise ValueError(
-            f"dequantize reads contiguous uint8 rows of {nbytes} bytes ({TYPE_NAMES[code]}, {k} weights); got "
-            f"{blocks.dtype} {tuple(blocks.shape)}"
-        )
-    rows = blocks.numel() // nbytes
-    if ids is not None:
-        ids = ids.to(torch.int64).contiguous().view(-1)
-        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= rows):
-            raise IndexError(f"row ids must lie in [0, {rows}); got {int(ids.min())} .. {int(ids.max())}")
-    n = rows if ids is None else len(ids)
-    if lib is None:
-        import gguf
-
-        picked = blocks.view(rows, nbytes) if ids is None else blocks.view(rows, nbytes)[ids]
-        values = torch.from_numpy(gguf.dequantize(picked.numpy(), gguf.GGMLQuantizationType(code)).reshape(n, k))
-        return values.clone() if out is None else out.copy_(values)
-    if out is None:
-        out = torch.empty(n, k, dtype=torch.float32)
-    elif not (out.dtype == torch.float32 and out.is_contiguous() and out.shape == (n, k)):
-        raise ValueError(f"dequantize writes into a contiguous fp32 [{n}, {k}]; got {out.dtype} {tuple(out.shape)}")
-    rc = lib.dequantize_rows(
-        blocks.data_ptr(),
-        code,
-        k,
-        None if ids is None else ids.data_ptr(),
-        n,
-        out.data_ptr(),
-        torch.get_num_threads(),
-    )
-    if rc:
-        raise RuntimeError(f"dequantize_rows failed ({rc}) on {TYPE_NAMES[code]} rows of {k}")
     return out
