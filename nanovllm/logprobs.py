@@ -1,6 +1,7 @@
-"""vLLM's logprob types (`vllm.logprobs`): what `SamplingParams(logprobs=N, prompt_logprobs=M)` returns; and
-where a step's logits hold them, and how they are read off."""
+"""vLLM's logprob types (`vllm.logprobs`): what `SamplingParams(logprobs=N, prompt_logprobs=M)` returns; where a
+step's logits hold them, how they are read off, and how they reach the requests (add_step_logprobs)."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,3 +97,27 @@ def step_logprobs(
         at = np.cumsum([0] + [len(prompt_positions[i]) for i in rows]).tolist()
         out.prompt = {i: entries[at[k] : at[k + 1]] for k, i in enumerate(rows)}
     return out
+
+
+def add_step_logprobs(logprobs: StepLogprobs, seqs: list, requests: dict, fail: Callable) -> dict:
+    """A step's logprobs to their requests, by batch row (`seqs`): each row's prompt logprobs first, then its
+    sampled token's; none for a sequence that ended while the step ran. A request whose logprobs cannot be decoded
+    fails alone (`fail(request, error)`); returns those requests, by id."""
+    failed = {}
+    for row, prompt, entries in [
+        *((r, True, e) for r, e in logprobs.prompt.items()),
+        *((r, False, e) for r, e in logprobs.sampled.items()),
+    ]:
+        seq = seqs[row]
+        if seq.finished:
+            continue
+        request = requests[seq.request_id]
+        try:
+            if prompt:
+                request.add_prompt_logprobs(seq, entries)
+            else:
+                request.add_logprobs(seq, *entries)
+        except Exception as e:
+            fail(request, e)
+            failed[seq.request_id] = request
+    return failed

@@ -9,7 +9,7 @@ class OverlappedSteps:
     previous one: its sampled tokens were on their way while this step was scheduled and prepared (its sequences'
     inputs read them on the device), and a sequence that stopped there has one token computed here in vain,
     dropped when this step is postprocessed. A step whose tokens the next draw needs on the host (penalties, a
-    grammar, logprobs: `Launched.needs_tokens`) is postprocessed before the next is scheduled."""
+    grammar, logprobs: `SamplerOutput.needs_tokens`) is postprocessed before the next is scheduled."""
 
     def __init__(self, engine) -> None:
         self.engine = engine  # its in_flight holds the step launched last, not yet postprocessed
@@ -17,7 +17,7 @@ class OverlappedSteps:
     def __call__(self) -> list[RequestOutput]:
         engine = self.engine
         outputs, previous = [], engine.in_flight
-        if previous is not None and previous.needs_tokens:
+        if previous is not None and previous.output.needs_tokens:
             engine.in_flight = None
             outputs, previous = engine.postprocess(previous), None
         launched = engine.launch()

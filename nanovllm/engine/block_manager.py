@@ -50,11 +50,12 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     def match_prefix(self, seq: Sequence) -> list[int]:
-        """Cached blocks for the longest run of full prompt blocks; the last token is never served from cache."""
+        """Cached blocks for the longest run of full blocks inside the sequence's `cacheable_prefix` (the last token is
+        never served from cache)."""
         if not self.enable_prefix_caching:
             return []
         hits, parent, bs = [], 0, self.block_size
-        for i in range((seq.num_tokens - 1) // bs):
+        for i in range(seq.cacheable_prefix // bs):
             chunk = seq.token_ids[i * bs : (i + 1) * bs]
             parent = block_key(parent, chunk)
             block = self.cached.get(parent)

@@ -115,8 +115,9 @@ class LLMEngine:
         self.in_flight: Launched | None = None  # async scheduling: the step launched last, not yet postprocessed
         if resolved.async_scheduling:
             self.step = OverlappedSteps(self)
-        self.scheduler = Scheduler(resolved, self.block_manager)
-        self.speculator = None  # speculative decoding (nanovllm/spec), when speculative_config asks for it
+        # speculative decoding (nanovllm/spec), when speculative_config asks for it: the scheduler's proposer and the
+        # sampler's verifier
+        self.speculator = None
         if resolved.speculative_config:
             spec = SpeculativeConfig.from_dict(resolved.speculative_config)
             draft = (
@@ -125,8 +126,8 @@ class LLMEngine:
                 else None
             )
             self.speculator = Speculator(spec, resolved.max_model_len, draft, resolved.device)
-            self.scheduler.on_free, self.scheduler.speculative = self.speculator.free, True
-            self.scheduler.propose = self.speculator.propose
+            self.runner.sampler.verifier = self.speculator.verify
+        self.scheduler = Scheduler(resolved, self.block_manager, proposer=self.speculator)
         self.requests: dict[str, Request] = {}
         self.vocab_size = hf_config.vocab_size
         self.structured_outputs = StructuredOutputManager(self.runner.model.vocab_size, loaded.eos_token_ids)
@@ -169,7 +170,7 @@ class LLMEngine:
                     f"SamplingParams.{name} ({asked}) is more than this engine allows: max_logprobs="
                     f"{self.config.max_logprobs} (an engine argument; -1 allows the whole vocabulary)"
                 )
-        self.runner.logits_processors.validate(params)  # the user's processors refuse what they cannot serve
+        self.runner.sampler.logits_processors.validate(params)  # the user's processors refuse what they cannot serve
         so = params.structured_outputs  # its grammar compiles on another thread from here on
         grammar = self.structured_outputs.compile(so, encoder) if so else None
         return Request.make(request_id, text, ids, params, self.tokenizer, self.config.device, encoder, grammar)
@@ -206,9 +207,9 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return None
-        launched = self.runner.run(batch, batch.sample_rows)
+        launched = self.runner.run(batch)
         self.scheduler.launched(batch)
-        self.last_step = batch.token_counts()
+        self.last_step = launched.token_counts()
         return launched
 
     def collect(self, launched: Launched | None) -> list[RequestOutput]:
@@ -221,14 +222,7 @@ class LLMEngine:
     def postprocess(self, step: Launched) -> list[RequestOutput]:
         """A launched step's sampled tokens, once on the host, appended; the outputs of the requests that changed
         (of a FINAL_ONLY request only its last)."""
-        tokens = step.token_ids()
-        if step.batch.verifies:
-            self.speculator.record([step.batch.seqs[i] for i in step.sample_rows], tokens)
-            decoded = [len(new) for i, new in zip(step.sample_rows, tokens) if step.batch.seqs[i].spec_token_ids]
-            self.last_step = (self.last_step[0], self.last_step[1] + sum(decoded) - len(decoded))
-        changed = self.scheduler.postprocess(
-            step.batch, step.sample_rows, tokens, self.requests, self.eos_token_ids, step.logprobs
-        )
+        changed = self.scheduler.postprocess(step.batch, step.output, self.requests, self.eos_token_ids)
         outputs = []
         for request in changed:
             if request.final_only and not request.finished:

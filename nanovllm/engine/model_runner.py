@@ -7,20 +7,16 @@ import nanovllm.ops as ops
 from nanovllm.config import EngineConfig
 from nanovllm.engine import kv_cache
 from nanovllm.engine.scheduler import ScheduledBatch
-from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import AttentionMetadata
-from nanovllm.logprobs import logit_rows, prompt_logprob_positions, step_logprobs
-from nanovllm.sampling.persistent_batch import LogitsProcessors
-from nanovllm.sampling.sampler import SamplingBatch, StepLogprobs
-from nanovllm.sampling.table import Column, Flag, SamplingTable
-from nanovllm.spec import rejection
+from nanovllm.logprobs import prompt_logprob_positions
+from nanovllm.sampling.step_sampler import Sampler, SamplerOutput
 
 
 @dataclass
 class PackedStep:
     """A step's inputs on the host: what tensor-parallel workers receive, and what every rank (rank 0 included)
-    builds its tensors from, packed into one int64 array by `pack` from these fields: a header (each array's
-    length, then the numbers), then the arrays in this order."""
+    builds its tensors from, packed into one int64 array by `pack` from its array and number fields: a header (each
+    array's length, then the numbers), then the arrays in this order."""
 
     input_ids: np.ndarray  # [T] the step's tokens (a pending one is a placeholder, filled in on the device)
     positions: np.ndarray  # [T]
@@ -36,6 +32,9 @@ class PackedStep:
     pending_src: np.ndarray  # [P] and their sequences' rows of last_sampled
     table_width: int  # W: the block tables' columns
     decode_max_context: int  # the longest context among the decode rows
+    # rank 0's only, not packed (the workers sample nothing): per row that asked for prompt logprobs, this step's
+    # positions whose logits give one
+    prompt_positions: dict[int, range]
 
     def pack(self) -> np.ndarray:
         arrays = [getattr(self, name) for name in PACKED_ARRAYS]
@@ -66,31 +65,25 @@ class Step:
     last: torch.Tensor  # the flat-batch index of each sampled row's last token
     sample_table_rows: np.ndarray  # each sampled row's row of the sampling table, on the host
     sample_table_rows_dev: torch.Tensor  # and on the device
+    prompt_positions: dict[int, range]  # per row that asked for prompt logprobs, this step's positions that give one
 
 
 @dataclass
 class Launched:
-    """A step on its way: its batch, and its sampled token ids on the device with their copy to the host."""
+    """A step on its way: its batch and what the sampler made of it (tokens on their way to the host)."""
 
     batch: ScheduledBatch
-    sample_rows: list[int]
-    tokens: torch.Tensor | None
-    host: torch.Tensor | None
-    event: object  # the copy's CUDA event (None on CPU)
-    needs_tokens: bool  # a sampled row's next draw depends on its token (penalties, a bad word
-    # of several tokens), or the step computed logprobs: the host must have
-    # them before the next step is scheduled
-    logprobs: StepLogprobs | None = None  # on the host already, for the rows that asked (None if none did)
-    kept: list[list[int]] | None = None  # a verification's tokens per sampled row (on the host)
+    output: SamplerOutput
 
     def token_ids(self) -> list[list[int]]:
-        """Each sampled row's new tokens on the host: one, or a verification's kept proposals and one more (waits
-        for their copy: the step's one transfer to the host)."""
-        if self.kept is not None:
-            return self.kept
-        if self.event is not None:
-            self.event.synchronize()
-        return [] if self.host is None else [[t] for t in self.host.tolist()]
+        """Each sampled row's new tokens on the host (waits for their copy)."""
+        return self.output.token_ids()
+
+    def token_counts(self) -> tuple[int, int]:
+        """(prefill tokens, decode tokens) of the step, for progress reports: a verification's kept tentative tokens
+        count as decoded."""
+        prefill, decode = self.batch.token_counts()
+        return prefill, decode + self.output.num_extra_tokens
 
 
 class ModelRunner:
@@ -115,12 +108,8 @@ class ModelRunner:
         self.kv_cache = kv_cache.allocate(shape, dtype, self.device)
         for i, layer in enumerate(model.model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
-        self.generator = torch.Generator(self.device).manual_seed(config.seed)
-        rows = config.max_num_seqs
         self.block_tables: np.ndarray | None = None  # the block manager's; the engine hands it over
-        self.sampling_table = SamplingTable(rows, model.vocab_size, self.device)  # per row of the block tables
-        self.logits_processors = LogitsProcessors(config.logits_processors or [], config, self.device, eos_token_ids)
-        self.last_sampled = torch.zeros(rows, dtype=torch.long, device=self.device)  # per row, on the device
+        self.sampler = Sampler(config, model.vocab_size, self.device, eos_token_ids)
         self.step_runner = self.ops.step_runner(self, config)
 
     @property
@@ -128,12 +117,13 @@ class ModelRunner:
         """The CUDA graphs, where the step runner is them."""
         return self.step_runner if self.ops.NAME == "cuda" else None
 
-    def pack(
-        self, batch: ScheduledBatch, sample_rows: list[int], prompt_positions: dict[int, range] | None = None
-    ) -> np.ndarray:
-        """A step's inputs (PackedStep) as one int64 array. The tokens whose logits are computed: the sampled rows'
-        last ones, each speculative proposal's before them, and the `prompt_positions` of rows that asked for
-        prompt logprobs. Vectorized: no loop over tokens, one over sequences per field."""
+    def pack(self, batch: ScheduledBatch, sample_rows: list[int] | None = None) -> PackedStep:
+        """A step's inputs. The tokens whose logits are computed: the sampled rows' (`sample_rows`, default the
+        batch's) last ones, each tentative token's before them, and the prompt positions whose prompt logprobs are
+        asked for. Vectorized: no loop over tokens, one over sequences per field."""
+        if sample_rows is None:
+            sample_rows = batch.sample_rows
+        prompt_positions = prompt_logprob_positions(batch)
         seqs, bs = batch.seqs, self.block_size
         n = np.array(batch.num_new_tokens, dtype=np.int64)
         start = np.array([s.num_computed for s in seqs], dtype=np.int64)
@@ -158,8 +148,8 @@ class ModelRunner:
             ]
             token_seq = np.repeat(np.arange(B), n)
             positions = np.arange(T) - np.repeat(query_start[:-1] - start, n)
-            if batch.verifies:  # a verifying row's logits: its last token's and each proposal's
-                k = [len(seqs[i].spec_token_ids) for i in sample_rows]
+            if batch.tentative_rows:  # the logits of a row's last token and of each of its tentative tokens
+                k = [seqs[i].num_tentative for i in sample_rows]
                 last = np.concatenate([np.arange(e - j, e + 1) for e, j in zip(last.tolist(), k)])
         tables = self.block_tables[table_rows, : -(-int(ends.max()) // bs)]
         slots = tables[token_seq, positions // bs] * bs + positions % bs
@@ -176,7 +166,7 @@ class ModelRunner:
                     ]
                 )
             )
-        step = PackedStep(
+        return PackedStep(
             input_ids=input_ids,
             positions=positions,
             slots=slots,
@@ -191,16 +181,17 @@ class ModelRunner:
             pending_src=src,
             table_width=tables.shape[1],
             decode_max_context=decode_max,
+            prompt_positions=prompt_positions,
         )
-        return step.pack()
 
-    def unpack(self, packed: np.ndarray) -> Step:
-        """The packed inputs as tensors on the device; a pending input token is its row's last sampled token."""
+    def unpack(self, packed: np.ndarray, prompt_positions: dict[int, range] | None = None) -> Step:
+        """The packed inputs as tensors on the device; a pending input token is its row's last sampled token.
+        (`prompt_positions`: PackedStep's, on rank 0.)"""
         lengths, numbers, values = PackedStep.layout(packed)
         split = torch.from_numpy(values.copy()).to(self.device, non_blocking=True).split(list(lengths.values()))
         dev = dict(zip(lengths, split))
         if lengths["pending_dst"]:
-            dev["input_ids"][dev["pending_dst"]] = self.last_sampled[dev["pending_src"]]
+            dev["input_ids"][dev["pending_dst"]] = self.sampler.last_sampled[dev["pending_src"]]
         host, at = {}, 0  # what is also read on the host
         for name, n in lengths.items():
             host[name] = values[at : at + n]
@@ -218,16 +209,17 @@ class ModelRunner:
             numbers["decode_max_context"],
         )
         return Step(
-            dev["input_ids"],
-            dev["positions"],
-            meta,
-            dev["logit_tokens"],
-            host["sample_table_rows"],
-            dev["sample_table_rows"],
+            input_ids=dev["input_ids"],
+            positions=dev["positions"],
+            meta=meta,
+            last=dev["logit_tokens"],
+            sample_table_rows=host["sample_table_rows"],
+            sample_table_rows_dev=dev["sample_table_rows"],
+            prompt_positions=prompt_positions or {},
         )
 
     def prepare(self, batch: ScheduledBatch, sample_rows: list[int] = ()):
-        step = self.unpack(self.pack(batch, list(sample_rows)))
+        step = self.unpack(self.pack(batch, list(sample_rows)).pack())
         return step.input_ids, step.positions, step.meta, step.last
 
     def forward(
@@ -248,60 +240,17 @@ class ModelRunner:
             hidden = self.model(input_ids, positions, meta)
             return self.model.compute_logits(hidden[last]) if last.numel() else None
 
-    def sampling_batch(self, seqs: list[Sequence], rows: np.ndarray, rows_dev: torch.Tensor) -> SamplingBatch:
-        """The sampled sequences' parameters: their rows of the sampling table gathered on the device; what the
-        sampler branches on is read here, on the host. Only the rows that need it (penalties, seeds, grammars) are
-        looked at one by one."""
-        table = self.sampling_table
-        table.write_missing(seqs)
-        values, flags = table.values[rows], table.flags[rows]
-        low, high = values.min(0), values.max(0)
-        any_flag = flags.any(0)
-        t = table.values_dev[rows_dev]
-        b = SamplingBatch(
-            temperature=t[:, Column.TEMPERATURE],
-            top_k=t[:, Column.TOP_K],
-            top_p=t[:, Column.TOP_P],
-            min_p=t[:, Column.MIN_P],
-            generators=None,
-            all_greedy=bool(high[Column.TEMPERATURE] == 0),
-            any_greedy=bool(low[Column.TEMPERATURE] == 0),
-            top_k_width=int(high[Column.TOP_K]) if low[Column.TOP_K] < self.model.vocab_size else 0,
-            use_top_p=bool(low[Column.TOP_P] < 1),
-            use_min_p=bool(high[Column.MIN_P] > 0),
-        )
-        if any_flag[Flag.SEEDED]:
-            b.generators = [s.generator for s in seqs]
-        if any_flag[Flag.PENALTIES]:
-            b.repetition_penalty = t[:, Column.REPETITION_PENALTY]
-            b.presence_penalty = t[:, Column.PRESENCE_PENALTY]
-            b.frequency_penalty = t[:, Column.FREQUENCY_PENALTY]
-            b.prompt_ids = [s.token_ids[: s.num_prompt_tokens] for s in seqs]
-            b.output_ids = [s.output_token_ids for s in seqs]
-        # structured outputs: the constrained rows' grammars' masks (the other rows pay nothing)
-        b.constrained = [i for i in np.flatnonzero(flags[:, Flag.GRAMMAR]).tolist() if seqs[i].constraint.usable]
-        if b.constrained:
-            b.token_bitmask = torch.empty(len(b.constrained), (self.model.vocab_size + 31) // 32, dtype=torch.int32)
-            for row, i in enumerate(b.constrained):
-                seqs[i].constraint.fill(b.token_bitmask, row)
-        b.uses_processors = bool(any_flag[Flag.PROCESSORS])
-        return b
-
-    def sampling_batch_of(self, seqs: list[Sequence]) -> SamplingBatch:
-        """sampling_batch for sequences as they are (speculative decoding: each verified position's)."""
-        rows = np.array([s.row for s in seqs], dtype=np.int64)
-        return self.sampling_batch(seqs, rows, torch.from_numpy(rows).to(self.device))
-
-    def execute(self, packed: np.ndarray) -> tuple[Step, torch.Tensor | None]:
-        """The packed step on every rank (the tensor-parallel workers receive it first): its inputs and logits."""
+    def execute(self, inputs: PackedStep) -> tuple[Step, torch.Tensor | None]:
+        """The step on every rank (the tensor-parallel workers receive it packed first): its inputs and logits."""
+        packed = inputs.pack()
         if self.workers is None:
-            step = self.unpack(packed)
+            step = self.unpack(packed, inputs.prompt_positions)
             return step, self.forward(step.input_ids, step.positions, step.meta, step.last)
         if self.failed:
             raise RuntimeError("tensor parallelism failed earlier; this engine cannot continue")
         try:
             self.workers.send(packed)
-            step = self.unpack(packed)
+            step = self.unpack(packed, inputs.prompt_positions)
             return step, self.forward(step.input_ids, step.positions, step.meta, step.last)
         except BaseException as e:  # the ranks are out of step now (Ctrl-C included): stop them all
             self.failed = True
@@ -310,49 +259,11 @@ class ModelRunner:
             self.workers.kill()
             raise
 
-    def run(self, batch: ScheduledBatch, sample_rows: list[int]) -> Launched:
-        """Launch the batch's step: forward, and a next token sampled for the sequences at `sample_rows` (those
-        whose whole context is now computed) from the logits of their last scheduled token. The sampled ids stay
-        on the device, in their rows of `last_sampled` (where the next step reads the inputs the host does not
-        have yet, async scheduling), and start their one copy to the host. The logprobs of the rows that asked
-        for them (sampled tokens' and prompt tokens') are computed from the raw logits and read at once: a second
-        copy, only in steps where a request asked. A step that verifies speculative proposals (never beside
-        logprobs, never async) keeps what the target agrees with, and one token more (nanovllm/spec/rejection.py)."""
-        prompt_positions = prompt_logprob_positions(batch)
-        step, logits = self.execute(self.pack(batch, sample_rows, prompt_positions))
-        if not sample_rows and not prompt_positions:
-            return Launched(batch, sample_rows, tokens=None, host=None, event=None, needs_tokens=False)
-        seqs, tokens, host, event, raw, asked = [batch.seqs[i] for i in sample_rows], None, None, None, None, []
-        prompt_logits = None
-        flags = self.sampling_table.flags
-        with torch.inference_mode():
-            if prompt_positions:
-                sample_at, prompt_at = logit_rows(len(batch.seqs), sample_rows, prompt_positions)
-                logits, prompt_logits = logits[sample_at], logits[prompt_at]
-            if batch.verifies:
-                kept = rejection.verify(
-                    logits, seqs, self.sampling_batch_of, self.logits_processors.apply_once, self.generator
-                )
-                return Launched(batch, sample_rows, tokens=None, host=None, event=None, needs_tokens=True, kept=kept)
-            if seqs:
-                b = self.sampling_batch(seqs, step.sample_table_rows, step.sample_table_rows_dev)
-                asked = np.flatnonzero(flags[step.sample_table_rows, Flag.LOGPROBS]).tolist()
-                raw = logits[asked] if asked else None  # a copy: the sampler may change the logits in place
-                logits = self.logits_processors.apply(logits, seqs, b.uses_processors, b.all_greedy)
-                tokens = ops.sample(logits, b, self.generator)
-                self.last_sampled[step.sample_table_rows_dev] = tokens
-                host = tokens.to("cpu", non_blocking=True)
-                if tokens.is_cuda:
-                    event = torch.cuda.Event()
-                    event.record()
-            if not asked and not prompt_positions:
-                needs_tokens = bool(
-                    flags[step.sample_table_rows, Flag.NEEDS_OWN_TOKENS].any()
-                    or self.logits_processors.needs_output_tokens
-                )
-                return Launched(batch, sample_rows, tokens=tokens, host=host, event=event, needs_tokens=needs_tokens)
-            logprobs = step_logprobs(batch, sample_rows, asked, raw, tokens, prompt_positions, prompt_logits)
-        return Launched(batch, sample_rows, tokens=tokens, host=host, event=event, needs_tokens=True, logprobs=logprobs)
+    def run(self, batch: ScheduledBatch) -> Launched:
+        """Launch the batch's step: its inputs packed and run on every rank, and its logits sampled (the sampler's
+        tokens stay on the device, in their rows of `Sampler.last_sampled`, and start their one copy to the host)."""
+        step, logits = self.execute(self.pack(batch))
+        return Launched(batch=batch, output=self.sampler(batch, step, logits))
 
     def shutdown(self) -> None:
         if self.workers is not None:

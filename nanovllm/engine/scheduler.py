@@ -1,32 +1,47 @@
 from collections import deque
+from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import Sequence, Status
-from nanovllm.sampling.sampler import StepLogprobs
+from nanovllm.logprobs import add_step_logprobs
+from nanovllm.sampling.step_sampler import SamplerOutput
+
+
+class Proposer(Protocol):
+    """What the scheduler consults for tentative tokens (speculative decoding's Speculator, nanovllm/spec)."""
+
+    def propose(self, running: list[Sequence], waiting: Iterable[Sequence]) -> None:
+        """Before each schedule: set the running sequences' tentative tokens (`Sequence.spec_token_ids`)."""
+
+    def release(self, seq: Sequence) -> None:
+        """A sequence left the running batch (finished, aborted, preempted): its tentative tokens and whatever the
+        proposer holds for it go."""
 
 
 @dataclass
 class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]  # tokens of each sequence computed this step (1 for a decode, a chunk for a prefill,
-    # 1 + k for a decode verifying k proposals)
+    # 1 + k for a decode with k tentative tokens)
     sample_rows: list[int] = field(default_factory=list)  # the sequences whose whole context is computed after it
-    verifies: bool = False  # some sequence's speculative proposals are in it
+    tentative_rows: list[int] = field(default_factory=list)  # the sequences whose tentative tokens it computes (the
+    # sampler's verifier keeps a run of them)
 
     @property
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
 
     def token_counts(self) -> tuple[int, int]:
-        """(prefill tokens, decode tokens) of the step, for progress reports. A verifying row is a decode step of
-        its sequence (the tokens it gave are counted when it is postprocessed)."""
-        if self.verifies:
-            decodes = [n for s, n in zip(self.seqs, self.num_new_tokens) if n == 1 + len(s.spec_token_ids)]
+        """(prefill tokens, decode tokens) of the step as scheduled, for progress reports. A row with tentative
+        tokens is a decode step of its sequence (Launched.token_counts adds the tokens it kept)."""
+        if self.tentative_rows:
+            decodes = [n for s, n in zip(self.seqs, self.num_new_tokens) if n == 1 + s.num_tentative]
             return self.num_tokens - sum(decodes), len(decodes)
         decodes = self.num_new_tokens.count(1)
         return self.num_tokens - decodes, decodes
@@ -35,9 +50,12 @@ class ScheduledBatch:
 class Scheduler:
     """Continuous batching under one token budget per step: running sequences first (decodes and unfinished
     prefill chunks), then new ones, in one mixed batch. When blocks run out, the most recently admitted
-    sequence is preempted by recompute: its blocks are freed and it goes back to the front of the queue."""
+    sequence is preempted by recompute: its blocks are freed and it goes back to the front of the queue.
+    `proposer` (None: none) gives running sequences tentative tokens before each schedule; they are computed with
+    the sequence's own, never preempt anyone (the budget or the pool short: they go instead), and after the step the
+    sequence keeps those the sampler kept."""
 
-    def __init__(self, config: EngineConfig, block_manager: BlockManager):
+    def __init__(self, config: EngineConfig, block_manager: BlockManager, proposer: Proposer | None = None):
         self.max_num_seqs, self.max_model_len = config.max_num_seqs, config.max_model_len
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.chunked_prefill = config.enable_chunked_prefill
@@ -45,9 +63,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-        self.speculative = False  # speculative decoding: sequences may come with proposals
-        self.on_free = None  # speculative decoding's hook: a sequence left the running batch (its draft blocks go)
-        self.propose = None  # speculative decoding's proposer: called with (running, waiting) before each schedule
+        self.proposer = proposer
 
     def add(self, seq: Sequence) -> None:
         seq.check_at = min(seq.check_at, self.max_model_len)
@@ -57,34 +73,29 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
-        if self.propose is not None:
-            self.propose(self.running, self.waiting)
+        if self.proposer is not None:
+            self.proposer.propose(self.running, self.waiting)
         bm, budget, running = self.block_manager, self.max_num_batched_tokens, self.running
         bs = bm.block_size
-        # Running sequences that fit the budget whole, at once: each computes what it has left (a token still on
-        # the device, async scheduling, counts as one: all the others are computed then; proposals count too) and
-        # is sampled; only those that need a block are looked at one by one. Where one cannot get it, the loop
+        # Running sequences that fit the budget whole, at once: each computes what it has left (Sequence.num_to_compute)
+        # and is sampled; only those that need a block are looked at one by one. Where one cannot get it, the loop
         # below takes over.
-        left = [len(s.token_ids) - s.num_computed or 1 for s in running]
-        if self.speculative:
-            left = [n + len(s.spec_token_ids) for s, n in zip(running, left)]
+        left = [s.num_to_compute for s in running]
         i = int(np.searchsorted(np.cumsum(left), budget, side="right"))
         for j in [j for j, (s, n) in enumerate(zip(running[:i], left)) if s.num_computed + n > len(s.block_table) * bs]:
             if not bm.can_allocate(running[j], [], left[j]):
                 i = j
                 break
             bm.allocate(running[j], [], left[j])
-        batch = ScheduledBatch(running[:i], left[:i], list(range(i)))
+        batch = ScheduledBatch(seqs=running[:i], num_new_tokens=left[:i], sample_rows=list(range(i)))
         budget -= sum(left[:i])
         preempted = False
         while i < len(self.running) and budget > 0:  # one at a time: a chunk the budget cuts, preemption
             seq = self.running[i]
-            # a token still on the device (async scheduling; then all the others are computed) is computed like the
-            # others: the step reads it there
-            n = min((len(seq.token_ids) - seq.num_computed or 1) + len(seq.spec_token_ids), budget)
-            if seq.spec_token_ids and not bm.can_allocate(seq, [], n):  # speculation never preempts
-                n = 1
-            del seq.spec_token_ids[max(n - 1, 0) :]  # the proposals the budget leaves room for
+            n = min(seq.num_to_compute, budget)
+            if n > seq.num_uncomputed and not bm.can_allocate(seq, [], n):  # tentative tokens never preempt: they go
+                n = seq.num_uncomputed
+            seq.cut_tentative(n)
             if (seq.num_computed + n + bs - 1) // bs > len(seq.block_table):  # it needs a block
                 while not bm.can_allocate(seq, [], n):
                     victim = self.running.pop()
@@ -104,13 +115,10 @@ class Scheduler:
             i += 1
         # New sequences only when nothing had to be preempted: admitting them would just evict others again.
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
-            # the first in line whose structured-output grammar (if any) is compiled: the others wait for theirs
-            seq = next((s for s in self.waiting if s.constraint is None or s.constraint.ready), None)
+            seq = next((s for s in self.waiting if s.ready), None)  # the first in line that waits for nothing
             if seq is None:
                 break
-            hits = bm.match_prefix(seq) if not seq.block_table else []
-            if seq.prompt_logprobs is not None:  # positions whose prompt logprobs are still to come are computed
-                hits = hits[: (len(seq.prompt_logprobs) - 1) // bm.block_size]
+            hits = bm.match_prefix(seq) if not seq.block_table else []  # within its cacheable_prefix
             n = min(seq.num_tokens - seq.num_computed - len(hits) * bm.block_size, budget)
             if not self.chunked_prefill and n < seq.num_tokens - seq.num_computed - len(hits) * bm.block_size:
                 break  # the whole prompt in one step, or wait for a step with room for it
@@ -125,55 +133,49 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             budget -= n
-        batch.verifies = self.speculative and any(s.spec_token_ids for s in batch.seqs)
+        if self.proposer is not None:
+            batch.tentative_rows = [i for i, s in enumerate(batch.seqs) if s.num_tentative]
         return batch
 
     def wait_until_ready(self, timeout: float = 0.01) -> None:
-        """Nothing could be scheduled: if what waits waits for a structured-output grammar to compile, sleep until
-        one does (briefly: requests come)."""
-        pending = [s.constraint.grammar for s in self.waiting if s.constraint and not s.constraint.ready]
+        """Nothing could be scheduled: if waiting sequences wait for something (`Sequence.waits_for`: a
+        structured-output grammar compiling), sleep until one is ready (briefly: requests come)."""
+        pending = [s.waits_for for s in self.waiting if not s.ready]
         wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
 
     @staticmethod
     def launched(batch: ScheduledBatch) -> None:
         """The batch's step is on its way: its tokens count as computed (a sampled sequence's new token is pending
-        until postprocess appends it; proposals until postprocess knows which were kept)."""
+        until postprocess appends it; tentative tokens until postprocess knows which were kept)."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed += n
 
     def postprocess(
-        self,
-        batch: ScheduledBatch,
-        sample_rows: list[int],
-        tokens: list[list[int]],
-        requests: dict,
-        eos_token_ids: set[int],
-        logprobs: StepLogprobs | None = None,
+        self, batch: ScheduledBatch, output: SamplerOutput, requests: dict, eos_token_ids: set[int]
     ) -> list:
-        """After a step's sampled tokens reached the host: each row's new tokens (one, or the proposals kept and
-        one more) appended unless its sequence ended while the step ran (then they are dropped), with its logprobs
-        where asked (and prompt logprobs); a verification's rejected proposals out of the KV; newly full blocks
-        keyed for the prefix cache; a look for a stop where one may have come (token by token in a kept run);
-        finished sequences out. Returns the requests that changed (a FINAL_ONLY one only when a sequence of it
-        ended). A request whose token cannot be handled (e.g. a tokenizer that cannot decode it) fails alone. Per
-        token only list comprehensions: a loop's statements cost ~0.5 us each here."""
+        """After a step's sampled tokens reached the host: each row's new tokens (one, or a kept run of tentative
+        tokens and one more) appended unless its sequence ended while the step ran (then they are dropped), with
+        their logprobs where asked (and prompt logprobs); a sequence that computed tentative tokens keeps the K/V of
+        those kept (roll_back); newly full blocks keyed for the prefix cache; a look for a stop where one may have
+        come (token by token in a run); finished sequences out. Returns the requests that changed (a FINAL_ONLY one
+        only when a sequence of it ended). A request whose token cannot be handled (e.g. a tokenizer that cannot
+        decode it) fails alone. Per token only list comprehensions: a loop's statements cost ~0.5 us each here."""
         bm, finished = self.block_manager, Status.FINISHED
         bs, seqs = bm.block_size, batch.seqs
-        failed = {}
-        if logprobs:
-            self.add_logprobs(seqs, logprobs, requests, failed)
-        live = [(seqs[row], new) for row, new in zip(sample_rows, tokens) if seqs[row].status is not finished]
+        tokens = output.token_ids()
+        failed = add_step_logprobs(output.logprobs, seqs, requests, self.fail) if output.logprobs else {}
+        live = [(seqs[row], new) for row, new in zip(batch.sample_rows, tokens) if seqs[row].status is not finished]
         for seq, new in live:
             seq.token_ids += new
-        for seq in [s for s, _ in live if s.spec_token_ids] if batch.verifies else ():
-            self.keep_accepted(seq)
+        for seq in [seqs[row] for row in batch.tentative_rows if seqs[row].status is not finished]:
+            self.roll_back(seq)
         for seq in [s for s in seqs if s.num_computed >= (s.num_keyed_blocks + 1) * bs and s.status is not finished]:
             bm.cache_full_blocks(seq)
         changed = failed | {
             s.request_id: requests[s.request_id] for s, _ in live if not requests[s.request_id].final_only
         }
-        # only where a stop may have come: stop strings and tokens, min_tokens, EOS, the length limits, a kept run
-        runs = batch.verifies
+        # only where a stop may have come: stop strings and tokens, min_tokens, EOS, the length limits, a run
+        runs = bool(batch.tentative_rows)
         for seq, new in [
             (s, n) for s, n in live if len(s.token_ids) >= s.check_at or n[0] in eos_token_ids or runs and len(n) > 1
         ]:
@@ -181,7 +183,7 @@ class Scheduler:
                 continue
             request = requests[seq.request_id]
             try:
-                del seq.token_ids[len(seq.token_ids) - len(new) + 1 :]  # a kept run's tokens checked one by one
+                del seq.token_ids[len(seq.token_ids) - len(new) + 1 :]  # a run's tokens checked one by one
                 for j, token in enumerate(new):
                     if j:
                         seq.token_ids.append(token)
@@ -196,26 +198,6 @@ class Scheduler:
                 changed[seq.request_id] = request
         return list(changed.values())
 
-    def add_logprobs(self, seqs: list[Sequence], logprobs: StepLogprobs, requests: dict, failed: dict) -> None:
-        """A step's logprobs to their sequences (the prompt's first; none for a sequence that ended while the step
-        ran); a request whose logprobs cannot be decoded fails alone, into `failed`."""
-        for row, prompt, entries in [
-            *((r, True, e) for r, e in logprobs.prompt.items()),
-            *((r, False, e) for r, e in logprobs.sampled.items()),
-        ]:
-            seq = seqs[row]
-            if seq.status is Status.FINISHED:
-                continue
-            request = requests[seq.request_id]
-            try:
-                if prompt:
-                    request.add_prompt_logprobs(seq, entries)
-                else:
-                    request.add_logprobs(seq, *entries)
-            except Exception as e:
-                self.fail(request, e)
-                failed[seq.request_id] = request
-
     def fail(self, request, error: Exception) -> None:
         """Handling this request failed: it ends now, with the error in its output."""
         request.error = f"{type(error).__name__}: {error}"
@@ -223,12 +205,12 @@ class Scheduler:
             if not seq.finished:
                 self.finish(seq, "abort")
 
-    def keep_accepted(self, seq: Sequence) -> None:
-        """After a verification (its kept tokens appended): the KV of the kept proposals stays computed, the blocks
-        that held only rejected ones go back."""
+    def roll_back(self, seq: Sequence) -> None:
+        """After a step that computed its tentative tokens (the kept ones appended): the K/V of those kept stays
+        computed, the blocks that held only the others go back."""
         seq.num_computed = seq.num_tokens - 1
         self.block_manager.truncate(seq, seq.num_tokens)
-        seq.spec_token_ids, seq.spec_probs = [], None
+        seq.clear_tentative()
 
     def preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1
@@ -248,6 +230,5 @@ class Scheduler:
 
     def release(self, seq: Sequence) -> None:
         self.block_manager.free_blocks(seq)
-        seq.spec_token_ids, seq.spec_probs = [], None
-        if self.on_free is not None:
-            self.on_free(seq)
+        if self.proposer is not None:
+            self.proposer.release(seq)

@@ -1,3 +1,4 @@
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
@@ -42,8 +43,9 @@ class Sequence:
     check_at: int = field(init=False)
     row: int = -1  # its row in the block manager's tables while it holds blocks
     num_keyed_blocks: int = 0  # leading blocks keyed for the prefix cache
-    # speculative decoding (nanovllm/spec): the tokens proposed after token_ids, verified in this step, and the
-    # draft's distributions they were drawn from [k, V] (None: a point mass, as n-gram or a greedy draft)
+    # tentative tokens after token_ids (speculative decoding's proposals, nanovllm/spec): computed in the next step
+    # with the sequence's own, kept where the sampler's verifier agrees; and the draft's distributions they were
+    # drawn from [k, V] (None: a point mass, as n-gram or a greedy draft)
     spec_token_ids: list[int] = field(default_factory=list)
     spec_probs: torch.Tensor | None = None
     constraint: Constraint | None = None  # its structured-output grammar and matcher
@@ -68,3 +70,44 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status == Status.FINISHED
+
+    @property
+    def num_uncomputed(self) -> int:
+        """Its own tokens still to compute; a token still on the device (async scheduling, `num_computed ==
+        len(token_ids)`) counts as one: the step reads it there."""
+        return len(self.token_ids) - self.num_computed or 1
+
+    @property
+    def num_tentative(self) -> int:
+        return len(self.spec_token_ids)
+
+    @property
+    def num_to_compute(self) -> int:
+        """What a step computes to bring it up to date: its own tokens left and its tentative ones."""
+        return (len(self.token_ids) - self.num_computed or 1) + len(self.spec_token_ids)
+
+    def cut_tentative(self, num_new_tokens: int) -> None:
+        """A step computes `num_new_tokens` of what it has left: the tentative tokens past those go."""
+        del self.spec_token_ids[max(num_new_tokens - self.num_uncomputed, 0) :]
+
+    def clear_tentative(self) -> None:
+        self.spec_token_ids, self.spec_probs = [], None
+
+    @property
+    def cacheable_prefix(self) -> int:
+        """The longest prefix whose K/V may come from the prefix cache: all but the last token (a step computes one
+        token at least), and none of the prompt positions whose prompt logprobs are still to come (they need their
+        logits)."""
+        if self.prompt_logprobs is not None:
+            return min(len(self.prompt_logprobs), len(self.token_ids)) - 1
+        return len(self.token_ids) - 1
+
+    @property
+    def ready(self) -> bool:
+        """It can be admitted: what it waits for (its structured-output grammar compiling) is done."""
+        return self.constraint is None or self.constraint.ready
+
+    @property
+    def waits_for(self) -> Future | None:
+        """What keeps it from being ready, to wait on (its grammar's compile), or None."""
+        return None if self.ready else self.constraint.grammar

@@ -106,10 +106,10 @@ class DraftProposer:
 
     def draw(self, logits: torch.Tensor, shadows: list[Sequence]) -> tuple[list[int], list[torch.Tensor | None]]:
         """Each row's proposal from the draft's logits, and the distribution it was drawn from (None: greedy)."""
-        b = self.runner.sampling_batch_of(shadows)
-        logits = self.runner.logits_processors.apply_once(logits, shadows)
+        b = self.runner.sampler.sampling_batch_of(shadows)
+        logits = self.runner.sampler.logits_processors.apply_once(logits, shadows)
         if bool((b.temperature == 0).all()):
-            return ops.sample(logits, b, self.runner.generator).tolist(), [None] * len(shadows)
+            return ops.sample(logits, b, self.runner.sampler.generator).tolist(), [None] * len(shadows)
         q = probabilities(logits, b)
         tokens, probs = [], []
         for i, s in enumerate(shadows):
@@ -117,7 +117,7 @@ class DraftProposer:
             tokens.append(
                 int(q[i].argmax())
                 if greedy
-                else int(torch.multinomial(q[i], 1, generator=s.generator or self.runner.generator))
+                else int(torch.multinomial(q[i], 1, generator=s.generator or self.runner.sampler.generator))
             )
             probs.append(None if greedy else q[i])
         return tokens, probs

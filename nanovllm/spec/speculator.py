@@ -1,13 +1,20 @@
-"""What the engine holds for speculative decoding: before each step it has the proposer guess the next tokens of
-every decoding sequence; after the step it counts what the target kept (vLLM's spec_decode metrics)."""
+"""What the engine holds for speculative decoding, and its two hooks: the scheduler's proposer (before each step
+it has the n-gram lookup or the draft guess the next tokens of every decoding sequence, as tentative tokens) and the
+sampler's verifier (the target keeps a run of them, spec/rejection.py; counted for vLLM's spec_decode metrics)."""
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
 
 from nanovllm.engine.sequence import Sequence
-from nanovllm.spec import ngram
+from nanovllm.spec import ngram, rejection
 from nanovllm.spec.config import SpeculativeConfig
 from nanovllm.spec.draft import DraftProposer
+
+if TYPE_CHECKING:
+    from nanovllm.sampling.step_sampler import Sampler
 
 
 @dataclass
@@ -26,6 +33,8 @@ DISABLE_BY_BATCH_SIZE = {"cpu": 4, "cuda": None}
 
 
 class Speculator:
+    """The scheduler's proposer (`propose`, `release`) and the sampler's verifier (`verify`)."""
+
     def __init__(
         self, config: SpeculativeConfig, max_model_len: int, draft: DraftProposer | None = None, device: str = "cpu"
     ):
@@ -40,7 +49,7 @@ class Speculator:
         None for a sequence under a grammar (structured outputs): its matcher accepts the tokens one by one. None
         in a step where disable_by_batch_size sequences or more run."""
         for seq in running:
-            seq.spec_token_ids, seq.spec_probs = [], None
+            seq.clear_tentative()
         if self.disable_by_batch_size and len(running) >= self.disable_by_batch_size:
             return
         if any(s.params.logprobs is not None or s.params.prompt_logprobs is not None for s in (*running, *waiting)):
@@ -60,6 +69,15 @@ class Speculator:
         for seq, k in rows:
             seq.spec_token_ids = ngram.propose(seq.token_ids, k, c.prompt_lookup_min, c.prompt_lookup_max)
 
+    def verify(self, logits: torch.Tensor, seqs: list[Sequence], sampler: "Sampler") -> list[list[int]]:
+        """The sampler's verifier: each sampled sequence's new tokens (the proposals kept and one of the target's;
+        one sampled token for a sequence without proposals), counted in the metrics."""
+        kept = rejection.verify(
+            logits, seqs, sampler.sampling_batch_of, sampler.logits_processors.apply_once, sampler.generator
+        )
+        self.record(seqs, kept)
+        return kept
+
     def record(self, seqs: list[Sequence], tokens: list[list[int]]) -> None:
         """After verification: seqs the sampled sequences (proposals still set), tokens what each got."""
         s = self.stats
@@ -71,8 +89,10 @@ class Speculator:
                 for j in range(len(new) - 1):
                     s.accepted_per_pos[j] += 1
 
-    def free(self, seq: Sequence) -> None:
-        """A sequence leaves the running batch (finished, aborted, preempted): the draft's blocks go with it."""
+    def release(self, seq: Sequence) -> None:
+        """A sequence leaves the running batch (finished, aborted, preempted): its proposals, and the draft's blocks,
+        go with it."""
+        seq.clear_tentative()
         if self.draft is not None:
             self.draft.free(seq)
 
