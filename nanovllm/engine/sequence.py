@@ -84,6 +84,7 @@ class Sequence:
     @property
     def num_to_compute(self) -> int:
         """What a step computes to bring it up to date: its own tokens left and its tentative ones."""
+        # num_uncomputed inline: the scheduler asks every running sequence each step
         return (len(self.token_ids) - self.num_computed or 1) + len(self.spec_token_ids)
 
     def cut_tentative(self, num_new_tokens: int) -> None:
