@@ -17,7 +17,7 @@ import platform
 import torch
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.engine.batch import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 
 TOPICS = ["the ocean", "a small town", "bread", "the moon", "a bicycle", "rain", "chess", "a library"]

@@ -1,12 +1,12 @@
 from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, wait
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
 from nanovllm.config import EngineConfig
+from nanovllm.engine.batch import ScheduledBatch
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import Sequence, Status
 from nanovllm.logprobs import add_step_logprobs
@@ -22,29 +22,6 @@ class Proposer(Protocol):
     def release(self, seq: Sequence) -> None:
         """A sequence left the running batch (finished, aborted, preempted): its tentative tokens and whatever the
         proposer holds for it go."""
-
-
-@dataclass
-class ScheduledBatch:
-    seqs: list[Sequence]
-    num_new_tokens: list[int]  # tokens of each sequence computed this step (1 for a decode, a chunk for a prefill,
-    # 1 + k for a decode with k tentative tokens)
-    sample_rows: list[int] = field(default_factory=list)  # the sequences whose whole context is computed after it
-    tentative_rows: list[int] = field(default_factory=list)  # the sequences whose tentative tokens it computes (the
-    # sampler's verifier keeps a run of them)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.num_new_tokens)
-
-    def token_counts(self) -> tuple[int, int]:
-        """(prefill tokens, decode tokens) of the step as scheduled, for progress reports. A row with tentative
-        tokens is a decode step of its sequence (Launched.token_counts adds the tokens it kept)."""
-        if self.tentative_rows:
-            decodes = [n for s, n in zip(self.seqs, self.num_new_tokens) if n == 1 + s.num_tentative]
-            return self.num_tokens - sum(decodes), len(decodes)
-        decodes = self.num_new_tokens.count(1)
-        return self.num_tokens - decodes, decodes
 
 
 class Scheduler:

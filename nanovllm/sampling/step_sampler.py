@@ -5,22 +5,18 @@ the verifier hook instead, which keeps a run of them per row (nanovllm/spec)."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 import nanovllm.ops as ops
 from nanovllm.config import EngineConfig
+from nanovllm.engine.batch import ScheduledBatch, Step
 from nanovllm.engine.sequence import Sequence
 from nanovllm.logprobs import logit_rows, step_logprobs
 from nanovllm.sampling.persistent_batch import LogitsProcessors
 from nanovllm.sampling.sampler import SamplingBatch, StepLogprobs
 from nanovllm.sampling.table import Column, Flag, SamplingTable
-
-if TYPE_CHECKING:
-    from nanovllm.engine.model_runner import Step
-    from nanovllm.engine.scheduler import ScheduledBatch
 
 # The verifier hook: (the sampled rows' logits, their sequences, the sampler) -> each sequence's new tokens (its
 # tentative tokens kept and one more). Speculative decoding's Speculator.verify is one.
@@ -70,7 +66,7 @@ class Sampler:
         self.last_sampled = torch.zeros(rows, dtype=torch.long, device=device)
         self.verifier: Verifier | None = None  # set by the engine with speculative decoding
 
-    def __call__(self, batch: "ScheduledBatch", step: "Step", logits: torch.Tensor | None) -> SamplerOutput:
+    def __call__(self, batch: ScheduledBatch, step: Step, logits: torch.Tensor | None) -> SamplerOutput:
         """A next token for each sampled row (`batch.sample_rows`, those whose whole context is computed now) from
         the logits of its last scheduled token; the logprobs of the rows that asked (sampled tokens' and prompt
         tokens', `step.prompt_positions`). A batch with tentative tokens (never beside logprobs) is the verifier's."""

@@ -12,9 +12,9 @@ import torch
 
 import nanovllm.ops as ops
 from nanovllm.config import EngineConfig
+from nanovllm.engine.batch import ScheduledBatch
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.model_runner import ModelRunner
-from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence, Status
 from nanovllm.layers.parallel import one_rank
 from nanovllm.loader import load_hf_config, load_model

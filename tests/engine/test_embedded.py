@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.engine.batch import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.kernels import cpu as cpu_kernel
 from nanovllm.layers.linear import Linear
