@@ -5,9 +5,11 @@ fp32 activations, GGUF weights (default; random blocks of the real shapes: the t
 F.linear          torch's linear on the fp32 weights (what loading a GGUF dequantized to fp32 gives today)
 int4pack          torch._weight_int4pack_mm_for_cpu (4-bit, group size 32, scale and zero per group)
 int8pack          torch._weight_int8pack_mm (int8, one scale per output)
-ours Q4_1 / Q8_0  kernels.quant_linear (quant_linear.c: int8 activations, integer block dot products; from
-                  kernels/cpu/quant.py's TILE_FROM_ROWS rows on, dequantized tiles and torch.mm as "tile Q4_1" below)
-dots Q4_1         the C kernel's int8 dot products at every row count (linear_f32 called directly)
+ours Q4_1 / Q8_0  kernels.quant_linear (quant_linear.c: activations in two int8 planes (16 bits), integer block dot
+                  products; from kernels/cpu/quant.py's TILE_FROM_ROWS rows on, dequantized tiles and torch.mm as
+                  "tile Q4_1" below)
+int8 Q4_1 / Q8_0  the same with activations in one int8 plane (quantization="gguf_int8": llama.cpp's numerics)
+dots Q4_1         the C kernel's integer dot products at every row count (linear_f32 called directly)
 ours Q4_K         the same on Q4_K where K is a multiple of 256 (only the down projection, K = 1536) and Q5_0
                   elsewhere (K = 576): what a Q4_K_M GGUF of SmolLM2 holds
 ours F32          kernels.quant_linear on the fp32 weights (our fp32 FMA matrix-vector product)
@@ -81,6 +83,7 @@ def quantized_candidates(gen: torch.Generator) -> dict:
     shapes = [*SHAPES * LAYERS, LM_HEAD]
     weights = {name: [] for name in ("F.linear", "int4pack", "int8pack", "ours Q4_1", "ours Q8_0", "ours Q4_K")}
     weights |= {"ours F32": weights["F.linear"], "dots Q4_1": weights["ours Q4_1"], "tile Q4_1": weights["ours Q4_1"]}
+    weights |= {"int8 Q4_1": weights["ours Q4_1"], "int8 Q8_0": weights["ours Q8_0"]}
     for n, k in shapes:
         q4_1 = random_blocks("Q4_1", n, k, gen)
         w = cpu.dequantize("Q4_1", q4_1, k)
@@ -101,6 +104,8 @@ def quantized_candidates(gen: torch.Generator) -> dict:
         "int8pack": lambda x, w: torch._weight_int8pack_mm(x, w[0], w[1]),
         "ours Q4_1": lambda x, w: cpu.quant_linear(x, "Q4_1", w),
         "ours Q8_0": lambda x, w: cpu.quant_linear(x, "Q8_0", w),
+        "int8 Q4_1": lambda x, w: cpu.quant_linear(x, "Q4_1", w, int8_activations=True),
+        "int8 Q8_0": lambda x, w: cpu.quant_linear(x, "Q8_0", w, int8_activations=True),
         "ours Q4_K": lambda x, w: cpu.quant_linear(x, w[0], w[1]),
         "ours F32": lambda x, w: cpu.quant_linear(x, f32, w.view(torch.uint8)),
         "dots Q4_1": lambda x, w: int8_dots(x, "Q4_1", w),

@@ -1,7 +1,9 @@
-"""How far GGUF weights kept quantized (our C kernels: int8 activations) move the embedded model from its float path
-(quantization="dequantize": every weight dequantized at load, HF's values), teacher-forced.
+"""How far GGUF weights kept quantized (our C kernels: activations in 16 bits by default, in int8 with
+--quantization gguf_int8) move the embedded model from its float path (quantization="dequantize": every weight
+dequantized at load, HF's values), teacher-forced.
 
     python benchmarks/quant_agreement.py                    # 32 prompts x 64 tokens, fp32
+    python benchmarks/quant_agreement.py --quantization gguf_int8
     python benchmarks/quant_agreement.py --dtype bfloat16 --prompts 8
 
 The float path continues each prompt greedily for --tokens tokens; then each path scores the same token sequences
@@ -66,6 +68,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--kernel-rows", type=int, default=1 << 30, help="rows up to which the C kernel runs")
+    ap.add_argument("--quantization", default="gguf", choices=["gguf", "gguf_int8"], help="the kept path's")
     args = ap.parse_args()
     import nanovllm.kernels.cpu.quant as quant
     from nanovllm.kernels.cpu.build import library
@@ -80,7 +83,7 @@ def main() -> None:
     sequences = [(p, o.outputs[0].token_ids) for p, o in zip(ps, outs)]
     expected = score(reference, sequences)
     del reference
-    kept = LLM(args.model, **common)
+    kept = LLM(args.model, quantization=args.quantization, **common)
     quant.TILE_FROM_ROWS = args.kernel_rows + 1  # where the kernel wrapper switches to dequantized tiles
     got = score(kept, sequences)
     chosen = [torch.tensor(c) for _, c in sequences]
@@ -88,6 +91,7 @@ def main() -> None:
     diff = torch.cat([(g - e).gather(1, c[:, None]).abs().squeeze(1) for g, e, c in zip(got, expected, chosen)])
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.dtype}")
     print(f"# {args.prompts} prompts x {args.tokens} tokens, teacher-forced; kernel up to {args.kernel_rows} rows")
+    print(f"# quantization={args.quantization!r} against 'dequantize'")
     print(f"top-1 agreement:           {100 * top1:.2f}%")
     print(f"mean |logprob difference|: {diff.mean().item():.5f} (max {diff.max().item():.4f})")
 

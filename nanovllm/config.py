@@ -42,7 +42,9 @@ class EngineConfig:
     # device); stops are seen one step later, at most one token wasted
     ops: str = "auto"  # auto | torch | cpu | cuda: who runs the accelerated ops (nanovllm/ops)
     quantization: str | None = None  # a GGUF file on CPU: None or "gguf" keep its quantized weights as blocks
-    # (vLLM's "gguf"); "dequantize": every weight dequantized to dtype at load (today's float path, HF's values)
+    # (vLLM's "gguf"), multiplied with activations held to 16 bits; "gguf_int8": with activations rounded to int8
+    # per block (llama.cpp's numerics, faster in batches); "dequantize": every weight dequantized to dtype at
+    # load (the float path, HF's values)
     max_logprobs: int = 20  # the most logprobs a request may ask for (-1: the whole vocabulary)
     generation_config: str = "auto"  # sampling defaults: auto (the model folder's generation_config.json),
     # vllm (none), or a folder holding one
@@ -80,8 +82,8 @@ class EngineConfig:
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(
                 f"quantization={self.quantization!r} is not supported; supported: "
-                f"{', '.join(map(repr, QUANTIZATIONS))} (None and 'gguf' keep a GGUF file's quantized weights, "
-                "'dequantize' loads them as float weights)"
+                f"{', '.join(map(repr, QUANTIZATIONS))} (None, 'gguf' and 'gguf_int8' keep a GGUF file's quantized "
+                "weights, 'dequantize' loads them as float weights)"
             )
         if self.max_num_seqs is None and self.device != "auto":  # the device's default once it is known (resolve)
             object.__setattr__(self, "max_num_seqs", DEFAULT_MAX_NUM_SEQS[self.device])
@@ -113,5 +115,5 @@ class EngineConfig:
 
 
 DEFAULT_MAX_NUM_SEQS = {"cpu": 256, "cuda": 512}  # sequences a step may hold; CUDA graphs are captured up to it
-QUANTIZATIONS = (None, "gguf", "dequantize")
+QUANTIZATIONS = (None, "gguf", "gguf_int8", "dequantize")
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -22,7 +22,8 @@ def add_engine_args(p: argparse.ArgumentParser, engine_seed: bool = False) -> No
         "--quantization",
         "-q",
         default=None,
-        help="a GGUF file on CPU: 'gguf' (the default) keeps its quantized weights, 'dequantize' loads floats",
+        help="a GGUF file on CPU: 'gguf' (the default) keeps its quantized weights, 'gguf_int8' too with "
+        "activations in int8 (llama.cpp's numerics, faster in batches), 'dequantize' loads floats",
     )
     if engine_seed:
         m.add_argument("--seed", dest="engine_seed", type=int, default=0)

@@ -28,6 +28,8 @@ class QuantWeight:
     qtype: int  # the ggml type id (F16, Q4_0, ... above)
     blocks: torch.Tensor
     shape: tuple[int, int]  # (N, K)
+    # multiplied with x rounded to int8 per block, as llama.cpp does (quantization="gguf_int8"), instead of to 16 bits
+    int8_activations: bool = False
 
 
 def fp16(b: torch.Tensor) -> torch.Tensor:

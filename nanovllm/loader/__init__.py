@@ -175,7 +175,7 @@ def load_model(
     if plan:
         from nanovllm.loader.gguf_quant import fill_quant
 
-        loaded |= fill_quant(model, path, index, cfg, plan)
+        loaded |= fill_quant(model, path, index, cfg, plan, int8_activations=quantization == "gguf_int8")
     missing = expected - loaded
     if missing:
         raise ValueError(f"checkpoint {path!r} lacks weights: {', '.join(sorted(missing)[:8])}")

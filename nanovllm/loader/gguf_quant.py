@@ -95,9 +95,17 @@ def drop_float_weights(model: nn.Module, plan: dict[str, QuantTarget]) -> None:
         model.lm_head.weight = None
 
 
-def fill_quant(model: nn.Module, path: str, index: list[dict], hf_config, plan: dict[str, QuantTarget]) -> set[str]:
+def fill_quant(
+    model: nn.Module,
+    path: str,
+    index: list[dict],
+    hf_config,
+    plan: dict[str, QuantTarget],
+    int8_activations: bool = False,
+) -> set[str]:
     """Read the planned weights' blocks (this rank's rows, or K range, as load_weight shards floats) into one
-    2 MB-page buffer, and hand them to their modules; returns the names load_weight filled (name#part)."""
+    2 MB-page buffer, and hand them to their modules; returns the names load_weight filled (name#part).
+    int8_activations: their QuantWeights multiply with x in int8 (quantization="gguf_int8")."""
     shapes = {n: (*t.shape[:-1], row_bytes(t.qtype, t.shape[-1])) for n, t in plan.items()}
     sizes = {n: -(-torch.Size(s).numel() // 64) * 64 for n, s in shapes.items()}  # each 64-byte aligned
     buf, offset, shadows = huge_page_buffer(sum(sizes.values())), 0, {}
@@ -111,10 +119,12 @@ def fill_quant(model: nn.Module, path: str, index: list[dict], hf_config, plan: 
     for n, t in plan.items():
         blocks = shadows[n]
         if t.attr == "weight":
-            t.module.quant = QuantWeight(t.qtype, blocks, (t.shape[0], t.shape[1]))
+            t.module.quant = QuantWeight(t.qtype, blocks, (t.shape[0], t.shape[1]), int8_activations)
             if model.tie_word_embeddings and n == EMBEDDING:  # the LM head reads the embedding's blocks
                 model.lm_head.quant = t.module.quant
         else:  # FusedMoE.w13_weight -> w13_quant: each expert's blocks
-            quant = [QuantWeight(t.qtype, blocks[e], (t.shape[1], t.shape[2])) for e in range(t.shape[0])]
+            quant = [
+                QuantWeight(t.qtype, blocks[e], (t.shape[1], t.shape[2]), int8_activations) for e in range(t.shape[0])
+            ]
             setattr(t.module, t.attr.replace("weight", "quant"), quant)
     return filled

@@ -88,7 +88,7 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = No
     """x [M, K] (fp32 or bf16) times a weight in GGUF blocks: our kernels (kernels/cpu/quant.py: the int8 kernel for
     up to QUANT_KERNEL_ROWS rows, dequantized tiles into torch's GEMM above); without our library, the torch
     reference's dequantized weight."""
-    y = kernels.quant_linear(x.contiguous(), w.qtype, w.blocks, bias)
+    y = kernels.quant_linear(x.contiguous(), w.qtype, w.blocks, bias, int8_activations=w.int8_activations)
     if y is not None:
         return y
     return F.linear(x, dequantize_torch(w).to(x.dtype), bias)

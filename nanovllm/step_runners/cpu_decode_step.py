@@ -32,7 +32,8 @@ def f32_weight(m: torch.nn.Module) -> tuple[int, torch.Tensor] | None:
     if quant is not None:
         k = quant.shape[1]
         fits = quant.qtype in BLOCK_SIZES and k % BLOCK_SIZES[quant.qtype][0] == 0 and quant.blocks.is_contiguous()
-        return (quant.qtype, quant.blocks) if fits else None
+        kind = quant.qtype | kernels.X_INT8 if quant.int8_activations else quant.qtype
+        return (kind, quant.blocks) if fits else None
     w = m.weight
     if w is None or w.dtype != torch.float32 or not w.is_contiguous():
         return None

@@ -23,18 +23,24 @@ def llm() -> LLM:
 @pytest.fixture(scope="module")
 def float_llm() -> LLM:
     """The embedded model on the float path (quantization="dequantize": every weight dequantized at load): HF's
-    values. The default keeps the GGUF blocks, and its C kernels' int8 activations move the logits by ~0.5-1% per
-    matmul: enough to flip this chat's first token, a near-tie ("The" 25.33 vs "L" 25.24 on the float path), into
-    an answer without Paris (measured 2026-12-07; benchmarks/quant_agreement.py measures the agreement)."""
+    values. The default keeps the GGUF blocks; with its activations in int8 (quantization="gguf_int8") the logits
+    move by ~0.5-1% per matmul: enough to flip the capital-of-France chat's first token, a near-tie ("The" 25.33
+    vs "L" 25.24 on the float path), into an answer without Paris (measured 2026-12-07;
+    benchmarks/quant_agreement.py measures the agreement). The default's 16-bit activations keep it."""
     return LLM(dtype="float32", kv_cache_gib=0.25, quantization="dequantize")
 
 
-def test_capital_of_france(float_llm):
-    out = float_llm.chat(
-        [{"role": "user", "content": "What is the capital of France?"}],
-        SamplingParams(temperature=0, max_tokens=32),
-        use_tqdm=False,
-    )[0].outputs[0]
+@pytest.mark.parametrize("which", ["llm", "float_llm"])
+def test_capital_of_france(which, request):
+    out = (
+        request.getfixturevalue(which)
+        .chat(
+            [{"role": "user", "content": "What is the capital of France?"}],
+            SamplingParams(temperature=0, max_tokens=32),
+            use_tqdm=False,
+        )[0]
+        .outputs[0]
+    )
     assert "Paris" in out.text
     assert out.finish_reason == "stop"  # the model ends its answer with EOS (<|im_end|>)
 
@@ -108,8 +114,8 @@ def test_converted_gguf_metadata_equals_direct_conversion(llm, tmp_path, monkeyp
 def test_the_default_keeps_the_gguf_blocks_and_prefills_equal_the_float_path(llm, float_llm):
     """The embedded model by default: every projection, the embedding and the (tied) LM head in their GGUF blocks
     (~92 MiB), only the norms float; a prefill's matmuls (more than QUANT_KERNEL_ROWS rows) dequantize tiles of
-    the weights, so its hidden states are the float path's (the LM head's one row per sequence runs our int8
-    kernel: the logits are compared before it)."""
+    the weights, so its hidden states are the float path's (the LM head's one row per sequence runs our
+    quantized-linear kernel: the logits are compared before it)."""
     import nanovllm.ops.cpu_ops as cpu_ops
 
     model = llm.engine.runner.model

@@ -6,7 +6,9 @@ Tolerance of quant_linear: x is quantized per block (32 values, or a K-quant's 2
 d = max |x_block| / 127, so each value is off by at most d / 2 = max |x_block| / 254, and a block's dot product with
 weights w by at most max |x_block| / 254 * sum |w_block|. Per output: the sum of that over the row's blocks (a
 relative error of ~1/254 .. 1/127 of a block's dot in the worst case), plus fp32 rounding (1e-5 of sum |x| |w|).
-F32 and F16 weights take fp32 FMAs on x as given: 1e-5 of sum |x| |w|."""
+That is one plane (int8_activations=True, llama.cpp's numerics). By default a second plane holds the rest to
+1/LOW_SCALE = 1/256 of d: each value off by at most d / 256 (a residue of exactly half a step saturates at 127/256),
+the bound 128 times tighter. F32 and F16 weights take fp32 FMAs on x as given: 1e-5 of sum |x| |w|."""
 
 import gguf
 import numpy as np
@@ -83,8 +85,8 @@ def test_dequantize_equals_gguf_bit_for_bit(name, variant):
         assert torch.equal(cpu.dequantize(cpu.GGUF_TYPES[name], blocks, k, ids=ids, lib=lib), expected[ids])
 
 
-def error_bound(name: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """[M, N]: what int8 activations may cost each output (module docstring), in float64."""
+def error_bound(name: str, x: torch.Tensor, w: torch.Tensor, planes: int = 2) -> torch.Tensor:
+    """[M, N]: what activations in `planes` int8 planes may cost each output (module docstring), in float64."""
     x, w = x.double(), w.double()
     total = x.abs() @ w.abs().T
     elems = cpu.BLOCK_SHAPES[cpu.GGUF_TYPES[name]].elems
@@ -93,12 +95,14 @@ def error_bound(name: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     m, k = x.shape
     x_max = x.abs().view(m, k // elems, elems).amax(2)  # [M, blocks]
     w_sum = w.abs().view(len(w), k // elems, elems).sum(2)  # [N, blocks]
-    return x_max @ w_sum.T / 254 * 1.001 + FP32_SLACK * total
+    per_value = 1 / 254 if planes == 1 else 1 / (127 * 256)  # of max |x_block|
+    return x_max @ w_sum.T * per_value * 1.001 + FP32_SLACK * total
 
 
+@pytest.mark.parametrize("planes", [2, 1])
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("name", list(cpu.GGUF_TYPES))
-def test_quant_linear_within_int8_bound(name, variant):
+def test_quant_linear_within_its_bound(name, variant, planes):
     k, lib = row_length(name), library(variant)
     gen = torch.Generator().manual_seed(0)
     for n in ROWS:
@@ -109,13 +113,26 @@ def test_quant_linear_within_int8_bound(name, variant):
             x = torch.randn(m, k, generator=gen)
             x[:, :16] *= 50  # one block far larger than the others: the bound is per block
             expected = x.double() @ w.double().T
-            got = cpu.quant_linear(x, name, blocks, lib=lib)
+            got = cpu.quant_linear(x, name, blocks, lib=lib, int8_activations=planes == 1)
             assert got.dtype == torch.float32 and got.shape == (m, n)
             err = (got.double() - expected).abs()
-            bound = error_bound(name, x, w)
+            bound = error_bound(name, x, w, planes)
             assert (err <= bound).all(), (name, n, m, (err - bound).max().item())
-            with_bias = cpu.quant_linear(x, name, blocks, bias, lib=lib)
+            with_bias = cpu.quant_linear(x, name, blocks, bias, lib=lib, int8_activations=planes == 1)
             assert torch.allclose(with_bias, got + bias, rtol=0, atol=1e-6 * got.abs().max().item() + 1e-6)
+
+
+@pytest.mark.parametrize("name", ["Q4_1", "Q8_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_second_plane_is_used(name, variant):
+    """The two-plane bound is tight enough that one plane's results fall outside it: the second plane counts."""
+    k, n, lib = row_length(name), 17, library(variant)
+    blocks = random_blocks(name, n, k, seed=11)
+    w = reference(name, blocks, k)
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(11))
+    one_plane = cpu.quant_linear(x, name, blocks, lib=lib, int8_activations=True)
+    err = (one_plane.double() - x.double() @ w.double().T).abs()
+    assert (err > error_bound(name, x, w, planes=2)).any()
 
 
 def test_quant_linear_is_not_vacuous():

@@ -10,6 +10,7 @@ from nanovllm.kernels.cpu.quant import (  # noqa: F401 (this package's API: GGUF
     GGUF_TYPES,
     QUANT_KERNEL_ROWS,
     TYPE_NAMES,
+    X_INT8,
     BlockShape,
     block_shape,
     dequantize,
@@ -224,7 +225,7 @@ def linear_f32(
     x: torch.Tensor, weight: torch.Tensor, kind: int, n: int, bias: torch.Tensor | None = None, out=None
 ) -> torch.Tensor:
     """x [M, K] fp32 @ W[n, K]^T (+ bias) by linear_f32: W a plain fp32 weight (kind F32) or its GGUF blocks as
-    stored (kind: ggml's type id). Into `out` [M, n] where given."""
+    stored (kind: ggml's type id, with X_INT8 for x in one int8 plane). Into `out` [M, n] where given."""
     y = x.new_empty(x.shape[0], n) if out is None else out
     rc = library().linear_f32(
         x.data_ptr(),

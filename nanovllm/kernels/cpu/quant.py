@@ -23,6 +23,10 @@ GGUF_TYPES: dict[str, int] = {
     "Q6_K": 14,
 }
 
+# A flag on linear_f32's weight type (kernels.h): x quantized to one int8 plane per block, llama.cpp's numerics, instead
+# of two (16 bits, the default: the dequantized weights' greedy choices). quantization="gguf_int8" asks for it.
+X_INT8 = 0x100
+
 # up to here linear_f32's int8 dots beat dequantized tiles through torch's fp32 GEMM: a 37-token chat prefill 156-287 ms
 # at 32 -> ~100 ms at 64 (2026-12-07, quiet EPYC; docs/benchmarks.md)
 QUANT_KERNEL_ROWS = 64
@@ -97,14 +101,20 @@ def tiled_linear(x: torch.Tensor, code: int, blocks: torch.Tensor, lib) -> torch
 
 
 def quant_linear(
-    x: torch.Tensor, qtype: int | str, blocks: torch.Tensor, bias: torch.Tensor | None = None, lib=None
+    x: torch.Tensor,
+    qtype: int | str,
+    blocks: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    lib=None,
+    int8_activations: bool = False,
 ) -> torch.Tensor | None:
     """y [M, N] = x [M, K] @ W.T (+ bias), W's N rows as GGUF stores them in `blocks` (uint8 [N, row bytes],
     contiguous), read in place (quant_linear.c: x quantized to int8 blocks, integer dot products); from
     TILE_FROM_ROWS rows on, tiles of W dequantized and torch.mm. x fp32 or bf16 (computed in fp32, returned in
     x's dtype). None where the kernel does not apply (not CPU, another dtype or
     layout, no compiler): the caller uses torch. ValueError for a type it cannot read or K not in its blocks.
-    lib: the kernel library (tests pass library("portable"))."""
+    lib: the kernel library (tests pass library("portable")). int8_activations: x in one int8 plane per block
+    (X_INT8) instead of two."""
     lib = lib if lib is not None else library()
     if not (
         lib is not None
@@ -139,7 +149,7 @@ def quant_linear(
         xf.data_ptr(),
         m,
         blocks.data_ptr(),
-        code,
+        code | X_INT8 if int8_activations else code,
         blocks.shape[0],
         k,
         None if bf is None else bf.data_ptr(),

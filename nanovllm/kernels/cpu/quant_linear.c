@@ -5,7 +5,10 @@
  * x's rows are quantized once per call to int8 blocks (quantize_rows.c), and each weight block times an
  * activation block is an integer dot product (AVX2: vpmaddubsw, unsigned weight q times signed x q, then
  * vpmaddwd) scaled by the two blocks' scales in fp32; a minimum or offset of the weight block multiplies the
- * activation block's sum. The weight's F32 and F16 types take fp32 FMAs instead (no quantization of x).
+ * activation block's sum. x is held in two int8 planes (16 bits: the float path's greedy choices, 99.95%
+ * top-1), the second's dot product added at 1/LOW_SCALE; X_INT8 in the type asks for one (llama.cpp's
+ * numerics, 96.1%). The second plane cost, under load, 8.3 -> 9.3 ms per 30 layers at 1 row (+12%) and 31 -> 41
+ * ms at 8 rows (+30%). The weight's F32 and F16 types take fp32 FMAs instead (no quantization of x).
  * Threads take output rows CHUNK at a time (dynamic: a thread whose core another process took does not hold the
  * others at the end), and each weight row is read once per call: dotted with X_ROWS rows of x at a time, its
  * blocks decoded once for them.
@@ -39,9 +42,10 @@ INLINE __m256i fifth_bits(uint32_t h) {
     return _mm256_and_si256(_mm256_cmpeq_epi8(v, bit), _mm256_set1_epi8(16));
 }
 
-/* 32 unsigned bytes times 32 signed ones -> 8 int32 sums of 4 products (no saturation: |u| <= 63 here) */
-INLINE __m256i dot_u8_s8(__m256i u, __m256i s) {
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+/* 32 unsigned bytes times 32 signed ones -> 8 int32 sums of 4 products, times `scale` (no saturation: |u| <= 63
+ * here, or 128 for Q8_0's |w|: 2 * 128 * 127 < 2^15) */
+INLINE __m256i dot_u8_s8(__m256i u, __m256i s, short scale) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(scale));
 }
 
 INLINE float hsum(__m256 v) {
@@ -76,11 +80,13 @@ INLINE void block_ints(const uint8_t *blk, const int type, int w[BLOCK]) {
 
 #if HAVE_AVX2
 /* One weight block (block b of the row) times block b of R rows of x, into acc[r] (the integer dot times both
- * scales) and lane 1 of extra[r] (the weight block's minimum, or d for an offset, times the activation block's
- * sum; lane 0 gathers what is not used). The scales go in pairs: (d, m) or (d, d) times (d_x, s_x) in one
- * multiply; per block the loop is ~15 instructions, and their count is what M = 1 costs (not the memory) */
+ * scales; with P = 2 planes the dot is q LOW_SCALE + lo: acc is LOW_SCALE times too large) and lane 1 of
+ * extra[r] (the weight block's minimum, or d for an offset, times the activation block's sum; lane 0 gathers
+ * what is not used). The scales go in pairs: (d, m) or (d, d) times (d_x, s_x) in one multiply; per block the
+ * loop is ~15 instructions (4 more a row for the second plane), and their count is what M = 1 costs (not the
+ * memory) */
 INLINE void block_step(const uint8_t *blk, const char *x, int64_t x_stride, int64_t b, const int type, const int R,
-                       __m256 *acc, __m128 *extra) {
+                       const int P, __m256 *acc, __m128 *extra) {
     const int has_min = type == Q4_1 || type == Q5_1;
     __m128 dm;  /* lanes 0, 1: d and m (or d again) */
     if (has_min) dm = _mm_cvtph_ps(_mm_cvtsi32_si128((int)read_u32(blk)));
@@ -98,17 +104,24 @@ INLINE void block_step(const uint8_t *blk, const char *x, int64_t x_stride, int6
         const QBlock *xb = (const QBlock *)(x + r * x_stride) + b;
         __m256i xq = load256(xb->q);
         if (type == Q8_0) xq = _mm256_sign_epi8(xq, sign);
+        __m256i dot = dot_u8_s8(q, xq, P == 2 ? LOW_SCALE : 1);
+        if (P == 2) {
+            __m256i xl = load256(xb->lo);
+            if (type == Q8_0) xl = _mm256_sign_epi8(xl, sign);
+            dot = _mm256_add_epi32(dot, dot_u8_s8(q, xl, 1));  /* |sum| < 32 128 127 LOW_SCALE: int32 */
+        }
         const __m128 scales = _mm_mul_ps(dm, _mm_castpd_ps(_mm_load_sd((const double *)&xb->d)));  /* d dx, m sx */
-        acc[r] = _mm256_fmadd_ps(_mm256_broadcastss_ps(scales), _mm256_cvtepi32_ps(dot_u8_s8(q, xq)), acc[r]);
+        acc[r] = _mm256_fmadd_ps(_mm256_broadcastss_ps(scales), _mm256_cvtepi32_ps(dot), acc[r]);
         if (type != Q8_0) extra[r] = _mm_add_ps(extra[r], scales);
     }
 }
 #endif
 
 /* out[r] = (weight row w) . (quantized x row r), r < R, for the 32-blocks (Q4_0 .. Q8_0); x's rows
- * x_stride bytes apart. R and type are constants where this is inlined: each pair its own loop. */
+ * x_stride bytes apart, in P planes. R, P and type are constants where this is inlined: each its own loop. */
 INLINE void dot_blocks(const uint8_t *w, const char *x, int64_t x_stride, int64_t nb, float *out, const int type,
-                       const int R) {
+                       const int R, const int P) {
+    const float unit = P == 2 ? 1.f / LOW_SCALE : 1.f;  /* what the integer dots are counted in */
     const int bytes = block_bytes(type);
 #if HAVE_AVX2
     /* one row of x: two sums, even and odd blocks, so that one block's FMAs need not wait for the last's
@@ -122,11 +135,11 @@ INLINE void dot_blocks(const uint8_t *w, const char *x, int64_t x_stride, int64_
         for (int r = 0; r < R; r++) acc[u][r] = _mm256_setzero_ps(), extra[u][r] = _mm_setzero_ps();
     int64_t b = 0;
     for (; b + U <= nb; b += U)
-        for (int u = 0; u < U; u++) block_step(w + (b + u) * bytes, x, x_stride, b + u, type, R, acc[u], extra[u]);
-    for (; b < nb; b++) block_step(w + b * bytes, x, x_stride, b, type, R, acc[0], extra[0]);
+        for (int u = 0; u < U; u++) block_step(w + (b + u) * bytes, x, x_stride, b + u, type, R, P, acc[u], extra[u]);
+    for (; b < nb; b++) block_step(w + b * bytes, x, x_stride, b, type, R, P, acc[0], extra[0]);
     for (int r = 0; r < R; r++) {
         const __m128 e = _mm_add_ps(extra[0][r], extra[1][r]);
-        out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + (type == Q8_0 ? 0.f : offset * _mm_cvtss_f32(_mm_movehdup_ps(e)));
+        out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) * unit + (type == Q8_0 ? 0.f : offset * _mm_cvtss_f32(_mm_movehdup_ps(e)));
     }
 #else
     const int has_min = type == Q4_1 || type == Q5_1;
@@ -139,8 +152,8 @@ INLINE void dot_blocks(const uint8_t *w, const char *x, int64_t x_stride, int64_
         for (int r = 0; r < R; r++) {
             const QBlock *xb = (const QBlock *)(x + r * x_stride) + b;
             int32_t isum = 0;
-            for (int i = 0; i < BLOCK; i++) isum += wq[i] * xb->q[i];
-            acc[r] += d * xb->d * (float)isum + (has_min ? m * xb->s : 0.f);
+            for (int i = 0; i < BLOCK; i++) isum += wq[i] * (P == 2 ? xb->q[i] * LOW_SCALE + xb->lo[i] : xb->q[i]);
+            acc[r] += d * xb->d * (float)isum * unit + (has_min ? m * xb->s : 0.f);
         }
     }
     for (int r = 0; r < R; r++) out[r] = acc[r];
@@ -149,14 +162,17 @@ INLINE void dot_blocks(const uint8_t *w, const char *x, int64_t x_stride, int64_
 
 /* The same for the K-quants' super-blocks of 256: the weights are d sc q - dmin mn per sub-block of 32 (Q4_K,
  * Q5_K) or d scale (q - 32) per 16 (Q6_K); the integer sums are scaled by the sub-blocks' integer scales before
- * the super-block's one fp32 multiply, and the mins (offsets) multiply the activation's 16-value group sums. */
+ * the super-block's one fp32 multiply, and the mins (offsets) multiply the activation's 16-value group sums.
+ * With P = 2 planes the low plane's integer sums (isum_lo) come at 1/LOW_SCALE (apart: q LOW_SCALE + lo could
+ * pass int32 over a super-block). */
 INLINE void dot_super_blocks(const uint8_t *w, const char *x, int64_t x_stride, int64_t nb, float *out,
-                             const int type, const int R) {
+                             const int type, const int R, const int P) {
     const int bytes = block_bytes(type);
     float acc[X_ROWS] = {0};
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = w + b * bytes;
-        int32_t isum[X_ROWS] = {0}, offset[X_ROWS] = {0};  /* sum sc q qx; the mins' (offsets') part */
+        int32_t isum[X_ROWS] = {0}, isum_lo[X_ROWS] = {0};  /* sum sc q qx, per plane */
+        float offset[X_ROWS] = {0};  /* the mins' (offsets') part: sums of x times the integer mins */
         float d, dmin = 0.f;
         if (type == Q6_K) {
             const uint8_t *ql = blk, *qh = blk + 128;
@@ -164,11 +180,11 @@ INLINE void dot_super_blocks(const uint8_t *w, const char *x, int64_t x_stride, 
             d = read_half(blk + 208);
             for (int r = 0; r < R; r++) {
                 const QSuperBlock *xb = (const QSuperBlock *)(x + r * x_stride) + b;
-                for (int g = 0; g < SUPER_BLOCK / 16; g++) offset[r] += 32 * scales[g] * xb->sums[g];
+                for (int g = 0; g < SUPER_BLOCK / 16; g++) offset[r] += (float)(32 * scales[g]) * xb->sums[g];
             }
 #if HAVE_AVX2
-            __m256i vsum[X_ROWS];
-            for (int r = 0; r < R; r++) vsum[r] = _mm256_setzero_si256();
+            __m256i vsum[X_ROWS], vlo[X_ROWS];
+            for (int r = 0; r < R; r++) vsum[r] = vlo[r] = _mm256_setzero_si256();
             const __m256i low4 = _mm256_set1_epi8(15), low2 = _mm256_set1_epi8(3);
             for (int h = 0; h < 2; h++) {  /* halves of 128: ql bytes 64 h .., qh bytes 32 h .. */
                 const __m256i a = load256(ql + 64 * h), c = load256(ql + 64 * h + 32), hb = load256(qh + 32 * h);
@@ -187,10 +203,14 @@ INLINE void dot_super_blocks(const uint8_t *w, const char *x, int64_t x_stride, 
                         const QSuperBlock *xb = (const QSuperBlock *)(x + r * x_stride) + b;
                         const __m256i p = _mm256_maddubs_epi16(q[s], load256(xb->q + 128 * h + 32 * s));
                         vsum[r] = _mm256_add_epi32(vsum[r], _mm256_madd_epi16(p, sc));
+                        if (P == 2) {
+                            const __m256i pl = _mm256_maddubs_epi16(q[s], load256(xb->lo + 128 * h + 32 * s));
+                            vlo[r] = _mm256_add_epi32(vlo[r], _mm256_madd_epi16(pl, sc));
+                        }
                     }
                 }
             }
-            for (int r = 0; r < R; r++) isum[r] = hsum_i(vsum[r]);
+            for (int r = 0; r < R; r++) isum[r] = hsum_i(vsum[r]), isum_lo[r] = P == 2 ? hsum_i(vlo[r]) : 0;
 #else
             for (int h = 0; h < 2; h++)
                 for (int s = 0; s < 4; s++)
@@ -203,9 +223,12 @@ INLINE void dot_super_blocks(const uint8_t *w, const char *x, int64_t x_stride, 
                         }
                         for (int r = 0; r < R; r++) {
                             const QSuperBlock *xb = (const QSuperBlock *)(x + r * x_stride) + b;
-                            int32_t sum = 0;
+                            int32_t sum = 0, sum_lo = 0;
                             for (int l = 0; l < 16; l++) sum += wq[l] * xb->q[16 * g + l];
+                            if (P == 2)
+                                for (int l = 0; l < 16; l++) sum_lo += wq[l] * xb->lo[16 * g + l];
                             isum[r] += scales[g] * sum;
+                            isum_lo[r] += scales[g] * sum_lo;
                         }
                     }
 #endif
@@ -216,11 +239,11 @@ INLINE void dot_super_blocks(const uint8_t *w, const char *x, int64_t x_stride, 
             const uint8_t *qh = blk + 4 + K_SCALE_BYTES, *qs = type == Q5_K ? qh + 32 : qh;
             for (int r = 0; r < R; r++) {
                 const QSuperBlock *xb = (const QSuperBlock *)(x + r * x_stride) + b;
-                for (int j = 0; j < 8; j++) offset[r] += mn[j] * (xb->sums[2 * j] + xb->sums[2 * j + 1]);
+                for (int j = 0; j < 8; j++) offset[r] += (float)mn[j] * (xb->sums[2 * j] + xb->sums[2 * j + 1]);
             }
 #if HAVE_AVX2
-            __m256i vsum[X_ROWS];
-            for (int r = 0; r < R; r++) vsum[r] = _mm256_setzero_si256();
+            __m256i vsum[X_ROWS], vlo[X_ROWS];
+            for (int r = 0; r < R; r++) vsum[r] = vlo[r] = _mm256_setzero_si256();
             const __m256i low4 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
             __m256i hb = type == Q5_K ? load256(qh) : _mm256_setzero_si256();
             for (int j = 0; j < 4; j++) {  /* bytes 32 j ..: sub-block 2 j low, 2 j + 1 high */
@@ -237,9 +260,14 @@ INLINE void dot_super_blocks(const uint8_t *w, const char *x, int64_t x_stride, 
                     const __m256i pl = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load256(xb->q + 64 * j)), sl);
                     const __m256i ph = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load256(xb->q + 64 * j + 32)), sh);
                     vsum[r] = _mm256_add_epi32(vsum[r], _mm256_add_epi32(pl, ph));
+                    if (P == 2) {
+                        const __m256i ll = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load256(xb->lo + 64 * j)), sl);
+                        const __m256i lh = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load256(xb->lo + 64 * j + 32)), sh);
+                        vlo[r] = _mm256_add_epi32(vlo[r], _mm256_add_epi32(ll, lh));
+                    }
                 }
             }
-            for (int r = 0; r < R; r++) isum[r] = hsum_i(vsum[r]);
+            for (int r = 0; r < R; r++) isum[r] = hsum_i(vsum[r]), isum_lo[r] = P == 2 ? hsum_i(vlo[r]) : 0;
 #else
             for (int j = 0; j < 8; j++) {
                 int wq[32];
@@ -249,17 +277,21 @@ INLINE void dot_super_blocks(const uint8_t *w, const char *x, int64_t x_stride, 
                 }
                 for (int r = 0; r < R; r++) {
                     const QSuperBlock *xb = (const QSuperBlock *)(x + r * x_stride) + b;
-                    int32_t sum = 0;
+                    int32_t sum = 0, sum_lo = 0;
                     for (int l = 0; l < 32; l++) sum += wq[l] * xb->q[32 * j + l];
+                    if (P == 2)
+                        for (int l = 0; l < 32; l++) sum_lo += wq[l] * xb->lo[32 * j + l];
                     isum[r] += sc[j] * sum;
+                    isum_lo[r] += sc[j] * sum_lo;
                 }
             }
 #endif
         }
         for (int r = 0; r < R; r++) {
             const float dx = ((const QSuperBlock *)(x + r * x_stride) + b)->d;
-            if (type == Q6_K) acc[r] += d * dx * (float)(isum[r] - offset[r]);
-            else acc[r] += d * dx * (float)isum[r] - dmin * dx * (float)offset[r];
+            const float dot = dx * ((float)isum[r] + (float)isum_lo[r] * (1.f / LOW_SCALE));
+            if (type == Q6_K) acc[r] += d * (dot - offset[r]);
+            else acc[r] += d * dot - dmin * offset[r];
         }
     }
     for (int r = 0; r < R; r++) out[r] = acc[r];
@@ -267,7 +299,8 @@ INLINE void dot_super_blocks(const uint8_t *w, const char *x, int64_t x_stride, 
 
 /* F32 / F16 weights: fp32 FMAs of the weight row with R rows of x (not quantized), K any length */
 INLINE void dot_floats(const uint8_t *w, const char *x, int64_t x_stride, int64_t K, float *out, const int type,
-                       const int R) {
+                       const int R, const int P) {
+    (void)P;  /* x as given: no planes */
     int64_t k = 0;
 #if HAVE_AVX2
     __m256 acc[X_ROWS][2];
@@ -292,14 +325,21 @@ INLINE void dot_floats(const uint8_t *w, const char *x, int64_t x_stride, int64_
     }
 }
 
-/* A type's dot products, R = 1 and R = X_ROWS: each a specialized copy of the loops above */
+/* A type's dot products, R = 1 and R = X_ROWS, P = 1 and 2 planes: each a specialized copy of the loops above */
 typedef void (*DotFn)(const uint8_t *w, const char *x, int64_t x_stride, int64_t n, float *out);
+typedef struct { DotFn one, rows; } Dots;  /* for one row of x, and for X_ROWS */
 #define DOTS(name, kernel, type)                                                                              \
     static void name##_1(const uint8_t *w, const char *x, int64_t s, int64_t n, float *o) {                   \
-        kernel(w, x, s, n, o, type, 1);                                                                       \
+        kernel(w, x, s, n, o, type, 1, 2);                                                                    \
     }                                                                                                         \
     static void name##_rows(const uint8_t *w, const char *x, int64_t s, int64_t n, float *o) {                \
-        kernel(w, x, s, n, o, type, X_ROWS);                                                                  \
+        kernel(w, x, s, n, o, type, X_ROWS, 2);                                                               \
+    }                                                                                                         \
+    static void name##_1_int8(const uint8_t *w, const char *x, int64_t s, int64_t n, float *o) {              \
+        kernel(w, x, s, n, o, type, 1, 1);                                                                    \
+    }                                                                                                         \
+    static void name##_rows_int8(const uint8_t *w, const char *x, int64_t s, int64_t n, float *o) {           \
+        kernel(w, x, s, n, o, type, X_ROWS, 1);                                                               \
     }
 DOTS(f32, dot_floats, F32)
 DOTS(f16, dot_floats, F16)
@@ -312,9 +352,13 @@ DOTS(q4_k, dot_super_blocks, Q4_K)
 DOTS(q5_k, dot_super_blocks, Q5_K)
 DOTS(q6_k, dot_super_blocks, Q6_K)
 
-static int dots(int type, DotFn *one, DotFn *rows) {
+/* The dot products for a type, x in `planes` planes; 1 for a type it cannot read */
+static int dots(int type, int planes, Dots *out) {
     switch (type) {
-#define CASE(T, name) case T: *one = name##_1, *rows = name##_rows; return 0;
+#define CASE(T, name)                                                                                         \
+    case T:                                                                                                   \
+        *out = planes == 2 ? (Dots){name##_1, name##_rows} : (Dots){name##_1_int8, name##_rows_int8};        \
+        return 0;
     CASE(F32, f32) CASE(F16, f16) CASE(Q4_0, q4_0) CASE(Q4_1, q4_1) CASE(Q5_0, q5_0) CASE(Q5_1, q5_1)
     CASE(Q8_0, q8_0) CASE(Q4_K, q4_k) CASE(Q5_K, q5_k) CASE(Q6_K, q6_k)
 #undef CASE
@@ -322,18 +366,21 @@ static int dots(int type, DotFn *one, DotFn *rows) {
     }
 }
 
-static void quantize(const float *x, int64_t M, int64_t K, int super, char *xq, int64_t x_stride) {
+static void quantize(const float *x, int64_t M, int64_t K, int super, int planes, char *xq, int64_t x_stride) {
     for (int64_t m = 0; m < M; m++) {
-        if (super) quantize_super_blocks(x + m * K, K, (QSuperBlock *)(xq + m * x_stride));
-        else quantize_blocks(x + m * K, K, (QBlock *)(xq + m * x_stride));
+        if (super) quantize_super_blocks(x + m * K, K, (QSuperBlock *)(xq + m * x_stride), planes);
+        else quantize_blocks(x + m * K, K, (QBlock *)(xq + m * x_stride), planes);
     }
 }
 
-/* Returns 0; 1 for a type it cannot read, 2 for K not a multiple of the type's block, 3 without memory */
+/* Returns 0; 1 for a type it cannot read, 2 for K not a multiple of the type's block, 3 without memory. The type
+ * may carry X_INT8: x in one int8 plane instead of two */
 int linear_f32(const float *x, int64_t M, const void *w, int type, int64_t N, int64_t K, const float *bias, float *y,
                int num_threads) {
-    DotFn one, rows;
-    if (dots(type, &one, &rows)) return 1;
+    const int planes = type & X_INT8 ? 1 : 2;
+    type &= ~X_INT8;
+    Dots dot;
+    if (dots(type, planes, &dot)) return 1;
     const int64_t elems = block_elems(type), row_bytes = K / elems * block_bytes(type);
     if (K % elems) return 2;
     if (M <= 0 || N <= 0) return 0;
@@ -348,12 +395,12 @@ int linear_f32(const float *x, int64_t M, const void *w, int type, int64_t N, in
     /* a few rows (every decode step) are quantized here, before the threads start: a loop shared by the threads
      * ends in a barrier, where a thread whose core another process holds would keep the others waiting */
     const int serial = M < PARALLEL_QUANTIZE_ROWS;
-    if (quantized && serial) quantize(x, M, K, super, xq, x_stride);
+    if (quantized && serial) quantize(x, M, K, super, planes, xq, x_stride);
 #pragma omp parallel num_threads(num_threads)
     {
         if (quantized && !serial) {
 #pragma omp for schedule(static)
-            for (int64_t m = 0; m < M; m++) quantize(x + m * K, 1, K, super, xq + m * x_stride, x_stride);
+            for (int64_t m = 0; m < M; m++) quantize(x + m * K, 1, K, super, planes, xq + m * x_stride, x_stride);
         }
 #pragma omp for schedule(dynamic, CHUNK)
         for (int64_t j = 0; j < N; j++) {
@@ -362,11 +409,11 @@ int linear_f32(const float *x, int64_t M, const void *w, int type, int64_t N, in
             float out[X_ROWS];
             int64_t m = 0;
             for (; m + X_ROWS <= M; m += X_ROWS) {
-                rows(wr, xq + m * x_stride, x_stride, n, out);
+                dot.rows(wr, xq + m * x_stride, x_stride, n, out);
                 for (int r = 0; r < X_ROWS; r++) y[(m + r) * N + j] = out[r] + b;
             }
             for (; m < M; m++) {
-                one(wr, xq + m * x_stride, x_stride, n, out);
+                dot.one(wr, xq + m * x_stride, x_stride, n, out);
                 y[m * N + j] = out[0] + b;
             }
         }
