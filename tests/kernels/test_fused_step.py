@@ -124,7 +124,10 @@ def test_fused_f32_step_matches_the_layer_by_layer_path(arch, qtype, tmp_path, m
     assert len(meta.decode_rows) == len(batch.seqs) and fused_step.covers(input_ids, meta, last)
     fused = fused_step.run(input_ids, positions, meta).clone()  # storing this step's K/V twice: the same values
     layered = engine.runner.eager_forward(input_ids, positions, meta, last)
-    torch.testing.assert_close(fused, layered, rtol=1e-4, atol=1e-4)
+    # GGUF blocks: an elementwise kernel's few ulp can move an activation across a rounding boundary of its low
+    # plane (1/256 of its block's step), a logit by ~1e-4 here (measured 1.5e-4 on Q8_0)
+    tolerance = 1e-4 if qtype is None else 5e-4
+    torch.testing.assert_close(fused, layered, rtol=tolerance, atol=tolerance)
     for i in range(len(prompts)):
         engine.abort(f"r{i}")
     engine.runner.step_runner = None
