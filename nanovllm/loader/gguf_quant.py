@@ -5,9 +5,12 @@ weights tensor parallelism splits: qkv, o, gate/up, down), the LM head, the toke
 rows: Model.embed) and the experts, where all of a weight's GGUF tensors have one supported type (layers/quant.py).
 A kept weight has no float copy: Linear.quant / the embedding's .quant / FusedMoE.w13_quant, w2_quant (a
 QuantWeight per expert) hold the blocks, and the ops read those (ops/cpu_ops.py, ops/torch_ops.py).
-Stays float: norms, routers, biases, F32 / BF16 tensors; a fused weight whose parts have different types (a
-Q4_K_M file's q/k in Q4_K beside v in Q6_K: one QuantWeight holds one type); a row-parallel weight whose
-per-rank K is not whole blocks (see plan_quant)."""
+A fused weight whose parts have different types is kept where they widen to one exactly: Q4_0 and Q5_0 blocks
+are Q8_0 blocks with fewer bits (w = d (q - 8), d (q - 16): the same fp16 d, q - offset an int8), so a mix of
+them and Q8_0 (SmolLM2's "Q4_K_M": Q5_0 q/k beside some layers' Q8_0 v) is kept as Q8_0, the same values.
+Stays float: norms, routers, biases, F32 / BF16 tensors; a fused weight of other mixed types (a larger model's
+Q4_K_M: q/k in Q4_K beside v in Q6_K; one QuantWeight holds one type); a row-parallel weight whose per-rank K is
+not whole blocks (see plan_quant)."""
 
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -17,13 +20,27 @@ import torch
 from torch import nn
 
 from nanovllm.layers.parallel import tp_size
-from nanovllm.layers.quant import BLOCK_SIZES, SUPPORTED, QuantWeight, row_bytes
+from nanovllm.layers.quant import BLOCK_SIZES, SUPPORTED, QuantWeight, high_bits, nibbles, row_bytes
 from nanovllm.loader.gguf import gguf_quant_blocks, hf_name
 from nanovllm.memory import huge_page_buffer
 
 T = gguf.GGMLQuantizationType
 FLOAT_TYPES = {int(T.F32), int(T.F64), int(T.BF16)}  # not quantized: such a weight simply stays float
 EMBEDDING = "model.embed_tokens.weight"
+Q4_0, Q5_0, Q8_0 = int(T.Q4_0), int(T.Q5_0), int(T.Q8_0)
+WIDEN_TO_Q8_0 = {Q4_0, Q5_0, Q8_0}  # a fused weight mixing these is kept as Q8_0 (module docstring)
+
+
+def widen_to_q8_0(qtype: int, blocks: torch.Tensor) -> torch.Tensor:
+    """Rows of Q4_0, Q5_0 or Q8_0 blocks (uint8 [rows, row bytes]) as Q8_0 rows of the same values."""
+    if qtype == Q8_0:
+        return blocks
+    b = blocks.reshape(-1, BLOCK_SIZES[qtype][1])  # a block a row
+    if qtype == Q4_0:
+        q = nibbles(b[:, 2:], 16).to(torch.int8) - 8
+    else:
+        q = (nibbles(b[:, 6:], 16) | (high_bits(b[:, 2:6]) << 4)).to(torch.int8) - 16
+    return torch.cat([b[:, :2], q.view(torch.uint8)], dim=1).reshape(blocks.shape[0], -1)
 
 
 @dataclass
@@ -75,7 +92,10 @@ def plan_quant(model: nn.Module, index: list[dict], strict: bool = True) -> dict
     plan = {}
     for target, kinds in types.items():
         qtype = next(iter(kinds))
-        if len(kinds) > 1 or qtype not in BLOCK_SIZES:  # parts of two types, or a float tensor: stays float
+        experts = any(".experts." in name for name in tensors[target])
+        if len(kinds) > 1 and kinds <= WIDEN_TO_Q8_0 and not experts:
+            qtype = Q8_0  # parts of types that widen to Q8_0 exactly (fill_quant widens them)
+        elif len(kinds) > 1 or qtype not in BLOCK_SIZES:  # parts of two types, or a float tensor: stays float
             continue
         # a row-parallel weight's rank holds K / tp of each row: whole blocks only (else it stays float)
         if splits[target] == 1 and (ks[target] // tp_size()) % BLOCK_SIZES[qtype][0]:
@@ -93,6 +113,12 @@ def drop_float_weights(model: nn.Module, plan: dict[str, QuantTarget]) -> None:
         setattr(target.module, target.attr, None)
     if model.tie_word_embeddings and EMBEDDING in plan:
         model.lm_head.weight = None
+
+
+def target_type(plan: dict[str, QuantTarget], name: str, model: nn.Module) -> int | None:
+    """The type a checkpoint tensor's planned target keeps (None: not planned)."""
+    target = plan.get(model.locate(name)[0])
+    return None if target is None else target.qtype
 
 
 def fill_quant(
@@ -113,9 +139,13 @@ def fill_quant(
         shadows[n] = buf[offset : offset + torch.Size(s).numel()].view(s)
         offset += sizes[n]
     names = {name for t in plan.values() for name in t.tensors}
-    filled = {
-        model.load_weight(name, blocks, shadows) for name, blocks in gguf_quant_blocks(path, index, hf_config, names)
-    }
+    widen = {hf_name(t["name"]): t["type"] for t in index if t["name"] in names}  # Q8_0 targets' parts: Q8_0 rows
+    widen = {name: qtype for name, qtype in widen.items() if qtype != Q8_0 and target_type(plan, name, model) == Q8_0}
+    filled = set()
+    for name, blocks in gguf_quant_blocks(path, index, hf_config, names):
+        if name in widen:
+            blocks = widen_to_q8_0(widen[name], blocks)
+        filled.add(model.load_weight(name, blocks, shadows))
     for n, t in plan.items():
         blocks = shadows[n]
         if t.attr == "weight":

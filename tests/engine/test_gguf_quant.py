@@ -256,6 +256,32 @@ def test_mixed_qkv_types_fall_back_to_float(tmp_path):
     assert layer.self_attn.o_proj.weight is None and layer.self_attn.o_proj.quant.qtype == int(T.Q4_K)
 
 
+def test_mixed_q5_0_and_q8_0_parts_are_kept_as_q8_0(tmp_path):
+    """q/k in Q5_0 beside v in Q8_0, gate in Q4_0 beside up in Q5_0 (as SmolLM2's llama.cpp "Q4_K_M"): the fused
+    weights are kept as Q8_0 blocks holding the same values, so the torch ops give the dequantized path's tokens
+    and logits, and the fused C decode step covers the model."""
+    from test_embedded import our_logits
+
+    from nanovllm.step_runners.cpu_decode_step import FusedDecodeStep
+
+    path = str(tmp_path / "mixed.gguf")
+    write_llama_gguf(path, {"default": T.Q5_0, "attn_v": T.Q8_0, "ffn_gate": T.Q4_0})
+    prompts = random_prompts(3, 5, 30, seed=8)
+    reference = engine(path, quantization="dequantize", ops="torch")
+    expected, expected_logits = greedy(reference, prompts), our_logits(reference, prompts[0])
+    del reference
+    kept = engine(path, ops="torch")
+    layer = kept.engine.runner.model.model.layers[0]
+    assert layer.self_attn.qkv_proj.weight is None and layer.self_attn.qkv_proj.quant.qtype == int(T.Q8_0)
+    assert layer.mlp.gate_up_proj.weight is None and layer.mlp.gate_up_proj.quant.qtype == int(T.Q8_0)
+    assert layer.self_attn.o_proj.quant.qtype == int(T.Q5_0)
+    assert greedy(kept, prompts) == expected
+    assert (our_logits(kept, prompts[0]) - expected_logits).abs().max().item() < 1e-5
+    del kept
+    with_c = engine(path, ops="cpu")
+    assert isinstance(with_c.engine.runner.step_runner, FusedDecodeStep)
+
+
 def test_unsupported_type_names_the_tensor_and_the_supported_list(tmp_path):
     path = str(tmp_path / "q2k.gguf")
     write_llama_gguf(path, {"default": T.Q8_0, "ffn_up": T.Q2_K})
