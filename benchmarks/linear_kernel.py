@@ -69,13 +69,7 @@ def tile_linear(x: torch.Tensor, qtype: str, blocks: torch.Tensor, scratch: torc
 
 def int8_dots(x: torch.Tensor, qtype: str, blocks: torch.Tensor) -> torch.Tensor:
     """The C kernel's integer dot products whatever the row count (quant_linear switches to tiles for many)."""
-    y = x.new_empty(x.shape[0], blocks.shape[0])
-    code, n, k = cpu.GGUF_TYPES[qtype], blocks.shape[0], x.shape[1]
-    rc = cpu.library().linear_f32(
-        x.data_ptr(), x.shape[0], blocks.data_ptr(), code, n, k, None, y.data_ptr(), torch.get_num_threads()
-    )
-    assert rc == 0, rc
-    return y
+    return cpu.linear_f32(x, blocks, cpu.GGUF_TYPES[qtype], blocks.shape[0])
 
 
 def quantized_candidates(gen: torch.Generator) -> dict:

@@ -110,7 +110,7 @@ def start_server(args: list[str], env: dict | None = None, timeout: float = 180)
 def embedded_llm():
     """The embedded SmolLM2-135M-Instruct in fp32, loaded once for every test that needs it; its weights dequantized
     (quantization="dequantize"), so that a sequence's tokens do not depend on what shares its steps (kept GGUF
-    blocks: int8 activations in steps of few rows, float tiles in larger ones)."""
+    blocks: quantized activations in steps of few rows, float tiles in larger ones)."""
     from nanovllm import LLM
 
     return LLM(dtype="float32", kv_cache_gib=1, quantization="dequantize")
@@ -133,6 +133,19 @@ def byte_tokenizer():
         "{% if add_generation_prompt %}<|assistant|>{% endif %}"
     )
     return fast
+
+
+def add_byte_vocabulary(writer) -> int:
+    """byte_tokenizer's vocabulary into a gguf.GGUFWriter as a gpt2 tokenizer (<s> = BOS, </s> = EOS); returns its
+    size."""
+    vocab = sorted(byte_tokenizer().get_vocab().items(), key=lambda item: item[1])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([t for t, _ in vocab])
+    writer.add_token_types([3 if i < 2 else 1 for i in range(len(vocab))])  # <s>, </s>: control
+    writer.add_token_scores([0.0] * len(vocab))
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(1)
+    return len(vocab)
 
 
 VOCAB = 258

@@ -115,12 +115,6 @@ def drop_float_weights(model: nn.Module, plan: dict[str, QuantTarget]) -> None:
         model.lm_head.weight = None
 
 
-def target_type(plan: dict[str, QuantTarget], name: str, model: nn.Module) -> int | None:
-    """The type a checkpoint tensor's planned target keeps (None: not planned)."""
-    target = plan.get(model.locate(name)[0])
-    return None if target is None else target.qtype
-
-
 def fill_quant(
     model: nn.Module,
     path: str,
@@ -139,8 +133,14 @@ def fill_quant(
         shadows[n] = buf[offset : offset + torch.Size(s).numel()].view(s)
         offset += sizes[n]
     names = {name for t in plan.values() for name in t.tensors}
-    widen = {hf_name(t["name"]): t["type"] for t in index if t["name"] in names}  # Q8_0 targets' parts: Q8_0 rows
-    widen = {name: qtype for name, qtype in widen.items() if qtype != Q8_0 and target_type(plan, name, model) == Q8_0}
+    stored = {t["name"]: t["type"] for t in index}
+    widen = {  # the parts of a mix kept as Q8_0 that are stored in another type: (HF name) -> that type
+        hf_name(name): stored[name]
+        for t in plan.values()
+        if t.qtype == Q8_0
+        for name in t.tensors
+        if stored[name] != Q8_0
+    }
     filled = set()
     for name, blocks in gguf_quant_blocks(path, index, hf_config, names):
         if name in widen:

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import byte_tokenizer, random_prompts
+from conftest import add_byte_vocabulary, random_prompts
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.layers.linear import Linear
@@ -63,7 +63,6 @@ def write_llama_gguf(file: str, types: dict[str, T], seed: int = 0) -> None:
     """A tiny random Llama as llama.cpp writes one: every projection, the LM head and the embedding as random
     blocks of the type `types` gives its GGUF name (the rest F32), the byte tokenizer as a gpt2 vocabulary."""
     rng = np.random.default_rng(seed)
-    vocab = sorted(byte_tokenizer().get_vocab().items(), key=lambda item: item[1])
     head_dim = HIDDEN // HEADS
     w = gguf.GGUFWriter(file, "llama")
     w.add_context_length(512)
@@ -75,12 +74,7 @@ def write_llama_gguf(file: str, types: dict[str, T], seed: int = 0) -> None:
     w.add_rope_dimension_count(head_dim)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([t for t, _ in vocab])
-    w.add_token_types([3 if i < 2 else 1 for i in range(len(vocab))])  # <s>, </s>: control
-    w.add_token_scores([0.0] * len(vocab))
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(1)
+    vocab_size = add_byte_vocabulary(w)
 
     def matrix(name: str, rows: int, k: int) -> None:
         qtype = types.get(name.split(".")[-1], types["default"])
@@ -89,9 +83,9 @@ def write_llama_gguf(file: str, types: dict[str, T], seed: int = 0) -> None:
     def norm(name: str) -> None:
         w.add_tensor(f"{name}.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
 
-    matrix("token_embd", len(vocab), HIDDEN)
+    matrix("token_embd", vocab_size, HIDDEN)
     norm("output_norm")
-    matrix("output", len(vocab), HIDDEN)
+    matrix("output", vocab_size, HIDDEN)
     for i in range(LAYERS):
         norm(f"blk.{i}.attn_norm")
         norm(f"blk.{i}.ffn_norm")

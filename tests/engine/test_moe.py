@@ -13,7 +13,7 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
-from conftest import byte_tokenizer, hf_greedy, random_prompts, save_tiny_model
+from conftest import add_byte_vocabulary, byte_tokenizer, hf_greedy, random_prompts, save_tiny_model
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.layers.moe import FusedMoE
@@ -180,13 +180,7 @@ def write_moe_gguf(folder: str, file: str, qtype: str = "Q8_0") -> None:
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     w.add_expert_count(experts)
     w.add_expert_used_count(cfg.num_experts_per_tok)
-    vocab = sorted(byte_tokenizer().get_vocab().items(), key=lambda item: item[1])
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([t for t, _ in vocab])
-    w.add_token_types([3 if i < 2 else 1 for i in range(len(vocab))])  # <s>, </s>: control
-    w.add_token_scores([0.0] * len(vocab))
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(1)
+    add_byte_vocabulary(w)
     for hf, name in (("model.embed_tokens", "token_embd"), ("model.norm", "output_norm"), ("lm_head", "output")):
         w.add_tensor(f"{name}.weight", sd[f"{hf}.weight"].numpy())
     moe = "block_sparse_moe" if mixtral else "mlp"

@@ -328,34 +328,16 @@ def test_bf16_linear_paths_agree(monkeypatch):
 def test_decode_layers_in_c_match_the_layer_by_layer_path(arch, tmp_path, monkeypatch):
     """A decode-only bf16 step through the fused C decode step (all layers in one call) gives exactly the logits
     of the per-layer Python path, and the engine's tokens are the same either way."""
-    from conftest import random_prompts, save_tiny_model
+    from conftest import save_tiny_model
+    from test_fused_step import fused_and_layered
 
-    from nanovllm import LLM, SamplingParams
+    from nanovllm import LLM
 
     llm = LLM(save_tiny_model(arch, str(tmp_path)), dtype="bfloat16")
-    engine, prompts = llm.engine, random_prompts(5, 20, 90, seed=7)
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    calls = []
-    real = cpu_kernel.decode_layers
-    monkeypatch.setattr(cpu_kernel, "decode_layers", lambda *a: calls.append(1) or real(*a))
-    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert calls  # the decode steps ran in C
-    for i, p in enumerate(prompts):
-        engine.add_request(f"r{i}", p, params)
-    for _ in range(3):  # prefill, then decode steps
-        engine.step()
-    batch = engine.scheduler.schedule()
-    input_ids, positions, meta, last = engine.runner.prepare(batch, list(range(len(batch.seqs))))
-    fused_step = engine.runner.step_runner
-    assert len(meta.decode_rows) == len(batch.seqs) and fused_step.covers(input_ids, meta, last)
-    fused = fused_step.run(input_ids, positions, meta)  # storing this step's K/V twice writes the same values
-    layered = engine.runner.eager_forward(input_ids, positions, meta, last)
-    assert torch.equal(fused, layered)
-    for i in range(len(prompts)):
-        engine.abort(f"r{i}")
-    engine.runner.step_runner = None
-    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert got == expected
+    run = fused_and_layered(llm, 12, monkeypatch)
+    assert run.decode_calls  # the decode steps ran in C
+    assert torch.equal(run.fused_logits, run.layered_logits)
+    assert run.fused_tokens == run.layered_tokens
 
 
 @pytest.mark.skipif(not cpu_kernel.has_amx(), reason="this CPU (or its compiler) has no AMX")

@@ -3,6 +3,8 @@ its logits
 against the layer-by-layer path, the engine's greedy tokens either way, with plain fp32 weights and with GGUF blocks
 (Q8_0, Q4_1) read by linear_f32; and its fp32 elementwise kernels (elementwise_f32.c) against torch_ops."""
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,47 @@ from nanovllm.layers.quant import QuantWeight
 from nanovllm.step_runners.cpu_decode_step import PROJECTIONS, FusedDecodeStep
 
 pytestmark = pytest.mark.skipif(cpu_kernel.library() is None, reason="no C compiler here")
+
+
+@dataclass
+class FusedRun:
+    """An engine's greedy tokens with its fused decode step and without, and one decode step's logits each way."""
+
+    fused_tokens: list[list[int]]
+    layered_tokens: list[list[int]]
+    decode_calls: int  # fused steps taken while the fused tokens were generated
+    fused_logits: torch.Tensor
+    layered_logits: torch.Tensor
+
+
+def fused_and_layered(llm, max_tokens: int, monkeypatch) -> FusedRun:
+    """Greedy tokens of 5 random prompts through the engine with its fused decode step (decode_layers calls
+    counted); one decode-only step of the same prompts through the fused step and through the layer-by-layer path;
+    then the tokens again with the step runner off (it stays off)."""
+    from nanovllm import SamplingParams
+
+    engine, prompts = llm.engine, random_prompts(5, 20, 90, seed=7)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    calls = []
+    real = cpu_kernel.decode_layers
+    monkeypatch.setattr(cpu_kernel, "decode_layers", lambda *a: calls.append(1) or real(*a))
+    fused_tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, params)
+    for _ in range(3):  # prefill, then decode steps
+        engine.step()
+    batch = engine.scheduler.schedule()
+    input_ids, positions, meta, last = engine.runner.prepare(batch, list(range(len(batch.seqs))))
+    fused_step = engine.runner.step_runner
+    assert len(meta.decode_rows) == len(batch.seqs) and fused_step.covers(input_ids, meta, last)
+    fused = fused_step.run(input_ids, positions, meta).clone()  # storing this step's K/V twice: the same values
+    layered = engine.runner.eager_forward(input_ids, positions, meta, last)
+    for i in range(len(prompts)):
+        engine.abort(f"r{i}")
+    engine.runner.step_runner = None
+    layered_tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    return FusedRun(fused_tokens, layered_tokens, len(calls), fused, layered)
+
 
 DIMS = [576, 64, 100, 15, 16]  # SmolLM2's hidden size, and dims that are not (or just) multiples of 16 lanes
 Q8_0, Q4_1 = 8, 3  # ggml's type ids
@@ -98,42 +141,22 @@ def f32_engine(tmp_path, arch: str, qtype: int | None):
     [("llama", None), ("qwen2", None), ("llama", Q8_0), ("llama", Q4_1)],  # qwen2: the QKV bias, a tied LM head
 )
 def test_fused_f32_step_matches_the_layer_by_layer_path(arch, qtype, tmp_path, monkeypatch):
-    """A decode-only fp32 step through the fused C step: its logits within 1e-4 of the per-layer path's (the C
-    elementwise kernels are a few ulp from torch's; plain weights: linear_f32's sums in another order than MKL's;
-    GGUF blocks: both paths read them by linear_f32), and with plain weights the engine's greedy tokens over 32
+    """A decode-only fp32 step through the fused C step: its logits within 1e-4 (5e-4 on GGUF blocks) of the
+    per-layer path's (the C elementwise kernels are a few ulp from torch's; plain weights: linear_f32's sums in
+    another order than MKL's; GGUF blocks: both paths read them by linear_f32), and with plain weights the engine's
+    greedy tokens over 32
     steps of 5 sequences are the same either way. (With GGUF blocks they are not compared: the few-ulp differences
-    of the elementwise kernels can flip an activation's int8 rounding in linear_f32, and greedy paths part at the
-    next near-tie; the logits above bound one step's difference.)"""
-    from nanovllm import SamplingParams
-
+    of the elementwise kernels can flip an activation's rounding in linear_f32, and greedy paths part at the next
+    near-tie; the logits above bound one step's difference.)"""
     llm = f32_engine(tmp_path, arch, qtype)
-    engine, prompts = llm.engine, random_prompts(5, 20, 90, seed=7)
-    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    calls = []
-    real = cpu_kernel.decode_layers
-    monkeypatch.setattr(cpu_kernel, "decode_layers", lambda *a: calls.append(1) or real(*a))
-    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert len(calls) >= 31  # every decode step of the batch ran in C
-    for i, p in enumerate(prompts):
-        engine.add_request(f"r{i}", p, params)
-    for _ in range(3):  # prefill, then decode steps
-        engine.step()
-    batch = engine.scheduler.schedule()
-    input_ids, positions, meta, last = engine.runner.prepare(batch, list(range(len(batch.seqs))))
-    fused_step = engine.runner.step_runner
-    assert len(meta.decode_rows) == len(batch.seqs) and fused_step.covers(input_ids, meta, last)
-    fused = fused_step.run(input_ids, positions, meta).clone()  # storing this step's K/V twice: the same values
-    layered = engine.runner.eager_forward(input_ids, positions, meta, last)
+    run = fused_and_layered(llm, 32, monkeypatch)
+    assert run.decode_calls >= 31  # every decode step of the batch ran in C
     # GGUF blocks: an elementwise kernel's few ulp can move an activation across a rounding boundary of its low
     # plane (1/256 of its block's step), a logit by ~1e-4 here (measured 1.5e-4 on Q8_0)
     tolerance = 1e-4 if qtype is None else 5e-4
-    torch.testing.assert_close(fused, layered, rtol=tolerance, atol=tolerance)
-    for i in range(len(prompts)):
-        engine.abort(f"r{i}")
-    engine.runner.step_runner = None
-    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    torch.testing.assert_close(run.fused_logits, run.layered_logits, rtol=tolerance, atol=tolerance)
     if qtype is None:
-        assert got == expected
+        assert run.fused_tokens == run.layered_tokens
 
 
 def test_f32_step_declines_what_linear_f32_cannot_read(tmp_path):

@@ -14,6 +14,7 @@ from nanovllm.kernels.cpu.quant import (  # noqa: F401 (this package's API: GGUF
     BlockShape,
     block_shape,
     dequantize,
+    linear_f32,
     quant_linear,
     row_bytes,
 )
@@ -219,28 +220,6 @@ def decode_layers(
     if rc:
         raise RuntimeError(f"decode_layers failed ({rc}) on sizes {dims.tolist()} in {residual.dtype}")
     return s["mlp_out"]
-
-
-def linear_f32(
-    x: torch.Tensor, weight: torch.Tensor, kind: int, n: int, bias: torch.Tensor | None = None, out=None
-) -> torch.Tensor:
-    """x [M, K] fp32 @ W[n, K]^T (+ bias) by linear_f32: W a plain fp32 weight (kind F32) or its GGUF blocks as
-    stored (kind: ggml's type id, with X_INT8 for x in one int8 plane). Into `out` [M, n] where given."""
-    y = x.new_empty(x.shape[0], n) if out is None else out
-    rc = library().linear_f32(
-        x.data_ptr(),
-        x.shape[0],
-        weight.data_ptr(),
-        kind,
-        n,
-        x.shape[1],
-        None if bias is None else bias.data_ptr(),
-        y.data_ptr(),
-        torch.get_num_threads(),
-    )
-    if rc:
-        raise ValueError(f"linear_f32 does not take weight type {kind} with K = {x.shape[1]} (code {rc})")
-    return y
 
 
 PARALLEL_ROWS = 16  # fewer embedding rows: dequantized on one thread (~1 us a row; a fork/join costs more)

@@ -100,6 +100,35 @@ def tiled_linear(x: torch.Tensor, code: int, blocks: torch.Tensor, lib) -> torch
     return y
 
 
+def linear_f32(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    kind: int,
+    n: int,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    lib=None,
+) -> torch.Tensor:
+    """x [M, K] fp32 @ W[n, K]^T (+ bias) by the C linear_f32: W a plain fp32 weight (kind F32) or its GGUF blocks as
+    stored (kind: ggml's type id, with X_INT8 for x in one int8 plane). Into `out` [M, n] where given. lib: the
+    kernel library (default: the native one)."""
+    y = x.new_empty(x.shape[0], n) if out is None else out
+    rc = (lib or library()).linear_f32(
+        x.data_ptr(),
+        x.shape[0],
+        weight.data_ptr(),
+        kind,
+        n,
+        x.shape[1],
+        None if bias is None else bias.data_ptr(),
+        y.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if rc:
+        raise ValueError(f"linear_f32 does not take weight type {kind} with K = {x.shape[1]}, {n} rows (code {rc})")
+    return y
+
+
 def quant_linear(
     x: torch.Tensor,
     qtype: int | str,
@@ -144,20 +173,8 @@ def quant_linear(
         if bf is not None:
             y += bf
         return y if x.dtype == torch.float32 else y.to(x.dtype)
-    y = xf.new_empty(m, blocks.shape[0])
-    rc = lib.linear_f32(
-        xf.data_ptr(),
-        m,
-        blocks.data_ptr(),
-        code | X_INT8 if int8_activations else code,
-        blocks.shape[0],
-        k,
-        None if bf is None else bf.data_ptr(),
-        y.data_ptr(),
-        torch.get_num_threads(),
-    )
-    if rc:
-        raise RuntimeError(f"linear_f32 failed ({rc}) on {TYPE_NAMES[code]} [{blocks.shape[0]}, {k}], {m} rows")
+    kind = code | X_INT8 if int8_activations else code
+    y = linear_f32(xf, blocks, kind, blocks.shape[0], bf, lib=lib)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
