@@ -33,6 +33,7 @@ import time
 import torch
 
 from nanovllm.kernels import cpu
+from nanovllm.layers.quant import interleave_rows
 from nanovllm.memory import huge_page_buffer
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (outputs, inputs): QKV, O, gate/up, down
@@ -78,12 +79,17 @@ def quantized_candidates(gen: torch.Generator) -> dict:
     weights = {name: [] for name in ("F.linear", "int4pack", "int8pack", "ours Q4_1", "ours Q8_0", "ours Q4_K")}
     weights |= {"ours F32": weights["F.linear"], "dots Q4_1": weights["ours Q4_1"], "tile Q4_1": weights["ours Q4_1"]}
     weights |= {"int8 Q4_1": weights["ours Q4_1"], "int8 Q8_0": weights["ours Q8_0"]}
+    for name in ("rows8 Q4_1", "rows8 Q8_0"):  # the same blocks, rows interleaved 8 at a time
+        weights[name] = []
+        weights[name.replace("rows8", "int8 rows8")] = weights[name]
     for n, k in shapes:
         q4_1 = random_blocks("Q4_1", n, k, gen)
         w = cpu.dequantize("Q4_1", q4_1, k)
         weights["F.linear"].append(w)
         weights["ours Q4_1"].append(q4_1)
         weights["ours Q8_0"].append(random_blocks("Q8_0", n, k, gen))
+        weights["rows8 Q4_1"].append(interleave_rows(q4_1, cpu.GGUF_TYPES["Q4_1"]))
+        weights["rows8 Q8_0"].append(interleave_rows(weights["ours Q8_0"][-1], cpu.GGUF_TYPES["Q8_0"]))
         k_type = "Q4_K" if k % 256 == 0 else "Q5_0"
         weights["ours Q4_K"].append((k_type, random_blocks(k_type, n, k, gen)))
         q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen)
@@ -100,6 +106,10 @@ def quantized_candidates(gen: torch.Generator) -> dict:
         "ours Q8_0": lambda x, w: cpu.quant_linear(x, "Q8_0", w),
         "int8 Q4_1": lambda x, w: cpu.quant_linear(x, "Q4_1", w, int8_activations=True),
         "int8 Q8_0": lambda x, w: cpu.quant_linear(x, "Q8_0", w, int8_activations=True),
+        "rows8 Q4_1": lambda x, w: cpu.quant_linear(x, "Q4_1", w, interleaved=True),
+        "rows8 Q8_0": lambda x, w: cpu.quant_linear(x, "Q8_0", w, interleaved=True),
+        "int8 rows8 Q4_1": lambda x, w: cpu.quant_linear(x, "Q4_1", w, int8_activations=True, interleaved=True),
+        "int8 rows8 Q8_0": lambda x, w: cpu.quant_linear(x, "Q8_0", w, int8_activations=True, interleaved=True),
         "ours Q4_K": lambda x, w: cpu.quant_linear(x, w[0], w[1]),
         "ours F32": lambda x, w: cpu.quant_linear(x, f32, w.view(torch.uint8)),
         "dots Q4_1": lambda x, w: int8_dots(x, "Q4_1", w),
@@ -117,7 +127,7 @@ def quantized(args) -> None:
     print("the others and the LM head (K = 576 is not a multiple of Q4_K's 256); ms, median of", args.repeats)
     flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
     print(next((line for line in flags if line.startswith("Flags")), "Flags: (lscpu gave none)"))
-    print(f"{'rows':>5s}  {'candidate':12s}{'30 layers':>12s}{'LM head':>10s}   (ms, median)")
+    print(f"{'rows':>5s}  {'candidate':16s}{'30 layers':>12s}{'LM head':>10s}   (ms, median)")
     for rows in args.rows:
         inputs = {k: torch.randn(rows, k, generator=gen) for k in {k for _, k in [*SHAPES, LM_HEAD]}}
         times = {name: ([], []) for name in candidates}
@@ -132,7 +142,7 @@ def quantized(args) -> None:
                 times[name][1].append(time.perf_counter() - middle)
         for name, (layers, head) in times.items():
             print(
-                f"{rows:5d}  {name:12s}{statistics.median(layers) * 1e3:12.2f}{statistics.median(head) * 1e3:10.2f}",
+                f"{rows:5d}  {name:16s}{statistics.median(layers) * 1e3:12.2f}{statistics.median(head) * 1e3:10.2f}",
                 flush=True,
             )
 

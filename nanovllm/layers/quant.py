@@ -30,6 +30,8 @@ class QuantWeight:
     shape: tuple[int, int]  # (N, K)
     # multiplied with x rounded to int8 per block, as llama.cpp does (quantization="gguf_int8"), instead of to 16 bits
     int8_activations: bool = False
+    # rows interleaved INTERLEAVE at a time (interleave_rows), as the CPU kernel reads them fastest; else GGUF's order
+    interleaved: bool = False
 
 
 def fp16(b: torch.Tensor) -> torch.Tensor:
@@ -144,8 +146,49 @@ def dequantize_torch(w: QuantWeight) -> torch.Tensor:
     """The weight as fp32 [N, K], equal to gguf.dequantize of the same bytes."""
     n, k = w.shape
     elems, size = BLOCK_SIZES[w.qtype]
-    blocks = w.blocks.reshape(n * (k // elems), size)
+    stored = deinterleave_rows(w.blocks, w.qtype) if w.interleaved else w.blocks
+    blocks = stored.reshape(n * (k // elems), size)
     return BLOCKS[w.qtype](blocks).reshape(n, k)
+
+
+# Rows interleaved for the CPU kernel (kernels.h ROWS8): rows 8g .. 8g + 7's block b lie in one run of 8 blocks'
+# bytes, first the fp16 scales (d, then m) of the 8 rows side by side, then the rest of each block (fifth bits, q)
+# in units of 4 bytes, unit by unit, the 8 rows' side by side: a 32-byte load then holds 4 values of each of 8 rows
+INTERLEAVE = 8
+INTERLEAVED_TYPES = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)  # the 32-blocks
+SCALE_BYTES = {Q4_0: 2, Q4_1: 4, Q5_0: 2, Q5_1: 4, Q8_0: 2}
+
+
+def run_order(qtype: int) -> torch.Tensor:
+    """For each byte of an interleaved run, where it comes from in the 8 blocks [8, block bytes] (flattened)."""
+    size, scales = BLOCK_SIZES[qtype][1], SCALE_BYTES[qtype]
+    order = torch.empty(INTERLEAVE * size, dtype=torch.long)
+    for r in range(INTERLEAVE):
+        for j in range(size):
+            if j < scales:
+                at = (j // 2 * INTERLEAVE + r) * 2 + j % 2
+            else:
+                at = INTERLEAVE * scales + ((j - scales) // 4 * INTERLEAVE + r) * 4 + (j - scales) % 4
+            order[at] = r * size + j
+    return order
+
+
+def interleave_rows(blocks: torch.Tensor, qtype: int) -> torch.Tensor:
+    """GGUF's rows [N, row bytes] (N a multiple of INTERLEAVE) -> the same bytes interleaved (same shape)."""
+    n, nbytes = blocks.shape
+    size = BLOCK_SIZES[qtype][1]
+    runs = blocks.reshape(n // INTERLEAVE, INTERLEAVE, nbytes // size, size).transpose(1, 2)
+    runs = runs.reshape(n // INTERLEAVE, nbytes // size, INTERLEAVE * size)
+    return runs[..., run_order(qtype)].reshape(n, nbytes).contiguous()
+
+
+def deinterleave_rows(blocks: torch.Tensor, qtype: int) -> torch.Tensor:
+    """interleave_rows undone: GGUF's rows again."""
+    n, nbytes = blocks.shape
+    size = BLOCK_SIZES[qtype][1]
+    runs = torch.empty_like(blocks).reshape(n // INTERLEAVE, nbytes // size, INTERLEAVE * size)
+    runs[..., run_order(qtype)] = blocks.reshape(runs.shape)
+    return runs.reshape(n // INTERLEAVE, nbytes // size, INTERLEAVE, size).transpose(1, 2).reshape(n, nbytes)
 
 
 def row_bytes(qtype: int, k: int) -> int:
@@ -156,5 +199,11 @@ def row_bytes(qtype: int, k: int) -> int:
 
 def dequantize_rows(w: QuantWeight, ids: torch.Tensor) -> torch.Tensor:
     """Rows `ids` of the weight as fp32 [len(ids), K]: an embedding lookup (only those rows' blocks are read)."""
-    rows = w.blocks[ids.flatten()]
+    flat = ids.flatten()
+    if w.interleaved:  # the groups of INTERLEAVE rows that hold them, back in GGUF's order
+        width = w.blocks.shape[1]
+        groups = deinterleave_rows(w.blocks.view(-1, INTERLEAVE, width)[flat // INTERLEAVE].flatten(0, 1), w.qtype)
+        rows = groups.view(-1, INTERLEAVE, width)[torch.arange(len(flat)), flat % INTERLEAVE]
+    else:
+        rows = w.blocks[flat]
     return dequantize_torch(QuantWeight(w.qtype, rows, (rows.shape[0], w.shape[1]))).view(*ids.shape, w.shape[1])

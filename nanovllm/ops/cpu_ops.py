@@ -12,7 +12,7 @@ import nanovllm.ops.torch_ops as torch_ops
 from nanovllm.kernels import cpu as kernels
 from nanovllm.layers import attention as reference
 from nanovllm.layers.parallel import tp_size
-from nanovllm.layers.quant import QuantWeight, dequantize_torch
+from nanovllm.layers.quant import INTERLEAVE, QuantWeight, dequantize_torch, interleave_rows
 from nanovllm.sampling.sampler import SamplingBatch, filtered, uniform
 
 NAME = "cpu"
@@ -88,7 +88,9 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = No
     """x [M, K] (fp32 or bf16) times a weight in GGUF blocks: our kernels (kernels/cpu/quant.py: the int8 kernel for
     up to QUANT_KERNEL_ROWS rows, dequantized tiles into torch's GEMM above); without our library, the torch
     reference's dequantized weight."""
-    y = kernels.quant_linear(x.contiguous(), w.qtype, w.blocks, bias, int8_activations=w.int8_activations)
+    y = kernels.quant_linear(
+        x.contiguous(), w.qtype, w.blocks, bias, int8_activations=w.int8_activations, interleaved=w.interleaved
+    )
     if y is not None:
         return y
     return F.linear(x, dequantize_torch(w).to(x.dtype), bias)
@@ -195,9 +197,26 @@ def keeps_gguf_blocks(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and kernels.has_amx() and tp_size() == 1
 
 
+def interleave_gguf_rows(model: torch.nn.Module) -> None:
+    """Each GGUF weight kept quantized (a Linear's or the embedding's `quant`; a tied one once) whose type our
+    kernel reads faster with its rows interleaved 8 at a time (kernels.interleaves: AVX2, the 4- and 8-bit
+    32-blocks) is rearranged so, in place: the same bytes, the same values (layers/quant.py interleave_rows)."""
+    done = set()
+    for m in model.modules():
+        w = getattr(m, "quant", None)
+        if not isinstance(w, QuantWeight) or id(w) in done or w.interleaved:
+            continue
+        done.add(id(w))
+        if w.shape[0] % INTERLEAVE == 0 and w.blocks.is_contiguous() and kernels.interleaves(w.qtype):
+            w.blocks.copy_(interleave_rows(w.blocks, w.qtype))
+            w.interleaved = True
+
+
 def prepare(model: torch.nn.Module) -> None:
-    """Where packs_weights: every bf16 Linear's weight packed for oneDNN. The plain weight is dropped (no second
-    copy in memory) unless another module shares it (a tied embedding)."""
+    """GGUF weights kept quantized: their rows interleaved where our kernel reads them faster so. Where
+    packs_weights: every bf16 Linear's weight packed for oneDNN. The plain weight is dropped (no second copy in
+    memory) unless another module shares it (a tied embedding)."""
+    interleave_gguf_rows(model)
     if not packs_weights(torch.bfloat16):
         return
     shared = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}

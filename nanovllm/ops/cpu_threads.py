@@ -16,6 +16,7 @@ import time
 import torch
 
 CHECK_EVERY_S = 0.25  # how often the CPUs' use is read: /proc/stat costs ~20 us, a step ~10 ms
+STALE_AFTER_S = 4 * CHECK_EVERY_S  # a longer interval between two reads: the engine was idle, the read is not used
 PROC_STAT = "/proc/stat"
 
 
@@ -52,7 +53,9 @@ class ThreadGovernor:
             self.enabled = False
             return
         sample = (now, time.process_time(), busy)
-        if self.last is not None:
+        # an interval much longer than CHECK_EVERY_S spans time the engine sat idle: what other processes did then
+        # (a benchmark's other engine, a build) says nothing about now, and cost the first steps after it a thread
+        if self.last is not None and now - self.last[0] <= STALE_AFTER_S:
             wall = sample[0] - self.last[0]
             ours = sample[1] - self.last[1]
             others = max(0.0, (sample[2] - self.last[2]) - ours) / wall  # cores the other processes used

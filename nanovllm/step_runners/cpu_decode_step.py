@@ -10,7 +10,7 @@ import torch
 
 from nanovllm.kernels import cpu as kernels
 from nanovllm.layers.parallel import tp_size
-from nanovllm.layers.quant import BLOCK_SIZES
+from nanovllm.layers.quant import BLOCK_SIZES, QuantWeight
 from nanovllm.ops.cpu_threads import ThreadGovernor
 
 # the layer the C step computes, weight by weight (the model's `layer_weights`, models/llama.py)
@@ -25,6 +25,12 @@ LAYER = (
 PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 
+def kernel_type(quant: QuantWeight) -> int:
+    """The weight type as linear_f32 and dequantize_rows read it: ggml's id with the X_INT8 and ROWS8 flags."""
+    flags = (kernels.X_INT8 if quant.int8_activations else 0) | (kernels.ROWS8 if quant.interleaved else 0)
+    return quant.qtype | flags
+
+
 def f32_weight(m: torch.nn.Module) -> tuple[int, torch.Tensor] | None:
     """What linear_f32 reads for this Linear: (ggml type, its kept GGUF blocks: rows as stored, contiguous) where
     the loader kept them (`m.quant`), else (F32, the fp32 weight); None where it cannot read either."""
@@ -32,8 +38,7 @@ def f32_weight(m: torch.nn.Module) -> tuple[int, torch.Tensor] | None:
     if quant is not None:
         k = quant.shape[1]
         fits = quant.qtype in BLOCK_SIZES and k % BLOCK_SIZES[quant.qtype][0] == 0 and quant.blocks.is_contiguous()
-        kind = quant.qtype | kernels.X_INT8 if quant.int8_activations else quant.qtype
-        return (kind, quant.blocks) if fits else None
+        return (kernel_type(quant), quant.blocks) if fits else None
     w = m.weight
     if w is None or w.dtype != torch.float32 or not w.is_contiguous():
         return None
@@ -150,7 +155,7 @@ class FusedDecodeStep:
             if table.weight is not None:
                 torch.index_select(table.weight, 0, input_ids, out=b["residual"])
             else:  # kept in GGUF blocks: the rows dequantized in place
-                kernels.dequantize_rows_into(table.quant.qtype, table.quant.blocks, input_ids, b["residual"])
+                kernels.dequantize_rows_into(kernel_type(table.quant), table.quant.blocks, input_ids, b["residual"])
             torch.index_select(model.rotary.cos, 0, positions, out=b["cos"])
             torch.index_select(model.rotary.sin, 0, positions, out=b["sin"])
             eps, scale = model.norm.eps, model.layers[0].self_attn.scale

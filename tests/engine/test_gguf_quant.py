@@ -12,6 +12,7 @@ import torch
 from conftest import add_byte_vocabulary, random_prompts
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.kernels import cpu as kernels
 from nanovllm.layers.linear import Linear
 from nanovllm.layers.moe import FusedMoE
 from nanovllm.layers.quant import BLOCK_SIZES, NAMES, QuantWeight, dequantize_rows, dequantize_torch
@@ -185,6 +186,9 @@ def test_kept_blocks_with_our_c_kernels_stay_close(tiny_gguf, quantization):
     assert_no_float_copy(kept)
     int8 = quantization == "gguf_int8"
     assert all(m.quant.int8_activations == int8 for m in kept.engine.runner.model.modules() if hasattr(m, "quant"))
+    for m in kept.engine.runner.model.modules():  # rows interleaved where our kernel reads them faster so
+        if getattr(m, "quant", None) is not None:
+            assert m.quant.interleaved == (kernels.interleaves(m.quant.qtype) and m.quant.shape[0] % 8 == 0)
     long_logits = our_logits(kept, long)  # tiles dequantized in float: the float path's values
     assert (long_logits - expected["long"]).abs().max().item() < 1e-4
     got = our_logits(kept, short)

@@ -18,6 +18,7 @@ import torch
 from nanovllm.kernels import cpu
 from nanovllm.kernels.cpu import quant
 from nanovllm.kernels.cpu.build import library
+from nanovllm.layers.quant import INTERLEAVED_TYPES, QuantWeight, dequantize_rows, dequantize_torch, interleave_rows
 
 pytestmark = pytest.mark.skipif(library() is None, reason="no C compiler here")
 
@@ -232,3 +233,50 @@ def test_many_rows_take_dequantized_tiles(name):
     assert got.shape == (m, n) and got.is_contiguous()
     assert ((got.double() - expected).abs() <= FP32_SLACK * (x.double().abs() @ w.double().abs().T + 1)).all()
     assert cpu.quant_linear(x.bfloat16(), name, blocks).dtype == torch.bfloat16
+
+
+INTERLEAVED = [cpu.TYPE_NAMES[t] for t in INTERLEAVED_TYPES]
+
+
+@pytest.mark.parametrize("planes", [2, 1])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("name", INTERLEAVED)
+def test_interleaved_rows_give_the_same_products(name, variant, planes):
+    """Rows interleaved 8 at a time (ROWS8: 8 rows' blocks side by side, what the AVX2 kernel reads fastest) give
+    what the rows in GGUF's order give, within the same bound, in the kernel and in dequantize (bit for bit)."""
+    k, lib, code = row_length(name), library(variant), cpu.GGUF_TYPES[name]
+    gen = torch.Generator().manual_seed(1)
+    for n in [8, 24, 40]:  # groups of 8; more groups than the threads' chunk of 2
+        blocks = random_blocks(name, n, k, seed=200 + n)
+        mixed = interleave_rows(blocks, code)
+        assert not torch.equal(mixed, blocks)
+        w = reference(name, blocks, k)
+        got = cpu.dequantize(name, mixed, k, lib=lib, interleaved=True)
+        assert torch.equal(got.view(torch.int32), w.view(torch.int32))
+        ids = torch.tensor([n - 1, 0, 9 % n, 3])
+        assert torch.equal(cpu.dequantize(name, mixed, k, ids=ids, lib=lib, interleaved=True), w[ids])
+        weight = QuantWeight(code, mixed, (n, k), interleaved=True)
+        assert torch.equal(dequantize_torch(weight), w) and torch.equal(dequantize_rows(weight, ids), w[ids])
+        bias = torch.randn(n, generator=gen)
+        for m in BATCH + [8]:
+            x = torch.randn(m, k, generator=gen)
+            x[:, :16] *= 50
+            expected = x.double() @ w.double().T
+            got = cpu.quant_linear(x, name, mixed, lib=lib, int8_activations=planes == 1, interleaved=True)
+            ordered = cpu.quant_linear(x, name, blocks, lib=lib, int8_activations=planes == 1)
+            err = (got.double() - expected).abs()
+            assert (err <= error_bound(name, x, w, planes)).all(), (name, n, m)
+            assert torch.allclose(got, ordered, rtol=1e-5, atol=1e-5 * ordered.abs().max().item()), (name, n, m)
+            with_bias = cpu.quant_linear(x, name, mixed, bias, lib=lib, int8_activations=planes == 1, interleaved=True)
+            assert torch.allclose(with_bias, got + bias, rtol=0, atol=1e-6 * got.abs().max().item() + 1e-6)
+        x = torch.randn(70, k, generator=gen)  # many rows: dequantized tiles of the interleaved rows, torch's GEMM
+        tiles = cpu.quant_linear(x, name, mixed, lib=lib, interleaved=True)
+        assert torch.allclose(tiles, x @ w.T, rtol=1e-5, atol=1e-5 * (x.abs() @ w.abs().T).max().item())
+
+
+def test_interleaving_needs_groups_of_8():
+    blocks = random_blocks("Q4_1", 12, 64, seed=0)
+    with pytest.raises(ValueError, match="groups of 8"):
+        cpu.dequantize("Q4_1", blocks, 64, interleaved=True)
+    with pytest.raises(ValueError, match="code 4"):
+        cpu.quant_linear(torch.randn(1, 64), "Q4_1", blocks, interleaved=True)

@@ -34,6 +34,11 @@ def test_threads_follow_the_cores_others_leave(monkeypatch):
         clock["busy"] += 5.0
         governor.adjust()
         assert torch.get_num_threads() == 2
+        clock["wall"] += 10.0  # the engine sat idle while another process ran: that interval is not used
+        clock["busy"] += 20.0
+        governor.adjust()
+        assert torch.get_num_threads() == 2
+        assert interval(ours=1.0, others=1.0) == 1  # the next interval, read again
     finally:
         torch.set_num_threads(before)
 

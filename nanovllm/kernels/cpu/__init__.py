@@ -9,11 +9,13 @@ from nanovllm.kernels.cpu.quant import (  # noqa: F401 (this package's API: GGUF
     BLOCK_SHAPES,
     GGUF_TYPES,
     QUANT_KERNEL_ROWS,
+    ROWS8,
     TYPE_NAMES,
     X_INT8,
     BlockShape,
     block_shape,
     dequantize,
+    interleaves,
     linear_f32,
     quant_linear,
     row_bytes,
@@ -227,7 +229,7 @@ PARALLEL_ROWS = 16  # fewer embedding rows: dequantized on one thread (~1 us a r
 
 def dequantize_rows_into(qtype: int, blocks: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> None:
     """out [n, K] (fp32, contiguous) = rows `ids` (int64, contiguous) of a weight kept in GGUF blocks, dequantized:
-    an embedding lookup with no float table and no allocation."""
+    an embedding lookup with no float table and no allocation. qtype: ggml's id, with ROWS8 for interleaved rows."""
     threads = torch.get_num_threads() if len(ids) >= PARALLEL_ROWS else 1  # a decode step's rows: no fork/join
     rc = library().dequantize_rows(
         blocks.data_ptr(), qtype, out.shape[1], ids.data_ptr(), len(ids), out.data_ptr(), threads

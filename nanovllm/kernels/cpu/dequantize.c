@@ -89,18 +89,32 @@ INLINE void dequantize_block(const uint8_t *b, const int type, float *out) {
     }
 }
 
-/* out[r, :] = row ids[r] (or r) of w dequantized. Returns 0; 1 for a type it cannot read, 2 for K not a multiple
- * of the type's block */
+/* Row `row` of weights interleaved 8 rows at a time (ROWS8, kernels.h): each block gathered back to GGUF's order */
+static void dequantize_interleaved(const uint8_t *w, int type, int64_t K, int64_t row, float *out) {
+    const int64_t bytes = block_bytes(type), nb = K / BLOCK;
+    const uint8_t *runs = w + row / INTERLEAVE * INTERLEAVE * nb * bytes;
+    uint8_t blk[Q8_0_BLOCK_BYTES];  /* the largest 32-block */
+    for (int64_t b = 0; b < nb; b++) {
+        gather_block(runs + b * INTERLEAVE * bytes, type, (int)(row % INTERLEAVE), blk);
+        dequantize_block(blk, type, out + b * BLOCK);
+    }
+}
+
+/* out[r, :] = row ids[r] (or r) of w dequantized; the type may carry ROWS8 (a 32-block type interleaved).
+ * Returns 0; 1 for a type it cannot read, 2 for K not a multiple of the type's block */
 int dequantize_rows(const void *w, int type, int64_t K, const int64_t *ids, int64_t n, float *out, int num_threads) {
+    const int rows8 = (type & ROWS8) != 0;
+    type &= ~ROWS8;
     const int64_t elems = block_elems(type), bytes = block_bytes(type);
-    if (!elems) return 1;
+    if (!elems || (rows8 && elems != BLOCK)) return 1;
     if (K % elems) return 2;
     const int64_t row_bytes = K / elems * bytes;
 #pragma omp parallel for schedule(dynamic, ROWS_PER_TASK) num_threads(num_threads)
     for (int64_t r = 0; r < n; r++) {
         const uint8_t *row = (const uint8_t *)w + (ids ? ids[r] : r) * row_bytes;
         float *o = out + r * K;
-        if (type == F32) memcpy(o, row, K * sizeof(float));
+        if (rows8) dequantize_interleaved(w, type, K, ids ? ids[r] : r, o);
+        else if (type == F32) memcpy(o, row, K * sizeof(float));
         else if (type == F16)
             for (int64_t i = 0; i < K; i++) o[i] = read_half(row + 2 * i);
         else

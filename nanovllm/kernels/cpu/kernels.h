@@ -108,6 +108,29 @@ static inline int block_bytes(int type) {
     }
 }
 
+/* ROWS8 on linear_f32's and dequantize_rows' weight type: the rows are interleaved 8 at a time (layers/quant.py
+ * interleave_rows; the 32-blocks only, N a multiple of 8), so that one 32-byte load holds 4 bytes of each of 8
+ * rows and an integer dot product's 8 int32 lanes are 8 outputs (quant_dots_rows8.h): no horizontal sums, the
+ * blocks' scales applied as one vector for the 8 rows. Rows 8g .. 8g + 7's blocks b lie in one run of
+ * 8 block_bytes: first the fp16 scales (d, then m where the type has one), the 8 rows' side by side; then the
+ * rest of the block (fifth bits, q) in units of 4 bytes, unit by unit, the 8 rows' side by side. */
+#define ROWS8 0x200
+#define INTERLEAVE 8
+static inline int scale_bytes(int type) { return type == Q4_1 || type == Q5_1 ? 4 : 2; }
+
+/* Where byte j of row r's block lies in its run */
+static inline int interleaved_byte(int type, int r, int j) {
+    const int s = scale_bytes(type);
+    if (j < s) return (j / 2 * INTERLEAVE + r) * 2 + j % 2;
+    j -= s;
+    return INTERLEAVE * s + (j / 4 * INTERLEAVE + r) * 4 + j % 4;
+}
+
+/* Row r's block out of a run, as GGUF stores it */
+static inline void gather_block(const uint8_t *run, int type, int r, uint8_t *out) {
+    for (int j = 0; j < block_bytes(type); j++) out[j] = run[interleaved_byte(type, r, j)];
+}
+
 /* An IEEE half (GGUF's block scales, F16 weights) widened to fp32, exactly (subnormals, infinities and NaN
  * too): F16C's one instruction where the CPU has it, else the bits moved by hand */
 static inline float half_to_float(uint16_t h) {
@@ -331,6 +354,7 @@ int linear_bf16(const uint16_t *x, int64_t M, const void *w, int type, int64_t N
 int linear_f32(const float *x, int64_t M, const void *w, int type, int64_t N, int64_t K, const float *bias, float *y,
                int num_threads);
 int dequantize_rows(const void *w, int type, int64_t K, const int64_t *ids, int64_t n, float *out, int num_threads);
+int interleaves(int type);
 void store_kv(const char *k, const char *v, int64_t k_stride, int64_t v_stride, char *k_cache, char *v_cache,
               const int64_t *slots, int64_t tokens, int64_t row_bytes, int num_threads);
 void rms_norm_bf16(uint16_t *x, const uint16_t *add, const uint16_t *weight, uint16_t *out, int64_t rows,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from nanovllm.kernels.cpu.build import library
+from nanovllm.layers.quant import INTERLEAVE, INTERLEAVED_TYPES, deinterleave_rows
 
 # Weight types by ggml's own ids (kernels.h), one numbering for every kernel: what linear_bf16 reads (the plain
 # bf16 weight, or its Q4_1 / Q8_0 GGUF blocks in pack_blocks' layout) and what linear_f32 / dequantize_rows read
@@ -26,6 +27,9 @@ GGUF_TYPES: dict[str, int] = {
 # A flag on linear_f32's weight type (kernels.h): x quantized to one int8 plane per block, llama.cpp's numerics, instead
 # of two (16 bits, the default: the dequantized weights' greedy choices). quantization="gguf_int8" asks for it.
 X_INT8 = 0x100
+# A flag on linear_f32's and dequantize_rows' weight type (kernels.h): the rows interleaved 8 at a time
+# (layers/quant.py interleave_rows), the layout the AVX2 kernel reads fastest; interleaves(type) says where it is
+ROWS8 = 0x200
 
 # up to here linear_f32's int8 dots beat dequantized tiles through torch's fp32 GEMM: a 37-token chat prefill 156-287 ms
 # at 32 -> ~100 ms at 64 (2026-12-07, quiet EPYC; docs/benchmarks.md)
@@ -84,7 +88,13 @@ TILE_FROM_ROWS = QUANT_KERNEL_ROWS + 1
 TILE_ROWS = 256
 
 
-def tiled_linear(x: torch.Tensor, code: int, blocks: torch.Tensor, lib) -> torch.Tensor:
+def interleaves(qtype: int, lib=None) -> bool:
+    """Whether the kernel library reads weights of this ggml type faster with their rows interleaved (ROWS8)."""
+    lib = lib if lib is not None else library()
+    return lib is not None and bool(lib.interleaves(qtype))
+
+
+def tiled_linear(x: torch.Tensor, code: int, blocks: torch.Tensor, lib, interleaved: bool = False) -> torch.Tensor:
     """x [M, K] fp32 @ W.T for many rows: W's rows dequantized TILE_ROWS at a time into one scratch tile, each
     tile's outputs computed by F.linear and copied into their columns of y (a few % faster, under load, than
     torch.mm into rows of y.T and one transpose)."""
@@ -95,7 +105,8 @@ def tiled_linear(x: torch.Tensor, code: int, blocks: torch.Tensor, lib) -> torch
     y = x.new_empty(x.shape[0], n)
     for start in range(0, n, TILE_ROWS):
         rows = min(TILE_ROWS, n - start)
-        tile = dequantize(code, blocks[start : start + rows], k, lib=lib, out=scratch[: rows * k].view(rows, k))
+        tile = scratch[: rows * k].view(rows, k)
+        tile = dequantize(code, blocks[start : start + rows], k, lib=lib, out=tile, interleaved=interleaved)
         y[:, start : start + rows] = torch.nn.functional.linear(x, tile)
     return y
 
@@ -136,6 +147,7 @@ def quant_linear(
     bias: torch.Tensor | None = None,
     lib=None,
     int8_activations: bool = False,
+    interleaved: bool = False,
 ) -> torch.Tensor | None:
     """y [M, N] = x [M, K] @ W.T (+ bias), W's N rows as GGUF stores them in `blocks` (uint8 [N, row bytes],
     contiguous), read in place (quant_linear.c: x quantized to int8 blocks, integer dot products); from
@@ -143,7 +155,7 @@ def quant_linear(
     x's dtype). None where the kernel does not apply (not CPU, another dtype or
     layout, no compiler): the caller uses torch. ValueError for a type it cannot read or K not in its blocks.
     lib: the kernel library (tests pass library("portable")). int8_activations: x in one int8 plane per block
-    (X_INT8) instead of two."""
+    (X_INT8) instead of two. interleaved: W's rows interleaved 8 at a time (ROWS8)."""
     lib = lib if lib is not None else library()
     if not (
         lib is not None
@@ -169,11 +181,11 @@ def quant_linear(
     xf = x.float()
     bf = None if bias is None else bias.float()
     if m >= TILE_FROM_ROWS:
-        y = tiled_linear(xf, code, blocks, lib)
+        y = tiled_linear(xf, code, blocks, lib, interleaved)
         if bf is not None:
             y += bf
         return y if x.dtype == torch.float32 else y.to(x.dtype)
-    kind = code | X_INT8 if int8_activations else code
+    kind = code | (X_INT8 if int8_activations else 0) | (ROWS8 if interleaved else 0)
     y = linear_f32(xf, blocks, kind, blocks.shape[0], bf, lib=lib)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
@@ -185,11 +197,13 @@ def dequantize(
     ids: torch.Tensor | None = None,
     lib=None,
     out: torch.Tensor | None = None,
+    interleaved: bool = False,
 ) -> torch.Tensor:
     """Rows of a GGUF weight (blocks: uint8, contiguous, rows of k weights as stored) as fp32 [n, k], the values
     gguf-py's gguf.dequantize computes: all rows, or those at `ids` (int64, e.g. an embedding lookup). Without a
     compiler, gguf-py's numpy code computes them. out: where to write them (contiguous fp32 [n, k], e.g. a
-    scratch tile reused), else a new tensor."""
+    scratch tile reused), else a new tensor. interleaved: the rows interleaved 8 at a time (ROWS8; ids still
+    count rows)."""
     lib = lib if lib is not None else library()
     code, _ = block_shape(qtype, k)
     nbytes = row_bytes(code, k)
@@ -199,6 +213,11 @@ def dequantize(
             f"{blocks.dtype} {tuple(blocks.shape)}"
         )
     rows = blocks.numel() // nbytes
+    if interleaved and (rows % INTERLEAVE or code not in INTERLEAVED_TYPES):
+        raise ValueError(
+            f"interleaved rows are {'/'.join(TYPE_NAMES[t] for t in INTERLEAVED_TYPES)} blocks in groups of "
+            f"{INTERLEAVE}; got {rows} rows of {TYPE_NAMES[code]}"
+        )
     if ids is not None:
         ids = ids.to(torch.int64).contiguous().view(-1)
         if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= rows):
@@ -207,7 +226,8 @@ def dequantize(
     if lib is None:
         import gguf
 
-        picked = blocks.view(rows, nbytes) if ids is None else blocks.view(rows, nbytes)[ids]
+        stored = deinterleave_rows(blocks.view(rows, nbytes), code) if interleaved else blocks.view(rows, nbytes)
+        picked = stored if ids is None else stored[ids]
         values = torch.from_numpy(gguf.dequantize(picked.numpy(), gguf.GGMLQuantizationType(code)).reshape(n, k))
         return values.clone() if out is None else out.copy_(values)
     if out is None:
@@ -216,7 +236,7 @@ def dequantize(
         raise ValueError(f"dequantize writes into a contiguous fp32 [{n}, {k}]; got {out.dtype} {tuple(out.shape)}")
     rc = lib.dequantize_rows(
         blocks.data_ptr(),
-        code,
+        code | (ROWS8 if interleaved else 0),
         k,
         None if ids is None else ids.data_ptr(),
         n,

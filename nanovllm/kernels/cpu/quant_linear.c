@@ -9,9 +9,13 @@
  * top-1), the second's dot product added at 1/LOW_SCALE; X_INT8 in the type asks for one (llama.cpp's
  * numerics, 96.1%). The second plane cost, under load, 8.3 -> 9.3 ms per 30 layers at 1 row (+12%) and 31 -> 41
  * ms at 8 rows (+30%). The weight's F32 and F16 types take fp32 FMAs instead (no quantization of x).
- * Threads take output rows CHUNK at a time (dynamic: a thread whose core another process took does not hold the
- * others at the end), and each weight row is read once per call: dotted with X_ROWS rows of x at a time, its
- * blocks decoded once for them.
+ * Threads take output rows a chunk at a time (dynamic: a thread whose core another process took does not hold
+ * the others at the end), CHUNKS_PER_THREAD chunks a thread: chunks of 16 rows (a few KB) interleaved between
+ * the threads kept the hardware prefetcher from streaming, and the LM head's 17.7 MB took 1.31-1.41 ms against
+ * 0.89-0.95 in 4 chunks a thread (30 layers at 1 row 6.6-7.1 -> 5.3-5.4 ms). Each weight row is read once per
+ * call: dotted with X_ROWS rows of x at a time, its blocks decoded once for them. Rows interleaved 8 at a time
+ * (ROWS8: quant_dots_rows8.h) leave the 8 rows' sums in one vector's lanes: at 1 / 8 / 32 rows, 30 layers of
+ * Q4_1 6.7 / 18.4 / 57.6 ms against 8.2 / 25.3 / 89.3 in GGUF's order (both at 16-row chunks).
  * Measured (benchmarks/linear_kernel.py, SmolLM2's 30 layers of linears, random blocks of the real shapes; one
  * thread, on a machine loaded by other work, so not final figures): CPU time per Q4_1 block at 1 row 2.5 ->
  * 2.05 ns (~15 instructions a block, below), 1.16 ns a block-row at 4 rows; wall ms per 30 layers at 1 / 8 / 32
@@ -21,8 +25,10 @@
  * waiting for a thread whose core another process holds, cost more than the kernel (50-150 ms per 30 layers). */
 #include "kernels.h"
 #include "quant_dots.h"
+#include "quant_dots_rows8.h"
 
-#define CHUNK 16  /* output rows a thread takes at a time */
+#define CHUNK 16  /* output rows a thread takes at a time, at least */
+#define CHUNKS_PER_THREAD 4  /* else as many rows as this gives each thread */
 #define PARALLEL_QUANTIZE_ROWS 64  /* from here x's rows are quantized by all the threads (~1 us a row of 1536) */
 
 /* A type's dot products, R = 1 and R = X_ROWS, P = 1 and 2 planes: each a specialized copy of the loops in quant_dots.h */
@@ -52,6 +58,42 @@ DOTS(q4_k, dot_super_blocks, Q4_K)
 DOTS(q5_k, dot_super_blocks, Q5_K)
 DOTS(q6_k, dot_super_blocks, Q6_K)
 
+/* The same on rows interleaved 8 at a time (ROWS8): the 32-blocks, out[8 r + i] for 8 weight rows */
+#define DOTS8(name, type)                                                                                     \
+    static void name##_8_1(const uint8_t *w, const char *x, int64_t s, int64_t n, float *o) {                 \
+        dot_rows8(w, x, s, n, o, type, 1, 2);                                                                 \
+    }                                                                                                         \
+    static void name##_8_rows(const uint8_t *w, const char *x, int64_t s, int64_t n, float *o) {              \
+        dot_rows8(w, x, s, n, o, type, X_ROWS, 2);                                                            \
+    }                                                                                                         \
+    static void name##_8_1_int8(const uint8_t *w, const char *x, int64_t s, int64_t n, float *o) {            \
+        dot_rows8(w, x, s, n, o, type, 1, 1);                                                                 \
+    }                                                                                                         \
+    static void name##_8_rows_int8(const uint8_t *w, const char *x, int64_t s, int64_t n, float *o) {         \
+        dot_rows8(w, x, s, n, o, type, X_ROWS, 1);                                                            \
+    }
+DOTS8(q4_0, Q4_0)
+DOTS8(q4_1, Q4_1)
+DOTS8(q5_0, Q5_0)
+DOTS8(q5_1, Q5_1)
+DOTS8(q8_0, Q8_0)
+
+static int dots8(int type, int planes, Dots *out) {
+    switch (type) {
+#define CASE(T, name)                                                                                         \
+    case T:                                                                                                   \
+        *out = planes == 2 ? (Dots){name##_8_1, name##_8_rows} : (Dots){name##_8_1_int8, name##_8_rows_int8}; \
+        return 0;
+    CASE(Q4_0, q4_0) CASE(Q4_1, q4_1) CASE(Q5_0, q5_0) CASE(Q5_1, q5_1) CASE(Q8_0, q8_0)
+#undef CASE
+    default: return 1;
+    }
+}
+
+/* Whether this build reads `type` faster interleaved (ROWS8) than in GGUF's order: what the engine asks before
+ * it interleaves a weight (ops/cpu_ops.py prepare) */
+int interleaves(int type) { return HAVE_AVX2 && (type == Q4_0 || type == Q4_1 || type == Q8_0); }
+
 /* The dot products for a type, x in `planes` planes; 1 for a type it cannot read */
 static int dots(int type, int planes, Dots *out) {
     switch (type) {
@@ -73,16 +115,32 @@ static void quantize(const float *x, int64_t M, int64_t K, int super, int planes
     }
 }
 
-/* Returns 0; 1 for a type it cannot read, 2 for K not a multiple of the type's block, 3 without memory. The type
- * may carry X_INT8: x in one int8 plane instead of two */
+/* Outputs 8g .. 8g + 7 of every row of x, from the group's interleaved rows at w */
+static void rows8_outputs(const Dots *dot, const uint8_t *w, const char *xq, int64_t x_stride, int64_t n, int64_t M,
+                          const float *bias, int64_t g, int64_t N, float *y) {
+    float out[X_ROWS * INTERLEAVE];
+    for (int64_t m = 0; m < M;) {
+        const int R = M - m >= X_ROWS ? X_ROWS : 1;
+        (R == X_ROWS ? dot->rows : dot->one)(w, xq + m * x_stride, x_stride, n, out);
+        for (int r = 0; r < R; r++)
+            for (int i = 0; i < INTERLEAVE; i++)
+                y[(m + r) * N + g * INTERLEAVE + i] = out[INTERLEAVE * r + i] + (bias ? bias[g * INTERLEAVE + i] : 0.f);
+        m += R;
+    }
+}
+
+/* Returns 0; 1 for a type it cannot read, 2 for K not a multiple of the type's block, 3 without memory, 4 for
+ * interleaved rows (ROWS8) when N is not a multiple of 8. The type may carry X_INT8 (x in one int8 plane instead
+ * of two) and ROWS8 */
 int linear_f32(const float *x, int64_t M, const void *w, int type, int64_t N, int64_t K, const float *bias, float *y,
                int num_threads) {
-    const int planes = type & X_INT8 ? 1 : 2;
-    type &= ~X_INT8;
+    const int planes = type & X_INT8 ? 1 : 2, rows8 = (type & ROWS8) != 0;
+    type &= ~(X_INT8 | ROWS8);
     Dots dot;
-    if (dots(type, planes, &dot)) return 1;
+    if (rows8 ? dots8(type, planes, &dot) : dots(type, planes, &dot)) return 1;
     const int64_t elems = block_elems(type), row_bytes = K / elems * block_bytes(type);
     if (K % elems) return 2;
+    if (rows8 && N % INTERLEAVE) return 4;
     if (M <= 0 || N <= 0) return 0;
     /* x as the dot products read it: fp32 rows for F32 / F16, else its quantized blocks */
     const int quantized = elems > 1, super = elems == SUPER_BLOCK;
@@ -95,6 +153,9 @@ int linear_f32(const float *x, int64_t M, const void *w, int type, int64_t N, in
     /* a few rows (every decode step) are quantized here, before the threads start: a loop shared by the threads
      * ends in a barrier, where a thread whose core another process holds would keep the others waiting */
     const int serial = M < PARALLEL_QUANTIZE_ROWS;
+    /* rows a thread takes at a time: CHUNKS_PER_THREAD runs per thread, each read in one stream */
+    const int64_t share = N / (CHUNKS_PER_THREAD * num_threads) / INTERLEAVE * INTERLEAVE;
+    const int64_t chunk = share > CHUNK ? share : CHUNK;
     if (quantized && serial) quantize(x, M, K, super, planes, xq, x_stride);
 #pragma omp parallel num_threads(num_threads)
     {
@@ -102,7 +163,12 @@ int linear_f32(const float *x, int64_t M, const void *w, int type, int64_t N, in
 #pragma omp for schedule(static)
             for (int64_t m = 0; m < M; m++) quantize(x + m * K, 1, K, super, planes, xq + m * x_stride, x_stride);
         }
-#pragma omp for schedule(dynamic, CHUNK)
+        if (rows8) {
+#pragma omp for schedule(dynamic, chunk / INTERLEAVE)
+            for (int64_t g = 0; g < N / INTERLEAVE; g++)
+                rows8_outputs(&dot, (const uint8_t *)w + g * INTERLEAVE * row_bytes, xq, x_stride, n, M, bias, g, N, y);
+        } else
+#pragma omp for schedule(dynamic, chunk)
         for (int64_t j = 0; j < N; j++) {
             const uint8_t *wr = (const uint8_t *)w + j * row_bytes;
             const float b = bias ? bias[j] : 0.f;

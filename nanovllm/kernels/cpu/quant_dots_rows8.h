@@ -1,0 +1,108 @@
+/* The dot products of quant_linear.c on rows interleaved 8 at a time (ROWS8, kernels.h): 8 weight rows times R
+ * rows of x's quantized blocks (in P planes) at once, for that file alone (a header so that each (type, R, P)
+ * inlines into its own loop there).
+ *
+ * Why: on GGUF's own row order a 32-block costs ~15 instructions a row of x (~19 with the second plane), and
+ * 6 of them apply the block's scales to one row's sum (convert, multiply, broadcast, FMA, the minimum's part) and
+ * the row's lanes still need a horizontal sum. With 8 rows interleaved, vpmaddubsw / vpmaddwd leave row i's sum
+ * of 4 products in int32 lane i: the 8 rows' scales are one fp16 load and convert, their FMA one instruction,
+ * and the 8 outputs are stored as one vector. The 4-bit types sum in int16 over the whole block first (8
+ * products of at most 15 x 127 per lane pair < 2^15): ~5.5 instructions a block of a row (~9 with the second
+ * plane). What it measured is said in quant_linear.c. */
+#ifndef NANOVLLM_QUANT_DOTS_ROWS8_H
+#define NANOVLLM_QUANT_DOTS_ROWS8_H
+#include "quant_dots.h"
+
+#if HAVE_AVX2
+/* 4 bytes of x (values 4c .. 4c + 3 of a block) in every int32 lane */
+INLINE __m256i broadcast4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* 8 rows' fp16 scales, side by side -> fp32 */
+INLINE __m256 halves8(const uint8_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+
+/* Sum of the products of a 4-bit block (its 4 units of 8 rows' nibbles at qs) with x's 32 values xq (the low
+ * nibbles of unit c are values 4c .., the high ones 16 + 4c ..): int16 lanes, 2 per row */
+INLINE __m256i nibble_sums(const __m256i *lo4, const __m256i *hi4, const int8_t *xq) {
+    __m256i sum = _mm256_setzero_si256();
+    for (int c = 0; c < 4; c++) {
+        sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(lo4[c], broadcast4(xq + 4 * c)));
+        sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(hi4[c], broadcast4(xq + 16 + 4 * c)));
+    }
+    return sum;
+}
+
+/* The same for Q8_0's signed bytes (|w| and x with w's sign): int32 lanes, one per row */
+INLINE __m256i byte_sums(const __m256i *absw, const __m256i *w, const int8_t *xq) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i sum = _mm256_setzero_si256();
+    for (int c = 0; c < 8; c++) {
+        const __m256i p = _mm256_maddubs_epi16(absw[c], _mm256_sign_epi8(broadcast4(xq + 4 * c), w[c]));
+        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, ones));
+    }
+    return sum;
+}
+#endif
+
+/* out[8 r + i] = weight row 8g + i . x row r, i < 8, r < R: the group's runs at w (nb blocks), x's rows x_stride
+ * bytes apart. Types with no vector code here (Q5_0, Q5_1, or any type without AVX2) gather each row's block
+ * back into GGUF's order and take quant_dots.h's dot product: the same values, slower (interleaves() says which
+ * types the engine should interleave). */
+INLINE void dot_rows8(const uint8_t *w, const char *x, int64_t x_stride, int64_t nb, float *out, const int type,
+                      const int R, const int P) {
+    const int bytes = block_bytes(type);
+#if HAVE_AVX2
+    if (type == Q4_0 || type == Q4_1 || type == Q8_0) {
+        const float unit = P == 2 ? 1.f / LOW_SCALE : 1.f;
+        const __m256i ones = _mm256_set1_epi16(1), high = _mm256_set1_epi16(LOW_SCALE), low4 = _mm256_set1_epi8(15);
+        __m256 acc[X_ROWS], extra[X_ROWS];  /* the integer dots scaled; the minimum's (offset's) part */
+        for (int r = 0; r < R; r++) acc[r] = extra[r] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *run = w + b * INTERLEAVE * bytes, *qs = run + INTERLEAVE * scale_bytes(type);
+            const __m256 d = halves8(run);
+            __m256i q[8], sign[8];  /* Q4: the 4 units' low nibbles in q[0..3], high ones in q[4..7] */
+            if (type == Q8_0)
+                for (int c = 0; c < 8; c++) sign[c] = load256(qs + 32 * c), q[c] = _mm256_sign_epi8(sign[c], sign[c]);
+            else
+                for (int c = 0; c < 4; c++) {
+                    const __m256i v = load256(qs + 32 * c);
+                    q[c] = _mm256_and_si256(v, low4);
+                    q[4 + c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                }
+            for (int r = 0; r < R; r++) {
+                const QBlock *xb = (const QBlock *)(x + r * x_stride) + b;
+                __m256i dot;
+                if (type == Q8_0) {
+                    dot = byte_sums(q, sign, xb->q);
+                    if (P == 2) dot = _mm256_add_epi32(_mm256_slli_epi32(dot, 8), byte_sums(q, sign, xb->lo));
+                } else if (P == 2)
+                    dot = _mm256_add_epi32(_mm256_madd_epi16(nibble_sums(q, q + 4, xb->q), high),
+                                           _mm256_madd_epi16(nibble_sums(q, q + 4, xb->lo), ones));
+                else
+                    dot = _mm256_madd_epi16(nibble_sums(q, q + 4, xb->q), ones);
+                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xb->d)), _mm256_cvtepi32_ps(dot), acc[r]);
+                if (type == Q4_1) extra[r] = _mm256_fmadd_ps(halves8(run + 16), _mm256_set1_ps(xb->s), extra[r]);
+                if (type == Q4_0) extra[r] = _mm256_fmadd_ps(d, _mm256_set1_ps(xb->s), extra[r]);
+            }
+        }
+        const __m256 offset = _mm256_set1_ps(type == Q4_0 ? -8.f : 1.f);
+        for (int r = 0; r < R; r++)
+            _mm256_storeu_ps(out + 8 * r, _mm256_fmadd_ps(extra[r], offset, _mm256_mul_ps(acc[r], _mm256_set1_ps(unit))));
+        return;
+    }
+#endif
+    uint8_t blk[Q8_0_BLOCK_BYTES];  /* the largest 32-block */
+    for (int i = 0; i < R * INTERLEAVE; i++) out[i] = 0.f;
+    for (int64_t b = 0; b < nb; b++)
+        for (int i = 0; i < INTERLEAVE; i++) {
+            float o[X_ROWS];
+            gather_block(w + b * INTERLEAVE * bytes, type, i, blk);
+            dot_blocks(blk, x + b * (int64_t)sizeof(QBlock), x_stride, 1, o, type, R, P);
+            for (int r = 0; r < R; r++) out[8 * r + i] += o[r];
+        }
+}
+
+#endif
