@@ -113,7 +113,7 @@ def test_converted_gguf_metadata_equals_direct_conversion(llm, tmp_path, monkeyp
 
 def test_the_default_keeps_the_gguf_blocks_and_prefills_equal_the_float_path(llm, float_llm):
     """The embedded model by default: every projection, the embedding and the (tied) LM head in their GGUF blocks
-    (~92 MiB), only the norms float; a prefill's matmuls (more than QUANT_KERNEL_ROWS rows) dequantize tiles of
+    (~92 MiB), only the norms float; a prefill's matmuls (more than INTERLEAVED_KERNEL_ROWS rows) dequantize tiles of
     the weights, so its hidden states are the float path's (the LM head's one row per sequence runs our
     quantized-linear kernel: the logits are compared before it)."""
     import nanovllm.ops.cpu_ops as cpu_ops
@@ -123,8 +123,8 @@ def test_the_default_keeps_the_gguf_blocks_and_prefills_equal_the_float_path(llm
     blocks += model.model.embed_tokens.quant.blocks.numel()
     assert 90 << 20 < blocks < 94 << 20
     assert sum(p.numel() for p in model.parameters()) == (2 * len(model.model.layers) + 1) * 576  # the norms
-    ids = llm.get_tokenizer()("The quick brown fox jumps over the lazy dog. " * 8).input_ids
-    assert len(ids) > cpu_ops.QUANT_KERNEL_ROWS
+    ids = llm.get_tokenizer()("The quick brown fox jumps over the lazy dog. " * 30).input_ids
+    assert len(ids) > max(cpu_ops.QUANT_KERNEL_ROWS, cpu_ops.INTERLEAVED_KERNEL_ROWS)
     kept, expected = hidden_states(llm, ids), hidden_states(float_llm, ids)
     assert (kept - expected).abs().max().item() < 1e-4 * expected.abs().max().item()
 

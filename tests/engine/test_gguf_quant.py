@@ -162,7 +162,8 @@ def test_kept_blocks_give_the_dequantized_path_exactly_with_torch_ops(tiny_gguf)
 # our C kernel quantizes the activations per block: by default to 16 bits in two int8 planes, with
 # quantization="gguf_int8" to one (llama.cpp's Q8 dot products), where the logits move by 1-2% of their largest
 # |value| (measured 0.012-0.020 on these files) and random tiny models' near-tied logits agreed top-1 on 92-100% of
-# positions. Prefills of more than QUANT_KERNEL_ROWS rows dequantize tiles (float: within 1e-4).
+# positions. Prefills of more than QUANT_KERNEL_ROWS rows (INTERLEAVED_KERNEL_ROWS for rows interleaved 8 at a time)
+# dequantize tiles (float: within 1e-4).
 C_PATH = {  # quantization: (tolerance as a share of the largest |logit|, top-1 agreement)
     None: (5e-4, 0.99),  # measured 5.7e-5
     "gguf_int8": (0.05, 0.8),
@@ -177,8 +178,8 @@ def test_kept_blocks_with_our_c_kernels_stay_close(tiny_gguf, quantization):
 
     import nanovllm.ops.cpu_ops as cpu_ops
 
-    short, long = random_prompts(1, 24, 24, seed=2)[0], random_prompts(1, 96, 96, seed=3)[0]
-    assert len(short) <= cpu_ops.QUANT_KERNEL_ROWS < len(long)
+    short, long = random_prompts(1, 24, 24, seed=2)[0], random_prompts(1, 300, 300, seed=3)[0]
+    assert len(short) <= cpu_ops.QUANT_KERNEL_ROWS and cpu_ops.INTERLEAVED_KERNEL_ROWS < len(long)
     reference = engine(tiny_gguf, quantization="dequantize", ops="cpu")
     expected = {n: our_logits(reference, p) for n, p in (("short", short), ("long", long))}
     del reference

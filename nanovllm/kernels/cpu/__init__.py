@@ -8,6 +8,7 @@ from nanovllm.kernels.cpu.build import has_amx, library
 from nanovllm.kernels.cpu.quant import (  # noqa: F401 (this package's API: GGUF blocks, quant.py)
     BLOCK_SHAPES,
     GGUF_TYPES,
+    INTERLEAVED_KERNEL_ROWS,
     QUANT_KERNEL_ROWS,
     ROWS8,
     TYPE_NAMES,

@@ -128,7 +128,9 @@ static inline int interleaved_byte(int type, int r, int j) {
 
 /* Row r's block out of a run, as GGUF stores it */
 static inline void gather_block(const uint8_t *run, int type, int r, uint8_t *out) {
-    for (int j = 0; j < block_bytes(type); j++) out[j] = run[interleaved_byte(type, r, j)];
+    const int s = scale_bytes(type), bytes = block_bytes(type);
+    for (int j = 0; j < s; j += 2) memcpy(out + j, run + interleaved_byte(type, r, j), 2);
+    for (int j = s; j < bytes; j += 4) memcpy(out + j, run + interleaved_byte(type, r, j), 4);
 }
 
 /* An IEEE half (GGUF's block scales, F16 weights) widened to fp32, exactly (subnormals, infinities and NaN

@@ -34,6 +34,9 @@ ROWS8 = 0x200
 # up to here linear_f32's int8 dots beat dequantized tiles through torch's fp32 GEMM: a 37-token chat prefill 156-287 ms
 # at 32 -> ~100 ms at 64 (2026-12-07, quiet EPYC; docs/benchmarks.md)
 QUANT_KERNEL_ROWS = 64
+# the same for rows interleaved 8 at a time (ROWS8), read faster: SmolLM2's 30 layers of Q4_1 at 128 rows 198-208 ms
+# in the kernel against 233-343 in tiles, at 256 rows 402 against 380-424 (benchmarks/linear_kernel.py shapes)
+INTERLEAVED_KERNEL_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -150,10 +153,11 @@ def quant_linear(
     interleaved: bool = False,
 ) -> torch.Tensor | None:
     """y [M, N] = x [M, K] @ W.T (+ bias), W's N rows as GGUF stores them in `blocks` (uint8 [N, row bytes],
-    contiguous), read in place (quant_linear.c: x quantized to int8 blocks, integer dot products); from
-    TILE_FROM_ROWS rows on, tiles of W dequantized and torch.mm. x fp32 or bf16 (computed in fp32, returned in
-    x's dtype). None where the kernel does not apply (not CPU, another dtype or
-    layout, no compiler): the caller uses torch. ValueError for a type it cannot read or K not in its blocks.
+    contiguous), read in place (quant_linear.c: x quantized to int8 blocks, integer dot products); above
+    QUANT_KERNEL_ROWS rows (INTERLEAVED_KERNEL_ROWS for interleaved rows), tiles of W dequantized and torch.mm.
+    x fp32 or bf16 (computed in fp32, returned in x's dtype). None where the kernel does not apply (not CPU,
+    another dtype or layout, no compiler): the caller uses torch. ValueError for a type it cannot read or K not
+    in its blocks.
     lib: the kernel library (tests pass library("portable")). int8_activations: x in one int8 plane per block
     (X_INT8) instead of two. interleaved: W's rows interleaved 8 at a time (ROWS8)."""
     lib = lib if lib is not None else library()
@@ -180,7 +184,7 @@ def quant_linear(
         )
     xf = x.float()
     bf = None if bias is None else bias.float()
-    if m >= TILE_FROM_ROWS:
+    if m > (INTERLEAVED_KERNEL_ROWS if interleaved else QUANT_KERNEL_ROWS):
         y = tiled_linear(xf, code, blocks, lib, interleaved)
         if bf is not None:
             y += bf
