@@ -269,7 +269,7 @@ def test_interleaved_rows_give_the_same_products(name, variant, planes):
             assert torch.allclose(got, ordered, rtol=1e-5, atol=1e-5 * ordered.abs().max().item()), (name, n, m)
             with_bias = cpu.quant_linear(x, name, mixed, bias, lib=lib, int8_activations=planes == 1, interleaved=True)
             assert torch.allclose(with_bias, got + bias, rtol=0, atol=1e-6 * got.abs().max().item() + 1e-6)
-        x = torch.randn(70, k, generator=gen)  # many rows: dequantized tiles of the interleaved rows, torch's GEMM
+        x = torch.randn(cpu.INTERLEAVED_KERNEL_ROWS + 3, k, generator=gen)  # many rows: dequantized tiles, torch's GEMM
         tiles = cpu.quant_linear(x, name, mixed, lib=lib, interleaved=True)
         assert torch.allclose(tiles, x @ w.T, rtol=1e-5, atol=1e-5 * (x.abs() @ w.abs().T).max().item())
 

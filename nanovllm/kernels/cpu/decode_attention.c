@@ -99,6 +99,10 @@ INLINE void attend(const char *restrict q, char *restrict out, float scale, cons
                 pv_pairs(o + i0 * nv, w, i0, vbase + h * row, n, group, nv);
                 continue;
             }
+#if HAVE_AVX2 && !defined(__AVX512F__)
+            pv_avx2(o + i0 * nv, w, i0, vbase + h * row, n, group, nv, bf16);
+            continue;
+#endif
             for (int64_t g = 0; g < group; g++) {
                 vf acc[nv];
                 for (int c = 0; c < nv; c++) acc[c] = o[(i0 + g) * nv + c];
@@ -115,6 +119,13 @@ INLINE void attend(const char *restrict q, char *restrict out, float scale, cons
         for (int c = 0; c < nv; c++) store16(out + (i * nv + c) * 16 * elem, o[i * nv + c] * (1.f / l[i]), bf16);
 }
 
+
+/* Each thread's work arrays, its address from a call the compiler cannot repeat: with the thread-local variable
+ * named in attend(), gcc recomputed its address (a __tls_get_addr call in a shared library) inside the value
+ * sums' innermost loop and spilled every accumulator around the call: fp32 decode attention, 44 sequences of
+ * 300-700 tokens, 30 layers, 130-150 ms (compute alone) -> see attention_kernel.py --fp32 */
+static __thread Scratch thread_work;
+static __attribute__((noinline)) Scratch *thread_scratch(void) { return &thread_work; }
 
 /* q: [tokens, q_stride] rows whose first heads * head_dim values are the queries; out: [tokens, heads,
  * head_dim]; both the cache's dtype; caches: [blocks, block_size, kv_heads, head_dim] fp32 or bf16; row b of the
@@ -138,9 +149,9 @@ int decode_attention(const void *q, int64_t q_stride, const void *k_cache, const
 #pragma omp parallel num_threads(num_threads)
     {
     if (tiles) attention_tiles((int)group);
+    Scratch *scratch = thread_scratch();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t u = 0; u < batch * units_per_seq; u++) {
-        static __thread Scratch scratch;
         const int64_t b = u / units_per_seq, h0 = u % units_per_seq * per_unit;
         const int64_t h1 = h0 + per_unit < kv_heads ? h0 + per_unit : kv_heads;
         const char *qb = (const char *)q + tokens[b] * q_stride * elem;
@@ -149,21 +160,21 @@ int decode_attention(const void *q, int64_t q_stride, const void *k_cache, const
         /* attend() with the common head sizes (nv 4 and 8), the cache type and the path as constants: each call
          * inlines its own specialised copy */
         if (tiles && nv == 4)
-            attend(qb, ob, scale, k_cache, v_cache, table, len, block_size, token_bytes, h0, h1, group, &scratch, 4, 1, 1);
+            attend(qb, ob, scale, k_cache, v_cache, table, len, block_size, token_bytes, h0, h1, group, scratch, 4, 1, 1);
         else if (tiles)
-            attend(qb, ob, scale, k_cache, v_cache, table, len, block_size, token_bytes, h0, h1, group, &scratch, nv, 1, 1);
+            attend(qb, ob, scale, k_cache, v_cache, table, len, block_size, token_bytes, h0, h1, group, scratch, nv, 1, 1);
         else if (nv == 4 && !bf16)
-            attend(qb, ob, scale, k_cache, v_cache, table, len, block_size, token_bytes, h0, h1, group, &scratch, 4, 0, 0);
+            attend(qb, ob, scale, k_cache, v_cache, table, len, block_size, token_bytes, h0, h1, group, scratch, 4, 0, 0);
         else if (nv == 4)
-            attend(qb, ob, scale, k_cache, v_cache, table, len, block_size, token_bytes, h0, h1, group, &scratch, 4, 1, 0);
+            attend(qb, ob, scale, k_cache, v_cache, table, len, block_size, token_bytes, h0, h1, group, scratch, 4, 1, 0);
         else if (nv == 8 && !bf16)
-            attend(qb, ob, scale, k_cache, v_cache, table, len, block_size, token_bytes, h0, h1, group, &scratch, 8, 0, 0);
+            attend(qb, ob, scale, k_cache, v_cache, table, len, block_size, token_bytes, h0, h1, group, scratch, 8, 0, 0);
         else if (nv == 8)
-            attend(qb, ob, scale, k_cache, v_cache, table, len, block_size, token_bytes, h0, h1, group, &scratch, 8, 1, 0);
+            attend(qb, ob, scale, k_cache, v_cache, table, len, block_size, token_bytes, h0, h1, group, scratch, 8, 1, 0);
         else if (!bf16)
-            attend(qb, ob, scale, k_cache, v_cache, table, len, block_size, token_bytes, h0, h1, group, &scratch, nv, 0, 0);
+            attend(qb, ob, scale, k_cache, v_cache, table, len, block_size, token_bytes, h0, h1, group, scratch, nv, 0, 0);
         else
-            attend(qb, ob, scale, k_cache, v_cache, table, len, block_size, token_bytes, h0, h1, group, &scratch, nv, 1, 0);
+            attend(qb, ob, scale, k_cache, v_cache, table, len, block_size, token_bytes, h0, h1, group, scratch, nv, 1, 0);
     }
     }
     return 0;
