@@ -1,10 +1,12 @@
-"""The CPU attention kernels alone, SmolLM2's heads, bf16, 30 layers. Decode: 44 sequences (contexts 300-700);
-prefill (--prefill): a 2048-token step of whole prompts (100-512 tokens), ours (AMX) against torch's SDPA.
+"""The CPU attention kernels alone, SmolLM2's heads, bf16 (or fp32: --fp32), 30 layers. Decode: 44 sequences
+(contexts 300-700); prefill (--prefill): a 2048-token step of whole prompts (100-512 tokens), ours (AMX) against
+torch's SDPA.
 
     python benchmarks/attention_kernel.py              # each layer its own cache: reads come from memory
     python benchmarks/attention_kernel.py --resident   # every table points into 24 blocks: compute alone
     python benchmarks/attention_kernel.py --block-size 128
     python benchmarks/attention_kernel.py --prefill
+    python benchmarks/attention_kernel.py --fp32      # fp32 caches (an fp32 model's: dtype auto on AVX2)
 """
 
 import argparse
@@ -22,6 +24,7 @@ def main() -> None:
     ap.add_argument("--resident", action="store_true")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--prefill", action="store_true")
+    ap.add_argument("--fp32", action="store_true", help="decode over fp32 caches (default bf16)")
     args = ap.parse_args()
     torch.manual_seed(0)
     random.seed(0)
@@ -36,7 +39,8 @@ def main() -> None:
     for b, n in enumerate(lens):
         tables[b, : -(-n // bs)] = order[i : i + -(-n // bs)]
         i += -(-n // bs)
-    caches = [torch.randn(2, blocks, bs, kv_heads, dim).bfloat16() for _ in range(1 if args.resident else layers)]
+    dtype = torch.float32 if args.fp32 else torch.bfloat16
+    caches = [torch.randn(2, blocks, bs, kv_heads, dim).to(dtype) for _ in range(1 if args.resident else layers)]
     caches *= layers // len(caches)
     meta = SimpleNamespace(
         block_tables=tables,
@@ -44,7 +48,7 @@ def main() -> None:
         decode_rows=torch.arange(seqs),
         decode_tokens=torch.arange(seqs),
     )
-    q = torch.randn(seqs, heads, dim).bfloat16()
+    q = torch.randn(seqs, heads, dim).to(dtype)
     out = torch.empty_like(q)
     times = []
     for _ in range(8):
@@ -53,7 +57,7 @@ def main() -> None:
             cpu.decode_attention(q, out, kv[0], kv[1], meta, dim**-0.5)
         times.append(time.perf_counter() - start)
     best = min(times[1:])
-    read = 2 * sum(lens) * kv_heads * dim * 2 * layers
+    read = 2 * sum(lens) * kv_heads * dim * caches[0].element_size() * layers
     print(
         f"{layers} layers: min {best * 1e3:.1f} ms, median {sorted(times[1:])[3] * 1e3:.1f} ms; "
         f"{read / 1e6:.0f} MB of K/V -> {read / best / 1e9:.1f} GB/s"

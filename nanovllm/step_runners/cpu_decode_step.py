@@ -155,7 +155,8 @@ class FusedDecodeStep:
             if table.weight is not None:
                 torch.index_select(table.weight, 0, input_ids, out=b["residual"])
             else:  # kept in GGUF blocks: the rows dequantized in place
-                kernels.dequantize_rows_into(kernel_type(table.quant), table.quant.blocks, input_ids, b["residual"])
+                code = kernel_type(table.quant) & ~kernels.X_INT8  # (X_INT8 is the linears' activations)
+                kernels.dequantize_rows_into(code, table.quant.blocks, input_ids, b["residual"])
             torch.index_select(model.rotary.cos, 0, positions, out=b["cos"])
             torch.index_select(model.rotary.sin, 0, positions, out=b["sin"])
             eps, scale = model.norm.eps, model.layers[0].self_attn.scale

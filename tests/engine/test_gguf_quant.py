@@ -198,6 +198,8 @@ def test_kept_blocks_with_our_c_kernels_stay_close(tiny_gguf, quantization):
     assert (got - expected["short"]).abs().max().item() < tolerance * spread
     agree = (got.argmax(-1) == expected["short"].argmax(-1)).float().mean().item()
     assert agree >= top1, f"top-1 agreement {agree:.0%}"
+    tokens = greedy(kept, [short])[0]  # decode steps too: the fused C step, its embedding lookup and LM head
+    assert len(tokens) == GREEDY.max_tokens
 
 
 @pytest.mark.slow
