@@ -13,6 +13,7 @@ from conftest import add_byte_vocabulary, random_prompts
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.kernels import cpu as kernels
+from nanovllm.kernels.cpu.quant import kernel_rows
 from nanovllm.layers.linear import Linear
 from nanovllm.layers.moe import FusedMoE
 from nanovllm.layers.quant import BLOCK_SIZES, NAMES, QuantWeight, dequantize_rows, dequantize_torch
@@ -163,7 +164,8 @@ def test_kept_blocks_give_the_dequantized_path_exactly_with_torch_ops(tiny_gguf)
 # quantization="gguf_int8" to one (llama.cpp's Q8 dot products), where the logits move by 1-2% of their largest
 # |value| (measured 0.012-0.020 on these files) and random tiny models' near-tied logits agreed top-1 on 92-100% of
 # positions. Prefills of more than QUANT_KERNEL_ROWS rows (INTERLEAVED_KERNEL_ROWS for rows interleaved 8 at a time)
-# dequantize tiles (float: within 1e-4).
+# dequantize tiles (float: within 1e-4), except interleaved 4- and 5-bit rows under gguf_int8, whose int8 dots stay
+# faster at every size (kernels/cpu/quant.py kernel_rows).
 C_PATH = {  # quantization: (tolerance as a share of the largest |logit|, top-1 agreement)
     None: (5e-4, 0.99),  # measured 5.7e-5
     "gguf_int8": (0.05, 0.8),
@@ -190,11 +192,14 @@ def test_kept_blocks_with_our_c_kernels_stay_close(tiny_gguf, quantization):
     for m in kept.engine.runner.model.modules():  # rows interleaved where our kernel reads them faster so
         if getattr(m, "quant", None) is not None:
             assert m.quant.interleaved == (kernels.interleaves(m.quant.qtype) and m.quant.shape[0] % 8 == 0)
+    tolerance, top1 = C_PATH[quantization]
+    quants = [m.quant for m in kept.engine.runner.model.modules() if getattr(m, "quant", None) is not None]
+    tiles = all(kernel_rows(w.qtype, w.interleaved, w.int8_activations) < len(long) for w in quants)
     long_logits = our_logits(kept, long)  # tiles dequantized in float: the float path's values
-    assert (long_logits - expected["long"]).abs().max().item() < 1e-4
+    bound = 1e-4 if tiles else tolerance * expected["long"].abs().max().item()
+    assert (long_logits - expected["long"]).abs().max().item() < bound
     got = our_logits(kept, short)
     spread = expected["short"].abs().max().item()
-    tolerance, top1 = C_PATH[quantization]
     assert (got - expected["short"]).abs().max().item() < tolerance * spread
     agree = (got.argmax(-1) == expected["short"].argmax(-1)).float().mean().item()
     assert agree >= top1, f"top-1 agreement {agree:.0%}"

@@ -8,7 +8,7 @@
  * of 4 products in int32 lane i: the 8 rows' scales are one fp16 load and convert, their FMA one instruction,
  * and the 8 outputs are stored as one vector. The 4-bit types sum in int16 over the whole block first (8
  * products of at most 15 x 127 per lane pair < 2^15): ~5.5 instructions a block of a row (~9 with the second
- * plane). What it measured is said in quant_linear.c. */
+ * plane). Q5_0 / Q5_1's fifth bits are spread into the nibbles per unit, once for all the rows of x. What it measured is said in quant_linear.c. */
 #ifndef NANOVLLM_QUANT_DOTS_ROWS8_H
 #define NANOVLLM_QUANT_DOTS_ROWS8_H
 #include "quant_dots.h"
@@ -24,15 +24,28 @@ INLINE __m256i broadcast4(const int8_t *p) {
 /* 8 rows' fp16 scales, side by side -> fp32 */
 INLINE __m256 halves8(const uint8_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 
-/* Sum of the products of a 4-bit block (its 4 units of 8 rows' nibbles at qs) with x's 32 values xq (the low
- * nibbles of unit c are values 4c .., the high ones 16 + 4c ..): int16 lanes, 2 per row */
-INLINE __m256i nibble_sums(const __m256i *lo4, const __m256i *hi4, const int8_t *xq) {
-    __m256i sum = _mm256_setzero_si256();
+/* The products of a 4- or 5-bit block's values (q[c]: values 4c .. 4c + 3 of each row, q[4 + c]: 16 + 4c ..)
+ * with x's 32 values xq, summed per row, times `scale`: int32 lanes, one per row. Summed in int16 first: 8
+ * products of at most 15 x 127 per lane pair, or for 5 bits 4 of 31 x 127 (< 2^15) */
+INLINE __m256i nibble_dot(const __m256i *q, const int8_t *xq, __m256i scale, const int five) {
+    __m256i low = _mm256_setzero_si256(), high = _mm256_setzero_si256();
     for (int c = 0; c < 4; c++) {
-        sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(lo4[c], broadcast4(xq + 4 * c)));
-        sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(hi4[c], broadcast4(xq + 16 + 4 * c)));
+        low = _mm256_add_epi16(low, _mm256_maddubs_epi16(q[c], broadcast4(xq + 4 * c)));
+        high = _mm256_add_epi16(high, _mm256_maddubs_epi16(q[4 + c], broadcast4(xq + 16 + 4 * c)));
     }
-    return sum;
+    if (five) return _mm256_add_epi32(_mm256_madd_epi16(low, scale), _mm256_madd_epi16(high, scale));
+    return _mm256_madd_epi16(_mm256_add_epi16(low, high), scale);
+}
+
+/* Q5_0 / Q5_1: the 8 rows' fifth bits (row i's 32 in int32 lane i) -> byte t of lane i = 16 where bit
+ * base + t is set (values base .. base + 3): the lane's byte holding them copied into its 4 bytes, one bit
+ * tested in each */
+INLINE __m256i fifth_bits8(__m256i h, const int base) {
+    const __m256i lanes = _mm256_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12, 0, 0, 0, 0, 4, 4, 4, 4,
+                                           8, 8, 8, 8, 12, 12, 12, 12);
+    const __m256i bit = _mm256_set1_epi32((int)(0x08040201u << base % 8));
+    const __m256i v = _mm256_and_si256(_mm256_shuffle_epi8(h, _mm256_add_epi8(lanes, _mm256_set1_epi8((char)(base / 8)))), bit);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(v, bit), _mm256_set1_epi8(16));
 }
 
 /* The same for Q8_0's signed bytes (|w| and x with w's sign): int32 lanes, one per row */
@@ -48,22 +61,23 @@ INLINE __m256i byte_sums(const __m256i *absw, const __m256i *w, const int8_t *xq
 #endif
 
 /* out[8 r + i] = weight row 8g + i . x row r, i < 8, r < R: the group's runs at w (nb blocks), x's rows x_stride
- * bytes apart. Types with no vector code here (Q5_0, Q5_1, or any type without AVX2) gather each row's block
- * back into GGUF's order and take quant_dots.h's dot product: the same values, slower (interleaves() says which
- * types the engine should interleave). */
+ * bytes apart. Without AVX2 each row's block is gathered back into GGUF's order for quant_dots.h's dot
+ * product: the same values, slower (interleaves() says where the engine should interleave). */
 INLINE void dot_rows8(const uint8_t *w, const char *x, int64_t x_stride, int64_t nb, float *out, const int type,
                       const int R, const int P) {
     const int bytes = block_bytes(type);
 #if HAVE_AVX2
-    if (type == Q4_0 || type == Q4_1 || type == Q8_0) {
+    if (type == Q4_0 || type == Q4_1 || type == Q5_0 || type == Q5_1 || type == Q8_0) {
+        const int five = type == Q5_0 || type == Q5_1, has_min = type == Q4_1 || type == Q5_1;
         const float unit = P == 2 ? 1.f / LOW_SCALE : 1.f;
         const __m256i ones = _mm256_set1_epi16(1), high = _mm256_set1_epi16(LOW_SCALE), low4 = _mm256_set1_epi8(15);
         __m256 acc[X_ROWS], extra[X_ROWS];  /* the integer dots scaled; the minimum's (offset's) part */
         for (int r = 0; r < R; r++) acc[r] = extra[r] = _mm256_setzero_ps();
         for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *run = w + b * INTERLEAVE * bytes, *qs = run + INTERLEAVE * scale_bytes(type);
+            const uint8_t *run = w + b * INTERLEAVE * bytes, *qh = run + INTERLEAVE * scale_bytes(type);
+            const uint8_t *qs = five ? qh + 4 * INTERLEAVE : qh;  /* Q5: the fifth bits' unit first */
             const __m256 d = halves8(run);
-            __m256i q[8], sign[8];  /* Q4: the 4 units' low nibbles in q[0..3], high ones in q[4..7] */
+            __m256i q[8], sign[8];  /* Q4, Q5: the 4 units' low nibbles in q[0..3], high ones in q[4..7] */
             if (type == Q8_0)
                 for (int c = 0; c < 8; c++) sign[c] = load256(qs + 32 * c), q[c] = _mm256_sign_epi8(sign[c], sign[c]);
             else
@@ -71,6 +85,11 @@ INLINE void dot_rows8(const uint8_t *w, const char *x, int64_t x_stride, int64_t
                     const __m256i v = load256(qs + 32 * c);
                     q[c] = _mm256_and_si256(v, low4);
                     q[4 + c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                    if (five) {
+                        const __m256i h = load256(qh);
+                        q[c] = _mm256_or_si256(q[c], fifth_bits8(h, 4 * c));
+                        q[4 + c] = _mm256_or_si256(q[4 + c], fifth_bits8(h, 16 + 4 * c));
+                    }
                 }
             for (int r = 0; r < R; r++) {
                 const QBlock *xb = (const QBlock *)(x + r * x_stride) + b;
@@ -79,16 +98,15 @@ INLINE void dot_rows8(const uint8_t *w, const char *x, int64_t x_stride, int64_t
                     dot = byte_sums(q, sign, xb->q);
                     if (P == 2) dot = _mm256_add_epi32(_mm256_slli_epi32(dot, 8), byte_sums(q, sign, xb->lo));
                 } else if (P == 2)
-                    dot = _mm256_add_epi32(_mm256_madd_epi16(nibble_sums(q, q + 4, xb->q), high),
-                                           _mm256_madd_epi16(nibble_sums(q, q + 4, xb->lo), ones));
+                    dot = _mm256_add_epi32(nibble_dot(q, xb->q, high, five), nibble_dot(q, xb->lo, ones, five));
                 else
-                    dot = _mm256_madd_epi16(nibble_sums(q, q + 4, xb->q), ones);
+                    dot = nibble_dot(q, xb->q, ones, five);
                 acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xb->d)), _mm256_cvtepi32_ps(dot), acc[r]);
-                if (type == Q4_1) extra[r] = _mm256_fmadd_ps(halves8(run + 16), _mm256_set1_ps(xb->s), extra[r]);
-                if (type == Q4_0) extra[r] = _mm256_fmadd_ps(d, _mm256_set1_ps(xb->s), extra[r]);
+                if (has_min) extra[r] = _mm256_fmadd_ps(halves8(run + 2 * INTERLEAVE), _mm256_set1_ps(xb->s), extra[r]);
+                else if (type != Q8_0) extra[r] = _mm256_fmadd_ps(d, _mm256_set1_ps(xb->s), extra[r]);
             }
         }
-        const __m256 offset = _mm256_set1_ps(type == Q4_0 ? -8.f : 1.f);
+        const __m256 offset = _mm256_set1_ps(type == Q4_0 ? -8.f : type == Q5_0 ? -16.f : 1.f);
         for (int r = 0; r < R; r++)
             _mm256_storeu_ps(out + 8 * r, _mm256_fmadd_ps(extra[r], offset, _mm256_mul_ps(acc[r], _mm256_set1_ps(unit))));
         return;

@@ -92,7 +92,7 @@ static int dots8(int type, int planes, Dots *out) {
 
 /* Whether this build reads `type` faster interleaved (ROWS8) than in GGUF's order: what the engine asks before
  * it interleaves a weight (ops/cpu_ops.py prepare) */
-int interleaves(int type) { return HAVE_AVX2 && (type == Q4_0 || type == Q4_1 || type == Q8_0); }
+int interleaves(int type) { return HAVE_AVX2 && block_elems(type) == BLOCK; }
 
 /* The dot products for a type, x in `planes` planes; 1 for a type it cannot read */
 static int dots(int type, int planes, Dots *out) {
