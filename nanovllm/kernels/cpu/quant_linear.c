@@ -59,32 +59,20 @@ DOTS(q5_k, dot_super_blocks, Q5_K)
 DOTS(q6_k, dot_super_blocks, Q6_K)
 
 /* The same on rows interleaved 8 at a time (ROWS8): the 32-blocks, out[8 r + i] for 8 weight rows */
-#define DOTS8(name, type)                                                                                     \
-    static void name##_8_1(const uint8_t *w, const char *x, int64_t s, int64_t n, float *o) {                 \
-        dot_rows8(w, x, s, n, o, type, 1, 2);                                                                 \
-    }                                                                                                         \
-    static void name##_8_rows(const uint8_t *w, const char *x, int64_t s, int64_t n, float *o) {              \
-        dot_rows8(w, x, s, n, o, type, X_ROWS, 2);                                                            \
-    }                                                                                                         \
-    static void name##_8_1_int8(const uint8_t *w, const char *x, int64_t s, int64_t n, float *o) {            \
-        dot_rows8(w, x, s, n, o, type, 1, 1);                                                                 \
-    }                                                                                                         \
-    static void name##_8_rows_int8(const uint8_t *w, const char *x, int64_t s, int64_t n, float *o) {         \
-        dot_rows8(w, x, s, n, o, type, X_ROWS, 1);                                                            \
-    }
-DOTS8(q4_0, Q4_0)
-DOTS8(q4_1, Q4_1)
-DOTS8(q5_0, Q5_0)
-DOTS8(q5_1, Q5_1)
-DOTS8(q8_0, Q8_0)
+DOTS(q4_0_rows8, dot_rows8, Q4_0)
+DOTS(q4_1_rows8, dot_rows8, Q4_1)
+DOTS(q5_0_rows8, dot_rows8, Q5_0)
+DOTS(q5_1_rows8, dot_rows8, Q5_1)
+DOTS(q8_0_rows8, dot_rows8, Q8_0)
 
 static int dots8(int type, int planes, Dots *out) {
     switch (type) {
 #define CASE(T, name)                                                                                         \
     case T:                                                                                                   \
-        *out = planes == 2 ? (Dots){name##_8_1, name##_8_rows} : (Dots){name##_8_1_int8, name##_8_rows_int8}; \
+        *out = planes == 2 ? (Dots){name##_1, name##_rows} : (Dots){name##_1_int8, name##_rows_int8};        \
         return 0;
-    CASE(Q4_0, q4_0) CASE(Q4_1, q4_1) CASE(Q5_0, q5_0) CASE(Q5_1, q5_1) CASE(Q8_0, q8_0)
+    CASE(Q4_0, q4_0_rows8) CASE(Q4_1, q4_1_rows8) CASE(Q5_0, q5_0_rows8) CASE(Q5_1, q5_1_rows8)
+    CASE(Q8_0, q8_0_rows8)
 #undef CASE
     default: return 1;
     }
