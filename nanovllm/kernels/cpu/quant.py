@@ -95,13 +95,12 @@ def kernel_rows(code: int, interleaved: bool, int8_activations: bool) -> float:
     """Up to how many rows of x quant_linear runs the integer dot products (above: dequantized tiles), for
     SmolLM2's 30 layers of linears (benchmarks/linear_kernel.py shapes): interleaved 4- and 5-bit rows with x in
     one int8 plane beat torch's fp32 GEMM at every size measured (Q4_1 at 512 rows 451 ms against 702-739, at
-    2048 2082 against 2759); Q8_0's two-plane dots cost more (each unit's products widened to int32 twice: at
-    128 rows 324 ms against 274 in tiles, at 64 142 against 155)."""
+    2048 2082 against 2759); Q8_0's one-plane products (a sign flip and a widening per unit) do not."""
     if not interleaved:
         return QUANT_KERNEL_ROWS
-    if code == GGUF_TYPES["Q8_0"]:
-        return INTERLEAVED_KERNEL_ROWS if int8_activations else QUANT_KERNEL_ROWS
-    return float("inf") if int8_activations else INTERLEAVED_KERNEL_ROWS
+    if int8_activations and code != GGUF_TYPES["Q8_0"]:
+        return float("inf")
+    return INTERLEAVED_KERNEL_ROWS
 
 
 def interleaves(qtype: int, lib=None) -> bool:

@@ -60,6 +60,37 @@ INLINE __m256i byte_sums(const __m256i *absw, const __m256i *w, const int8_t *xq
 }
 #endif
 
+/* Q8_0 with x in two planes: R rows' dots with one run (its 8 units of 4 values of 8 rows at qs), x taken whole as
+ * int16, q LOW_SCALE + lo (at most 127 * 256 + 127 < 2^15), times the weights widened to int16: per unit and row
+ * of x one broadcast and two vpmaddwd (rows 0-3, 4-7; two lanes a row), against two sign flips, two vpmaddubsw
+ * and two vpmaddwd per plane. The same integers (|sum| < 8 * 2 * 128 * 2^15 < 2^31). */
+INLINE void wide_sums(const uint8_t *qs, const char *x, int64_t x_stride, int64_t b, const int R, __m256i *out) {
+    int16_t x16[X_ROWS][BLOCK] __attribute__((aligned(32)));
+    __m256i low[X_ROWS], high[X_ROWS];  /* weight rows 0-3 and 4-7 */
+    for (int r = 0; r < R; r++) {
+        const QBlock *xb = (const QBlock *)(x + r * x_stride) + b;
+        for (int h = 0; h < 2; h++) {
+            const __m256i q = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(xb->q + 16 * h)));
+            const __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(xb->lo + 16 * h)));
+            _mm256_store_si256((__m256i *)&x16[r][16 * h], _mm256_add_epi16(_mm256_slli_epi16(q, 8), lo));
+        }
+        low[r] = high[r] = _mm256_setzero_si256();
+    }
+    for (int c = 0; c < 8; c++) {
+        const __m256i w03 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qs + 32 * c)));
+        const __m256i w47 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qs + 32 * c + 16)));
+        for (int r = 0; r < R; r++) {
+            int64_t v;
+            memcpy(&v, &x16[r][4 * c], 8);
+            const __m256i xv = _mm256_set1_epi64x(v);
+            low[r] = _mm256_add_epi32(low[r], _mm256_madd_epi16(w03, xv));
+            high[r] = _mm256_add_epi32(high[r], _mm256_madd_epi16(w47, xv));
+        }
+    }
+    const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);  /* hadd gives rows 0 1 4 5 2 3 6 7 */
+    for (int r = 0; r < R; r++) out[r] = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(low[r], high[r]), order);
+}
+
 /* out[8 r + i] = weight row 8g + i . x row r, i < 8, r < R: the group's runs at w (nb blocks), x's rows x_stride
  * bytes apart. Without AVX2 each row's block is gathered back into GGUF's order for quant_dots.h's dot
  * product: the same values, slower (interleaves() says where the engine should interleave). */
@@ -78,7 +109,7 @@ INLINE void dot_rows8(const uint8_t *w, const char *x, int64_t x_stride, int64_t
             const uint8_t *qs = five ? qh + 4 * INTERLEAVE : qh;  /* Q5: the fifth bits' unit first */
             const __m256 d = halves8(run);
             __m256i q[8], sign[8];  /* Q4, Q5: the 4 units' low nibbles in q[0..3], high ones in q[4..7] */
-            if (type == Q8_0)
+            if (type == Q8_0 && P == 1)
                 for (int c = 0; c < 8; c++) sign[c] = load256(qs + 32 * c), q[c] = _mm256_sign_epi8(sign[c], sign[c]);
             else
                 for (int c = 0; c < 4; c++) {
@@ -91,13 +122,16 @@ INLINE void dot_rows8(const uint8_t *w, const char *x, int64_t x_stride, int64_t
                         q[4 + c] = _mm256_or_si256(q[4 + c], fifth_bits8(h, 16 + 4 * c));
                     }
                 }
+            __m256i wide[X_ROWS];  /* Q8_0, two planes: each row's dot from wide_sums */
+            if (type == Q8_0 && P == 2) wide_sums(qs, x, x_stride, b, R, wide);
             for (int r = 0; r < R; r++) {
                 const QBlock *xb = (const QBlock *)(x + r * x_stride) + b;
                 __m256i dot;
-                if (type == Q8_0) {
+                if (type == Q8_0 && P == 2)
+                    dot = wide[r];
+                else if (type == Q8_0)
                     dot = byte_sums(q, sign, xb->q);
-                    if (P == 2) dot = _mm256_add_epi32(_mm256_slli_epi32(dot, 8), byte_sums(q, sign, xb->lo));
-                } else if (P == 2)
+                else if (P == 2)
                     dot = _mm256_add_epi32(nibble_dot(q, xb->q, high, five), nibble_dot(q, xb->lo, ones, five));
                 else
                     dot = nibble_dot(q, xb->q, ones, five);
