@@ -120,10 +120,10 @@ INLINE void attend(const char *restrict q, char *restrict out, float scale, cons
 }
 
 
-/* Each thread's work arrays, its address from a call the compiler cannot repeat: with the thread-local variable
- * named in attend(), gcc recomputed its address (a __tls_get_addr call in a shared library) inside the value
- * sums' innermost loop and spilled every accumulator around the call: fp32 decode attention, 44 sequences of
- * 300-700 tokens, 30 layers, 130-150 ms (compute alone) -> see attention_kernel.py --fp32 */
+/* Each thread's work arrays, their address taken once from a call the compiler cannot repeat: with the
+ * thread-local variable named in attend(), gcc recomputed its address (a __tls_get_addr call in a shared
+ * library) inside the fp32 value sums' innermost loop (perf, AVX2). Alone this gained nothing measurable there:
+ * the cost was the accumulators moved through the stack, which pv_avx2 removed (decode_attention_loops.h) */
 static __thread Scratch thread_work;
 static __attribute__((noinline)) Scratch *thread_scratch(void) { return &thread_work; }
 

@@ -24,9 +24,6 @@ static inline const void *norm_weight(const int64_t *layer, int which) {
 static inline int linear(const int64_t *layer, int which, const void *x, int64_t M, int64_t N, int64_t K, void *y,
                          int bf16, int num_threads) {
     const int64_t *w = layer + which * WEIGHT_ENTRIES;
-    static int skip = -1;
-    if (skip < 0) skip = getenv("SKIP_LINEAR") != 0;
-    if (skip) return 0;
     if (bf16)
         return linear_bf16(x, M, (const void *)w[WEIGHT], (int)w[TYPE], N, K, (const uint16_t *)w[BIAS], y,
                            num_threads);
@@ -76,8 +73,6 @@ int decode_layers(int64_t layers, const int64_t *layer, const int64_t *dims, int
     const char *k = (const char *)qkv + q_size * bytes, *v = k + kv_size * bytes;
     if (bf16 && !amx) return -1;
     int rc;
-    static int skip_attn = -1;
-    if (skip_attn < 0) skip_attn = getenv("SKIP_ATTN") != 0;
     for (int64_t l = 0; l < layers; l++) {
         const int64_t *p = layer + l * LAYER_ENTRIES;
         char *k_cache = (char *)p[K_CACHE], *v_cache = (char *)p[V_CACHE];
@@ -85,7 +80,7 @@ int decode_layers(int64_t layers, const int64_t *layer, const int64_t *dims, int
         if ((rc = linear(p, QKV_PROJ, h, M, qkv_size, hidden, qkv, bf16, num_threads))) return rc;
         rope(qkv, qkv_size, M, heads + kv_heads, head_dim, cos, sin, bf16, num_threads);
         store_kv(k, v, qkv_size * bytes, qkv_size * bytes, k_cache, v_cache, slots, M, kv_size * bytes, num_threads);
-        if (!skip_attn && (rc = decode_attention(qkv, qkv_size, k_cache, v_cache, tables, table_stride, lens, rows, tokens, attn,
+        if ((rc = decode_attention(qkv, qkv_size, k_cache, v_cache, tables, table_stride, lens, rows, tokens, attn,
                                    M, heads, kv_heads, head_dim, block_size, scale, bf16, amx, num_threads)))
             return rc;
         if ((rc = linear(p, O_PROJ, attn, M, hidden, q_size, mlp_out, bf16, num_threads))) return rc;
