@@ -8,7 +8,8 @@
  * of 4 products in int32 lane i: the 8 rows' scales are one fp16 load and convert, their FMA one instruction,
  * and the 8 outputs are stored as one vector. The 4-bit types sum in int16 over the whole block first (8
  * products of at most 15 x 127 per lane pair < 2^15): ~5.5 instructions a block of a row (~9 with the second
- * plane). Q5_0 / Q5_1's fifth bits are spread into the nibbles per unit, once for all the rows of x. What it measured is said in quant_linear.c. */
+ * plane). Q5_0 / Q5_1's fifth bits are spread into the nibbles per unit, once for all the rows of x; Q8_0 with
+ * two planes takes x whole as int16 (wide_sums). What it measured is said in quant_linear.c. */
 #ifndef NANOVLLM_QUANT_DOTS_ROWS8_H
 #define NANOVLLM_QUANT_DOTS_ROWS8_H
 #include "quant_dots.h"
@@ -48,7 +49,7 @@ INLINE __m256i fifth_bits8(__m256i h, const int base) {
     return _mm256_and_si256(_mm256_cmpeq_epi8(v, bit), _mm256_set1_epi8(16));
 }
 
-/* The same for Q8_0's signed bytes (|w| and x with w's sign): int32 lanes, one per row */
+/* The same for Q8_0's signed bytes, one plane (|w| and x with w's sign): int32 lanes, one per row */
 INLINE __m256i byte_sums(const __m256i *absw, const __m256i *w, const int8_t *xq) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i sum = _mm256_setzero_si256();
