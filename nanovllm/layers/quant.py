@@ -155,8 +155,8 @@ def dequantize_torch(w: QuantWeight) -> torch.Tensor:
 # bytes, first the fp16 scales (d, then m) of the 8 rows side by side, then the rest of each block (fifth bits, q)
 # in units of 4 bytes, unit by unit, the 8 rows' side by side: a 32-byte load then holds 4 values of each of 8 rows
 INTERLEAVE = 8
-INTERLEAVED_TYPES = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)  # the 32-blocks
-SCALE_BYTES = {Q4_0: 2, Q4_1: 4, Q5_0: 2, Q5_1: 4, Q8_0: 2}
+INTERLEAVED_TYPES = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K)  # the 32-blocks and Q4_K (its d and dmin lead)
+SCALE_BYTES = {Q4_0: 2, Q4_1: 4, Q5_0: 2, Q5_1: 4, Q8_0: 2, Q4_K: 4}
 
 
 def run_order(qtype: int) -> torch.Tensor:

@@ -110,7 +110,7 @@ INLINE void dequantize_run_row(const uint8_t *run, const int type, int i, float 
             }
         return;
     default: {
-        uint8_t blk[Q8_0_BLOCK_BYTES];  /* the largest 32-block */
+        uint8_t blk[MAX_INTERLEAVED_BYTES];
         gather_block(run, type, i, blk);
         dequantize_block(blk, type, out);
     }
@@ -119,15 +119,15 @@ INLINE void dequantize_run_row(const uint8_t *run, const int type, int i, float 
 
 /* Row `row` of weights interleaved 8 rows at a time */
 static void dequantize_interleaved(const uint8_t *w, int type, int64_t K, int64_t row, float *out) {
-    const int64_t bytes = block_bytes(type), nb = K / BLOCK;
+    const int64_t bytes = block_bytes(type), elems = block_elems(type), nb = K / elems;
     const uint8_t *runs = w + row / INTERLEAVE * INTERLEAVE * nb * bytes;
     const int i = (int)(row % INTERLEAVE);
     switch (type) {  /* a loop for each type, as in dequantize_rows */
 #define RUNS(T)                                                                                               \
     case T:                                                                                                   \
-        for (int64_t b = 0; b < nb; b++) dequantize_run_row(runs + b * INTERLEAVE * bytes, T, i, out + b * BLOCK); \
+        for (int64_t b = 0; b < nb; b++) dequantize_run_row(runs + b * INTERLEAVE * bytes, T, i, out + b * elems); \
         break;
-        RUNS(Q4_0) RUNS(Q4_1) RUNS(Q5_0) RUNS(Q5_1) RUNS(Q8_0)
+        RUNS(Q4_0) RUNS(Q4_1) RUNS(Q5_0) RUNS(Q5_1) RUNS(Q8_0) RUNS(Q4_K)
 #undef RUNS
     }
 }
@@ -138,7 +138,7 @@ int dequantize_rows(const void *w, int type, int64_t K, const int64_t *ids, int6
     const int rows8 = (type & ROWS8) != 0;
     type &= ~ROWS8;
     const int64_t elems = block_elems(type), bytes = block_bytes(type);
-    if (!elems || (rows8 && elems != BLOCK)) return 1;
+    if (!elems || (rows8 && elems != BLOCK && type != Q4_K)) return 1;
     if (K % elems) return 2;
     const int64_t row_bytes = K / elems * bytes;
 #pragma omp parallel for schedule(dynamic, ROWS_PER_TASK) num_threads(num_threads)

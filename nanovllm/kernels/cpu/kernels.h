@@ -109,14 +109,15 @@ static inline int block_bytes(int type) {
 }
 
 /* ROWS8 on linear_f32's and dequantize_rows' weight type: the rows are interleaved 8 at a time (layers/quant.py
- * interleave_rows; the 32-blocks only, N a multiple of 8), so that one 32-byte load holds 4 bytes of each of 8
+ * interleave_rows; the 32-blocks and Q4_K, N a multiple of 8), so that one 32-byte load holds 4 bytes of each of 8
  * rows and an integer dot product's 8 int32 lanes are 8 outputs (quant_dots_rows8.h): no horizontal sums, the
  * blocks' scales applied as one vector for the 8 rows. Rows 8g .. 8g + 7's blocks b lie in one run of
  * 8 block_bytes: first the fp16 scales (d, then m where the type has one), the 8 rows' side by side; then the
  * rest of the block (fifth bits, q) in units of 4 bytes, unit by unit, the 8 rows' side by side. */
 #define ROWS8 0x200
 #define INTERLEAVE 8
-static inline int scale_bytes(int type) { return type == Q4_1 || type == Q5_1 ? 4 : 2; }
+static inline int scale_bytes(int type) { return type == Q4_1 || type == Q5_1 || type == Q4_K ? 4 : 2; }
+#define MAX_INTERLEAVED_BYTES Q4_K_BLOCK_BYTES  /* the largest block that is interleaved: Q4_K's */
 
 /* Where byte j of row r's block lies in its run */
 static inline int interleaved_byte(int type, int r, int j) {

@@ -59,7 +59,6 @@ INLINE __m256i byte_sums(const __m256i *absw, const __m256i *w, const int8_t *xq
     }
     return sum;
 }
-#endif
 
 /* Q8_0 with x in two planes: R rows' dots with one run (its 8 units of 4 values of 8 rows at qs), x taken whole as
  * int16, q LOW_SCALE + lo (at most 127 * 256 + 127 < 2^15), times the weights widened to int16: per unit and row
@@ -92,6 +91,70 @@ INLINE void wide_sums(const uint8_t *qs, const char *x, int64_t x_stride, int64_
     for (int r = 0; r < R; r++) out[r] = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(low[r], high[r]), order);
 }
 
+/* Q4_K on 8 interleaved rows: per super-block the 8 rows' d and dmin, their 6-bit sub-block scales and mins
+ * unpacked as vectors (lane i: row i; the 12 bytes' three units read as 32-bit lanes), then per pair of
+ * sub-blocks (2j low nibbles, 2j + 1 high ones) the 8 units' products summed in int16 (8 of at most 15 x 127)
+ * and multiplied by the row's scale in vpmaddwd; the mins times x's sub-block sums in fp32. x's planes are
+ * summed apart (q 256 + lo times the scales could pass int32 over a super-block). out[8 r + i] as dot_rows8's. */
+INLINE void q4_k_rows8(const uint8_t *w, const char *x, int64_t x_stride, int64_t nb, float *out, const int R,
+                       const int P) {
+    const __m256i low4 = _mm256_set1_epi8(15), six = _mm256_set1_epi32(63), nib = _mm256_set1_epi32(15);
+    const __m256i top2 = _mm256_set1_epi32(3);
+    __m256 acc[X_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *run = w + b * INTERLEAVE * Q4_K_BLOCK_BYTES;
+        const __m256 d = halves8(run), dmin = halves8(run + 2 * INTERLEAVE);
+        const uint8_t *packed = run + 4 * INTERLEAVE, *qs = packed + K_SCALE_BYTES * INTERLEAVE;
+        const __m256i u0 = load256(packed), u1 = load256(packed + 32), u2 = load256(packed + 64);
+        __m256i scale[8];  /* as int16 pairs for vpmaddwd */
+        __m256 mins[8];
+        for (int k = 0; k < 4; k++) {  /* kernels.h k_scales, 8 rows at once */
+            const __m256i s = _mm256_and_si256(_mm256_srli_epi32(u0, 8 * k), six);
+            const __m256i m = _mm256_and_si256(_mm256_srli_epi32(u1, 8 * k), six);
+            const __m256i s4 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(u2, 8 * k), nib),
+                                               _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u0, 8 * k + 6), top2), 4));
+            const __m256i m4 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(u2, 8 * k + 4), nib),
+                                               _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u1, 8 * k + 6), top2), 4));
+            scale[k] = _mm256_or_si256(s, _mm256_slli_epi32(s, 16));
+            scale[4 + k] = _mm256_or_si256(s4, _mm256_slli_epi32(s4, 16));
+            mins[k] = _mm256_cvtepi32_ps(m);
+            mins[4 + k] = _mm256_cvtepi32_ps(m4);
+        }
+        for (int r = 0; r < R; r++) {
+            const QSuperBlock *xb = (const QSuperBlock *)(x + r * x_stride) + b;
+            __m256i hi = _mm256_setzero_si256(), lo = _mm256_setzero_si256();
+            for (int j = 0; j < 4; j++) {
+                __m256i s0 = _mm256_setzero_si256(), s1 = s0, l0 = s0, l1 = s0;
+                for (int u = 0; u < 8; u++) {
+                    const __m256i v = load256(qs + 32 * (8 * j + u));
+                    const __m256i a = _mm256_and_si256(v, low4), h = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                    s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(a, broadcast4(xb->q + 64 * j + 4 * u)));
+                    s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(h, broadcast4(xb->q + 64 * j + 32 + 4 * u)));
+                    if (P == 2) {
+                        l0 = _mm256_add_epi16(l0, _mm256_maddubs_epi16(a, broadcast4(xb->lo + 64 * j + 4 * u)));
+                        l1 = _mm256_add_epi16(l1, _mm256_maddubs_epi16(h, broadcast4(xb->lo + 64 * j + 32 + 4 * u)));
+                    }
+                }
+                hi = _mm256_add_epi32(hi, _mm256_add_epi32(_mm256_madd_epi16(s0, scale[2 * j]),
+                                                           _mm256_madd_epi16(s1, scale[2 * j + 1])));
+                if (P == 2)
+                    lo = _mm256_add_epi32(lo, _mm256_add_epi32(_mm256_madd_epi16(l0, scale[2 * j]),
+                                                               _mm256_madd_epi16(l1, scale[2 * j + 1])));
+            }
+            __m256 dot = _mm256_cvtepi32_ps(hi), offset = _mm256_setzero_ps();
+            if (P == 2) dot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_set1_ps(1.f / LOW_SCALE), dot);
+            for (int s = 0; s < 8; s++)
+                offset = _mm256_fmadd_ps(mins[s], _mm256_set1_ps(xb->sums[2 * s] + xb->sums[2 * s + 1]), offset);
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xb->d)), dot, acc[r]);
+            acc[r] = _mm256_fnmadd_ps(dmin, offset, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) _mm256_storeu_ps(out + 8 * r, acc[r]);
+}
+
+#endif
+
 /* out[8 r + i] = weight row 8g + i . x row r, i < 8, r < R: the group's runs at w (nb blocks), x's rows x_stride
  * bytes apart. Without AVX2 each row's block is gathered back into GGUF's order for quant_dots.h's dot
  * product: the same values, slower (interleaves() says where the engine should interleave). */
@@ -99,6 +162,10 @@ INLINE void dot_rows8(const uint8_t *w, const char *x, int64_t x_stride, int64_t
                       const int R, const int P) {
     const int bytes = block_bytes(type);
 #if HAVE_AVX2
+    if (type == Q4_K) {
+        q4_k_rows8(w, x, x_stride, nb, out, R, P);
+        return;
+    }
     if (type == Q4_0 || type == Q4_1 || type == Q5_0 || type == Q5_1 || type == Q8_0) {
         const int five = type == Q5_0 || type == Q5_1, has_min = type == Q4_1 || type == Q5_1;
         const float unit = P == 2 ? 1.f / LOW_SCALE : 1.f;
@@ -147,13 +214,16 @@ INLINE void dot_rows8(const uint8_t *w, const char *x, int64_t x_stride, int64_t
         return;
     }
 #endif
-    uint8_t blk[Q8_0_BLOCK_BYTES];  /* the largest 32-block */
+    uint8_t blk[MAX_INTERLEAVED_BYTES];
     for (int i = 0; i < R * INTERLEAVE; i++) out[i] = 0.f;
     for (int64_t b = 0; b < nb; b++)
         for (int i = 0; i < INTERLEAVE; i++) {
             float o[X_ROWS];
             gather_block(w + b * INTERLEAVE * bytes, type, i, blk);
-            dot_blocks(blk, x + b * (int64_t)sizeof(QBlock), x_stride, 1, o, type, R, P);
+            if (type == Q4_K)
+                dot_super_blocks(blk, x + b * (int64_t)sizeof(QSuperBlock), x_stride, 1, o, type, R, P);
+            else
+                dot_blocks(blk, x + b * (int64_t)sizeof(QBlock), x_stride, 1, o, type, R, P);
             for (int r = 0; r < R; r++) out[8 * r + i] += o[r];
         }
 }
