@@ -5,6 +5,7 @@ scale(s) and small integers q; the weights are w = d * q (+ m, or - dmin * m). E
 fp32 in the same order as gguf-py's numpy code, so `dequantize_torch` equals `gguf.dequantize` bit for bit: it is
 the reference our C kernels (kernels/cpu) are tested against and what ops/torch_ops.linear reads."""
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -159,8 +160,10 @@ INTERLEAVED_TYPES = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K)  # the 32-blocks and Q4
 SCALE_BYTES = {Q4_0: 2, Q4_1: 4, Q5_0: 2, Q5_1: 4, Q8_0: 2, Q4_K: 4}
 
 
+@functools.cache
 def run_order(qtype: int) -> torch.Tensor:
-    """For each byte of an interleaved run, where it comes from in the 8 blocks [8, block bytes] (flattened)."""
+    """For each byte of an interleaved run, where it comes from in the 8 blocks [8, block bytes] (flattened).
+    Computed once per type (an embedding lookup of the reference deinterleaves its rows' groups every step)."""
     size, scales = BLOCK_SIZES[qtype][1], SCALE_BYTES[qtype]
     order = torch.empty(INTERLEAVE * size, dtype=torch.long)
     for r in range(INTERLEAVE):

@@ -25,10 +25,14 @@ LAYER = (
 PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 
+def stored_type(quant: QuantWeight) -> int:
+    """How the blocks lie, as dequantize_rows reads them: ggml's id, with ROWS8 for interleaved rows."""
+    return quant.qtype | (kernels.ROWS8 if quant.interleaved else 0)
+
+
 def kernel_type(quant: QuantWeight) -> int:
-    """The weight type as linear_f32 and dequantize_rows read it: ggml's id with the X_INT8 and ROWS8 flags."""
-    flags = (kernels.X_INT8 if quant.int8_activations else 0) | (kernels.ROWS8 if quant.interleaved else 0)
-    return quant.qtype | flags
+    """The weight type as linear_f32 reads it: stored_type, with X_INT8 for activations in one int8 plane."""
+    return stored_type(quant) | (kernels.X_INT8 if quant.int8_activations else 0)
 
 
 def f32_weight(m: torch.nn.Module) -> tuple[int, torch.Tensor] | None:
@@ -155,8 +159,7 @@ class FusedDecodeStep:
             if table.weight is not None:
                 torch.index_select(table.weight, 0, input_ids, out=b["residual"])
             else:  # kept in GGUF blocks: the rows dequantized in place
-                code = kernel_type(table.quant) & ~kernels.X_INT8  # (X_INT8 is the linears' activations)
-                kernels.dequantize_rows_into(code, table.quant.blocks, input_ids, b["residual"])
+                kernels.dequantize_rows_into(stored_type(table.quant), table.quant.blocks, input_ids, b["residual"])
             torch.index_select(model.rotary.cos, 0, positions, out=b["cos"])
             torch.index_select(model.rotary.sin, 0, positions, out=b["sin"])
             eps, scale = model.norm.eps, model.layers[0].self_attn.scale
