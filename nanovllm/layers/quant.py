@@ -156,8 +156,9 @@ def dequantize_torch(w: QuantWeight) -> torch.Tensor:
 # bytes, first the fp16 scales (d, then m) of the 8 rows side by side, then the rest of each block (fifth bits, q)
 # in units of 4 bytes, unit by unit, the 8 rows' side by side: a 32-byte load then holds 4 values of each of 8 rows
 INTERLEAVE = 8
-INTERLEAVED_TYPES = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K)  # the 32-blocks and Q4_K (its d and dmin lead)
-SCALE_BYTES = {Q4_0: 2, Q4_1: 4, Q5_0: 2, Q5_1: 4, Q8_0: 2, Q4_K: 4}
+INTERLEAVED_TYPES = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K)  # the 32-blocks, Q4_K and Q6_K
+SCALE_BYTES = {Q4_0: 2, Q4_1: 4, Q5_0: 2, Q5_1: 4, Q8_0: 2, Q4_K: 4, Q6_K: 0}  # leading fp16 scales
+TAIL_BYTES = {Q6_K: 2}  # a trailing fp16 scale (Q6_K's d)
 
 
 @functools.cache
@@ -165,11 +166,14 @@ def run_order(qtype: int) -> torch.Tensor:
     """For each byte of an interleaved run, where it comes from in the 8 blocks [8, block bytes] (flattened).
     Computed once per type (an embedding lookup of the reference deinterleaves its rows' groups every step)."""
     size, scales = BLOCK_SIZES[qtype][1], SCALE_BYTES[qtype]
+    body = size - TAIL_BYTES.get(qtype, 0)
     order = torch.empty(INTERLEAVE * size, dtype=torch.long)
     for r in range(INTERLEAVE):
         for j in range(size):
             if j < scales:
                 at = (j // 2 * INTERLEAVE + r) * 2 + j % 2
+            elif j >= body:
+                at = INTERLEAVE * body + ((j - body) // 2 * INTERLEAVE + r) * 2 + j % 2
             else:
                 at = INTERLEAVE * scales + ((j - scales) // 4 * INTERLEAVE + r) * 4 + (j - scales) % 4
             order[at] = r * size + j
