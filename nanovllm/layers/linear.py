@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 import nanovllm.ops as ops
-from nanovllm.layers.quant import QuantWeight
+from nanovllm.layers.quant import QuantParts, QuantWeight
 
 
 class Linear(nn.Linear):
@@ -13,7 +13,7 @@ class Linear(nn.Linear):
 
     packed: torch.Tensor | None = None
     blocks: tuple[int, torch.Tensor] | None = None  # (block type, blocks), from the loader
-    quant: QuantWeight | None = None  # the GGUF blocks as stored, from the loader
+    quant: QuantWeight | QuantParts | None = None  # GGUF blocks as stored (per part if types differ), from the loader
 
     def reset_parameters(self) -> None:
         """No random init: every weight comes from the checkpoint (and the first init on the meta device

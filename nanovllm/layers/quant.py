@@ -35,6 +35,24 @@ class QuantWeight:
     interleaved: bool = False
 
 
+@dataclass
+class QuantParts:
+    """A fused weight (qkv, gate/up) whose parts GGUF stores in types no one type holds exactly (a larger model's
+    Q4_K_M: q/k in Q4_K beside v in Q6_K): each part's rows their own QuantWeight, in the fused order along the
+    outputs. The linear runs once per part into its columns of y."""
+
+    parts: list[QuantWeight]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return sum(p.shape[0] for p in self.parts), self.parts[0].shape[1]
+
+
+def parts_of(w: "QuantWeight | QuantParts") -> list[QuantWeight]:
+    """The QuantWeights a kept weight is made of: its parts, or itself."""
+    return w.parts if isinstance(w, QuantParts) else [w]
+
+
 def fp16(b: torch.Tensor) -> torch.Tensor:
     """Little-endian fp16 bytes [..., 2] -> fp32 [..., 1] (exact)."""
     return b.contiguous().view(torch.float16).float()
@@ -143,8 +161,10 @@ def f16(b: torch.Tensor) -> torch.Tensor:
 BLOCKS = {F16: f16, Q4_0: q4_0, Q4_1: q4_1, Q5_0: q5_0, Q5_1: q5_1, Q8_0: q8_0, Q4_K: q4_k, Q5_K: q5_k, Q6_K: q6_k}
 
 
-def dequantize_torch(w: QuantWeight) -> torch.Tensor:
-    """The weight as fp32 [N, K], equal to gguf.dequantize of the same bytes."""
+def dequantize_torch(w: QuantWeight | QuantParts) -> torch.Tensor:
+    """The weight as fp32 [N, K], equal to gguf.dequantize of the same bytes (a QuantParts: its parts' rows)."""
+    if isinstance(w, QuantParts):
+        return torch.cat([dequantize_torch(p) for p in w.parts])
     n, k = w.shape
     elems, size = BLOCK_SIZES[w.qtype]
     stored = deinterleave_rows(w.blocks, w.qtype) if w.interleaved else w.blocks

@@ -195,6 +195,7 @@ def keep_gguf_blocks(model: torch.nn.Module) -> None:
     bf16 values loaded beside. Prefills read the bf16 weights; the GGUF-order blocks are then let go."""
     from nanovllm.layers.linear import Linear
     from nanovllm.layers.moe import FusedMoE
+    from nanovllm.layers.quant import QuantWeight
     from nanovllm.loader.gguf import AMX_TYPES, pack_blocks
 
     def packs(quant: list) -> bool:  # one kind the kernel reads, in its tiles of 16 rows x 32 inputs
@@ -203,7 +204,7 @@ def keep_gguf_blocks(model: torch.nn.Module) -> None:
 
     for m in model.modules():
         if isinstance(m, Linear) and m.quant is not None:
-            if packs([m.quant]):
+            if isinstance(m.quant, QuantWeight) and packs([m.quant]):
                 m.blocks = AMX_TYPES[m.quant.qtype], pack_blocks(m.quant.blocks, AMX_TYPES[m.quant.qtype])
         elif isinstance(m, FusedMoE):
             for part in ("w13", "w2"):

@@ -7,11 +7,13 @@ A kept weight has no float copy: Linear.quant / the embedding's .quant / FusedMo
 QuantWeight per expert) hold the blocks, and the ops read those (ops/cpu_ops.py, ops/torch_ops.py).
 A fused weight whose parts have different types is kept where they widen to one exactly: Q4_0 and Q5_0 blocks
 are Q8_0 blocks with fewer bits (w = d (q - 8), d (q - 16): the same fp16 d, q - offset an int8), so a mix of
-them and Q8_0 (SmolLM2's "Q4_K_M": Q5_0 q/k beside some layers' Q8_0 v) is kept as Q8_0, the same values.
-Stays float: norms, routers, biases, F32 / BF16 tensors; a fused weight of other mixed types (a larger model's
-Q4_K_M: q/k in Q4_K beside v in Q6_K; one QuantWeight holds one type); a row-parallel weight whose per-rank K is
-not whole blocks (see plan_quant)."""
+them and Q8_0 (SmolLM2's "Q4_K_M": Q5_0 q/k beside some layers' Q8_0 v) is kept as Q8_0, the same values. Other
+mixes (a larger model's Q4_K_M: q/k in Q4_K beside v in Q6_K, which no one type holds exactly) keep each part in
+its own type (layers/quant.py QuantParts: a QuantWeight per part, multiplied one after another).
+Stays float: norms, routers, biases, F32 / BF16 tensors; experts of mixed types; a row-parallel weight whose
+per-rank K is not whole blocks (see plan_quant)."""
 
+import itertools
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 
 from nanovllm.layers.parallel import tp_size
-from nanovllm.layers.quant import BLOCK_SIZES, SUPPORTED, QuantWeight, high_bits, nibbles, row_bytes
+from nanovllm.layers.quant import BLOCK_SIZES, SUPPORTED, QuantParts, QuantWeight, high_bits, nibbles, row_bytes
 from nanovllm.loader.gguf import gguf_quant_blocks, hf_name
 from nanovllm.memory import huge_page_buffer
 
@@ -46,13 +48,34 @@ def widen_to_q8_0(qtype: int, blocks: torch.Tensor) -> torch.Tensor:
 @dataclass
 class QuantTarget:
     """A parameter that becomes blocks: its module and attribute, this rank's float shape ([N, K], experts
-    [E, N, K]), the GGUF type and the GGUF tensors that fill it."""
+    [E, N, K]), the GGUF type and the GGUF tensors that fill it. A fused weight kept per part (QuantParts):
+    qtype None, and each part's type and this rank's rows of it, in the fused order."""
 
     module: nn.Module
     attr: str
     shape: tuple[int, ...]
-    qtype: int
+    qtype: int | None
     tensors: list[str] = field(default_factory=list)
+    part_types: tuple[int, ...] = ()
+    part_rows: tuple[int, ...] = ()
+
+
+class PartRows:
+    """Stands in for a fused parameter kept per part while model.load_weight fills it: load_weight slices the
+    fused rows of one part (param.data[start:stop]) and copies that part's blocks there; this hands it the
+    part's own buffer (its rows in its own type's row bytes) instead."""
+
+    def __init__(self, parts: list[torch.Tensor], rows: tuple[int, ...]):
+        self.parts, self.starts = parts, list(itertools.accumulate(rows, initial=0))
+
+    @property
+    def data(self) -> "PartRows":
+        return self
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        if rows.start not in self.starts[:-1] or rows.stop != self.starts[self.starts.index(rows.start) + 1]:
+            raise ValueError(f"rows {rows.start}:{rows.stop} are not one part of {self.starts}")
+        return self.parts[self.starts.index(rows.start)]
 
 
 def split_dim(model: nn.Module, name: str) -> int | None:
@@ -74,11 +97,14 @@ def plan_quant(model: nn.Module, index: list[dict], strict: bool = True) -> dict
     floats); else such a weight stays float."""
     params = dict(model.named_parameters())
     types, ks, tensors, splits = defaultdict(set), {}, defaultdict(list), {}
+    part_types, fused = defaultdict(dict), {}  # a fused weight's type per part; its layer weight's name
     for t in index:
         name = hf_name(t["name"])
         probe = name.replace(".experts.", ".experts.0.") if ".mlp.experts." in name else name  # experts: stacked
         split = split_dim(model, probe)
-        target = model.locate(probe)[0]
+        target, weight, part = model.locate(probe)
+        if isinstance(part, int):
+            part_types[target][part], fused[target] = t["type"], weight.name
         if split is None or target not in params:
             continue
         if strict and t["type"] not in BLOCK_SIZES and t["type"] not in FLOAT_TYPES:
@@ -93,17 +119,22 @@ def plan_quant(model: nn.Module, index: list[dict], strict: bool = True) -> dict
     for target, kinds in types.items():
         qtype = next(iter(kinds))
         experts = any(".experts." in name for name in tensors[target])
+        module, attr = target.rsplit(".", 1)
+        shape = tuple(params[target].shape)
         if len(kinds) > 1 and kinds <= WIDEN_TO_Q8_0 and not experts:
             qtype = Q8_0  # parts of types that widen to Q8_0 exactly (fill_quant widens them)
-        elif len(kinds) > 1 or qtype not in BLOCK_SIZES:  # parts of two types, or a float tensor: stays float
+        elif len(kinds) > 1 and kinds <= BLOCK_SIZES.keys() and target in fused and not experts:
+            types_in_order = tuple(part_types[target][p] for p in sorted(part_types[target]))
+            rows = tuple(model.fused_sizes[fused[target]])  # this rank's rows of each part
+            submodule = model.get_submodule(module)
+            plan[target] = QuantTarget(submodule, attr, shape, None, tensors[target], types_in_order, rows)
+            continue
+        elif len(kinds) > 1 or qtype not in BLOCK_SIZES:  # experts of two types, or a float tensor: stays float
             continue
         # a row-parallel weight's rank holds K / tp of each row: whole blocks only (else it stays float)
         if splits[target] == 1 and (ks[target] // tp_size()) % BLOCK_SIZES[qtype][0]:
             continue
-        module, attr = target.rsplit(".", 1)
-        plan[target] = QuantTarget(
-            model.get_submodule(module), attr, tuple(params[target].shape), qtype, tensors[target]
-        )
+        plan[target] = QuantTarget(model.get_submodule(module), attr, shape, qtype, tensors[target])
     return plan
 
 
@@ -126,12 +157,22 @@ def fill_quant(
     """Read the planned weights' blocks (this rank's rows, or K range, as load_weight shards floats) into one
     2 MB-page buffer, and hand them to their modules; returns the names load_weight filled (name#part).
     int8_activations: their QuantWeights multiply with x in int8 (quantization="gguf_int8")."""
-    shapes = {n: (*t.shape[:-1], row_bytes(t.qtype, t.shape[-1])) for n, t in plan.items()}
+    shapes = {}  # a buffer for each weight, or each part of one kept per part: (name, part)
+    for n, t in plan.items():
+        if t.part_types:
+            for i, (kind, rows) in enumerate(zip(t.part_types, t.part_rows)):
+                shapes[n, i] = (rows, row_bytes(kind, t.shape[-1]))
+        else:
+            shapes[n] = (*t.shape[:-1], row_bytes(t.qtype, t.shape[-1]))
     sizes = {n: -(-torch.Size(s).numel() // 64) * 64 for n, s in shapes.items()}  # each 64-byte aligned
-    buf, offset, shadows = huge_page_buffer(sum(sizes.values())), 0, {}
+    buf, offset, buffers = huge_page_buffer(sum(sizes.values())), 0, {}
     for n, s in shapes.items():
-        shadows[n] = buf[offset : offset + torch.Size(s).numel()].view(s)
+        buffers[n] = buf[offset : offset + torch.Size(s).numel()].view(s)
         offset += sizes[n]
+    shadows = {n: b for n, b in buffers.items() if isinstance(n, str)}
+    for n, t in plan.items():
+        if t.part_types:
+            shadows[n] = PartRows([buffers[n, i] for i in range(len(t.part_types))], t.part_rows)
     names = {name for t in plan.values() for name in t.tensors}
     stored = {t["name"]: t["type"] for t in index}
     widen = {  # the parts of a mix kept as Q8_0 that are stored in another type: (HF name) -> that type
@@ -148,7 +189,11 @@ def fill_quant(
         filled.add(model.load_weight(name, blocks, shadows))
     for n, t in plan.items():
         blocks = shadows[n]
-        if t.attr == "weight":
+        if t.part_types:
+            shapes_in_order = zip(t.part_types, blocks.parts, t.part_rows)
+            parts = [QuantWeight(kind, b, (rows, t.shape[1]), int8_activations) for kind, b, rows in shapes_in_order]
+            t.module.quant = QuantParts(parts)
+        elif t.attr == "weight":
             t.module.quant = QuantWeight(t.qtype, blocks, (t.shape[0], t.shape[1]), int8_activations)
             if model.tie_word_embeddings and n == EMBEDDING:  # the LM head reads the embedding's blocks
                 model.lm_head.quant = t.module.quant

@@ -12,7 +12,7 @@ import nanovllm.ops.torch_ops as torch_ops
 from nanovllm.kernels import cpu as kernels
 from nanovllm.layers import attention as reference
 from nanovllm.layers.parallel import tp_size
-from nanovllm.layers.quant import INTERLEAVE, QuantWeight, dequantize_torch, interleave_rows
+from nanovllm.layers.quant import INTERLEAVE, QuantParts, QuantWeight, dequantize_torch, interleave_rows, parts_of
 from nanovllm.sampling.sampler import SamplingBatch, filtered, uniform
 
 NAME = "cpu"
@@ -85,10 +85,13 @@ def linear(x: torch.Tensor, layer) -> torch.Tensor:
     return y if layer.bias is None else y + layer.bias
 
 
-def quant_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def quant_linear(x: torch.Tensor, w: QuantWeight | QuantParts, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] (fp32 or bf16) times a weight in GGUF blocks: our kernels (kernels/cpu/quant.py: the int8 kernel for
     up to QUANT_KERNEL_ROWS rows, dequantized tiles into torch's GEMM above); without our library, the torch
-    reference's dequantized weight."""
+    reference's dequantized weight. A QuantParts: each part into its columns of y, then the bias."""
+    if isinstance(w, QuantParts):
+        y = torch.cat([quant_linear(x, part) for part in w.parts], dim=-1)
+        return y if bias is None else y.add_(bias)
     y = kernels.quant_linear(
         x.contiguous(), w.qtype, w.blocks, bias, int8_activations=w.int8_activations, interleaved=w.interleaved
     )
@@ -203,9 +206,9 @@ def interleave_gguf_rows(model: torch.nn.Module) -> None:
     kernel reads faster with its rows interleaved 8 at a time (kernels.interleaves: AVX2, the 32-blocks, Q4_K
     and Q6_K) is rearranged so, in place: the same bytes, the same values (layers/quant.py interleave_rows)."""
     done = set()
-    for m in model.modules():
-        w = getattr(m, "quant", None)
-        if not isinstance(w, QuantWeight) or id(w) in done or w.interleaved:
+    kept = [getattr(m, "quant", None) for m in model.modules()]
+    for w in [part for q in kept if isinstance(q, (QuantWeight, QuantParts)) for part in parts_of(q)]:
+        if id(w) in done or w.interleaved:
             continue
         done.add(id(w))
         if w.shape[0] % INTERLEAVE == 0 and w.blocks.is_contiguous() and kernels.interleaves(w.qtype):

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from nanovllm.layers.attention import torch_attention as attention  # noqa: F401 (an op of this backend)
-from nanovllm.layers.quant import QuantWeight, dequantize_torch
+from nanovllm.layers.quant import QuantParts, QuantWeight, dequantize_torch
 from nanovllm.sampling.sampler import sample  # noqa: F401 (an op of this backend)
 
 NAME = "torch"
@@ -50,7 +50,7 @@ def linear(x: torch.Tensor, layer) -> torch.Tensor:
     return F.linear(x, layer.weight, layer.bias)
 
 
-def quant_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def quant_linear(x: torch.Tensor, w: QuantWeight | QuantParts, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + b for W in GGUF blocks: W dequantized to fp32 (gguf's values), cast to x's dtype as the float
     path's loader casts it, then F.linear: the float path's result."""
     return F.linear(x, dequantize_torch(w).to(x.dtype), bias)

@@ -40,6 +40,8 @@ def f32_weight(m: torch.nn.Module) -> tuple[int, torch.Tensor] | None:
     the loader kept them (`m.quant`), else (F32, the fp32 weight); None where it cannot read either."""
     quant = getattr(m, "quant", None)
     if quant is not None:
+        if not isinstance(quant, QuantWeight):  # a QuantParts: one type per linear_f32 call, so not fused here
+            return None
         k = quant.shape[1]
         fits = quant.qtype in BLOCK_SIZES and k % BLOCK_SIZES[quant.qtype][0] == 0 and quant.blocks.is_contiguous()
         return (kernel_type(quant), quant.blocks) if fits else None

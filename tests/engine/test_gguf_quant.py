@@ -113,6 +113,10 @@ FILES = {
 }
 
 
+# fused weights whose parts no one type holds exactly (a larger model's Q4_K_M): kept per part (QuantParts)
+MIXED_PARTS = {"default": T.Q4_K, "attn_v": T.Q6_K, "ffn_up": T.Q6_K}
+
+
 @pytest.fixture(scope="module", params=list(FILES))
 def tiny_gguf(request, tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp(request.param) / f"tiny-{request.param}.gguf")
@@ -209,12 +213,13 @@ def test_kept_blocks_with_our_c_kernels_stay_close(tiny_gguf, quantization):
 
 @pytest.mark.slow
 def test_tp2_gives_one_process_tokens(tmp_path):
-    """Q8_0 (every shard whole blocks) and the Q4_K mix (o_proj's K of 256 splits into 128: not whole Q4_K
-    blocks, so o_proj stays float on each rank; down's 512 splits into whole blocks)."""
+    """Q8_0 (every shard whole blocks), the Q4_K mix (o_proj's K of 256 splits into 128: not whole Q4_K
+    blocks, so o_proj stays float on each rank; down's 512 splits into whole blocks), and fused weights kept per
+    part (each rank its rows of each part)."""
     prompts = random_prompts(4, 5, 40, seed=4)
-    for name in ("Q8_0", "Q4_K-Q6_K"):
+    for name, types in [("Q8_0", FILES["Q8_0"]), ("Q4_K-Q6_K", FILES["Q4_K-Q6_K"]), ("parts", MIXED_PARTS)]:
         path = str(tmp_path / f"{name}.gguf")
-        write_llama_gguf(path, FILES[name])
+        write_llama_gguf(path, types)
         alone = engine(path, ops="torch")
         expected = greedy(alone, prompts)
         del alone
@@ -251,15 +256,43 @@ def test_moe_gguf_keeps_its_experts_quantized(tmp_path):
         del kept
 
 
-def test_mixed_qkv_types_fall_back_to_float(tmp_path):
-    """q/k in Q4_K beside v in Q6_K: one QuantWeight holds one type, so qkv_proj keeps a float weight; the
-    rest stays quantized."""
+def test_mixed_k_quant_parts_are_kept_per_part(tmp_path):
+    """q/k in Q4_K beside v in Q6_K, gate in Q4_K beside up in Q6_K (a larger model's Q4_K_M), which no one type
+    holds exactly: each part keeps its own blocks (QuantParts), no float copy; the torch ops give the dequantized
+    path's tokens and logits, our C kernels its top-1 tokens on most positions (per part, outside the fused
+    decode step)."""
+    from test_embedded import our_logits
+
+    from nanovllm.layers.quant import QuantParts
+    from nanovllm.step_runners.cpu_decode_step import FusedDecodeStep
+
     path = str(tmp_path / "mixed.gguf")
-    write_llama_gguf(path, {"default": T.Q4_K, "attn_v": T.Q6_K})
-    llm = engine(path, ops="torch")
-    layer = llm.engine.runner.model.model.layers[0]
-    assert layer.self_attn.qkv_proj.weight is not None and layer.self_attn.qkv_proj.quant is None
-    assert layer.self_attn.o_proj.weight is None and layer.self_attn.o_proj.quant.qtype == int(T.Q4_K)
+    write_llama_gguf(path, MIXED_PARTS)
+    prompts = random_prompts(3, 5, 30, seed=7)
+    reference = engine(path, quantization="dequantize", ops="torch")
+    expected, expected_logits = greedy(reference, prompts), our_logits(reference, prompts[0])
+    del reference
+    for ops in ("torch", "cpu"):
+        kept = engine(path, ops=ops)
+        assert_no_float_copy(kept)
+        layer = kept.engine.runner.model.model.layers[0]
+        qkv, gate_up = layer.self_attn.qkv_proj.quant, layer.mlp.gate_up_proj.quant
+        assert isinstance(qkv, QuantParts) and isinstance(gate_up, QuantParts)
+        assert [p.qtype for p in qkv.parts] == [int(T.Q4_K), int(T.Q4_K), int(T.Q6_K)]
+        assert [p.qtype for p in gate_up.parts] == [int(T.Q4_K), int(T.Q6_K)]
+        kv_dim = KV_HEADS * HIDDEN // HEADS
+        assert qkv.shape == (HIDDEN + 2 * kv_dim, HIDDEN) and gate_up.shape == (2 * INTER, HIDDEN)
+        logits = our_logits(kept, prompts[0])
+        if ops == "torch":
+            assert greedy(kept, prompts) == expected
+            assert (logits - expected_logits).abs().max().item() < 1e-5
+        else:
+            assert not isinstance(kept.engine.runner.step_runner, FusedDecodeStep)
+            tolerance, top1 = C_PATH[None]
+            assert (logits - expected_logits).abs().max().item() < tolerance * expected_logits.abs().max().item()
+            assert (logits.argmax(-1) == expected_logits.argmax(-1)).float().mean().item() >= top1
+            assert [len(t) for t in greedy(kept, prompts)] == [GREEDY.max_tokens] * len(prompts)
+        del kept
 
 
 def test_mixed_q5_0_and_q8_0_parts_are_kept_as_q8_0(tmp_path):
