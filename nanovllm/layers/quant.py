@@ -176,8 +176,8 @@ def dequantize_torch(w: QuantWeight | QuantParts) -> torch.Tensor:
 # bytes, first the fp16 scales (d, then m) of the 8 rows side by side, then the rest of each block (fifth bits, q)
 # in units of 4 bytes, unit by unit, the 8 rows' side by side: a 32-byte load then holds 4 values of each of 8 rows
 INTERLEAVE = 8
-INTERLEAVED_TYPES = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K)  # the 32-blocks, Q4_K and Q6_K
-SCALE_BYTES = {Q4_0: 2, Q4_1: 4, Q5_0: 2, Q5_1: 4, Q8_0: 2, Q4_K: 4, Q6_K: 0}  # leading fp16 scales
+INTERLEAVED_TYPES = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)  # every quantized type
+SCALE_BYTES = {Q4_0: 2, Q4_1: 4, Q5_0: 2, Q5_1: 4, Q8_0: 2, Q4_K: 4, Q5_K: 4, Q6_K: 0}  # leading fp16 scales
 TAIL_BYTES = {Q6_K: 2}  # a trailing fp16 scale (Q6_K's d)
 
 

@@ -203,8 +203,8 @@ def keeps_gguf_blocks(dtype: torch.dtype) -> bool:
 
 def interleave_gguf_rows(model: torch.nn.Module) -> None:
     """Each GGUF weight kept quantized (a Linear's or the embedding's `quant`; a tied one once) whose type our
-    kernel reads faster with its rows interleaved 8 at a time (kernels.interleaves: AVX2, the 32-blocks, Q4_K
-    and Q6_K) is rearranged so, in place: the same bytes, the same values (layers/quant.py interleave_rows)."""
+    kernel reads faster with its rows interleaved 8 at a time (kernels.interleaves: AVX2, every quantized
+    type) is rearranged so, in place: the same bytes, the same values (layers/quant.py interleave_rows)."""
     done = set()
     kept = [getattr(m, "quant", None) for m in model.modules()]
     for w in [part for q in kept if isinstance(q, (QuantWeight, QuantParts)) for part in parts_of(q)]:

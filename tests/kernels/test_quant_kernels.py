@@ -280,3 +280,20 @@ def test_interleaving_needs_groups_of_8():
         cpu.dequantize("Q4_1", blocks, 64, interleaved=True)
     with pytest.raises(ValueError, match="code 4"):
         cpu.quant_linear(torch.randn(1, 64), "Q4_1", blocks, interleaved=True)
+
+
+def test_kernel_rows_per_layout_and_type():
+    """Where quant_linear hands over to dequantized tiles: GGUF's order and the K-quants' interleaved rows with two
+    planes at QUANT_KERNEL_ROWS, the 32-blocks' interleaved rows at INTERLEAVED_KERNEL_ROWS; with one plane,
+    interleaved 4- and 5-bit rows never (Q8_0 as with two)."""
+    from nanovllm.kernels.cpu.quant import kernel_rows
+
+    codes = cpu.GGUF_TYPES
+    for name in ("Q4_1", "Q4_K", "Q6_K"):
+        assert kernel_rows(codes[name], False, False) == cpu.QUANT_KERNEL_ROWS
+    for name in ("Q4_K", "Q5_K", "Q6_K"):
+        assert kernel_rows(codes[name], True, False) == cpu.QUANT_KERNEL_ROWS
+        assert kernel_rows(codes[name], True, True) == float("inf")
+    for name in ("Q4_0", "Q4_1", "Q5_0", "Q8_0"):
+        assert kernel_rows(codes[name], True, False) == cpu.INTERLEAVED_KERNEL_ROWS
+    assert kernel_rows(codes["Q8_0"], True, True) == cpu.INTERLEAVED_KERNEL_ROWS

@@ -127,7 +127,7 @@ static void dequantize_interleaved(const uint8_t *w, int type, int64_t K, int64_
     case T:                                                                                                   \
         for (int64_t b = 0; b < nb; b++) dequantize_run_row(runs + b * INTERLEAVE * bytes, T, i, out + b * elems); \
         break;
-        RUNS(Q4_0) RUNS(Q4_1) RUNS(Q5_0) RUNS(Q5_1) RUNS(Q8_0) RUNS(Q4_K) RUNS(Q6_K)
+        RUNS(Q4_0) RUNS(Q4_1) RUNS(Q5_0) RUNS(Q5_1) RUNS(Q8_0) RUNS(Q4_K) RUNS(Q5_K) RUNS(Q6_K)
 #undef RUNS
     }
 }
@@ -138,7 +138,7 @@ int dequantize_rows(const void *w, int type, int64_t K, const int64_t *ids, int6
     const int rows8 = (type & ROWS8) != 0;
     type &= ~ROWS8;
     const int64_t elems = block_elems(type), bytes = block_bytes(type);
-    if (!elems || (rows8 && elems != BLOCK && type != Q4_K && type != Q6_K)) return 1;
+    if (!elems || (rows8 && elems == 1)) return 1;
     if (K % elems) return 2;
     const int64_t row_bytes = K / elems * bytes;
 #pragma omp parallel for schedule(dynamic, ROWS_PER_TASK) num_threads(num_threads)

@@ -120,7 +120,7 @@ INLINE void prefetch_ahead(const uint8_t *p, int bytes) {
 }
 
 /* ROWS8 on linear_f32's and dequantize_rows' weight type: the rows are interleaved 8 at a time (layers/quant.py
- * interleave_rows; the 32-blocks, Q4_K and Q6_K, N a multiple of 8), so that one 32-byte load holds 4 bytes of
+ * interleave_rows; every quantized type, N a multiple of 8), so that one 32-byte load holds 4 bytes of
  * each of 8 rows and an integer dot product's 8 int32 lanes are 8 outputs (quant_dots_rows8.h): no horizontal
  * sums, the blocks' scales applied as one vector for the 8 rows. Rows 8g .. 8g + 7's blocks b lie in one run of
  * 8 block_bytes: first the leading fp16 scales (d, then m or dmin where the type has one), the 8 rows' side by
@@ -128,7 +128,9 @@ INLINE void prefetch_ahead(const uint8_t *p, int bytes) {
  * side by side; last a trailing fp16 scale (Q6_K's d), the 8 rows' side by side. */
 #define ROWS8 0x200
 #define INTERLEAVE 8
-static inline int scale_bytes(int type) { return type == Q4_1 || type == Q5_1 || type == Q4_K ? 4 : type == Q6_K ? 0 : 2; }
+static inline int scale_bytes(int type) {
+    return type == Q4_1 || type == Q5_1 || type == Q4_K || type == Q5_K ? 4 : type == Q6_K ? 0 : 2;
+}
 static inline int tail_bytes(int type) { return type == Q6_K ? 2 : 0; }
 #define MAX_INTERLEAVED_BYTES Q6_K_BLOCK_BYTES  /* the largest block that is interleaved: Q6_K's */
 

@@ -37,6 +37,7 @@ QUANT_KERNEL_ROWS = 64
 # the same for rows interleaved 8 at a time (ROWS8), read faster: SmolLM2's 30 layers of Q4_1 at 128 rows 198-208 ms
 # in the kernel against 233-343 in tiles, at 256 rows 402 against 380-424 (benchmarks/linear_kernel.py shapes)
 INTERLEAVED_KERNEL_ROWS = 256
+K_QUANT_CODES = tuple(GGUF_TYPES[name] for name in ("Q4_K", "Q5_K", "Q6_K"))
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,11 @@ def kernel_rows(code: int, interleaved: bool, int8_activations: bool) -> float:
     """Up to how many rows of x quant_linear runs the integer dot products (above: dequantized tiles), for
     SmolLM2's 30 layers of linears (benchmarks/linear_kernel.py shapes): interleaved 4- and 5-bit rows with x in
     one int8 plane beat torch's fp32 GEMM at every size measured (Q4_1 at 512 rows 451 ms against 702-739, at
-    2048 2082 against 2759); Q8_0's one-plane products (a sign flip and a widening per unit) do not."""
-    if not interleaved:
+    2048 2082 against 2759); Q8_0's one-plane products (a sign flip and a widening per unit) do not. The
+    K-quants' interleaved rows with two planes stop at QUANT_KERNEL_ROWS like GGUF's order: 14 weights of
+    576 x 1536 at 96 / 128 / 256 rows, interleaved dots against tiles, Q4_K 23.4 / 34.6 / - against 22.1 / 27.7 / -,
+    Q5_K 32.7 / 43.5 / 85.5 against 24.4 / 30.4 / 48.3, Q6_K - / 31.3 / 79.7 against - / 34.6 / 59.6 ms."""
+    if not interleaved or (code in K_QUANT_CODES and not int8_activations):
         return QUANT_KERNEL_ROWS
     if int8_activations and code != GGUF_TYPES["Q8_0"]:
         return float("inf")

@@ -9,7 +9,7 @@
  * and the 8 outputs are stored as one vector. The 4-bit types sum in int16 over the whole block first (8
  * products of at most 15 x 127 per lane pair < 2^15): ~5.5 instructions a block of a row (~9 with the second
  * plane). Q5_0 / Q5_1's fifth bits are spread into the nibbles per unit, once for all the rows of x; Q8_0 with
- * two planes takes x whole as int16 (wide_sums); Q4_K and Q6_K unpack their sub-block scales as vectors of the
+ * two planes takes x whole as int16 (wide_sums); the K-quants unpack their sub-block scales as vectors of the
  * 8 rows'. Each run asks for the lines PREFETCH_AHEAD bytes on (kernels.h). What it measured is said in
  * quant_linear.c. */
 #ifndef NANOVLLM_QUANT_DOTS_ROWS8_H
@@ -93,22 +93,26 @@ INLINE void wide_sums(const uint8_t *qs, const char *x, int64_t x_stride, int64_
     for (int r = 0; r < R; r++) out[r] = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(low[r], high[r]), order);
 }
 
-/* Q4_K on 8 interleaved rows: per super-block the 8 rows' d and dmin, their 6-bit sub-block scales and mins
- * unpacked as vectors (lane i: row i; the 12 bytes' three units read as 32-bit lanes), then per pair of
- * sub-blocks (2j low nibbles, 2j + 1 high ones) the 8 units' products summed in int16 (8 of at most 15 x 127)
- * and multiplied by the row's scale in vpmaddwd; the mins times x's sub-block sums in fp32. x's planes are
- * summed apart (q 256 + lo times the scales could pass int32 over a super-block). out[8 r + i] as dot_rows8's. */
+/* Q4_K and Q5_K (five) on 8 interleaved rows: per super-block the 8 rows' d and dmin, their 6-bit sub-block
+ * scales and mins unpacked as vectors (lane i: row i; the 12 bytes' three units read as 32-bit lanes), then per
+ * pair of sub-blocks (2j low nibbles, 2j + 1 high ones) the units' products summed in int16 (8 of at most
+ * 15 x 127; Q5_K's values, 31 at most, 4 at a time) and multiplied by the row's scale in vpmaddwd; the mins
+ * times x's sub-block sums in fp32. Q5_K's fifth bits: qh's unit u holds values 4u .. 4u + 3 of every
+ * sub-block, bit j for sub-block j. x's planes are summed apart (q 256 + lo times the scales could pass int32
+ * over a super-block). out[8 r + i] as dot_rows8's. */
 INLINE void q4_k_rows8(const uint8_t *w, const char *x, int64_t x_stride, int64_t nb, float *out, const int R,
-                       const int P) {
+                       const int P, const int five) {
     const __m256i low4 = _mm256_set1_epi8(15), six = _mm256_set1_epi32(63), nib = _mm256_set1_epi32(15);
-    const __m256i top2 = _mm256_set1_epi32(3);
+    const __m256i top2 = _mm256_set1_epi32(3), one = _mm256_set1_epi8(1);
+    const int bytes = five ? Q5_K_BLOCK_BYTES : Q4_K_BLOCK_BYTES, span = five ? 4 : 8;  /* units per int16 sum */
     __m256 acc[X_ROWS];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *run = w + b * INTERLEAVE * Q4_K_BLOCK_BYTES;
-        prefetch_ahead(run, INTERLEAVE * Q4_K_BLOCK_BYTES);
+        const uint8_t *run = w + b * INTERLEAVE * bytes;
+        prefetch_ahead(run, INTERLEAVE * bytes);
         const __m256 d = halves8(run), dmin = halves8(run + 2 * INTERLEAVE);
-        const uint8_t *packed = run + 4 * INTERLEAVE, *qs = packed + K_SCALE_BYTES * INTERLEAVE;
+        const uint8_t *packed = run + 4 * INTERLEAVE, *qh = packed + K_SCALE_BYTES * INTERLEAVE;
+        const uint8_t *qs = five ? qh + 32 * INTERLEAVE : qh;
         const __m256i u0 = load256(packed), u1 = load256(packed + 32), u2 = load256(packed + 64);
         __m256i scale[8];  /* as int16 pairs for vpmaddwd */
         __m256 mins[8];
@@ -127,24 +131,30 @@ INLINE void q4_k_rows8(const uint8_t *w, const char *x, int64_t x_stride, int64_
         for (int r = 0; r < R; r++) {
             const QSuperBlock *xb = (const QSuperBlock *)(x + r * x_stride) + b;
             __m256i hi = _mm256_setzero_si256(), lo = _mm256_setzero_si256();
-            for (int j = 0; j < 4; j++) {
-                __m256i s0 = _mm256_setzero_si256(), s1 = s0, l0 = s0, l1 = s0;
-                for (int u = 0; u < 8; u++) {
-                    const __m256i v = load256(qs + 32 * (8 * j + u));
-                    const __m256i a = _mm256_and_si256(v, low4), h = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-                    s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(a, broadcast4(xb->q + 64 * j + 4 * u)));
-                    s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(h, broadcast4(xb->q + 64 * j + 32 + 4 * u)));
-                    if (P == 2) {
-                        l0 = _mm256_add_epi16(l0, _mm256_maddubs_epi16(a, broadcast4(xb->lo + 64 * j + 4 * u)));
-                        l1 = _mm256_add_epi16(l1, _mm256_maddubs_epi16(h, broadcast4(xb->lo + 64 * j + 32 + 4 * u)));
+            for (int j = 0; j < 4; j++)
+                for (int u0 = 0; u0 < 8; u0 += span) {
+                    __m256i s0 = _mm256_setzero_si256(), s1 = s0, l0 = s0, l1 = s0;
+                    for (int u = u0; u < u0 + span; u++) {
+                        const __m256i v = load256(qs + 32 * (8 * j + u));
+                        __m256i a = _mm256_and_si256(v, low4), h = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                        if (five) {
+                            const __m256i hb = load256(qh + 32 * u);
+                            a = _mm256_or_si256(a, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * j), one), 4));
+                            h = _mm256_or_si256(h, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * j + 1), one), 4));
+                        }
+                        s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(a, broadcast4(xb->q + 64 * j + 4 * u)));
+                        s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(h, broadcast4(xb->q + 64 * j + 32 + 4 * u)));
+                        if (P == 2) {
+                            l0 = _mm256_add_epi16(l0, _mm256_maddubs_epi16(a, broadcast4(xb->lo + 64 * j + 4 * u)));
+                            l1 = _mm256_add_epi16(l1, _mm256_maddubs_epi16(h, broadcast4(xb->lo + 64 * j + 32 + 4 * u)));
+                        }
                     }
+                    hi = _mm256_add_epi32(hi, _mm256_add_epi32(_mm256_madd_epi16(s0, scale[2 * j]),
+                                                               _mm256_madd_epi16(s1, scale[2 * j + 1])));
+                    if (P == 2)
+                        lo = _mm256_add_epi32(lo, _mm256_add_epi32(_mm256_madd_epi16(l0, scale[2 * j]),
+                                                                   _mm256_madd_epi16(l1, scale[2 * j + 1])));
                 }
-                hi = _mm256_add_epi32(hi, _mm256_add_epi32(_mm256_madd_epi16(s0, scale[2 * j]),
-                                                           _mm256_madd_epi16(s1, scale[2 * j + 1])));
-                if (P == 2)
-                    lo = _mm256_add_epi32(lo, _mm256_add_epi32(_mm256_madd_epi16(l0, scale[2 * j]),
-                                                               _mm256_madd_epi16(l1, scale[2 * j + 1])));
-            }
             __m256 dot = _mm256_cvtepi32_ps(hi), offset = _mm256_setzero_ps();
             if (P == 2) dot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_set1_ps(1.f / LOW_SCALE), dot);
             for (int s = 0; s < 8; s++)
@@ -233,8 +243,8 @@ INLINE void dot_rows8(const uint8_t *w, const char *x, int64_t x_stride, int64_t
                       const int R, const int P) {
     const int bytes = block_bytes(type);
 #if HAVE_AVX2
-    if (type == Q4_K) {
-        q4_k_rows8(w, x, x_stride, nb, out, R, P);
+    if (type == Q4_K || type == Q5_K) {
+        q4_k_rows8(w, x, x_stride, nb, out, R, P, type == Q5_K);
         return;
     }
     if (type == Q6_K) {
@@ -296,7 +306,7 @@ INLINE void dot_rows8(const uint8_t *w, const char *x, int64_t x_stride, int64_t
         for (int i = 0; i < INTERLEAVE; i++) {
             float o[X_ROWS];
             gather_block(w + b * INTERLEAVE * bytes, type, i, blk);
-            if (type == Q4_K || type == Q6_K)
+            if (type == Q4_K || type == Q5_K || type == Q6_K)
                 dot_super_blocks(blk, x + b * (int64_t)sizeof(QSuperBlock), x_stride, 1, o, type, R, P);
             else
                 dot_blocks(blk, x + b * (int64_t)sizeof(QBlock), x_stride, 1, o, type, R, P);

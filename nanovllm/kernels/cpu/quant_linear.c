@@ -67,6 +67,7 @@ DOTS(q5_0_rows8, dot_rows8, Q5_0)
 DOTS(q5_1_rows8, dot_rows8, Q5_1)
 DOTS(q8_0_rows8, dot_rows8, Q8_0)
 DOTS(q4_k_rows8, dot_rows8, Q4_K)
+DOTS(q5_k_rows8, dot_rows8, Q5_K)
 DOTS(q6_k_rows8, dot_rows8, Q6_K)
 
 static int dots8(int type, int planes, Dots *out) {
@@ -76,7 +77,7 @@ static int dots8(int type, int planes, Dots *out) {
         *out = planes == 2 ? (Dots){name##_1, name##_rows} : (Dots){name##_1_int8, name##_rows_int8};        \
         return 0;
     CASE(Q4_0, q4_0_rows8) CASE(Q4_1, q4_1_rows8) CASE(Q5_0, q5_0_rows8) CASE(Q5_1, q5_1_rows8)
-    CASE(Q8_0, q8_0_rows8) CASE(Q4_K, q4_k_rows8) CASE(Q6_K, q6_k_rows8)
+    CASE(Q8_0, q8_0_rows8) CASE(Q4_K, q4_k_rows8) CASE(Q5_K, q5_k_rows8) CASE(Q6_K, q6_k_rows8)
 #undef CASE
     default: return 1;
     }
@@ -84,7 +85,7 @@ static int dots8(int type, int planes, Dots *out) {
 
 /* Whether this build reads `type` faster interleaved (ROWS8) than in GGUF's order: what the engine asks before
  * it interleaves a weight (ops/cpu_ops.py prepare) */
-int interleaves(int type) { return HAVE_AVX2 && (block_elems(type) == BLOCK || type == Q4_K || type == Q6_K); }
+int interleaves(int type) { return HAVE_AVX2 && block_elems(type) > 1; }
 
 /* The dot products for a type, x in `planes` planes; 1 for a type it cannot read */
 static int dots(int type, int planes, Dots *out) {
