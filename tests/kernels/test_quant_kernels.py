@@ -219,11 +219,13 @@ def test_no_rows():
     assert cpu.dequantize("Q4_1", blocks, 64, ids=torch.empty(0, dtype=torch.int64)).shape == (0, 64)
 
 
+@pytest.mark.parametrize("tile_floats", [quant.TILE_FLOATS, 64 * 256])
 @pytest.mark.parametrize("name", ["F32", "F16", "Q4_1", "Q5_0", "Q6_K"])
-def test_many_rows_take_dequantized_tiles(name):
+def test_many_rows_take_dequantized_tiles(name, tile_floats, monkeypatch):
     """From TILE_FROM_ROWS rows on, W is dequantized a tile at a time (exact values) and multiplied in fp32: within
-    fp32 rounding of the reference, across tiles (N > TILE_ROWS, not a multiple of it), bf16 x too."""
-    k, n, m = row_length(name), quant.TILE_ROWS + 37, quant.TILE_FROM_ROWS + 3
+    fp32 rounding of the reference, W whole in one tile and across tiles (the last one shorter), bf16 x too."""
+    monkeypatch.setattr(quant, "TILE_FLOATS", tile_floats)
+    k, n, m = row_length(name), 3 * 64 + 37, quant.TILE_FROM_ROWS + 3
     blocks = random_blocks(name, n, k, seed=11)
     w = reference(name, blocks, k)
     gen = torch.Generator().manual_seed(11)

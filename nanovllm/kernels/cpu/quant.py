@@ -84,12 +84,14 @@ def row_bytes(qtype: int | str, k: int) -> int:
     return k // shape.elems * shape.nbytes
 
 
-# From this many rows of x on, quant_linear dequantizes W a tile of TILE_ROWS rows at a time (an fp32 tile of at most
-# ~1.5 MB: about a core's L2) and multiplies each with torch.mm: the int8 dot products cost the same per row of x
-# whatever M, and at 32-64 rows equal torch's fp32 matmul, which then gains with M (benchmarks/linear_kernel.py);
-# the engine's dispatch (ops/cpu_ops.py) switches at the same point
+# From this many rows of x on, quant_linear dequantizes W a tile of rows at a time and multiplies each with torch.mm:
+# the int8 dot products cost the same per row of x whatever M, and at 32-64 rows equal torch's fp32 matmul, which then
+# gains with M (benchmarks/linear_kernel.py); the engine's dispatch (ops/cpu_ops.py) switches at the same point
 TILE_FROM_ROWS = QUANT_KERNEL_ROWS + 1
-TILE_ROWS = 256
+# A tile holds as many of W's rows as fit this many fp32 values (8 MB): SmolLM2's weights whole, so one GEMM and no
+# copy into y's columns. Tiles of 256 rows (1.5 MB, a core's L2) were slower: 30 layers of Q4_1 at 128 / 512 / 2048
+# rows 264.5 / 825.9 / 2736-3562 ms against 257.8 / 809.2 / 2567-3126 whole (one process, alternating)
+TILE_FLOATS = 1 << 21
 
 
 def kernel_rows(code: int, interleaved: bool, int8_activations: bool) -> float:
@@ -114,16 +116,20 @@ def interleaves(qtype: int, lib=None) -> bool:
 
 
 def tiled_linear(x: torch.Tensor, code: int, blocks: torch.Tensor, lib, interleaved: bool = False) -> torch.Tensor:
-    """x [M, K] fp32 @ W.T for many rows: W's rows dequantized TILE_ROWS at a time into one scratch tile, each
-    tile's outputs computed by F.linear and copied into their columns of y (a few % faster, under load, than
-    torch.mm into rows of y.T and one transpose)."""
+    """x [M, K] fp32 @ W.T for many rows: W's rows dequantized into one scratch tile of at most TILE_FLOATS values
+    (whole groups of INTERLEAVE rows), each tile's outputs computed by F.linear, into their columns of y where W
+    takes more than one tile (a few % faster, under load, than torch.mm into rows of y.T and one transpose)."""
     n, k = blocks.shape[0], x.shape[1]
     if code == GGUF_TYPES["F32"]:
         return torch.nn.functional.linear(x, blocks.view(torch.float32))
-    scratch = torch.empty(min(n, TILE_ROWS) * k)
+    per_tile = max(INTERLEAVE, TILE_FLOATS // k // INTERLEAVE * INTERLEAVE)
+    scratch = torch.empty(min(n, per_tile) * k)
+    if n <= per_tile:  # one tile: W whole
+        tile = dequantize(code, blocks, k, lib=lib, out=scratch.view(n, k), interleaved=interleaved)
+        return torch.nn.functional.linear(x, tile)
     y = x.new_empty(x.shape[0], n)
-    for start in range(0, n, TILE_ROWS):
-        rows = min(TILE_ROWS, n - start)
+    for start in range(0, n, per_tile):
+        rows = min(per_tile, n - start)
         tile = scratch[: rows * k].view(rows, k)
         tile = dequantize(code, blocks[start : start + rows], k, lib=lib, out=tile, interleaved=interleaved)
         y[:, start : start + rows] = torch.nn.functional.linear(x, tile)
