@@ -73,9 +73,10 @@ class PartRows:
         return self
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
-        if rows.start not in self.starts[:-1] or rows.stop != self.starts[self.starts.index(rows.start) + 1]:
+        i = self.starts.index(rows.start) if rows.start in self.starts[:-1] else -1
+        if i < 0 or rows.stop != self.starts[i + 1]:
             raise ValueError(f"rows {rows.start}:{rows.stop} are not one part of {self.starts}")
-        return self.parts[self.starts.index(rows.start)]
+        return self.parts[i]
 
 
 def split_dim(model: nn.Module, name: str) -> int | None:
@@ -157,22 +158,23 @@ def fill_quant(
     """Read the planned weights' blocks (this rank's rows, or K range, as load_weight shards floats) into one
     2 MB-page buffer, and hand them to their modules; returns the names load_weight filled (name#part).
     int8_activations: their QuantWeights multiply with x in int8 (quantization="gguf_int8")."""
-    shapes = {}  # a buffer for each weight, or each part of one kept per part: (name, part)
-    for n, t in plan.items():
-        if t.part_types:
-            for i, (kind, rows) in enumerate(zip(t.part_types, t.part_rows)):
-                shapes[n, i] = (rows, row_bytes(kind, t.shape[-1]))
-        else:
-            shapes[n] = (*t.shape[:-1], row_bytes(t.qtype, t.shape[-1]))
-    sizes = {n: -(-torch.Size(s).numel() // 64) * 64 for n, s in shapes.items()}  # each 64-byte aligned
-    buf, offset, buffers = huge_page_buffer(sum(sizes.values())), 0, {}
-    for n, s in shapes.items():
-        buffers[n] = buf[offset : offset + torch.Size(s).numel()].view(s)
-        offset += sizes[n]
-    shadows = {n: b for n, b in buffers.items() if isinstance(n, str)}
-    for n, t in plan.items():
-        if t.part_types:
-            shadows[n] = PartRows([buffers[n, i] for i in range(len(t.part_types))], t.part_rows)
+    shapes = {  # each weight's buffers: one, or one per part of a weight kept per part
+        n: [(rows, row_bytes(kind, t.shape[-1])) for kind, rows in zip(t.part_types, t.part_rows)]
+        if t.part_types
+        else [(*t.shape[:-1], row_bytes(t.qtype, t.shape[-1]))]
+        for n, t in plan.items()
+    }
+
+    def aligned(shape: tuple[int, ...]) -> int:  # each buffer 64-byte aligned
+        return -(-torch.Size(shape).numel() // 64) * 64
+
+    buf, offset, shadows = huge_page_buffer(sum(aligned(s) for each in shapes.values() for s in each)), 0, {}
+    for n, each in shapes.items():
+        views = []
+        for s in each:
+            views.append(buf[offset : offset + torch.Size(s).numel()].view(s))
+            offset += aligned(s)
+        shadows[n] = PartRows(views, plan[n].part_rows) if plan[n].part_types else views[0]
     names = {name for t in plan.values() for name in t.tensors}
     stored = {t["name"]: t["type"] for t in index}
     widen = {  # the parts of a mix kept as Q8_0 that are stored in another type: (HF name) -> that type
@@ -190,8 +192,10 @@ def fill_quant(
     for n, t in plan.items():
         blocks = shadows[n]
         if t.part_types:
-            shapes_in_order = zip(t.part_types, blocks.parts, t.part_rows)
-            parts = [QuantWeight(kind, b, (rows, t.shape[1]), int8_activations) for kind, b, rows in shapes_in_order]
+            parts = [
+                QuantWeight(kind, b, (b.shape[0], t.shape[1]), int8_activations)
+                for kind, b in zip(t.part_types, blocks.parts)
+            ]
             t.module.quant = QuantParts(parts)
         elif t.attr == "weight":
             t.module.quant = QuantWeight(t.qtype, blocks, (t.shape[0], t.shape[1]), int8_activations)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from nanovllm.kernels.cpu.build import library
-from nanovllm.layers.quant import INTERLEAVE, INTERLEAVED_TYPES, deinterleave_rows
+from nanovllm.layers.quant import INTERLEAVE, INTERLEAVED_TYPES, Q4_K, Q5_K, Q6_K, deinterleave_rows
 
 # Weight types by ggml's own ids (kernels.h), one numbering for every kernel: what linear_bf16 reads (the plain
 # bf16 weight, or its Q4_1 / Q8_0 GGUF blocks in pack_blocks' layout) and what linear_f32 / dequantize_rows read
@@ -37,7 +37,7 @@ QUANT_KERNEL_ROWS = 64
 # the same for rows interleaved 8 at a time (ROWS8), read faster: SmolLM2's 30 layers of Q4_1 at 128 rows 198-208 ms
 # in the kernel against 233-343 in tiles, at 256 rows 402 against 380-424 (benchmarks/linear_kernel.py shapes)
 INTERLEAVED_KERNEL_ROWS = 256
-K_QUANT_CODES = tuple(GGUF_TYPES[name] for name in ("Q4_K", "Q5_K", "Q6_K"))
+K_QUANT_CODES = (Q4_K, Q5_K, Q6_K)
 
 
 @dataclass(frozen=True)
