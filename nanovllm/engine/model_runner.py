@@ -174,7 +174,7 @@ class ModelRunner:
         if ops.active is not self.ops:  # another engine in this process chose another backend since
             ops.use(self.ops)
         if self.step_runner is not None and self.step_runner.covers(input_ids, meta, last):
-            return self.step_runner.run(input_ids, positions, meta)
+            return self.step_runner.run(input_ids, positions, meta, last)
         return self.eager_forward(input_ids, positions, meta, last)
 
     def eager_forward(

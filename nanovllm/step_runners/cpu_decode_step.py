@@ -1,7 +1,9 @@
-"""A decode-only step's decoder layers in one C call (kernels/cpu: the fused decode step), picked by the model runner
-like CUDA graphs are: in bf16 on a CPU with AMX, and in fp32 on any CPU. In bf16 the same kernels in the same order
-as the layer-by-layer path, bit for bit; in fp32 the C elementwise kernels stand in for torch's (a few ulp apart)
-and each projection is linear_f32 over the plain fp32 weight or the GGUF blocks the loader kept. What it saves is
+"""A step's decoder layers in one C call (kernels/cpu: the fused decode step), picked by the model runner like CUDA
+graphs are: in bf16 on a CPU with AMX (decode-only steps), and in fp32 on any CPU (decodes, and prompt chunks whose
+tokens each attend as a decode row). In bf16 the same kernels in the same order as the layer-by-layer path, bit for
+bit; in fp32 the C elementwise kernels stand in for torch's (a few ulp apart), the decode attention for the prompt's
+SDPA (another order of sums), and each projection is linear_f32 over the plain fp32 weight or the GGUF blocks the
+loader kept. What it saves is
 Python between the kernels: the ~15 torch and ctypes calls a layer makes cost ~0.6 ms a layer once the kernels have
 evicted Python's working set (docs/benchmarks.md). In fp32 the rest of the step is trimmed too: its buffers are
 kept from step to step, and the embedding, rotary rows, final norm and LM head are one call each."""
@@ -9,6 +11,7 @@ kept from step to step, and the embedding, rotary rows, final norm and LM head a
 import torch
 
 from nanovllm.kernels import cpu as kernels
+from nanovllm.layers.attention import AttentionMetadata
 from nanovllm.layers.parallel import tp_size
 from nanovllm.layers.quant import BLOCK_SIZES, QuantWeight
 from nanovllm.ops.cpu_threads import ThreadGovernor
@@ -49,6 +52,19 @@ def f32_weight(m: torch.nn.Module) -> tuple[int, torch.Tensor] | None:
     if w is None or w.dtype != torch.float32 or not w.is_contiguous():
         return None
     return kernels.F32, w
+
+
+def tokens_as_decodes(meta: AttentionMetadata, n: int) -> AttentionMetadata:
+    """The step's n tokens each as a decode row: a prompt chunk's token attends over its sequence's cache up to
+    itself (the chunk's K/V are stored before any row attends), which is the causal attention of a prefill. A
+    decode-only step's metadata as it is."""
+    if len(meta.decode_rows) == n:
+        return meta
+    starts = meta.query_start
+    seq = torch.repeat_interleave(torch.arange(len(starts) - 1), starts[1:] - starts[:-1])
+    token = torch.arange(n + 1)
+    lens = meta.context_lens[seq] - (starts[seq + 1] - 1 - token[:n])  # the row's position + 1
+    return AttentionMetadata.decode_only(token, lens, meta.block_tables[seq], meta.slot_mapping, int(lens.max()))
 
 
 class FusedDecodeStep:
@@ -121,17 +137,19 @@ class FusedDecodeStep:
         return cls(model, cache, dims, runner.dtype)
 
     def covers(self, input_ids: torch.Tensor, meta, last: torch.Tensor) -> bool:
-        """Steps whose every row is a decode that is sampled, at most as many as the C linear serves: in bf16 up to
-        where AMX beats oneDNN, in fp32 as many as the per-layer path gives linear_f32 (more: MKL's GEMM on
-        dequantized tiles)."""
+        """Steps of at most as many rows as the C linear serves: in bf16 up to where AMX beats oneDNN, every row a
+        sampled decode (bit for bit the per-layer path); in fp32 as many as the per-layer path gives linear_f32
+        (more: MKL's GEMM on dequantized tiles), prompt chunks too (`decode_rows`: each token as a decode)."""
         n = input_ids.shape[0]
-        most = kernels.LINEAR_ROWS if self.bf16 else kernels.QUANT_KERNEL_ROWS
-        return 0 < n <= most and len(meta.decode_rows) == n and last.shape[0] == n
+        if self.bf16:
+            return 0 < n <= kernels.LINEAR_ROWS and len(meta.decode_rows) == n and last.shape[0] == n
+        return 0 < n <= kernels.QUANT_KERNEL_ROWS
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta, last: torch.Tensor) -> torch.Tensor:
+        """The logits of the step's `last` rows."""
         self.governor.adjust()
         if not self.bf16:
-            return self.run_f32(input_ids, positions, meta)
+            return self.run_f32(input_ids, positions, tokens_as_decodes(meta, input_ids.shape[0]), last)
         model = self.model.model
         with torch.inference_mode():
             residual = model.embed(input_ids)
@@ -152,9 +170,10 @@ class FusedDecodeStep:
             self.buffers.update(cos=torch.empty(m, half), sin=torch.empty(m, half))
         return {name: b[:m] for name, b in self.buffers.items()}
 
-    def run_f32(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
+    def run_f32(self, input_ids: torch.Tensor, positions: torch.Tensor, meta, last: torch.Tensor) -> torch.Tensor:
         """The fp32 step: embedding rows and rotary rows gathered into kept buffers, the layers in C, the final
-        norm (with the last residual add) and the LM head in C; returns fresh logits (the sampler may change them)."""
+        norm (with the last residual add) and the LM head in C on the `last` rows; returns fresh logits (the
+        sampler may change them)."""
         model, b = self.model.model, self.rows(input_ids.shape[0])
         with torch.inference_mode():
             table = model.embed_tokens
@@ -169,5 +188,6 @@ class FusedDecodeStep:
                 self.pointers, self.dims, b["residual"], (b["cos"], b["sin"]), meta, eps, scale, b
             )
             kernels.rms_norm(b["residual"], model.norm.weight, eps, add=mlp_out, out=b["normed"])
+            normed = b["normed"] if last.shape[0] == input_ids.shape[0] else b["normed"][last]
             kind, head = self.head
-            return kernels.linear_f32(b["normed"], head, kind, self.model.lm_head.out_features)  # one rank: all
+            return kernels.linear_f32(normed, head, kind, self.model.lm_head.out_features)  # one rank: all

@@ -54,7 +54,10 @@ class DecodeGraphs:
         n = input_ids.shape[0]
         return n <= self.buckets[-1] and meta.decode_rows.shape[0] == n and last.shape[0] == n
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor | None:
+    def run(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, last: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The logits of every row (covers() takes steps whose `last` rows are all of them)."""
         n = input_ids.shape[0]
         bs = next(b for b in self.buckets if b >= n)
         self.input_ids[:n] = input_ids

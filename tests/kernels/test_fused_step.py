@@ -49,7 +49,7 @@ def fused_and_layered(llm, max_tokens: int, monkeypatch) -> FusedRun:
     input_ids, positions, meta, last = engine.runner.prepare(batch, list(range(len(batch.seqs))))
     fused_step = engine.runner.step_runner
     assert len(meta.decode_rows) == len(batch.seqs) and fused_step.covers(input_ids, meta, last)
-    fused = fused_step.run(input_ids, positions, meta).clone()  # storing this step's K/V twice: the same values
+    fused = fused_step.run(input_ids, positions, meta, last).clone()  # storing this step's K/V twice: the same values
     layered = engine.runner.eager_forward(input_ids, positions, meta, last)
     for i in range(len(prompts)):
         engine.abort(f"r{i}")
@@ -157,6 +157,51 @@ def test_fused_f32_step_matches_the_layer_by_layer_path(arch, qtype, tmp_path, m
     torch.testing.assert_close(run.fused_logits, run.layered_logits, rtol=tolerance, atol=tolerance)
     if qtype is None:
         assert run.fused_tokens == run.layered_tokens
+
+
+@pytest.mark.parametrize("qtype", [None, Q4_1])
+def test_fused_f32_step_takes_prompt_chunks(qtype, tmp_path, monkeypatch):
+    """Prompt chunks through the fused step, each token attending as a decode row over the cache up to itself: a
+    step that mixes a decode, a whole short prompt and a prompt whose first 32 tokens the prefix cache holds gives
+    the per-layer path's logits at the sampled rows (within decode's tolerance), and short prompts' greedy tokens
+    are the same with the step runner off (plain weights), every step of them in C."""
+    from nanovllm import SamplingParams
+
+    llm = f32_engine(tmp_path, "llama", qtype)
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    first, short, shared = random_prompts(3, 9, 40, seed=3)
+    engine.add_request("first", first, params)
+    engine.add_request("shared", shared + short[:8], params)  # its prompt's blocks, cached for "cached" below
+    for _ in range(2):  # the prompts, then a decode step
+        engine.step()
+    engine.add_request("short", short, params)
+    engine.add_request("cached", shared + short[:8] + first[:6], params)
+    batch = engine.scheduler.schedule()
+    input_ids, positions, meta, last = engine.runner.prepare(batch, list(range(len(batch.seqs))))
+    computed = [s.num_computed for s in batch.seqs]
+    assert len(meta.decode_rows) == 2 and len(meta.prefill_rows) == 2 and max(computed) >= 32
+    fused_step = engine.runner.step_runner
+    assert fused_step.covers(input_ids, meta, last) and last.shape[0] < input_ids.shape[0]
+    fused = fused_step.run(input_ids, positions, meta, last).clone()
+    layered = engine.runner.eager_forward(input_ids, positions, meta, last)
+    tolerance = 1e-4 if qtype is None else 5e-4
+    torch.testing.assert_close(fused, layered, rtol=tolerance, atol=tolerance)
+    for r in ("first", "shared", "short", "cached"):
+        engine.abort(r)
+
+    prompts = random_prompts(3, 5, 20, seed=11)  # 64 tokens at most: every step fits the fused step
+    calls = []
+    real = cpu_kernel.decode_layers
+    monkeypatch.setattr(cpu_kernel, "decode_layers", lambda *a: calls.append(1) or real(*a))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    fused_tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert len(calls) == 8  # the prompts' step and 7 decode steps
+    engine.runner.step_runner = None
+    assert llm.reset_prefix_cache()  # the prompts computed again, layer by layer
+    layered_tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    if qtype is None:
+        assert fused_tokens == layered_tokens
 
 
 def test_f32_step_declines_what_linear_f32_cannot_read(tmp_path):
