@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import httpx2 as httpx
 
+DROPPED_EXTRA = 32
 PROMPTS = [
     "The history of Rome",
     "A recipe for bread:",
@@ -92,7 +93,9 @@ async def one(
     prompt, n = rng.choice(PROMPTS), rng.randint(1, max_tokens)
     path = "/v1/chat/completions" if chat and rng.random() < 0.5 else "/v1/completions"
     body = {
-        "max_tokens": n,
+        # a dropped stream asks for DROPPED_EXTRA tokens beyond the n it may read, so that the server is still
+        # generating when the client leaves, however fast its steps (a tiny model's 6 tokens can all be sent first)
+        "max_tokens": n + (DROPPED_EXTRA if kind == "dropped" else 0),
         "temperature": 0,
         "ignore_eos": True,
         **({"messages": [{"role": "user", "content": prompt}]} if "chat" in path else {"prompt": prompt}),
@@ -108,7 +111,7 @@ async def one(
     else:
         body.update(stream=True, stream_options={"include_usage": True})
         text, finish, tokens, chunks, done = "", None, None, 0, False
-        drop_after = rng.randint(1, max(1, n - 1)) if kind == "dropped" else None
+        drop_after = rng.randint(1, n) if kind == "dropped" else None
         async with client.stream("POST", path, json=body) as r:
             if r.status_code != 200:
                 return report.failures.append(f"{path} stream {r.status_code}: {(await r.aread())[:200]}")
