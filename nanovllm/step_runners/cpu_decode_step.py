@@ -3,7 +3,7 @@ graphs are: in bf16 on a CPU with AMX (decode-only steps), and in fp32 on any CP
 tokens each attend as a decode row). In bf16 the same kernels in the same order as the layer-by-layer path, bit for
 bit; in fp32 the C elementwise kernels stand in for torch's (a few ulp apart), the decode attention for the prompt's
 SDPA (another order of sums), and each projection is linear_f32 over the plain fp32 weight or the GGUF blocks the
-loader kept. What it saves is
+loader kept (part by part for a fused weight kept per part). What it saves is
 Python between the kernels: the ~15 torch and ctypes calls a layer makes cost ~0.6 ms a layer once the kernels have
 evicted Python's working set (docs/benchmarks.md). In fp32 the rest of the step is trimmed too: its buffers are
 kept from step to step, and the embedding, rotary rows, final norm and LM head are one call each."""
@@ -13,7 +13,7 @@ import torch
 from nanovllm.kernels import cpu as kernels
 from nanovllm.layers.attention import AttentionMetadata
 from nanovllm.layers.parallel import tp_size
-from nanovllm.layers.quant import BLOCK_SIZES, QuantWeight
+from nanovllm.layers.quant import BLOCK_SIZES, QuantParts, QuantWeight
 from nanovllm.ops.cpu_threads import ThreadGovernor
 
 # the layer the C step computes, weight by weight (the model's `layer_weights`, models/llama.py)
@@ -38,16 +38,29 @@ def kernel_type(quant: QuantWeight) -> int:
     return stored_type(quant) | (kernels.X_INT8 if quant.int8_activations else 0)
 
 
+# decode_step.c: a weight type that says the weight is a table of parts (PARTS | their number)
+PARTS = 0x10000
+
+
+def reads(quant: QuantWeight) -> bool:
+    """Whether linear_f32 reads these blocks in place: a type it takes, whole blocks a row, contiguous."""
+    k = quant.shape[1]
+    return quant.qtype in BLOCK_SIZES and k % BLOCK_SIZES[quant.qtype][0] == 0 and quant.blocks.is_contiguous()
+
+
 def f32_weight(m: torch.nn.Module) -> tuple[int, torch.Tensor] | None:
     """What linear_f32 reads for this Linear: (ggml type, its kept GGUF blocks: rows as stored, contiguous) where
-    the loader kept them (`m.quant`), else (F32, the fp32 weight); None where it cannot read either."""
+    the loader kept them (`m.quant`), else (F32, the fp32 weight); for a weight kept per part (QuantParts),
+    (PARTS | the number of parts, the table of parts decode_step.c reads: blocks, type, rows each; the caller keeps
+    it alive); None where it cannot read them."""
     quant = getattr(m, "quant", None)
-    if quant is not None:
-        if not isinstance(quant, QuantWeight):  # a QuantParts: one type per linear_f32 call, so not fused here
+    if isinstance(quant, QuantParts):
+        if not all(reads(p) for p in quant.parts):
             return None
-        k = quant.shape[1]
-        fits = quant.qtype in BLOCK_SIZES and k % BLOCK_SIZES[quant.qtype][0] == 0 and quant.blocks.is_contiguous()
-        return (kernel_type(quant), quant.blocks) if fits else None
+        table = [[p.blocks.data_ptr(), kernel_type(p), p.shape[0]] for p in quant.parts]
+        return PARTS | len(quant.parts), torch.tensor(table, dtype=torch.int64)
+    if quant is not None:
+        return (kernel_type(quant), quant.blocks) if reads(quant) else None
     w = m.weight
     if w is None or w.dtype != torch.float32 or not w.is_contiguous():
         return None
@@ -75,7 +88,7 @@ class FusedDecodeStep:
         def ptr(t):
             return 0 if t is None else t.data_ptr()
 
-        pointers = []
+        pointers, self.part_tables = [], []  # the tables of parts: kept, the C step reads them
         for i, layer in enumerate(model.model.layers):
             for w in model.layer_weights:
                 m = layer.get_submodule(w.name)
@@ -84,6 +97,8 @@ class FusedDecodeStep:
                     kind, weight = blocks if blocks else (kernels.BF16, m.weight)
                 else:  # a norm's weight, or what linear_f32 reads
                     kind, weight = f32_weight(m) if w.name in PROJECTIONS else (0, m.weight)
+                    if kind & PARTS:
+                        self.part_tables.append(weight)
                 pointers += [ptr(weight), ptr(getattr(m, "bias", None)), kind]
             pointers += [kv_cache[0, i].data_ptr(), kv_cache[1, i].data_ptr()]
         self.pointers = torch.tensor(pointers, dtype=torch.int64)  # kept: the table outlives every step

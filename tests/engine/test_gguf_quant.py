@@ -12,6 +12,8 @@ import torch
 from conftest import add_byte_vocabulary, random_prompts
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.engine.batch import ScheduledBatch
+from nanovllm.engine.sequence import Sequence
 from nanovllm.kernels import cpu as kernels
 from nanovllm.kernels.cpu.quant import kernel_rows
 from nanovllm.layers.linear import Linear
@@ -256,11 +258,11 @@ def test_moe_gguf_keeps_its_experts_quantized(tmp_path):
         del kept
 
 
-def test_mixed_k_quant_parts_are_kept_per_part(tmp_path):
+def test_mixed_k_quant_parts_are_kept_per_part(tmp_path, monkeypatch):
     """q/k in Q4_K beside v in Q6_K, gate in Q4_K beside up in Q6_K (a larger model's Q4_K_M), which no one type
     holds exactly: each part keeps its own blocks (QuantParts), no float copy; the torch ops give the dequantized
-    path's tokens and logits, our C kernels its top-1 tokens on most positions (per part, outside the fused
-    decode step)."""
+    path's tokens and logits, our C kernels its top-1 tokens on most positions; the fused C step takes such a
+    model (each part's linear into its columns) and gives the per-layer path's logits."""
     from test_embedded import our_logits
 
     from nanovllm.layers.quant import QuantParts
@@ -287,11 +289,23 @@ def test_mixed_k_quant_parts_are_kept_per_part(tmp_path):
             assert greedy(kept, prompts) == expected
             assert (logits - expected_logits).abs().max().item() < 1e-5
         else:
-            assert not isinstance(kept.engine.runner.step_runner, FusedDecodeStep)
+            runner = kept.engine.runner
+            assert isinstance(runner.step_runner, FusedDecodeStep)
             tolerance, top1 = C_PATH[None]
             assert (logits - expected_logits).abs().max().item() < tolerance * expected_logits.abs().max().item()
             assert (logits.argmax(-1) == expected_logits.argmax(-1)).float().mean().item() >= top1
+            calls = []
+            real = kernels.decode_layers
+            monkeypatch.setattr(kernels, "decode_layers", lambda *a: calls.append(1) or real(*a))
             assert [len(t) for t in greedy(kept, prompts)] == [GREEDY.max_tokens] * len(prompts)
+            assert len(calls) == GREEDY.max_tokens  # the prompts' step and every decode step in C
+            seq = Sequence("parts", 0, list(prompts[0]), len(prompts[0]), SamplingParams())
+            kept.engine.block_manager.allocate(seq, [], len(prompts[0]))
+            step = runner.prepare(ScheduledBatch([seq], [len(prompts[0])]), [0])
+            fused = runner.step_runner.run(*step).clone()
+            layered = runner.eager_forward(*step)
+            kept.engine.block_manager.free_blocks(seq)
+            assert (fused - layered).abs().max().item() < tolerance * layered.abs().max().item()
         del kept
 
 

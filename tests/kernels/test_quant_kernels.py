@@ -177,8 +177,8 @@ def test_bad_inputs_name_the_type_and_the_rule():
     lib = library()  # the C functions themselves: nonzero, never a crash
     y = torch.empty(2, 3)
     w = torch.zeros(3, 360, dtype=torch.uint8)
-    assert lib.linear_f32(x.data_ptr(), 2, w.data_ptr(), 99, 3, 576, None, y.data_ptr(), 1) != 0
-    assert lib.linear_f32(x.data_ptr(), 2, w.data_ptr(), cpu.GGUF_TYPES["Q4_K"], 3, 576, None, y.data_ptr(), 1) != 0
+    assert lib.linear_f32(x.data_ptr(), 2, w.data_ptr(), 99, 3, 576, None, y.data_ptr(), 3, 1) != 0
+    assert lib.linear_f32(x.data_ptr(), 2, w.data_ptr(), cpu.GGUF_TYPES["Q4_K"], 3, 576, None, y.data_ptr(), 3, 1) != 0
     assert lib.dequantize_rows(w.data_ptr(), 99, 576, None, 3, y.data_ptr(), 1) != 0
 
 

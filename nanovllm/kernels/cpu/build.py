@@ -38,7 +38,7 @@ SIGNATURES = {  # name: (restype, argtypes), in the order of the C prototypes in
     ),
     "prefill_attention_bf16": (cint, [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, f32, cint]),
     "linear_bf16": (cint, [ptr, i64, ptr, cint, i64, i64, ptr, ptr, cint]),
-    "linear_f32": (cint, [ptr, i64, ptr, cint, i64, i64, ptr, ptr, cint]),
+    "linear_f32": (cint, [ptr, i64, ptr, cint, i64, i64, ptr, ptr, i64, cint]),
     "dequantize_rows": (cint, [ptr, cint, i64, ptr, i64, ptr, cint]),
     "interleaves": (cint, [cint]),
     "store_kv": (None, [ptr, ptr, i64, i64, ptr, ptr, ptr, i64, i64, cint]),

@@ -11,10 +11,14 @@
 /* One layer's entries in the pointer table (int64 each): its six weights in the order the layer applies them,
  * each as (the weight or its GGUF blocks, the bias or 0, the weight type as the step's linear reads it: in bf16
  * linear_bf16's, in fp32 ggml's type id for linear_f32; the norms: their weight, 0, 0), then its K cache and V
- * cache. */
+ * cache. In fp32 a fused weight kept per part (a larger model's Q4_K_M: q/k in Q4_K, v in Q6_K) has PARTS | the
+ * number of parts as its type and, as its weight, a table of its parts in output order, each (its blocks, its
+ * type for linear_f32, its rows): each part's linear writes its columns of y. */
 enum { INPUT_NORM, QKV_PROJ, O_PROJ, POST_NORM, GATE_UP_PROJ, DOWN_PROJ, WEIGHTS };
 enum { WEIGHT, BIAS, TYPE, WEIGHT_ENTRIES };
 enum { K_CACHE = WEIGHTS * WEIGHT_ENTRIES, V_CACHE, LAYER_ENTRIES };
+enum { PART_BLOCKS, PART_TYPE, PART_ROWS, PART_ENTRIES };
+#define PARTS 0x10000
 
 static inline const void *norm_weight(const int64_t *layer, int which) {
     return (const void *)layer[which * WEIGHT_ENTRIES + WEIGHT];
@@ -27,7 +31,17 @@ static inline int linear(const int64_t *layer, int which, const void *x, int64_t
     if (bf16)
         return linear_bf16(x, M, (const void *)w[WEIGHT], (int)w[TYPE], N, K, (const uint16_t *)w[BIAS], y,
                            num_threads);
-    return linear_f32(x, M, (const void *)w[WEIGHT], (int)w[TYPE], N, K, (const float *)w[BIAS], y, num_threads);
+    const float *bias = (const float *)w[BIAS];
+    if (!(w[TYPE] & PARTS)) return linear_f32(x, M, (const void *)w[WEIGHT], (int)w[TYPE], N, K, bias, y, N, num_threads);
+    const int64_t *part = (const int64_t *)w[WEIGHT];
+    for (int64_t p = 0, col = 0, rc; p < (w[TYPE] & ~PARTS); p++, part += PART_ENTRIES) {
+        const int64_t rows = part[PART_ROWS];
+        rc = linear_f32(x, M, (const void *)part[PART_BLOCKS], (int)part[PART_TYPE], rows, K, bias ? bias + col : 0,
+                        (float *)y + col, N, num_threads);
+        if (rc) return (int)rc;
+        col += rows;
+    }
+    return 0;
 }
 
 static inline void rms_norm(void *x, const void *add, const void *weight, void *out, int64_t rows, int64_t dim,

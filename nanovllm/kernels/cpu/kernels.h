@@ -372,7 +372,7 @@ int prefill_attention_bf16(const uint16_t *q, int64_t q_stride, const int64_t *k
 int linear_bf16(const uint16_t *x, int64_t M, const void *w, int type, int64_t N, int64_t K, const uint16_t *bias,
                 uint16_t *y, int num_threads);
 int linear_f32(const float *x, int64_t M, const void *w, int type, int64_t N, int64_t K, const float *bias, float *y,
-               int num_threads);
+               int64_t ldy, int num_threads);
 int dequantize_rows(const void *w, int type, int64_t K, const int64_t *ids, int64_t n, float *out, int num_threads);
 int interleaves(int type);
 void store_kv(const char *k, const char *v, int64_t k_stride, int64_t v_stride, char *k_cache, char *v_cache,

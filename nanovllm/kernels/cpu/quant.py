@@ -146,9 +146,11 @@ def linear_f32(
     lib=None,
 ) -> torch.Tensor:
     """x [M, K] fp32 @ W[n, K]^T (+ bias) by the C linear_f32: W a plain fp32 weight (kind F32) or its GGUF blocks as
-    stored (kind: ggml's type id, with X_INT8 for x in one int8 plane). Into `out` [M, n] where given. lib: the
-    kernel library (default: the native one)."""
+    stored (kind: ggml's type id, with X_INT8 for x in one int8 plane). Into `out` [M, n] where given (its rows may
+    lie further apart: n columns of a wider tensor). lib: the kernel library (default: the native one)."""
     y = x.new_empty(x.shape[0], n) if out is None else out
+    if y.shape != (x.shape[0], n) or y.stride(1) != 1:
+        raise ValueError(f"linear_f32 writes [{x.shape[0]}, {n}] with unit column stride, not {tuple(y.shape)}")
     rc = (lib or library()).linear_f32(
         x.data_ptr(),
         x.shape[0],
@@ -158,6 +160,7 @@ def linear_f32(
         x.shape[1],
         None if bias is None else bias.data_ptr(),
         y.data_ptr(),
+        y.stride(0),
         torch.get_num_threads(),
     )
     if rc:

@@ -110,23 +110,23 @@ static void quantize(const float *x, int64_t M, int64_t K, int super, int planes
 
 /* Outputs 8g .. 8g + 7 of every row of x, from the group's interleaved rows at w */
 static void rows8_outputs(const Dots *dot, const uint8_t *w, const char *xq, int64_t x_stride, int64_t n, int64_t M,
-                          const float *bias, int64_t g, int64_t N, float *y) {
+                          const float *bias, int64_t g, int64_t ldy, float *y) {
     float out[X_ROWS * INTERLEAVE];
     for (int64_t m = 0; m < M;) {
         const int R = M - m >= X_ROWS ? X_ROWS : 1;
         (R == X_ROWS ? dot->rows : dot->one)(w, xq + m * x_stride, x_stride, n, out);
         for (int r = 0; r < R; r++)
             for (int i = 0; i < INTERLEAVE; i++)
-                y[(m + r) * N + g * INTERLEAVE + i] = out[INTERLEAVE * r + i] + (bias ? bias[g * INTERLEAVE + i] : 0.f);
+                y[(m + r) * ldy + g * INTERLEAVE + i] = out[INTERLEAVE * r + i] + (bias ? bias[g * INTERLEAVE + i] : 0.f);
         m += R;
     }
 }
 
-/* Returns 0; 1 for a type it cannot read, 2 for K not a multiple of the type's block, 3 without memory, 4 for
- * interleaved rows (ROWS8) when N is not a multiple of 8. The type may carry X_INT8 (x in one int8 plane instead
- * of two) and ROWS8 */
+/* y's rows are ldy floats apart (N for a whole y; more where y is N columns of a wider one). Returns 0; 1 for a
+ * type it cannot read, 2 for K not a multiple of the type's block, 3 without memory, 4 for interleaved rows
+ * (ROWS8) when N is not a multiple of 8. The type may carry X_INT8 (x in one int8 plane instead of two) and ROWS8 */
 int linear_f32(const float *x, int64_t M, const void *w, int type, int64_t N, int64_t K, const float *bias, float *y,
-               int num_threads) {
+               int64_t ldy, int num_threads) {
     const int planes = type & X_INT8 ? 1 : 2, rows8 = (type & ROWS8) != 0;
     type &= ~(X_INT8 | ROWS8);
     Dots dot;
@@ -159,7 +159,7 @@ int linear_f32(const float *x, int64_t M, const void *w, int type, int64_t N, in
         if (rows8) {
 #pragma omp for schedule(dynamic, chunk / INTERLEAVE)
             for (int64_t g = 0; g < N / INTERLEAVE; g++)
-                rows8_outputs(&dot, (const uint8_t *)w + g * INTERLEAVE * row_bytes, xq, x_stride, n, M, bias, g, N, y);
+                rows8_outputs(&dot, (const uint8_t *)w + g * INTERLEAVE * row_bytes, xq, x_stride, n, M, bias, g, ldy, y);
         } else
 #pragma omp for schedule(dynamic, chunk)
         for (int64_t j = 0; j < N; j++) {
@@ -169,11 +169,11 @@ int linear_f32(const float *x, int64_t M, const void *w, int type, int64_t N, in
             int64_t m = 0;
             for (; m + X_ROWS <= M; m += X_ROWS) {
                 dot.rows(wr, xq + m * x_stride, x_stride, n, out);
-                for (int r = 0; r < X_ROWS; r++) y[(m + r) * N + j] = out[r] + b;
+                for (int r = 0; r < X_ROWS; r++) y[(m + r) * ldy + j] = out[r] + b;
             }
             for (; m < M; m++) {
                 dot.one(wr, xq + m * x_stride, x_stride, n, out);
-                y[m * N + j] = out[0] + b;
+                y[m * ldy + j] = out[0] + b;
             }
         }
     }
