@@ -232,8 +232,8 @@ def prepare(model: torch.nn.Module) -> None:
 
 
 def step_runner(runner, config):
-    """A decode-only step's layers in one C call (bf16 with AMX, fp32 anywhere), where the model allows it
-    (step_runners/cpu_decode_step.py)."""
+    """A step's layers in one C call (bf16 with AMX: decode-only steps; fp32 anywhere: decodes and short prompt
+    chunks), where the model allows it (step_runners/cpu_decode_step.py)."""
     from nanovllm.step_runners.cpu_decode_step import FusedDecodeStep
 
     return FusedDecodeStep.build(runner)

@@ -186,7 +186,8 @@ def decode_layers(
     scale: float,
     scratch: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """A decode-only step's decoder layers in one C call (decode_step.c), bf16 (on AMX) or fp32. dims: hidden,
+    """A step's decoder layers in one C call (decode_step.c), its rows decodes (a prompt chunk's tokens each as
+    one: `meta` from tokens_as_decodes), bf16 (on AMX) or fp32. dims: hidden,
     heads, kv_heads, head_dim, intermediate, block_size. residual [M, hidden]: the embeddings, updated in place into
     the residual stream. scratch: decode_scratch's buffers for these M rows (made here if None). Returns the last
     layer's MLP output (the final norm adds it): scratch["mlp_out"]."""

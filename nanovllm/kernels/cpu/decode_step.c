@@ -67,7 +67,9 @@ static inline void silu_and_mul(const void *x, void *out, int64_t rows, int64_t 
         silu_and_mul_f32(x, out, rows, dim, num_threads);
 }
 
-/* M single-token rows (every row a decode) through `layers` layers, all in bf16 (`bf16`) or all in fp32.
+/* M single-token rows (every row a decode: a prompt chunk's tokens each one, attending over its sequence's cache up
+ * to itself, which holds the chunk's K/V once store_kv ran) through `layers` layers, all in bf16 (`bf16`) or all
+ * in fp32.
  * layer[l * LAYER_ENTRIES + ...]: that layer's weights and caches (above). dims: hidden, heads, kv_heads,
  * head_dim, intermediate, block_size. residual [M, hidden]: the embeddings in, the residual stream out;
  * mlp_out [M, hidden]: the last layer's MLP output (models/llama.py adds it in the final norm).
