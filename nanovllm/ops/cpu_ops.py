@@ -22,7 +22,7 @@ SMALL_ROWS = range(2, 97)
 # a weight kept in GGUF blocks: up to this many rows (decodes) our C kernel reads the blocks (int8 activations);
 # above, a prefill dequantizes the weight a tile of rows at a time and keeps MKL's GEMM speed (kernels/cpu/quant.py)
 QUANT_KERNEL_ROWS = kernels.QUANT_KERNEL_ROWS
-INTERLEAVED_KERNEL_ROWS = kernels.INTERLEAVED_KERNEL_ROWS  # the same for rows interleaved 8 at a time
+INTERLEAVED_KERNEL_ROWS = kernels.INTERLEAVED_KERNEL_ROWS  # the same per type for rows interleaved 8 at a time
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

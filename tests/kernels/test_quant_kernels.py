@@ -271,7 +271,8 @@ def test_interleaved_rows_give_the_same_products(name, variant, planes):
             assert torch.allclose(got, ordered, rtol=1e-5, atol=1e-5 * ordered.abs().max().item()), (name, n, m)
             with_bias = cpu.quant_linear(x, name, mixed, bias, lib=lib, int8_activations=planes == 1, interleaved=True)
             assert torch.allclose(with_bias, got + bias, rtol=0, atol=1e-6 * got.abs().max().item() + 1e-6)
-        x = torch.randn(cpu.INTERLEAVED_KERNEL_ROWS + 3, k, generator=gen)  # many rows: dequantized tiles, torch's GEMM
+        many = max(cpu.INTERLEAVED_KERNEL_ROWS.values()) + 3  # rows: dequantized tiles, torch's GEMM
+        x = torch.randn(many, k, generator=gen)
         tiles = cpu.quant_linear(x, name, mixed, lib=lib, interleaved=True)
         assert torch.allclose(tiles, x @ w.T, rtol=1e-5, atol=1e-5 * (x.abs() @ w.abs().T).max().item())
 
@@ -286,8 +287,8 @@ def test_interleaving_needs_groups_of_8():
 
 def test_kernel_rows_per_layout_and_type():
     """Where quant_linear hands over to dequantized tiles: GGUF's order and the K-quants' interleaved rows with two
-    planes at QUANT_KERNEL_ROWS, the 32-blocks' interleaved rows at INTERLEAVED_KERNEL_ROWS; with one plane,
-    interleaved 4- and 5-bit rows never (Q8_0 as with two)."""
+    planes at QUANT_KERNEL_ROWS, the 32-blocks' interleaved rows at INTERLEAVED_KERNEL_ROWS (per type: where
+    their dots and the tiles crossed); with one plane, interleaved 4- and 5-bit rows never, Q8_0 at 256."""
     from nanovllm.kernels.cpu.quant import kernel_rows
 
     codes = cpu.GGUF_TYPES
@@ -296,6 +297,7 @@ def test_kernel_rows_per_layout_and_type():
     for name in ("Q4_K", "Q5_K", "Q6_K"):
         assert kernel_rows(codes[name], True, False) == cpu.QUANT_KERNEL_ROWS
         assert kernel_rows(codes[name], True, True) == float("inf")
-    for name in ("Q4_0", "Q4_1", "Q5_0", "Q8_0"):
-        assert kernel_rows(codes[name], True, False) == cpu.INTERLEAVED_KERNEL_ROWS
-    assert kernel_rows(codes["Q8_0"], True, True) == cpu.INTERLEAVED_KERNEL_ROWS
+    expected = {"Q4_0": 512, "Q4_1": 512, "Q5_0": 320, "Q5_1": 320, "Q8_0": 160}
+    for name, rows in expected.items():
+        assert kernel_rows(codes[name], True, False) == cpu.INTERLEAVED_KERNEL_ROWS[codes[name]] == rows
+    assert kernel_rows(codes["Q8_0"], True, True) == 256

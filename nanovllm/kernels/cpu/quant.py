@@ -34,9 +34,17 @@ ROWS8 = 0x200
 # up to here linear_f32's int8 dots beat dequantized tiles through torch's fp32 GEMM: a 37-token chat prefill 156-287 ms
 # at 32 -> ~100 ms at 64 (2026-12-07, quiet EPYC; docs/benchmarks.md)
 QUANT_KERNEL_ROWS = 64
-# the same for rows interleaved 8 at a time (ROWS8), read faster: SmolLM2's 30 layers of Q4_1 at 128 rows 198-208 ms
-# in the kernel against 233-343 in tiles, at 256 rows 402 against 380-424 (benchmarks/linear_kernel.py shapes)
-INTERLEAVED_KERNEL_ROWS = 256
+# the same, per type, for the 32-blocks' rows interleaved 8 at a time (ROWS8), read faster: SmolLM2's 30 layers of
+# linears (benchmarks/linear_kernel.py shapes), dots against the weight dequantized whole, 2026-12-08, quiet EPYC
+# (docs/benchmarks-history.md): Q4_1 at 320 / 512 / 1024 / 2048 rows 457 / 750 / 1556 / 3103 ms against 554 / 764 /
+# 1633 / 2573, Q5_0 at 320 / 512 510 / 831 against 518 / 712, Q8_0 at 160 / 256 283-297 / 463-574 against
+# 316-337 / 444-507
+INTERLEAVED_KERNEL_ROWS = {
+    GGUF_TYPES[t]: rows for t, rows in [("Q4_0", 512), ("Q4_1", 512), ("Q5_0", 320), ("Q5_1", 320), ("Q8_0", 160)]
+}
+# with x in one int8 plane: Q8_0's products (a sign flip and a widening per unit) up to here; the 4- and 5-bit
+# rows' always (kernel_rows)
+INTERLEAVED_INT8_Q8_0_ROWS = 256
 K_QUANT_CODES = (Q4_K, Q5_K, Q6_K)
 
 
@@ -104,9 +112,9 @@ def kernel_rows(code: int, interleaved: bool, int8_activations: bool) -> float:
     Q5_K 32.7 / 43.5 / 85.5 against 24.4 / 30.4 / 48.3, Q6_K - / 31.3 / 79.7 against - / 34.6 / 59.6 ms."""
     if not interleaved or (code in K_QUANT_CODES and not int8_activations):
         return QUANT_KERNEL_ROWS
-    if int8_activations and code != GGUF_TYPES["Q8_0"]:
-        return float("inf")
-    return INTERLEAVED_KERNEL_ROWS
+    if int8_activations:
+        return INTERLEAVED_INT8_Q8_0_ROWS if code == GGUF_TYPES["Q8_0"] else float("inf")
+    return INTERLEAVED_KERNEL_ROWS[code]
 
 
 def interleaves(qtype: int, lib=None) -> bool:
@@ -179,7 +187,8 @@ def quant_linear(
 ) -> torch.Tensor | None:
     """y [M, N] = x [M, K] @ W.T (+ bias), W's N rows as GGUF stores them in `blocks` (uint8 [N, row bytes],
     contiguous), read in place (quant_linear.c: x quantized to int8 blocks, integer dot products); above
-    QUANT_KERNEL_ROWS rows (INTERLEAVED_KERNEL_ROWS for interleaved rows), tiles of W dequantized and torch.mm.
+    kernel_rows rows (QUANT_KERNEL_ROWS; for interleaved rows INTERLEAVED_KERNEL_ROWS, per type), tiles of W
+    dequantized and torch.mm.
     x fp32 or bf16 (computed in fp32, returned in x's dtype). None where the kernel does not apply (not CPU,
     another dtype or layout, no compiler): the caller uses torch. ValueError for a type it cannot read or K not
     in its blocks.
