@@ -154,7 +154,7 @@ class FusedDecodeStep:
     def covers(self, input_ids: torch.Tensor, meta, last: torch.Tensor) -> bool:
         """Steps of at most as many rows as the C linear serves: in bf16 up to where AMX beats oneDNN, every row a
         sampled decode (bit for bit the per-layer path); in fp32 as many as the per-layer path gives linear_f32
-        (more: MKL's GEMM on dequantized tiles), prompt chunks too (`decode_rows`: each token as a decode)."""
+        (more: MKL's GEMM on dequantized tiles), prompt chunks too (`tokens_as_decodes`: each token as a decode)."""
         n = input_ids.shape[0]
         if self.bf16:
             return 0 < n <= kernels.LINEAR_ROWS and len(meta.decode_rows) == n and last.shape[0] == n

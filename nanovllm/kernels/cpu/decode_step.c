@@ -34,11 +34,11 @@ static inline int linear(const int64_t *layer, int which, const void *x, int64_t
     const float *bias = (const float *)w[BIAS];
     if (!(w[TYPE] & PARTS)) return linear_f32(x, M, (const void *)w[WEIGHT], (int)w[TYPE], N, K, bias, y, N, num_threads);
     const int64_t *part = (const int64_t *)w[WEIGHT];
-    for (int64_t p = 0, col = 0, rc; p < (w[TYPE] & ~PARTS); p++, part += PART_ENTRIES) {
+    for (int64_t p = 0, col = 0; p < (w[TYPE] & ~PARTS); p++, part += PART_ENTRIES) {
         const int64_t rows = part[PART_ROWS];
-        rc = linear_f32(x, M, (const void *)part[PART_BLOCKS], (int)part[PART_TYPE], rows, K, bias ? bias + col : 0,
-                        (float *)y + col, N, num_threads);
-        if (rc) return (int)rc;
+        const int rc = linear_f32(x, M, (const void *)part[PART_BLOCKS], (int)part[PART_TYPE], rows, K,
+                                  bias ? bias + col : 0, (float *)y + col, N, num_threads);
+        if (rc) return rc;
         col += rows;
     }
     return 0;
